@@ -1,0 +1,152 @@
+"""`hadpo`: the command line, a thin door into the same functions the jobs and tests call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+
+log = logging.getLogger("hadpo")
+
+
+def _config(args) -> ExperimentConfig:
+    if getattr(args, "config", None):
+        return load_config(args.config, args.set)
+    from orchestrator.config import apply_override
+
+    raw: dict = {}
+    for override in args.set:
+        apply_override(raw, override)
+    return config_from_dict(raw, "<defaults>")
+
+
+def cmd_data_synth(args) -> int:
+    from orchestrator.data.synthetic import SynthConfig, generate_world
+
+    cfg = SynthConfig(seed=args.seed, num_images=args.num_images, num_pope_images=args.num_pope_images,
+                      image_size=args.image_size)
+    manifest = generate_world(Path(args.out), cfg)
+    print(f"synthetic world written to {Path(args.out).resolve()}")
+    counts = getattr(manifest, "counts", None) or (manifest.get("counts") if isinstance(manifest, dict) else None)
+    if counts:
+        for key, value in counts.items():
+            print(f"  {key}: {value}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from orchestrator.data import datasets
+    from orchestrator.ray_session import init_ray
+
+    config = _config(args)
+    init_ray(config)
+    paths = datasets.resolve_data_paths(config)
+    print(f"data: {'synthetic world at ' + str(config.world_dir) if paths.synthetic else 'files from the config'}")
+    builders = [("preference", datasets.preference_dataset, paths.hadpo_desc or paths.hadpo_pope),
+                ("sft", datasets.sft_dataset, paths.sft),
+                ("pope", datasets.pope_dataset, paths.pope_questions),
+                ("milebench", datasets.milebench_dataset, paths.milebench_root)]
+    failed = 0
+    for name, build, present in builders:
+        if not present:
+            print(f"{name}: not configured")
+            continue
+        try:
+            checked = build(config)
+        except (ValueError, OSError) as error:  # DataFormatError is a ValueError: say it, carry on
+            print(f"{name}: ERROR {error}")
+            failed += 1
+            continue
+        print(checked.summary())
+        sample = checked.dataset.take(1)
+        if sample:
+            shown = {k: (v if not isinstance(v, str) or len(v) < 100 else v[:97] + "...") for k, v in sample[0].items()}
+            print(f"  sample row: {shown}")
+        for reject in checked.rejects[:3]:
+            print(f"  reject: {reject.get('sample_id', reject.get('question_id'))}: {reject['error']}")
+    return 1 if failed else 0
+
+
+def cmd_train(args) -> int:
+    from orchestrator.train.trainer import run_training
+
+    config = _config(args)
+    result = run_training(config, stage=args.stage, base_model=args.base_model)
+    print(f"{args.stage} finished: checkpoint {result.checkpoint_path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from orchestrator.eval.runner import format_pope_table, run_eval
+
+    config = _config(args)
+    result = run_eval(config, model_path=args.model, adapter=args.adapter)
+    if result.pope_table is not None:
+        print(format_pope_table(result.pope_table))
+    print(f"answers: {result.answers_dir}\nmetrics: {result.metrics_path}")
+    return 0
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def cmd_demo(args) -> int:
+    """The pipeline that exists so far, on the synthetic world and the tiny model."""
+    args.config = args.config or str(DEMO_CONFIG)
+    print(f"demo: config {args.config}")
+    return cmd_data_check(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hadpo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub, required=True):
+        sub.add_argument("config", nargs=None if required else "?", help="experiment config (YAML)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set train.beta=0.5")
+        return sub
+
+    data = commands.add_parser("data", help="the synthetic world and data checks")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="write the embedded synthetic world")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--num-images", type=int, default=120)
+    synth.add_argument("--num-pope-images", type=int, default=40)
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.set_defaults(func=cmd_data_synth)
+    check = with_config(data_commands.add_parser("check", help="load every dataset a config names"), False)
+    check.set_defaults(func=cmd_data_check)
+
+    train = with_config(commands.add_parser("train", help="DPO (or warm-up) training on Ray Train"))
+    train.add_argument("--stage", choices=["dpo", "sft"], default="dpo")
+    train.add_argument("--base-model", help="model folder to start from (default: the config's)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = with_config(commands.add_parser("eval", help="POPE / MileBench evaluation on Ray actors"))
+    evaluate.add_argument("--adapter", help="LoRA adapter checkpoint to evaluate")
+    evaluate.add_argument("--model", help="base model folder (default: the config's)")
+    evaluate.set_defaults(func=cmd_eval)
+    demo = with_config(commands.add_parser("demo", help="the whole pipeline on the synthetic world"), False)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The one typed experiment config that every stage reads.
+
+A YAML file maps one-to-one onto these pydantic models. Unknown keys and bad values fail at load with
+the key path and the reason (``train.lora.rank: Input should be greater than 0``). Stages receive the
+validated `ExperimentConfig`; none reads environment variables on its own: the environment knobs a
+run needs (HF_HOME, HF_ENDPOINT, offline mode, wandb mode) are declared here and passed to every Ray
+worker through `runtime_env()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An experiment config that cannot be used; the message names the file and key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticWorldConfig(_Section):
+    """Sizes of the embedded synthetic world used when no real data paths are given."""
+
+    seed: int = 0
+    num_images: int = Field(120, gt=0, description="training (VG-like) images")
+    num_pope_images: int = Field(40, gt=0, description="COCO-named evaluation images")
+    image_size: int = Field(64, ge=16)
+    milebench_tasks: int = Field(2, ge=0)
+    milebench_samples: int = Field(8, ge=0)
+    theme_purity: float = Field(0.9, ge=0.0, le=1.0)
+    sft_cooccurrence_noise: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class PopeFilesConfig(_Section):
+    """POPE question files (JSON lines or JSON array) and the folder holding their images."""
+
+    questions: dict[str, str] = Field(default_factory=dict, description="split name -> question file")
+    image_root: str | None = None
+
+
+class DataConfig(_Section):
+    """Where the data lives. Leave every path empty to use the synthetic world under `synthetic_dir`."""
+
+    hadpo_desc: str | None = Field(None, description="HA-DPO desc_data.json")
+    hadpo_pope: str | None = Field(None, description="HA-DPO pope_data.json")
+    vg_image_data: str | None = Field(None, description="Visual Genome image_data.json")
+    vg_root: str | None = Field(None, description="folder holding VG_100K/ and VG_100K_2/")
+    sft: str | None = Field(None, description="supervised warm-up set (synthetic world only)")
+    pope: PopeFilesConfig = Field(default_factory=PopeFilesConfig)
+    milebench_root: str | None = None
+    milebench_tasks: list[str] = Field(default_factory=list, description="task folder names; [] = all")
+    desc_repeats: int = Field(2, ge=1, description="the recipe uses each description pair twice")
+    seed: int = 42
+    synthetic: SyntheticWorldConfig = Field(default_factory=SyntheticWorldConfig)
+    synthetic_dir: str | None = Field(None, description="default: <output_root>/world")
+
+    @property
+    def uses_synthetic_world(self) -> bool:
+        return not any([self.hadpo_desc, self.hadpo_pope, self.pope.questions, self.milebench_root])
+
+
+class TinyModelConfig(_Section):
+    """Shape of the tiny built-in LLaVA (CLIP ViT + Llama), built from configs with no download."""
+
+    image_size: int = Field(64, ge=8)
+    patch_size: int = Field(16, ge=2)
+    vision_hidden: int = Field(64, gt=0)
+    vision_layers: int = Field(2, gt=0)
+    vision_heads: int = Field(4, gt=0)
+    text_hidden: int = Field(96, gt=0)
+    text_layers: int = Field(2, gt=0)
+    text_heads: int = Field(4, gt=0)
+    text_intermediate: int = Field(192, gt=0)
+    max_positions: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes_divide(self) -> "TinyModelConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for hidden, heads, name in [(self.vision_hidden, self.vision_heads, "vision"),
+                                    (self.text_hidden, self.text_heads, "text")]:
+            if hidden % heads:
+                raise ValueError(f"{name}_hidden {hidden} is not divisible by {name}_heads {heads}")
+        return self
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(None, description="llava-hf format folder; empty = the tiny built-in model")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    train_template: Literal["v1", "llava_v1"] = "v1"
+    eval_template: Literal["v1", "llava_v1"] = "llava_v1"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class LoraConfig(_Section):
+    enabled: bool = True
+    rank: int = Field(128, gt=0)
+    alpha: int = Field(256, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="linear layers of the language model only (vision tower, projector, lm_head stay frozen)",
+    )
+
+
+class DeepSpeedConfig(_Section):
+    enabled: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    torch_adam: bool = Field(True, description="torch AdamW instead of DeepSpeed's fused op (no build)")
+
+
+class TrainConfig(_Section):
+    """DPO (or supervised warm-up) hyper-parameters; defaults are the HA-DPO LLaVA recipe's."""
+
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
+    sft_gamma: float = Field(0.0, ge=0.0, description="weight of an auxiliary LM loss on chosen answers")
+    learning_rate: float = Field(2e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size_per_worker: int = Field(16, gt=0, description="pairs per worker per micro-step")
+    gradient_accumulation: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_length: int = Field(2048, gt=0)
+    gradient_checkpointing: bool = True
+    bf16: bool = Field(True, description="bf16 on GPU; CPU runs always use float32")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint_every_steps: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(2, ge=-1, description="worker failures tolerated before the run fails")
+    log_every_steps: int = Field(10, gt=0)
+    seed: int = 42
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+
+
+class EvalConfig(_Section):
+    mode: Literal["score", "generate"] = "score"
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    answer_suffix: str = Field("", description='e.g. "\\nAnswer the question using a single word or phrase."')
+    num_actors: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(0.5, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    milebench_image_budget: int = Field(24, gt=0, description="images per batch")
+    milebench_token_budget: int = Field(2048, gt=0)
+
+
+class WandbConfig(_Section):
+    project: str = "hadpo"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    api_key_env: str = Field("WANDB_API_KEY", description="name of the env var holding the key (never the key)")
+
+
+class EnvConfig(_Section):
+    """Environment knobs passed to every Ray worker (runtime_env), never set by hand per machine."""
+
+    hf_home: str | None = None
+    hf_endpoint: str | None = None
+    offline: bool = Field(True, description="HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE: never reach the hub")
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("hadpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_root: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+
+    @field_validator("output_root")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    # Paths derived from the config, so each stage can run, resume or be re-run alone.
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_root).expanduser().resolve() / self.name
+
+    @property
+    def world_dir(self) -> Path:
+        if self.data.synthetic_dir:
+            return Path(self.data.synthetic_dir).expanduser().resolve()
+        return Path(self.output_root).expanduser().resolve() / "world"
+
+    def runtime_env(self) -> dict[str, Any]:
+        """The Ray runtime_env (environment variables) every worker and actor of this run gets."""
+        env = {"WANDB_MODE": self.wandb.mode, "TOKENIZERS_PARALLELISM": "false"}
+        if self.env.hf_home:
+            env["HF_HOME"] = self.env.hf_home
+        if self.env.hf_endpoint:
+            env["HF_ENDPOINT"] = self.env.hf_endpoint
+        if self.env.offline:
+            env["HF_HUB_OFFLINE"] = "1"
+            env["TRANSFORMERS_OFFLINE"] = "1"
+        env.update(self.env.extra)
+        return {"env_vars": env}
+
+    def content_hash(self) -> str:
+        """A stable hash of the resolved config (stages use it to tell whether outputs are current)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid experiment config"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"  {path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config; `overrides` are "a.b.c=value" strings (value parsed as YAML)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return config_from_dict(raw, str(path))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set one dotted key in a raw config dict, e.g. ``train.beta=0.5``."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. train.beta=0.5")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def dump_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

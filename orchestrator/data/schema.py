@@ -1,0 +1,50 @@
+"""The uniform rows every reader produces, and the one error type for bad input.
+
+Every dataset the pipeline reads becomes rows of one of these shapes, whatever file format it came
+from, so training and evaluation never look at the original formats. Image references are absolute
+paths (or URIs) resolved by the readers; whether the image really exists is checked later, when it is
+loaded, so that a missing image is counted as a reject instead of failing the whole read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# A preference pair for DPO. `prompt` is the user's text without the "<image>\n" prefix (the
+# conversation template adds it). `source` is "desc" or "pope"; `sample_id` is unique in a dataset
+# (description pairs used twice get distinct ids, e.g. "desc-<image_id>-0" and "desc-<image_id>-1").
+PREFERENCE_COLUMNS = ("sample_id", "source", "image_id", "image", "prompt", "chosen", "rejected")
+
+# A supervised example (warm-up stage): one image, one prompt, one target response.
+SFT_COLUMNS = ("sample_id", "image_id", "image", "prompt", "response")
+
+# A POPE question. `label` is "yes" or "no"; `split` is random / popular / adversarial (or the
+# question file's stem for other sets); `version` records which question file it came from.
+POPE_COLUMNS = ("question_id", "split", "image", "question", "label", "version")
+
+# A MileBench sample. `images` is a list of paths in the order of the {image#k} placeholders;
+# `choice_list` is [] for open-ended tasks.
+MILEBENCH_COLUMNS = (
+    "sample_id", "task", "question_type", "instruction", "context", "images", "choice_list",
+    "response", "image_quantity_level",
+)
+
+
+class DataFormatError(ValueError):
+    """A record does not have the shape its format requires.
+
+    The message names the file, the record (line number, list index or object key) and the field,
+    and says what was expected, e.g.
+    ``pope_data.json: record 17: field 'question': expected a non-empty string, got null``.
+    """
+
+    def __init__(self, path: Any, record: Any, field: str | None, expected: str, got: Any = None):
+        self.path, self.record, self.field, self.expected, self.got = str(path), record, field, expected, got
+        where = f"{self.path}: record {record}" if record is not None else self.path
+        if field is not None:
+            where += f": field {field!r}"
+        message = f"{where}: expected {expected}"
+        if got is not None:
+            shown = repr(got)
+            message += f", got {shown[:80] + '...' if len(shown) > 80 else shown}"
+        super().__init__(message)

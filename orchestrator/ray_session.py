@@ -1,0 +1,63 @@
+"""Starting (or joining) Ray for a run: temp dir inside the project, the config's runtime_env everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from orchestrator.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+def project_env_defaults(root: str | Path) -> dict[str, str]:
+    """Process-level defaults that keep caches inside the project (set before Ray/DeepSpeed start)."""
+    root = Path(root).resolve()
+    return {
+        "TORCH_EXTENSIONS_DIR": str(root / ".torch_extensions"),
+        "WANDB_DIR": str(root),
+        "RAY_TRAIN_V2_ENABLED": "1",
+        # Ray Data's progress bars are useful in a terminal and noise in CI logs; both keep working.
+        "RAY_DEDUP_LOGS": "1",
+    }
+
+
+# Ray appends "/session_<date>_<time>_<pid>/sockets/plasma_store" (~62 bytes) to its temp dir, and a
+# Unix socket path may not exceed 107 bytes.
+_MAX_TEMP_DIR = 107 - 64
+
+
+def ray_temp_dir(output_root: Path) -> Path:
+    """`<output_root>/.ray`, or a short folder in /tmp named after it when that path is too long."""
+    preferred = output_root.resolve() / ".ray"
+    if len(str(preferred)) <= _MAX_TEMP_DIR:
+        chosen = preferred
+    else:
+        chosen = Path("/tmp") / f"hadpo-ray-{hashlib.sha1(str(preferred).encode()).hexdigest()[:10]}"
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
+def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int | None = None,
+             num_gpus: int | None = None):
+    """Connect to the cluster at `address` (or RAY_ADDRESS, read by Ray itself), else start a local one.
+
+    A local Ray keeps its temp dir under the run's output root (short path: Unix socket paths are
+    limited to ~107 bytes) and every worker gets `config.runtime_env()`.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    for key, value in project_env_defaults(Path(config.output_root)).items():
+        os.environ.setdefault(key, value)
+    kwargs = dict(runtime_env=config.runtime_env(), log_to_driver=True, include_dashboard=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **kwargs)
+    else:
+        temp_dir = ray_temp_dir(Path(config.output_root))
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), **kwargs)
+    log.info("Ray resources: %s", ray.cluster_resources())
+    return ray

@@ -1,0 +1,54 @@
+"""Shared fixtures: one Ray session for the whole suite, one synthetic world, one tiny LLaVA.
+
+Building these once per session keeps `make test` inside its time budget on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """A local Ray with 2 CPUs shared by every test that needs one."""
+    import ray
+
+    if not ray.is_initialized():
+        temp_dir = tmp_path_factory.mktemp("ray")
+        ray.init(num_cpus=2, num_gpus=0, _temp_dir=str(temp_dir), include_dashboard=False,
+                 log_to_driver=True, runtime_env={"env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+                                                               "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_world(tmp_path_factory):
+    """A small synthetic world written in the real file formats (shared, read-only for tests)."""
+    from orchestrator.data.synthetic import SynthConfig, generate_world
+
+    out = tmp_path_factory.mktemp("world")
+    manifest = generate_world(out, SynthConfig(seed=0, num_images=48, num_pope_images=16))
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny LLaVA built for the synthetic world's vocabulary (random weights)."""
+    from orchestrator.config import TinyModelConfig
+    from orchestrator.data.synthetic import SynthConfig, world_vocabulary
+    from orchestrator.model.llava import build_tiny_llava
+
+    out = tmp_path_factory.mktemp("tiny-llava")
+    vocabulary = world_vocabulary(SynthConfig(seed=0))
+    return build_tiny_llava(out, [" ".join(vocabulary)], TinyModelConfig(), seed=0)

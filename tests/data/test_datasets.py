@@ -1,0 +1,125 @@
+"""Datasets through Ray Data: uniform rows, recipe semantics, rejects counted and written."""
+
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.config import config_from_dict
+from orchestrator.data import datasets
+from orchestrator.data.schema import DataFormatError, MILEBENCH_COLUMNS, POPE_COLUMNS, PREFERENCE_COLUMNS
+
+
+@pytest.fixture()
+def world_copy(synth_world, tmp_path):
+    """A private copy of the synthetic world that a test may break."""
+    world, _ = synth_world
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    return copy
+
+
+def synthetic_config(world, tmp_path, **data):
+    return config_from_dict({"name": "t", "output_root": str(tmp_path / "runs"),
+                             "data": {"synthetic_dir": str(world), **data}})
+
+
+def real_config(world, tmp_path):
+    """The same files named explicitly, as a user with real data would."""
+    return config_from_dict({"name": "t", "output_root": str(tmp_path / "runs"), "data": {
+        "hadpo_desc": str(world / "hadpo/desc_data.json"), "hadpo_pope": str(world / "hadpo/pope_data.json"),
+        "vg_image_data": str(world / "VG/image_data.json"), "vg_root": str(world / "VG"),
+        "pope": {"questions": {s: str(world / f"pope/coco_pope_{s}.json") for s in datasets.POPE_SPLITS},
+                 "image_root": str(world / "coco/val2014")},
+        "milebench_root": str(world / "milebench")}})
+
+
+def test_preference_rows_follow_the_recipe(synth_world, tmp_path):
+    world, _ = synth_world
+    config = synthetic_config(world, tmp_path)
+    stats = {}
+    rows = datasets.preference_rows(config, stats)
+    desc_images = json.loads((world / "hadpo/desc_data.json").read_text())
+    pope_records = json.loads((world / "hadpo/pope_data.json").read_text())
+    usable_pope = [r for r in pope_records if not r["correct"]]
+    assert stats["skipped_correct"] == len(pope_records) - len(usable_pope) > 0
+    assert len(rows) == len(usable_pope) + 2 * len(desc_images)
+    assert all(tuple(row) == PREFERENCE_COLUMNS for row in rows)
+    assert len({row["sample_id"] for row in rows}) == len(rows)
+    assert rows == datasets.preference_rows(config)  # the draw is seeded
+
+
+def test_real_paths_and_synthetic_default_read_the_same_rows(synth_world, tmp_path):
+    world, _ = synth_world
+    assert datasets.preference_rows(real_config(world, tmp_path)) == \
+        datasets.preference_rows(synthetic_config(world, tmp_path))
+    assert datasets.pope_rows(real_config(world, tmp_path)) == datasets.pope_rows(synthetic_config(world, tmp_path))
+
+
+def test_synthetic_world_is_generated_on_first_use(tmp_path):
+    config = config_from_dict({"output_root": str(tmp_path), "data": {"synthetic": {
+        "num_images": 12, "num_pope_images": 6, "milebench_samples": 2}}})
+    assert not (tmp_path / "world").exists()
+    paths = datasets.resolve_data_paths(config)
+    assert paths.synthetic and (tmp_path / "world" / "world.json").is_file()
+    assert set(paths.pope_questions) == {"random", "popular", "adversarial"}
+
+
+def test_checked_dataset_counts_and_writes_rejects(ray_session, world_copy, tmp_path):
+    config = synthetic_config(world_copy, tmp_path)
+    rows = datasets.preference_rows(config)
+    missing, corrupt = rows[0]["image"], next(r["image"] for r in rows if r["image"] != rows[0]["image"])
+    os.unlink(missing)
+    with open(corrupt, "wb") as handle:
+        handle.write(b"not a jpeg at all")
+    checked = datasets.preference_dataset(config)
+    bad = [r for r in rows if r["image"] in (missing, corrupt)]
+    assert checked.total == len(rows)
+    assert len(checked.rejects) == len(bad) and checked.accepted == len(rows) - len(bad)
+    assert checked.dataset.count() == checked.accepted
+    assert set(checked.dataset.columns()) == set(PREFERENCE_COLUMNS)
+    reasons = {r["sample_id"]: r["error"] for r in checked.rejects}
+    assert any(reason.startswith("file not found") for reason in reasons.values())
+    assert any(reason.startswith("unreadable image") for reason in reasons.values())
+    table = pq.read_table(checked.rejects_path).to_pylist()
+    assert sorted(r["sample_id"] for r in table) == sorted(reasons)
+    summary = checked.summary()
+    assert f"{len(bad)} rejected" in summary and "file not found" in summary and "unreadable image" in summary
+
+
+def test_pope_and_milebench_datasets_have_uniform_rows(ray_session, synth_world, tmp_path):
+    world, _ = synth_world
+    config = synthetic_config(world, tmp_path)
+    pope = datasets.pope_dataset(config)
+    assert pope.rejects == [] and set(pope.dataset.columns()) == set(POPE_COLUMNS)
+    rows = pope.dataset.take_all()
+    by_split = {split: [r for r in rows if r["split"] == split] for split in datasets.POPE_SPLITS}
+    assert all(len(v) == len(by_split["random"]) > 0 for v in by_split.values())
+    milebench = datasets.milebench_dataset(config)
+    assert milebench.total > 0 and set(milebench.dataset.columns()) == set(MILEBENCH_COLUMNS)
+    assert all(len(r["images"]) >= 1 for r in milebench.dataset.take_all())
+
+
+def test_malformed_record_names_file_record_and_field(world_copy, tmp_path):
+    pope_file = world_copy / "hadpo/pope_data.json"
+    records = json.loads(pope_file.read_text())
+    del records[3]["question"]
+    pope_file.write_text(json.dumps(records))
+    with pytest.raises(DataFormatError, match=r"pope_data.json: record 3: field 'question'"):
+        datasets.preference_rows(synthetic_config(world_copy, tmp_path))
+
+
+def test_missing_milebench_task_is_named(synth_world, tmp_path):
+    world, _ = synth_world
+    config = synthetic_config(world, tmp_path, milebench_tasks=["NoSuchTask"])
+    with pytest.raises(FileNotFoundError, match="NoSuchTask"):
+        datasets.milebench_rows(config)
+
+
+def test_load_image_says_why(tmp_path):
+    with pytest.raises(datasets.ImageLoadError, match="file not found"):
+        datasets.load_image(str(tmp_path / "nope.jpg"))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    assert datasets.image_error(str(tmp_path / "bad.jpg")).startswith("unreadable image")

@@ -1,0 +1,65 @@
+"""The `hadpo` command line, run as a user would (a subprocess where Ray is involved)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hadpo(*args, cwd=None, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_data_synth_writes_the_world(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "w"), "--num-images", "10",
+                 "--num-pope-images", "6"]) == 0
+    assert "synthetic world written to" in capsys.readouterr().out
+    for name in ["VG/image_data.json", "hadpo/desc_data.json", "hadpo/pope_data.json", "sft/sft_data.json",
+                 "pope/coco_pope_random.json", "pope/coco_pope_popular.json", "pope/coco_pope_adversarial.json"]:
+        assert (tmp_path / "w" / name).is_file(), name
+
+
+def test_invalid_config_exits_2_with_the_key_path(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  beta: -1\n")
+    assert main(["data", "check", str(path)]) == 2
+    assert "train.beta: Input should be greater than 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_data_check_prints_counts_rejects_and_a_sample(tmp_path):
+    world = tmp_path / "world"
+    assert main(["data", "synth", "--out", str(world), "--num-images", "12", "--num-pope-images", "6"]) == 0
+    image_data = json.loads((world / "VG/image_data.json").read_text())
+    victim = image_data[0]["url"].split("/")
+    (world / "VG" / victim[-2] / victim[-1]).unlink()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: check\noutput_root: {tmp_path / 'runs'}\ndata:\n  synthetic_dir: {world}\n")
+    result = hadpo("data", "check", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "preference:" in out and "rejected (" in out and "file not found" in out
+    assert "pope:" in out and "sample row:" in out and "milebench:" in out
+    assert (tmp_path / "runs/check/data/rejects-preference.parquet").is_file()
+
+
+@pytest.mark.slow
+def test_data_check_reports_a_malformed_file_and_fails(tmp_path):
+    world = tmp_path / "world"
+    assert main(["data", "synth", "--out", str(world), "--num-images", "12", "--num-pope-images", "6"]) == 0
+    (world / "hadpo/desc_data.json").write_text("{not json")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: check\noutput_root: {tmp_path / 'runs'}\ndata:\n  synthetic_dir: {world}\n")
+    result = hadpo("data", "check", str(config))
+    assert result.returncode == 1
+    assert "preference: ERROR" in result.stdout and "desc_data.json" in result.stdout
+    assert "pope:" in result.stdout  # the other datasets are still checked

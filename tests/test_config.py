@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, dump_config, load_config
+
+
+def test_defaults_are_the_ha_dpo_llava_recipe():
+    config = ExperimentConfig()
+    assert config.train.beta == 0.1
+    assert config.train.learning_rate == 2e-6
+    assert (config.train.lora.rank, config.train.lora.alpha, config.train.lora.dropout) == (128, 256, 0.05)
+    assert config.train.warmup_ratio == 0.03 and config.train.lr_schedule == "cosine"
+    assert config.model.train_template == "v1" and config.model.eval_template == "llava_v1"
+    assert config.data.desc_repeats == 2 and config.data.seed == 42
+
+
+def test_yaml_round_trip_keeps_every_value(tmp_path):
+    config = config_from_dict({"name": "beta05", "train": {"beta": 0.5, "deepspeed": {"zero_stage": 3}}})
+    dump_config(config, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == config
+    assert again.content_hash() == config.content_hash()
+
+
+def test_invalid_values_fail_with_their_key_path(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lora:\n    rank: 0\n  deepspeed:\n    zero_stage: 4\nscaling:\n  nmu_workers: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "bad.yaml" in message
+    assert "train.lora.rank: Input should be greater than 0" in message
+    assert "train.deepspeed.zero_stage" in message
+    assert "scaling.nmu_workers: Extra inputs are not permitted" in message
+
+
+def test_tiny_model_shapes_are_checked():
+    with pytest.raises(ConfigError, match="model.tiny.*not a multiple of patch_size"):
+        config_from_dict({"model": {"tiny": {"image_size": 60, "patch_size": 16}}})
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("- a\n- b\n", "expected a mapping"),
+    ("train: [unclosed\n", "not valid YAML"),
+])
+def test_unusable_files_say_why(tmp_path, text, reason):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=reason):
+        load_config(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    config = load_config(path, ["train.beta=0.5", "train.lora.enabled=false", "scaling.num_workers=2"])
+    assert config.train.beta == 0.5 and config.train.lora.enabled is False and config.scaling.num_workers == 2
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["train.beta"])
+
+
+def test_environment_knobs_reach_the_runtime_env():
+    config = config_from_dict({"env": {"hf_home": "/data/hf", "hf_endpoint": "https://mirror.example",
+                                       "extra": {"NCCL_NVLS_ENABLE": "0"}},
+                               "wandb": {"mode": "online"}})
+    env = config.runtime_env()["env_vars"]
+    assert env["HF_HOME"] == "/data/hf" and env["HF_ENDPOINT"] == "https://mirror.example"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["NCCL_NVLS_ENABLE"] == "0" and env["WANDB_MODE"] == "online"
+    assert "WANDB_API_KEY" not in env
+
+
+def test_paths_derive_from_output_root_and_name(tmp_path):
+    config = config_from_dict({"name": "run1", "output_root": str(tmp_path)})
+    assert config.run_dir == tmp_path / "run1"
+    assert config.world_dir == tmp_path / "world"
+    assert config.data.uses_synthetic_world
+    real = config_from_dict({"data": {"hadpo_desc": "d.json"}})
+    assert not real.data.uses_synthetic_world
+
+
+def test_shipped_configs_load():
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(path)
