@@ -90,6 +90,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from orchestrator.plan import main_plan
+
+    return main_plan(_config(args), seq_len=args.seq_len)
+
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
@@ -132,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="LoRA adapter checkpoint to evaluate")
     evaluate.add_argument("--model", help="base model folder (default: the config's)")
     evaluate.set_defaults(func=cmd_eval)
+    plan = with_config(commands.add_parser("plan", help="estimate per-GPU memory and whether the run fits"))
+    plan.add_argument("--seq-len", type=int, help="tokens per row (default: train.max_length, the worst case)")
+    plan.set_defaults(func=cmd_plan)
+
     demo = with_config(commands.add_parser("demo", help="the whole pipeline on the synthetic world"), False)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -120,6 +120,15 @@ class DeepSpeedConfig(_Section):
     torch_adam: bool = Field(True, description="torch AdamW instead of DeepSpeed's fused op (no build)")
 
 
+class SftStageConfig(_Section):
+    """Supervised warm-up (`stage="sft"`): what differs from the DPO stage; the rest of `train` is shared."""
+
+    lora: bool = Field(False, description="false = full fine-tune of the language model (the demo's base model)")
+    learning_rate: float = Field(1e-4, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, gt=0)
+
+
 class TrainConfig(_Section):
     """DPO (or supervised warm-up) hyper-parameters; defaults are the HA-DPO LLaVA recipe's."""
 
@@ -145,6 +154,7 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=-1, description="worker failures tolerated before the run fails")
     log_every_steps: int = Field(10, gt=0)
     seed: int = 42
+    sft: SftStageConfig = Field(default_factory=SftStageConfig)
 
 
 class ScalingSection(_Section):
@@ -152,6 +162,7 @@ class ScalingSection(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
+    gpu_memory_gb: float = Field(80.0, gt=0.0, description="memory of one GPU, used by the planner (hadpo plan)")
 
 
 class EvalConfig(_Section):

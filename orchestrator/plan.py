@@ -1,0 +1,588 @@
+"""GPU memory planner: will this DPO run fit on these GPUs, and if not, what to change.
+
+Pure functions of the model shape and the typed config; nothing here imports torch, DeepSpeed or Ray.
+`hadpo plan CONFIG` prints `format_plan` and `advise` through `main_plan`.
+
+Units: GB = 1e9 bytes, as ``torch.cuda.max_memory_allocated() / 1e9`` in the GPU probe. Nominal card sizes
+(24, 40, 80 "GB") are GiB, so comparing our GB against them leaves ~7% slack on purpose.
+
+What one GPU (one Ray Train worker) holds, per component:
+
+- weights: every parameter (vision tower, projector, language model, LoRA adapters) at 2 bytes (bf16) or
+  4 (fp32). ZeRO-3 shards them over the workers; ZeRO-3 + ``offload_params`` keeps them in CPU memory.
+  Under ZeRO-3 the layers being computed are gathered whole: ~2 decoder layers' worth ("ZeRO-3 gathered").
+- reference model: LoRA needs no copy (the policy with adapters disabled is the exact reference);
+  full fine-tuning keeps a second full copy of the weights (HA-DPO's choice), sharded/offloaded like them.
+- optimizer: AdamW on the trainable parameters: fp32 master copy + two fp32 moments (12 bytes/param with
+  bf16; 8 with fp32 training, whose weights are the master). ZeRO-1/2/3 shard it; ``offload_optimizer``
+  moves it to CPU. Full fine-tuning trains the language model and the projector; the vision tower stays
+  frozen (LLaVA's practice).
+- gradients of the trainable parameters, in the training dtype; ZeRO-2/3 shard them; with
+  ``offload_optimizer`` they stream to CPU and only a reduce bucket (5e8 elements) stays on the GPU.
+- activations of the policy forward kept for backward, over rows = 2 x batch_size_per_worker (chosen and
+  rejected are one batch) of seq_len tokens each. See `layer_activation_bytes_per_token`:
+  with gradient checkpointing, one hidden state per layer per token plus one layer recomputed in full;
+  without it, every layer in full.
+- logits: rows x seq x vocab x (4 bytes fp32 log-softmax + the bf16 logits).
+- a fixed CUDA context / NCCL / allocator overhead (`OVERHEAD_GB`).
+
+Components are summed, which is conservative: their peaks do not all coincide. The frozen vision tower's
+activations (no gradient flows into it) and DeepSpeed's own buffers beyond the reduce bucket are ignored.
+
+Calibration: `ACTIVATION_CALIBRATION` was fitted on ONE measured point (shared/docs/GPU.md: LLaVA-1.5-7B
+shape, LoRA r128 on all LM linears, 4 pairs/GPU, 739 tokens/row, gradient checkpointing, reference =
+adapters disabled, one H100, bf16: 22.9 GB peak allocated). With it, everything the allocator holds sums
+to 22.9 GB there, and the total with `OVERHEAD_GB` (what nvidia-smi would show) to 24.4 GB; the raw
+per-tensor count (calibration 1.0) gives 23.7 GB allocated, 25.2 GB in total. One point cannot
+tell the per-tensor count's overstatement apart from non-coinciding peaks; figures far from that shape
+(no checkpointing, full fine-tuning, eager attention, much longer rows) are extrapolations: read them
+as +-25%.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from orchestrator.config import ExperimentConfig, ScalingSection, TinyModelConfig, TrainConfig
+
+GB = 1e9
+OVERHEAD_GB = 1.5                    # CUDA context, NCCL communicators, allocator slack
+REDUCE_BUCKET_ELEMENTS = 5e8         # DeepSpeed's default reduce_bucket_size
+ACTIVATION_CALIBRATION = 0.54        # fitted on the single GPU.md point (see the module docstring)
+TINY_VOCAB_ESTIMATE = 1024           # the tiny model's vocabulary is built from the world's texts
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}   # the seed notes' rules of thumb
+LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# --------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide memory: a CLIP ViT, the 2-layer MLP projector, a Llama language model."""
+
+    name: str
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    projector_bias: bool = True
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image becomes (CLS dropped, LLaVA's `default` feature strategy)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def kv_dim(self) -> int:
+        return self.text_kv_heads * (self.text_hidden // self.text_heads)
+
+    # Parameter counts -----------------------------------------------------------------------------
+    def vision_params(self) -> int:
+        h, i = self.vision_hidden, self.vision_intermediate
+        embeddings = 3 * self.patch_size ** 2 * h + h + (self.image_tokens + 1) * h   # patch conv, CLS, positions
+        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h             # attn, fc1, fc2, 2 LayerNorms
+        return embeddings + 2 * h + self.vision_layers * layer + 2 * h                # pre/post LayerNorm
+
+    def projector_params(self) -> int:
+        bias = 1 if self.projector_bias else 0
+        v, t = self.vision_hidden, self.text_hidden
+        return v * t + bias * t + t * t + bias * t
+
+    def lm_layer_params(self) -> int:
+        h, i, kv = self.text_hidden, self.text_intermediate, self.kv_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h                           # q,o + k,v + MLP + 2 RMSNorms
+
+    def lm_params_without_embeddings(self) -> int:
+        return self.text_layers * self.lm_layer_params() + self.text_hidden          # + final RMSNorm
+
+    def lm_params(self) -> int:
+        """The language model with its input embeddings and lm_head."""
+        embeddings = self.vocab_size * self.text_hidden
+        head = 0 if self.tie_word_embeddings else embeddings
+        return self.lm_params_without_embeddings() + embeddings + head
+
+    def total_params(self) -> int:
+        return self.vision_params() + self.projector_params() + self.lm_params()
+
+    def linear_shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a language-model linear by its name."""
+        h, i, kv = self.text_hidden, self.text_intermediate, self.kv_dim
+        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        if module not in shapes:
+            raise ValueError(f"train.lora.target_modules: unknown module {module!r}; "
+                             f"the planner knows the language model's {', '.join(LM_LINEARS)}")
+        return shapes[module]
+
+    def lora_params(self, rank: int, target_modules: list[str] | tuple[str, ...] = LM_LINEARS) -> int:
+        """LoRA A (r x in) + B (out x r) on each target linear of every language-model layer."""
+        per_layer = sum(rank * sum(self.linear_shape(module)) for module in target_modules)
+        return self.text_layers * per_layer
+
+
+LLAVA_15_7B = ModelShape(
+    name="LLaVA-1.5-7B", vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
+    image_size=336, patch_size=14, text_hidden=4096, text_intermediate=11008, text_layers=32, text_heads=32,
+    text_kv_heads=32, vocab_size=32064,
+)
+LLAVA_15_13B = replace(LLAVA_15_7B, name="LLaVA-1.5-13B", text_hidden=5120, text_intermediate=13824,
+                       text_layers=40, text_heads=40, text_kv_heads=40)
+
+
+def tiny_shape(tiny: TinyModelConfig, vocab_size: int = TINY_VOCAB_ESTIMATE) -> ModelShape:
+    """The built-in tiny LLaVA (orchestrator/model/llava.py builds it with these sizes)."""
+    return ModelShape(
+        name="tiny LLaVA", vision_hidden=tiny.vision_hidden, vision_intermediate=4 * tiny.vision_hidden,
+        vision_layers=tiny.vision_layers, vision_heads=tiny.vision_heads, image_size=tiny.image_size,
+        patch_size=tiny.patch_size, text_hidden=tiny.text_hidden, text_intermediate=tiny.text_intermediate,
+        text_layers=tiny.text_layers, text_heads=tiny.text_heads, text_kv_heads=tiny.text_heads,
+        vocab_size=vocab_size,
+    )
+
+
+def shape_from_hf_config(config: dict, name: str = "llava-hf model") -> ModelShape:
+    """Shape from a llava-hf ``config.json`` dict. Missing keys take the transformers defaults
+    (LlamaConfig / CLIPVisionConfig), as the llava-hf exports rely on them."""
+    vision = config.get("vision_config") or {}
+    text = config.get("text_config") or {}
+    heads = text.get("num_attention_heads", 32)
+    return ModelShape(
+        name=name,
+        vision_hidden=vision.get("hidden_size", 768), vision_intermediate=vision.get("intermediate_size", 3072),
+        vision_layers=vision.get("num_hidden_layers", 12), vision_heads=vision.get("num_attention_heads", 12),
+        image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 32),
+        text_hidden=text.get("hidden_size", 4096), text_intermediate=text.get("intermediate_size", 11008),
+        text_layers=text.get("num_hidden_layers", 32), text_heads=heads,
+        text_kv_heads=text.get("num_key_value_heads") or heads,
+        vocab_size=text.get("vocab_size", 32000),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        projector_bias=bool(config.get("multimodal_projector_bias", True)),
+    )
+
+
+def shape_from_config(cfg: ExperimentConfig) -> ModelShape:
+    """The shape of the model `cfg` names: its folder's config.json, else the tiny built-in model.
+
+    A `model.path` that is not on this machine (e.g. a cluster's /mnt/shared) is recognised by name
+    ("llava-1.5-7b", "llava-v1.5-13b", ...); any other missing folder is an error.
+    """
+    if not cfg.model.path:
+        return tiny_shape(cfg.model.tiny)
+    folder = Path(cfg.model.path).expanduser()
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+        return shape_from_hf_config(raw, name=folder.name)
+    lowered = folder.name.lower().replace("_", "-")
+    if "llava" in lowered and "7b" in lowered:
+        return replace(LLAVA_15_7B, name=f"{LLAVA_15_7B.name} (assumed from the name {folder.name!r})")
+    if "llava" in lowered and "13b" in lowered:
+        return replace(LLAVA_15_13B, name=f"{LLAVA_15_13B.name} (assumed from the name {folder.name!r})")
+    raise ValueError(f"model.path {cfg.model.path}: no config.json there, and the folder name does not say "
+                     "which LLaVA it is; plan on a machine that has the model, or name the folder like "
+                     "llava-1.5-7b-hf")
+
+
+# --------------------------------------------------------------------------------------------- memory
+def layer_activation_bytes_per_token(shape: ModelShape, train_cfg: TrainConfig, seq_len: int,
+                                     attn_implementation: str = "sdpa") -> float:
+    """Bytes one decoder layer keeps for backward per token, calibrated (see the module docstring).
+
+    Korthikanti et al. (2022) count 34*h + 5*heads*seq bytes per token per layer for a GPT layer with
+    16-bit activations. Redone for a Llama layer with SwiGLU and SDPA/flash attention (no seq^2 term):
+      attention   12*h       (q/k/v input, q, k, v, attention output, o_proj input)
+      MLP         2*h + 8*i  (input, gate, up, silu(gate), gate*up)
+      RMSNorm x2  12*h       (fp32 up-cast input 4h + normalised bf16 2h, each)
+      LoRA        3*in + 2*r per target linear (dropout mask + dropped copy of its input, rank-r output)
+      eager attention adds 5*heads*seq (scores, softmax, probabilities)
+    fp32 training doubles the 16-bit terms. The sum is scaled by ACTIVATION_CALIBRATION.
+    """
+    h, i = shape.text_hidden, shape.text_intermediate
+    count = 26 * h + 8 * i
+    if train_cfg.lora.enabled:
+        rank = train_cfg.lora.rank
+        lora_dropout = 3 if train_cfg.lora.dropout > 0 else 0
+        count += sum(lora_dropout * shape.linear_shape(m)[0] + 2 * rank for m in train_cfg.lora.target_modules)
+    if attn_implementation == "eager":
+        count += 5 * shape.text_heads * seq_len
+    scale = 1.0 if train_cfg.bf16 else 2.0
+    return ACTIVATION_CALIBRATION * count * scale
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU memory in GB by component, with what was assumed to get there."""
+
+    model: str
+    total_params: int          # the model's own parameters (vision + projector + LM), LoRA not included
+    lora_params: int
+    trainable_params: int
+    lora: bool
+    lora_rank: int
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    num_workers: int
+    rows: int
+    seq_len: int
+    gradient_checkpointing: bool
+    bf16: bool
+    gpu_memory_gb: float
+    components: dict[str, float]
+    cpu_components: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_gb(self) -> float:
+        return sum(self.components.values())
+
+    @property
+    def allocated_gb(self) -> float:
+        """What torch's allocator holds at the peak: everything but the fixed overhead."""
+        return self.total_gb - self.components.get("CUDA/NCCL overhead", 0.0)
+
+    @property
+    def cpu_gb(self) -> float:
+        return sum(self.cpu_components.values())
+
+
+def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingSection,
+                    seq_len: int | None = None, *, attn_implementation: str = "sdpa",
+                    overhead_gb: float = OVERHEAD_GB) -> MemoryPlan:
+    """Per-GPU memory of one DPO step (see the module docstring for each component's rule).
+
+    seq_len defaults to train.max_length: the worst case, rows padded to the cap. HA-DPO rows are about
+    611 prompt+image tokens plus the answer (739 with 128-token answers).
+    """
+    seq = int(seq_len or train_cfg.max_length)
+    workers = scaling.num_workers
+    ds = train_cfg.deepspeed
+    notes: list[str] = []
+    stage = ds.zero_stage if ds.enabled else 0
+    offload_opt = ds.enabled and ds.offload_optimizer and stage >= 1
+    offload_par = ds.enabled and ds.offload_params and stage == 3
+    if ds.offload_optimizer and not offload_opt:
+        notes.append("offload_optimizer needs DeepSpeed with ZeRO-1/2/3: ignored")
+    if ds.offload_params and not offload_par:
+        notes.append("offload_params needs DeepSpeed ZeRO-3: ignored")
+    if not ds.enabled and (ds.zero_stage or ds.offload_optimizer or ds.offload_params):
+        notes.append("deepspeed.enabled is false: plain data parallel, nothing sharded")
+
+    wbytes = 2.0 if train_cfg.bf16 else 4.0
+    lora = train_cfg.lora.enabled
+    lora_params = shape.lora_params(train_cfg.lora.rank, train_cfg.lora.target_modules) if lora else 0
+    all_params = shape.total_params() + lora_params
+    trainable = lora_params if lora else shape.lm_params() + shape.projector_params()
+
+    weight_share = 1.0 / workers if stage == 3 else 1.0
+    weights_gb = all_params * wbytes / GB
+    components: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    components["weights"] = 0.0 if offload_par else weights_gb * weight_share
+    if offload_par:
+        cpu["weights"] = weights_gb / workers
+    if stage == 3 and (workers > 1 or offload_par):
+        layer = shape.lm_layer_params() + (lora_params // shape.text_layers)
+        components["ZeRO-3 gathered layers"] = 2 * layer * wbytes / GB
+
+    reference_gb = 0.0 if lora else shape.total_params() * wbytes / GB
+    components["reference model"] = 0.0 if offload_par else reference_gb * weight_share
+    if offload_par and reference_gb:
+        cpu["reference model"] = reference_gb / workers
+
+    optimizer_gb = trainable * (12.0 if train_cfg.bf16 else 8.0) / GB
+    optimizer_share = 1.0 / workers if stage >= 1 else 1.0
+    components["optimizer (fp32 master + Adam)"] = 0.0 if offload_opt else optimizer_gb * optimizer_share
+    if offload_opt:
+        cpu["optimizer (fp32 master + Adam)"] = optimizer_gb * optimizer_share
+
+    grad_share = 1.0 / workers if stage >= 2 else 1.0
+    gradients_gb = trainable * wbytes * grad_share / GB
+    if offload_opt:
+        cpu["gradients (fp32)"] = trainable * 4.0 * grad_share / GB
+        gradients_gb = min(gradients_gb, REDUCE_BUCKET_ELEMENTS * wbytes / GB)
+    components["gradients"] = gradients_gb
+
+    rows = 2 * train_cfg.batch_size_per_worker
+    tokens = rows * seq
+    act_bytes = 2.0 if train_cfg.bf16 else 4.0
+    full_layer = layer_activation_bytes_per_token(shape, train_cfg, seq, attn_implementation)
+    if train_cfg.gradient_checkpointing:
+        components["activations (checkpoints)"] = tokens * shape.text_hidden * act_bytes * shape.text_layers / GB
+        components["activations (1 layer recomputed)"] = tokens * full_layer / GB
+    else:
+        components["activations (all layers)"] = tokens * full_layer * shape.text_layers / GB
+    components["logits (fp32 log-softmax + copy)"] = tokens * shape.vocab_size * (4.0 + act_bytes) / GB
+    components["CUDA/NCCL overhead"] = overhead_gb
+
+    if shape.image_tokens + 32 > seq:
+        notes.append(f"seq_len {seq} leaves little room beside the {shape.image_tokens} image tokens")
+    return MemoryPlan(
+        model=shape.name, total_params=shape.total_params(), lora_params=lora_params,
+        trainable_params=trainable, lora=lora,
+        lora_rank=train_cfg.lora.rank if lora else 0, zero_stage=stage, offload_optimizer=offload_opt,
+        offload_params=offload_par, num_workers=workers, rows=rows, seq_len=seq,
+        gradient_checkpointing=train_cfg.gradient_checkpointing, bf16=train_cfg.bf16,
+        gpu_memory_gb=scaling.gpu_memory_gb, components=components, cpu_components=cpu, notes=notes,
+    )
+
+
+def plan_for(cfg: ExperimentConfig, seq_len: int | None = None) -> MemoryPlan:
+    """`estimate_memory` for an experiment config."""
+    return estimate_memory(shape_from_config(cfg), cfg.train, cfg.scaling, seq_len,
+                           attn_implementation=cfg.model.attn_implementation)
+
+
+def fits(plan: MemoryPlan, gpu_memory_gb: float | None = None) -> bool:
+    """True when the per-GPU total fits in `gpu_memory_gb` (default: the plan's scaling.gpu_memory_gb)."""
+    return plan.total_gb <= (plan.gpu_memory_gb if gpu_memory_gb is None else gpu_memory_gb)
+
+
+def weights_rule_of_thumb(params: int) -> dict[str, float]:
+    """GB for one copy of the weights per precision: fp32 4, bf16 2, int8 1, int4 0.5 GB per billion."""
+    return {precision: params / 1e9 * per_billion for precision, per_billion in BYTES_PER_PARAM.items()}
+
+
+# --------------------------------------------------------------------------------------------- advice
+@dataclass
+class Fix:
+    """One proposed configuration: each change as (short name, config keys), the config, its plan."""
+
+    changes: list[tuple[str, str]]
+    config: ExperimentConfig
+    plan: MemoryPlan
+    savings_gb: list[float] = field(default_factory=list)   # per change: GB it saves given the others
+    _used: list = field(default_factory=list, repr=False)
+
+    @property
+    def fits(self) -> bool:
+        return fits(self.plan)
+
+    @property
+    def summary(self) -> str:
+        return " + ".join(short for short, _ in self.changes) or "no change"
+
+
+# Each ladder step changes the config in place and says what it did as (short name, config keys), or
+# returns None when it has nothing to change.
+def _step_checkpointing(cfg: ExperimentConfig):
+    if cfg.train.gradient_checkpointing:
+        return None
+    cfg.train.gradient_checkpointing = True
+    return "gradient checkpointing", "train.gradient_checkpointing: true"
+
+
+def _step_zero(stage: int):
+    def step(cfg: ExperimentConfig):
+        ds = cfg.train.deepspeed
+        if cfg.scaling.num_workers < 2 or (ds.enabled and ds.zero_stage >= stage):
+            return None
+        ds.enabled, ds.zero_stage = True, stage
+        return f"ZeRO-{stage}", f"train.deepspeed.zero_stage: {stage}"
+    return step
+
+
+def _step_halve_batch(cfg: ExperimentConfig):
+    batch = cfg.train.batch_size_per_worker
+    if batch < 2:
+        return None
+    cfg.train.batch_size_per_worker = batch // 2
+    cfg.train.gradient_accumulation *= 2
+    return "halve batch", ""          # `_apply` words all the halvings as one change
+
+
+def _step_offload_optimizer(cfg: ExperimentConfig):
+    ds = cfg.train.deepspeed
+    if ds.enabled and ds.offload_optimizer and ds.zero_stage >= 1:
+        return None
+    ds.enabled, ds.offload_optimizer = True, True
+    if ds.zero_stage < 2:
+        ds.zero_stage = 2
+        return "ZeRO-2 + CPU offload of the optimizer", "train.deepspeed: {zero_stage: 2, offload_optimizer: true}"
+    return "CPU offload of the optimizer", "train.deepspeed.offload_optimizer: true"
+
+
+def _step_offload_params(cfg: ExperimentConfig):
+    ds = cfg.train.deepspeed
+    if ds.enabled and ds.offload_params and ds.zero_stage == 3:
+        return None
+    ds.enabled, ds.offload_params, ds.zero_stage = True, True, 3
+    return "ZeRO-3 + CPU offload of the weights", "train.deepspeed: {zero_stage: 3, offload_params: true}"
+
+
+# Fastest first (the seed notes: ZeRO-1 > 2 > 3 > offload in speed). Smaller micro-batches keep the math
+# through gradient accumulation and cost less speed than offloading, so they come before it.
+_LADDER = [_step_checkpointing, _step_zero(2), _step_zero(3)] + [_step_halve_batch] * 10 + [
+    _step_offload_optimizer, _step_offload_params]
+
+
+def _apply(cfg: ExperimentConfig, steps) -> tuple[ExperimentConfig, list[tuple[str, str]]]:
+    """`cfg` with `steps` applied, and the changes they made; repeated halvings become one change."""
+    new = cfg.model_copy(deep=True)
+    changes = [change for change in (step(new) for step in steps) if change]
+    halvings = [i for i, (short, _) in enumerate(changes) if short == "halve batch"]
+    if halvings:
+        old_b, new_b = cfg.train.batch_size_per_worker, new.train.batch_size_per_worker
+        old_a, new_a = cfg.train.gradient_accumulation, new.train.gradient_accumulation
+        merged = (f"batch {old_b} -> {new_b} pairs/GPU x {new_a // old_a} accumulation",
+                  f"train.batch_size_per_worker: {new_b}, train.gradient_accumulation: {new_a} "
+                  "(same pairs per optimizer step)")
+        changes = [c for i, c in enumerate(changes) if i not in halvings]
+        changes.insert(halvings[0], merged)
+    return new, changes
+
+
+def _group(steps) -> list[list]:
+    """Consecutive identical steps (the batch halvings) as one group: one change each."""
+    groups: list[list] = []
+    for step in steps:
+        if groups and groups[-1][0] is step:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def find_fix(cfg: ExperimentConfig, seq_len: int | None = None) -> Fix:
+    """Climb the ladder (re-estimating after each step) until the plan fits, then drop every step the
+    fit does not need (e.g. restore the batch size once offloading made room). Returns the last
+    candidate even when nothing fits: check `Fix.fits`."""
+    shape = shape_from_config(cfg)
+
+    def estimate(steps) -> MemoryPlan:
+        candidate = _apply(cfg, steps)[0]
+        return estimate_memory(shape, candidate.train, candidate.scaling, seq_len,
+                               attn_implementation=candidate.model.attn_implementation)
+
+    used: list = []
+    for step in _LADDER:
+        if fits(estimate(used)):
+            break
+        if _apply(cfg, used + [step])[0] != _apply(cfg, used)[0]:      # the step changed something
+            used.append(step)
+    if fits(estimate(used)):
+        for index in reversed(range(len(used))):
+            trial = used[:index] + used[index + 1:]
+            if fits(estimate(trial)):
+                used = trial
+    final, changes = _apply(cfg, used)
+    plan = estimate(used)
+    groups = _group(used)
+    savings = [estimate([s for g in groups if g is not group for s in g]).total_gb - plan.total_gb
+               for group in groups]
+    return Fix(changes=changes, config=final, plan=plan, savings_gb=savings, _used=used)
+
+
+def _params(count: int, digits: int = 2) -> str:
+    return f"{count / 1e9:.{digits}f}B" if count >= 1e9 else f"{count / 1e6:.{max(digits, 1)}f}M"
+
+
+def _gb(value: float) -> str:
+    return f"{value:.1f} GB" if value >= 0.1 else f"{value * 1e3:.1f} MB"
+
+
+def _label(plan: MemoryPlan) -> str:
+    return f"{_params(plan.total_params, 0)} {'LoRA r%d' % plan.lora_rank if plan.lora else 'full'} DPO"
+
+
+def lora_alternative(cfg: ExperimentConfig, seq_len: int | None = None) -> Fix | None:
+    """For a full fine-tune: the cheapest LoRA configuration that fits (None if already LoRA)."""
+    if cfg.train.lora.enabled:
+        return None
+    with_lora = cfg.model_copy(deep=True)
+    with_lora.train.lora.enabled = True
+    fix = find_fix(with_lora, seq_len)
+    full_same_steps = _apply(cfg, fix._used)[0]
+    fix.changes.insert(0, (f"LoRA r{cfg.train.lora.rank}", "train.lora.enabled: true"))
+    fix.savings_gb.insert(0, plan_for(full_same_steps, seq_len).total_gb - fix.plan.total_gb)
+    return fix
+
+
+def advise(cfg: ExperimentConfig, seq_len: int | None = None) -> list[str]:
+    """Concrete fixes, in the user's words, when the run does not fit; [] when it does.
+
+    First line: "7B full DPO on 24 GB (est. 125.5 GB/GPU): needs A + B (est. X GB/GPU) or LoRA r128 (est. Y
+    GB/GPU)"; then each change with its config keys and what it saves given the others; then the
+    weights rule of thumb (fp32 4 / bf16 2 / int8 1 / int4 0.5 GB per billion parameters).
+    """
+    plan = plan_for(cfg, seq_len)
+    if fits(plan):
+        return []
+    head = f"{_label(plan)} on {cfg.scaling.gpu_memory_gb:g} GB (est. {plan.total_gb:.1f} GB/GPU)"
+    options = [fix for fix in (find_fix(cfg, seq_len), lora_alternative(cfg, seq_len)) if fix is not None]
+    fitting = [fix for fix in options if fix.fits]
+    if fitting:
+        lines = [head + ": needs " + " or ".join(f"{fix.summary} (est. {fix.plan.total_gb:.1f} GB/GPU)"
+                                                 for fix in fitting)]
+        for number, fix in enumerate(fitting, 1):
+            prefix = f"option {number}, " if len(fitting) > 1 else ""
+            lines.extend(f"- {prefix}{short}: {keys} (saves {saved:.1f} GB/GPU)"
+                         for (short, keys), saved in zip(fix.changes, fix.savings_gb))
+    else:
+        best = min(options, key=lambda fix: fix.plan.total_gb)
+        lines = [f"{head}: does not fit even with {best.summary} (est. {best.plan.total_gb:.1f} GB/GPU): "
+                 "use GPUs with more memory, more workers with ZeRO-3, or shorter rows (train.max_length)"]
+    rule = weights_rule_of_thumb(plan.total_params)
+    lines.append(
+        f"rule of thumb, one copy of the weights ({_params(plan.total_params)} params): "
+        + ", ".join(f"{name} {_gb(gb)}" for name, gb in rule.items())
+        + ("; full DPO keeps two (policy + reference)" if not plan.lora
+           else "; LoRA's reference is the same weights with the adapters off")
+    )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- output
+def format_plan(plan: MemoryPlan) -> str:
+    """A readable table: component, GB per GPU; the total against the GPU's memory; the verdict."""
+    mode = f"LoRA r{plan.lora_rank}" if plan.lora else "full fine-tune"
+    offload = [name for name, on in [("optimizer", plan.offload_optimizer), ("weights", plan.offload_params)] if on]
+    lines = [
+        f"{plan.model}: {_params(plan.total_params, 3)} params"
+        + (f" + {_params(plan.lora_params, 1)} LoRA" if plan.lora else "")
+        + f", {_params(plan.trainable_params, 2)} trainable ({mode}), {'bf16' if plan.bf16 else 'fp32'}",
+        f"ZeRO-{plan.zero_stage} over {plan.num_workers} worker(s)"
+        + (f", CPU offload of {' and '.join(offload)}" if offload else "")
+        + f"; {plan.rows} rows x {plan.seq_len} tokens per GPU"
+        + f", gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        "",
+    ]
+    width = max(len(name) for name in list(plan.components) + ["total per GPU"]) + 2
+    lines.append(f"{'component':<{width}}{'GB':>8}")
+    lines.append("-" * (width + 8))
+    for name, gb in plan.components.items():
+        lines.append(f"{name:<{width}}{gb:>8.2f}")
+    lines.append("-" * (width + 8))
+    lines.append(f"{'total per GPU':<{width}}{plan.total_gb:>8.2f}")
+    lines.append(f"{'GPU memory':<{width}}{plan.gpu_memory_gb:>8.2f}")
+    if plan.cpu_components:
+        lines.append(f"{'CPU memory per worker':<{width}}{plan.cpu_gb:>8.2f}  (offloaded)")
+    verdict = ("FITS" if fits(plan) else "DOES NOT FIT") + \
+        f" ({plan.gpu_memory_gb - plan.total_gb:+.1f} GB headroom; GB = 1e9 bytes)"
+    lines.append(f"verdict: {verdict}")
+    lines.extend(f"note: {note}" for note in plan.notes)
+    return "\n".join(lines)
+
+
+def main_plan(cfg: ExperimentConfig, seq_len: int | None = None) -> int:
+    """`hadpo plan CONFIG`: print the plan and any fixes; 0 if it fits, 1 if not."""
+    plan = plan_for(cfg, seq_len)
+    print(format_plan(plan))
+    advice = advise(cfg, seq_len)
+    if advice:
+        print()
+        print("\n".join(advice))
+    return 0 if fits(plan) else 1

@@ -1,0 +1,217 @@
+import json
+
+import pytest
+
+from orchestrator.config import ScalingSection, TinyModelConfig, TrainConfig, config_from_dict
+from orchestrator.plan import (LLAVA_15_7B, MemoryPlan, advise, estimate_memory, find_fix, fits, format_plan,
+                               lora_alternative, main_plan, plan_for, shape_from_config, tiny_shape,
+                               weights_rule_of_thumb)
+
+# The one measured point (shared/docs/GPU.md): 7B, LoRA r128 on all LM linears, 4 pairs, 611 prompt+image
+# + 128 answer tokens, gradient checkpointing, adapters-off reference, one H100, bf16: 22.9 GB peak.
+MEASURED_GB = 22.9
+MEASURED_SEQ = 739
+
+
+def train(**changes) -> TrainConfig:
+    raw = {"batch_size_per_worker": 4, "max_length": MEASURED_SEQ, "gradient_checkpointing": True, "bf16": True,
+           "lora": {"enabled": True, "rank": 128}, "deepspeed": {"enabled": True, "zero_stage": 2}}
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return TrainConfig.model_validate(raw)
+
+
+def scaling(workers: int = 1, gpu_gb: float = 80.0) -> ScalingSection:
+    return ScalingSection(num_workers=workers, use_gpu=True, gpu_memory_gb=gpu_gb)
+
+
+def seven_b_config(**sections):
+    raw = {"model": {"path": "/mnt/shared/models/llava-1.5-7b-hf"}}
+    raw.update(sections)
+    return config_from_dict(raw)
+
+
+def test_7b_parameter_counts_match_the_published_sizes():
+    assert LLAVA_15_7B.total_params() == pytest.approx(7.06e9, rel=0.01)
+    assert LLAVA_15_7B.lm_params_without_embeddings() == pytest.approx(6.48e9, rel=0.01)
+    assert LLAVA_15_7B.vision_params() == pytest.approx(303.5e6, rel=0.01)      # CLIP ViT-L/14-336
+    assert LLAVA_15_7B.projector_params() == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert LLAVA_15_7B.image_tokens == 576
+    # Counted by building the model in transformers on the meta device (not repeated here: slow import).
+    assert LLAVA_15_7B.total_params() == 7_063_427_072
+
+
+def test_lora_r128_parameter_count_by_hand():
+    h, i, r, layers = 4096, 11008, 128, 32
+    attention = 4 * r * (h + h)                   # q, k, v, o: 4096 -> 4096
+    mlp = 2 * r * (h + i) + r * (i + h)           # gate, up: 4096 -> 11008; down: 11008 -> 4096
+    assert LLAVA_15_7B.lora_params(128) == layers * (attention + mlp) == 319_815_680
+    assert LLAVA_15_7B.lora_params(8, ["q_proj", "v_proj"]) == 32 * 2 * 8 * (4096 + 4096)
+
+
+def test_unknown_lora_target_is_named():
+    with pytest.raises(ValueError, match="unknown module 'fc1'"):
+        LLAVA_15_7B.lora_params(8, ["fc1"])
+
+
+def test_calibration_point_matches_the_measured_peak():
+    plan = estimate_memory(LLAVA_15_7B, train(), scaling(1))
+    assert plan.rows == 8 and plan.seq_len == MEASURED_SEQ
+    assert plan.total_gb == pytest.approx(MEASURED_GB, rel=0.10)
+    # The measurement is torch's allocator peak: everything but the fixed CUDA/NCCL overhead.
+    assert plan.allocated_gb == pytest.approx(MEASURED_GB, rel=0.02)
+    assert plan.components["reference model"] == 0.0           # LoRA: adapters disabled, no copy
+
+
+def test_zero3_divides_weight_memory_by_the_number_of_workers():
+    one = estimate_memory(LLAVA_15_7B, train(deepspeed={"zero_stage": 3}), scaling(1))
+    eight = estimate_memory(LLAVA_15_7B, train(deepspeed={"zero_stage": 3}), scaling(8))
+    assert eight.components["weights"] == pytest.approx(one.components["weights"] / 8)
+    zero2 = estimate_memory(LLAVA_15_7B, train(deepspeed={"zero_stage": 2}), scaling(8))
+    assert zero2.components["weights"] == pytest.approx(one.components["weights"])   # ZeRO-2 keeps them whole
+    assert eight.total_gb < zero2.total_gb
+
+
+def test_zero_stages_shard_optimizer_then_gradients():
+    def plan(stage):
+        return estimate_memory(LLAVA_15_7B, train(lora={"enabled": False}, deepspeed={"zero_stage": stage}),
+                               scaling(4))
+    p0, p1, p2 = plan(0), plan(1), plan(2)
+    optimizer = "optimizer (fp32 master + Adam)"
+    assert p1.components[optimizer] == pytest.approx(p0.components[optimizer] / 4)
+    assert p1.components["gradients"] == pytest.approx(p0.components["gradients"])
+    assert p2.components["gradients"] == pytest.approx(p0.components["gradients"] / 4)
+
+
+def test_offload_moves_optimizer_state_off_the_gpu():
+    on_gpu = estimate_memory(LLAVA_15_7B, train(), scaling(1))
+    offloaded = estimate_memory(LLAVA_15_7B, train(deepspeed={"offload_optimizer": True}), scaling(1))
+    key = "optimizer (fp32 master + Adam)"
+    assert on_gpu.components[key] == pytest.approx(319_815_680 * 12 / 1e9)
+    assert offloaded.components[key] == 0.0
+    assert offloaded.cpu_components[key] == pytest.approx(on_gpu.components[key])
+    assert offloaded.total_gb < on_gpu.total_gb
+
+
+def test_offload_params_needs_zero3_and_moves_weights_to_cpu():
+    ignored = estimate_memory(LLAVA_15_7B, train(deepspeed={"offload_params": True}), scaling(1))
+    assert ignored.components["weights"] > 14 and any("ZeRO-3" in note for note in ignored.notes)
+    moved = estimate_memory(LLAVA_15_7B, train(deepspeed={"zero_stage": 3, "offload_params": True}), scaling(1))
+    assert moved.components["weights"] == 0.0 and moved.cpu_components["weights"] > 14
+
+
+def test_gradient_checkpointing_reduces_activations():
+    def activations(plan: MemoryPlan) -> float:
+        return sum(gb for name, gb in plan.components.items() if name.startswith("activations"))
+    with_ckpt = estimate_memory(LLAVA_15_7B, train(gradient_checkpointing=True), scaling(1))
+    without = estimate_memory(LLAVA_15_7B, train(gradient_checkpointing=False), scaling(1))
+    assert activations(without) > 5 * activations(with_ckpt)
+
+
+def test_full_fine_tune_keeps_a_reference_copy_sharded_by_zero3():
+    full = estimate_memory(LLAVA_15_7B, train(lora={"enabled": False}), scaling(1))
+    assert full.components["reference model"] == pytest.approx(LLAVA_15_7B.total_params() * 2 / 1e9)
+    assert full.trainable_params == LLAVA_15_7B.lm_params() + LLAVA_15_7B.projector_params()
+    sharded = estimate_memory(LLAVA_15_7B, train(lora={"enabled": False}, deepspeed={"zero_stage": 3}), scaling(4))
+    assert sharded.components["reference model"] == pytest.approx(full.components["reference model"] / 4)
+
+
+def test_7b_full_dpo_on_24gb_does_not_fit_and_the_advice_fits():
+    cfg = seven_b_config(train={"lora": {"enabled": False}, "batch_size_per_worker": 1, "max_length": 1024},
+                         scaling={"num_workers": 1, "gpu_memory_gb": 24})
+    plan = plan_for(cfg)
+    assert not fits(plan)
+    assert plan.components["weights"] + plan.components["reference model"] > 24    # two bf16 copies alone
+
+    fix = find_fix(cfg)
+    assert fix.fits and fix.plan.total_gb <= 24
+    assert fix.config.train.deepspeed.zero_stage == 3
+    assert fix.config.train.deepspeed.offload_optimizer and fix.config.train.deepspeed.offload_params
+    lora = lora_alternative(cfg)
+    assert lora is not None and lora.fits and lora.config.train.lora.enabled
+    for proposal in (fix, lora):                    # re-estimating the proposed config agrees
+        assert fits(plan_for(proposal.config))
+
+    lines = advise(cfg)
+    assert lines[0].startswith("7B full DPO on 24 GB")
+    assert "ZeRO-3" in lines[0] and "CPU offload" in lines[0] and "LoRA r128" in lines[0]
+    assert f"est. {fix.plan.total_gb:.1f} GB/GPU" in lines[0]
+    assert any("bf16 14.1 GB" in line and "fp32 28.3 GB" in line for line in lines)
+
+
+def test_advice_prefers_cheap_fixes_and_restores_what_is_not_needed():
+    cfg = seven_b_config(train={"batch_size_per_worker": 16, "max_length": 2048, "gradient_checkpointing": False},
+                         scaling={"num_workers": 8, "gpu_memory_gb": 40})
+    fix = find_fix(cfg)
+    assert fix.fits
+    assert fix.config.train.gradient_checkpointing
+    assert not fix.config.train.deepspeed.offload_optimizer and not fix.config.train.deepspeed.offload_params
+    batch = fix.config.train.batch_size_per_worker
+    assert batch * fix.config.train.gradient_accumulation == 16                        # same pairs per step
+    doubled = fix.config.model_copy(deep=True)
+    doubled.train.batch_size_per_worker = batch * 2
+    assert not fits(plan_for(doubled))                                                 # largest batch that fits
+    assert any("gradient checkpointing" in line and "saves" in line for line in advise(cfg))
+
+
+def test_fitting_config_gets_no_advice_and_main_plan_returns_0(capsys):
+    cfg = seven_b_config(train={"batch_size_per_worker": 4, "max_length": MEASURED_SEQ})
+    assert advise(cfg) == []
+    assert main_plan(cfg) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "total per GPU" in out
+
+
+def test_main_plan_returns_1_and_prints_the_fix_when_it_does_not_fit(capsys):
+    cfg = seven_b_config(train={"lora": {"enabled": False}}, scaling={"gpu_memory_gb": 24})
+    assert main_plan(cfg) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "7B full DPO on 24 GB" in out
+
+
+@pytest.mark.parametrize("gpu_gb", [4, 8, 24, 80])
+def test_tiny_model_fits_anywhere(gpu_gb):
+    cfg = config_from_dict({"scaling": {"gpu_memory_gb": gpu_gb}})          # no model.path: the tiny model
+    shape = shape_from_config(cfg)
+    assert shape == tiny_shape(TinyModelConfig())
+    plan = plan_for(cfg)
+    assert fits(plan) and advise(cfg) == []
+    assert plan.total_gb < 3
+
+
+def test_format_plan_lists_components_total_and_verdict():
+    plan = estimate_memory(LLAVA_15_7B, train(), scaling(1, 24))
+    text = format_plan(plan)
+    for name in plan.components:
+        assert name in text
+    assert "total per GPU" in text and "GPU memory" in text and "24.00" in text
+    assert ("DOES NOT FIT" if plan.total_gb > 24 else "FITS") in text
+
+
+def test_shape_is_read_from_a_llava_hf_config_json(tmp_path):
+    # As the llava-hf export writes it: text_config leaves LlamaConfig's defaults out.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llava", "projector_hidden_act": "gelu", "tie_word_embeddings": False,
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+        "text_config": {"model_type": "llama", "max_position_embeddings": 4096, "vocab_size": 32064},
+        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                          "model_type": "clip_vision_model", "num_attention_heads": 16,
+                          "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+    }))
+    shape = shape_from_config(config_from_dict({"model": {"path": str(tmp_path)}}))
+    assert shape.total_params() == LLAVA_15_7B.total_params()
+    assert shape.lora_params(128) == LLAVA_15_7B.lora_params(128)
+
+
+def test_missing_model_folder_is_recognised_by_name_or_refused(tmp_path):
+    assert shape_from_config(seven_b_config()).total_params() == LLAVA_15_7B.total_params()
+    with pytest.raises(ValueError, match="no config.json"):
+        shape_from_config(config_from_dict({"model": {"path": str(tmp_path / "my-model")}}))
+
+
+def test_rule_of_thumb_per_billion_params():
+    assert weights_rule_of_thumb(7_000_000_000) == pytest.approx(
+        {"fp32": 28.0, "bf16": 14.0, "int8": 7.0, "int4": 3.5})
