@@ -1,0 +1,21 @@
+"""Evaluation: POPE and MileBench on Ray Data actors, resumable, with metrics as pure functions.
+
+- `pope`: POPE's answer parsing and metrics (pure).
+- `milebench`: MileBench prompts, scores and the model adapter interface.
+- `predictor`: the Ray Data actor that answers items.
+- `results`: the parquet answer store (atomic writes, resume, dedupe) and run ids.
+- `runner`: `run_eval`, the stage's entry point, and the printed tables.
+"""
+
+from orchestrator.eval.pope import has_yes_no_word, parse_yes_no, pope_metrics, summarise
+
+__all__ = ["parse_yes_no", "has_yes_no_word", "pope_metrics", "summarise", "run_eval", "format_pope_table",
+           "EvalResult"]
+
+
+def __getattr__(name):  # lazy: importing the package must not pull in Ray or torch
+    if name in ("run_eval", "format_pope_table", "EvalResult"):
+        from orchestrator.eval import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

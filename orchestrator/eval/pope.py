@@ -1,0 +1,182 @@
+"""POPE scoring: answer parsing and metrics, as pure functions.
+
+The parsing rule is POPE's own (``evaluate.py`` in AoiDragon/POPE, copied by LLaVA's
+``eval_pope.py``): take the text before the first '.', remove commas, split on spaces; if any word
+is exactly ``No``, ``not`` or ``no`` the answer is "no", otherwise "yes". Two things differ from
+those scripts, on purpose:
+
+* special tokens (``</s>``, ``<unk>``, ...) are stripped first, so a raw ``No</s>`` is "no";
+* answers are paired with labels by ``question_id`` (`join_labels`), never by line order.
+
+The rule has known quirks that we keep, because published numbers depend on them: "Yes, no doubt."
+is "no" (it holds the word "no"), "NO" is "yes" (only the exact spellings count) and an answer with
+neither word ("There is a cat.") is "yes". `has_yes_no_word` lets a report count the last kind.
+
+Metrics take "yes" as the positive class: precision TP/(TP+FP), recall TP/(TP+FN), F1 2PR/(P+R),
+accuracy (TP+TN)/N, and yes-ratio = share of *predicted* yes. Divisions by zero give 0.0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+LABELS = ("yes", "no")
+SPLIT_ORDER = ("random", "popular", "adversarial")
+NO_WORDS = ("No", "not", "no")
+METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+# Special tokens of the tokenizers we meet (LLaMA/Vicuna, GPT-style, chat templates) and the image
+# placeholder; `<|...|>` tokens of any name are stripped too.
+SPECIAL_TOKENS = ("</s>", "<s>", "<unk>", "<pad>", "<image>", "<eos>", "<bos>", "<mask>")
+_SPECIAL = re.compile("|".join([re.escape(t) for t in SPECIAL_TOKENS] + [r"<\|[^<>|]*\|>"]))
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def strip_special_tokens(text: str | None, extra: Iterable[str] = ()) -> str:
+    """`text` without special tokens (and any in `extra`), with surrounding whitespace removed."""
+    if text is None:
+        return ""
+    text = _SPECIAL.sub("", str(text))
+    for token in extra:
+        if token:
+            text = text.replace(token, "")
+    return text.strip()
+
+
+def parse_yes_no(text: str | None) -> str:
+    """POPE's rule: "no" if a word before the first '.' is exactly No / not / no, else "yes".
+
+    >>> parse_yes_no("No, there is not.")
+    'no'
+    >>> parse_yes_no("Yes, there is a dog. It is not small.")
+    'yes'
+    """
+    text = strip_special_tokens(text)
+    text = text.split(".", 1)[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if any(word in NO_WORDS for word in words) else "yes"
+
+
+def has_yes_no_word(text: str | None) -> bool:
+    """Whether the answer says yes or no at all (a word yes / no / not, any case, anywhere).
+
+    POPE's rule counts an answer with neither as "yes"; reports count these separately.
+    """
+    words = {word.lower() for word in _WORD.findall(strip_special_tokens(text))}
+    return bool(words & {"yes", "no", "not"})
+
+
+def _safe_div(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else 0.0
+
+
+def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict:
+    """Confusion counts and metrics of parsed answers against labels (both "yes"/"no", same order).
+
+    Returns TP, FP, TN, FN, n and precision, recall, f1, accuracy, yes_ratio as fractions in [0, 1].
+    """
+    labels = [str(label).strip().lower() for label in labels]
+    predictions = [str(prediction).strip().lower() for prediction in predictions]
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
+    for name, values in (("label", labels), ("prediction", predictions)):
+        bad = sorted({value for value in values if value not in LABELS})
+        if bad:
+            raise ValueError(f"every {name} must be 'yes' or 'no', got {bad[:5]}")
+    tp = sum(1 for y, p in zip(labels, predictions) if y == "yes" and p == "yes")
+    fp = sum(1 for y, p in zip(labels, predictions) if y == "no" and p == "yes")
+    tn = sum(1 for y, p in zip(labels, predictions) if y == "no" and p == "no")
+    fn = sum(1 for y, p in zip(labels, predictions) if y == "yes" and p == "no")
+    n = len(labels)
+    precision = _safe_div(tp, tp + fp)
+    recall = _safe_div(tp, tp + fn)
+    return {
+        "TP": tp, "FP": fp, "TN": tn, "FN": fn, "n": n,
+        "precision": precision,
+        "recall": recall,
+        "f1": _safe_div(2 * precision * recall, precision + recall),
+        "accuracy": _safe_div(tp + tn, n),
+        "yes_ratio": _safe_div(tp + fp, n),
+    }
+
+
+def join_labels(answers: pd.DataFrame, questions: pd.DataFrame) -> pd.DataFrame:
+    """Answers joined with their questions' labels on question_id (and split, when both have it).
+
+    `answers` needs ``question_id`` and ``answer`` (raw text); `questions` needs ``question_id`` and
+    ``label``. An answer whose id has no question is an error; questions without an answer are
+    dropped (the caller can compare lengths). Adds ``prediction`` (parsed) and ``has_yes_no``.
+    """
+    keys = ["question_id"]
+    if "split" in answers.columns and "split" in questions.columns:
+        keys = ["split", "question_id"]
+    for name, frame, needed in (("answers", answers, keys + ["answer"]), ("questions", questions, keys + ["label"])):
+        missing = [column for column in needed if column not in frame.columns]
+        if missing:
+            raise ValueError(f"{name}: missing column(s) {missing}")
+        duplicated = frame.duplicated(subset=keys)
+        if duplicated.any():
+            first = frame.loc[duplicated, keys].iloc[0].to_dict()
+            raise ValueError(f"{name}: {int(duplicated.sum())} duplicated {keys}, e.g. {first}")
+    merged = answers.merge(questions[keys + ["label"]], on=keys, how="left", suffixes=("_answer", ""),
+                           indicator=True)
+    orphans = merged["_merge"] == "left_only"
+    if orphans.any():
+        example = merged.loc[orphans, keys].iloc[0].to_dict()
+        raise ValueError(f"{int(orphans.sum())} answers have no question with the same {keys}, e.g. {example}")
+    merged = merged.drop(columns="_merge")
+    merged["prediction"] = [parse_yes_no(text) for text in merged["answer"]]
+    merged["has_yes_no"] = [has_yes_no_word(text) for text in merged["answer"]]
+    return merged
+
+
+def _split_key(split: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(split), split) if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-split metrics of answered POPE rows, plus a ``mean`` row averaging the splits.
+
+    `df` needs ``split``, ``label`` and either ``answer`` (parsed "yes"/"no") or ``raw_answer``
+    (parsed here). Optional ``error`` (non-empty = the item failed: excluded from the metrics and
+    counted in ``n_errors``) and ``raw_answer`` (used for ``n_unparsable``: answers with neither a
+    yes nor a no word). The mean row averages each metric over splits (its f1 is the "mean F1" that
+    LLaVA-1.5 and HA-DPO report); its counts are sums.
+    """
+    columns = ["split", "n", "TP", "FP", "TN", "FN", *METRIC_COLUMNS, "n_errors", "n_unparsable"]
+    if df is None or len(df) == 0:
+        return pd.DataFrame(columns=columns)
+    frame = df.copy()
+    if "error" not in frame.columns:
+        frame["error"] = ""
+    frame["error"] = frame["error"].fillna("").astype(str)
+    if "answer" not in frame.columns:
+        frame["answer"] = [parse_yes_no(text) for text in frame["raw_answer"]]
+    raw = frame["raw_answer"] if "raw_answer" in frame.columns else frame["answer"]
+    frame["_unparsable"] = [not has_yes_no_word(text) for text in raw]
+    rows = []
+    for split in sorted(frame["split"].astype(str).unique(), key=_split_key):
+        part = frame[frame["split"].astype(str) == split]
+        ok = part[part["error"] == ""]
+        metrics = pope_metrics(list(ok["label"]), list(ok["answer"]))
+        rows.append({"split": split, **metrics, "n_errors": int((part["error"] != "").sum()),
+                     "n_unparsable": int(ok["_unparsable"].sum())})
+    table = pd.DataFrame(rows)
+    mean = {"split": "mean"}
+    for column in columns[1:]:
+        if column in METRIC_COLUMNS:
+            mean[column] = float(table[column].mean())
+        else:
+            mean[column] = int(table[column].sum())
+    table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+    return table[columns]
+
+
+def mean_f1(table: pd.DataFrame) -> float:
+    """Mean F1 over the splits of a `summarise` table (NaN when it has none)."""
+    splits = table[table["split"] != "mean"]
+    return float(splits["f1"].mean()) if len(splits) else math.nan

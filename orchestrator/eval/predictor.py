@@ -1,0 +1,392 @@
+"""The Ray Data actor that answers evaluation items, and the items it reads.
+
+Both benchmarks are turned into one item shape (ITEM_SCHEMA: benchmark, split, item_id, images,
+question or instruction/context/choices, label, version) so one actor pool answers both. Each
+`Predictor` actor loads the model once, through a model adapter (`orchestrator.eval.milebench`:
+`LlavaModel` by default: the llava-hf folder plus an optional LoRA adapter, merged), then for
+each Ray Data batch:
+
+1. prepares every item without touching pixels: empty question -> error row; MileBench prompt
+   built and left-truncated to the token budget; prompt longer than the model's positions -> error;
+2. sorts items by prompt length and cuts model batches: POPE by ``eval.batch_size``, MileBench by
+   the image budget (``eval.milebench_image_budget`` images, at most ``batch_size`` items);
+3. loads each model batch's images (a missing or corrupt image makes that item an error row);
+4. answers: POPE in ``score`` mode with one forward pass (answer = the higher of the "Yes"/"No"
+   logits at the last prompt position, p_yes = softmax over the two), everything else with greedy
+   ``generate``; left padding with attention mask and position ids keeps answers independent of
+   the batch. A batch that raises is retried item by item; an item that still raises becomes an
+   error row. The run always finishes.
+
+Output rows have ANSWER_SCHEMA (`orchestrator.eval.results`). With ``settings.answers_dir`` set, the
+actor also writes each answered block there (atomically, named by the block's keys) before
+returning it, so a finished block is on disk even if the actor, the driver or the run dies next;
+the run directory must then be on storage the actors can reach (any local disk on one machine, a
+shared file system on a cluster).
+
+Resilience: Ray Data creates pool actors with ``max_restarts``/``max_task_retries`` (unbounded by
+default), so an actor that dies is restarted and its block is recomputed. ``PredictorSettings.fault``
+can make an actor exit (or raise) on its Nth call, once (a marker file records it), which is how the
+tests kill one mid-run or interrupt a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import pyarrow as pa
+
+from orchestrator.eval.milebench import (build_milebench_question, image_budget_batches,
+                                         load_model_adapter)
+from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
+from orchestrator.eval.results import ANSWER_COLUMNS, block_name, to_answer_table, write_answers
+
+log = logging.getLogger(__name__)
+
+ITEM_SCHEMA = pa.schema([
+    ("benchmark", pa.string()),
+    ("split", pa.string()),
+    ("item_id", pa.string()),
+    ("images", pa.list_(pa.string())),
+    ("question", pa.string()),           # POPE question ("" for MileBench)
+    ("instruction", pa.string()),        # MileBench
+    ("context", pa.string()),            # MileBench, with {image#k} placeholders
+    ("choice_list", pa.list_(pa.string())),
+    ("label", pa.string()),
+    ("question_type", pa.string()),
+    ("image_quantity_level", pa.string()),
+    ("version", pa.string()),
+])
+ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
+
+
+def _listify(value) -> list[str]:
+    """A list column's value (list, tuple, numpy array, None) as a list of strings."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in list(value)]
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def pope_items(rows: Sequence[dict]) -> list[dict]:
+    """POPE rows (POPE_COLUMNS) as evaluation items."""
+    return [{
+        "benchmark": "pope", "split": _text(row["split"]), "item_id": _text(row["question_id"]),
+        "images": _listify(row.get("image") or None), "question": _text(row.get("question")),
+        "instruction": "", "context": "", "choice_list": [], "label": _text(row.get("label")),
+        "question_type": "yes-no", "image_quantity_level": "few", "version": _text(row.get("version")),
+    } for row in rows]
+
+
+def milebench_items(rows: Sequence[dict], versions: dict[str, str] | None = None) -> list[dict]:
+    """MileBench rows (MILEBENCH_COLUMNS) as evaluation items; `versions` maps task -> file version."""
+    versions = versions or {}
+    return [{
+        "benchmark": "milebench", "split": _text(row["task"]), "item_id": _text(row["sample_id"]),
+        "images": _listify(row.get("images")), "question": "",
+        "instruction": _text(row.get("instruction")), "context": _text(row.get("context")),
+        "choice_list": _listify(row.get("choice_list")), "label": _text(row.get("response")),
+        "question_type": _text(row.get("question_type")) or "open-ended",
+        "image_quantity_level": _text(row.get("image_quantity_level")).lower(),
+        "version": _text(row.get("version")) or versions.get(_text(row["task"]), ""),
+    } for row in rows]
+
+
+def items_table(items: Sequence[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{name: item.get(name) for name in ITEM_COLUMNS} for item in items],
+                                schema=ITEM_SCHEMA)
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """Everything an actor needs; plain values so Ray can ship it."""
+
+    run_id: str
+    model_path: str
+    adapter_path: str = ""
+    mode: str = "score"                  # "score" | "generate" (POPE; MileBench always generates)
+    template: str = "llava_v1"
+    answer_suffix: str = ""
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    image_budget: int = 24
+    token_budget: int = 2048
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    model_adapter: Any = None            # None (LlavaModel), a class, or "module:Class"
+    image_cache: int = 256               # decoded images kept per actor (POPE asks 6 questions per image)
+    answers_dir: str = ""                # when set, each answered block is written here by the actor
+    fault: dict = field(default_factory=dict)  # tests: {"exit_on_call": N, "marker": path}, see _maybe_fail
+
+    def decoding(self) -> dict:
+        """The settings that can change an answer (recorded with every row and hashed into run_id)."""
+        return decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
+                                 self.token_budget, self.dtype)
+
+
+def decoding_settings(mode: str, template: str, answer_suffix: str, max_new_tokens: int,
+                      token_budget: int, dtype: str) -> dict:
+    return {"mode": mode, "template": template, "answer_suffix": answer_suffix, "greedy": True,
+            "max_new_tokens": int(max_new_tokens), "milebench_token_budget": int(token_budget),
+            "dtype": dtype}
+
+
+def resolved_dtype(dtype: str, gpus_per_actor: float) -> str:
+    """What "auto" becomes on the actors: bfloat16 with a GPU, float32 without."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if gpus_per_actor > 0 else "float32"
+
+
+def _records(batch) -> list[dict]:
+    """A Ray Data batch (pandas, pyarrow or dict of arrays) as a list of plain dicts."""
+    if isinstance(batch, pa.Table):
+        return batch.to_pylist()
+    if isinstance(batch, dict):
+        batch = pd.DataFrame(batch)
+    rows = batch.to_dict("records")
+    for row in rows:
+        for name in ("images", "choice_list"):
+            row[name] = _listify(row.get(name))
+    return rows
+
+
+class Predictor:
+    """Callable class for ``ds.map_batches(Predictor, fn_constructor_kwargs={"settings": ...})``."""
+
+    def __init__(self, settings: PredictorSettings):
+        self.settings = settings
+        self.calls = 0
+        cls = load_model_adapter(settings.model_adapter)
+        started = time.time()
+        self.model = cls({
+            "model_path": settings.model_path, "adapter_path": settings.adapter_path or None,
+            "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
+            "template": settings.template,
+        })
+        self.decoding_json = json.dumps(settings.decoding(), sort_keys=True)
+        self.gen_kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
+        self._images: OrderedDict[str, Any] = OrderedDict()
+        log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
+
+    # -- faults (tests) -------------------------------------------------------------------------
+    def _maybe_fail(self, kinds: tuple[str, ...]) -> None:
+        """Test hook: on call N, once per marker file, exit the process or raise.
+
+        ``exit_on_call`` exits before the block is answered, ``exit_after_call`` after it was
+        written but before it is returned (the retry must then replace, not duplicate, it),
+        ``raise_on_call`` raises (an application error: Ray Data stops the run).
+        """
+        fault = self.settings.fault or {}
+        for kind in kinds:
+            if fault.get(kind) == self.calls:
+                marker = Path(fault["marker"])
+                if marker.exists():
+                    continue
+                marker.write_text(f"{kind}: pid {os.getpid()}, call {self.calls}\n")
+                if kind.startswith("exit"):
+                    os._exit(1)
+                raise RuntimeError(f"injected fault on call {self.calls}")
+
+    # -- one Ray Data batch ---------------------------------------------------------------------
+    def __call__(self, batch) -> pa.Table:
+        self.calls += 1
+        self._maybe_fail(("exit_on_call", "raise_on_call"))
+        rows = _records(batch)
+        outputs = [self._prepare(row) for row in rows]
+        pending = [i for i, out in enumerate(outputs) if not out["error"]]
+        score = [i for i in pending if outputs[i]["mode"] == "score"]
+        generate = [i for i in pending if outputs[i]["mode"] == "generate"]
+        for indices, by_images in ((score, False), (generate, True)):
+            for group in self._model_batches(indices, outputs, by_images):
+                self._answer(group, outputs)
+        table = to_answer_table(outputs)
+        if self.settings.answers_dir:
+            # persisted before returning, under a name fixed by the block's keys: a finished block
+            # survives whatever happens next, and a retried block replaces its own file
+            keys = [(o["benchmark"], o["split"], o["item_id"]) for o in outputs]
+            write_answers(table, self.settings.answers_dir, name=block_name(self.settings.run_id, keys))
+        self._maybe_fail(("exit_after_call",))
+        return table
+
+    def _prepare(self, row: dict) -> dict:
+        """The output row with the model's question filled in, or with an error; no pixels yet."""
+        out = base_answer_row(row, self.settings, self.decoding_json)
+        try:
+            if row["benchmark"] == "pope":
+                question = (row.get("question") or "").strip()
+                if not question:
+                    raise _ItemError("empty question")
+                if len(out["images"]) != 1:
+                    raise _ItemError(f"expected 1 image, got {len(out['images'])}")
+                out["_prompt"] = question + self.settings.answer_suffix
+            elif row["benchmark"] == "milebench":
+                if not (row.get("instruction") or "").strip() and not (row.get("context") or "").strip():
+                    raise _ItemError("empty question (no instruction and no context)")
+                prompt = build_milebench_question(
+                    row.get("instruction") or "", row.get("context") or "", out["images"], out["choice_list"],
+                    count_tokens=self.model.count_tokens, keep_last_tokens=self.model.keep_last_tokens,
+                    tokens_per_image=self.model.tokens_per_image, token_budget=self._token_budget(),
+                    image_token=self.model.image_token, task=row["split"],
+                )
+                out["images"] = prompt.images
+                out["question"] = prompt.question
+                out["_prompt"] = prompt.question
+            else:
+                raise _ItemError(f"unknown benchmark {row['benchmark']!r}")
+            out["prompt_tokens"] = self.model.prompt_length(out["_prompt"], len(out["images"]))
+            limit = self.model.max_length
+            extra = self.settings.max_new_tokens if out["mode"] == "generate" else 0
+            if limit and out["prompt_tokens"] + extra > limit:
+                raise _ItemError(f"prompt of {out['prompt_tokens']} tokens (+{extra} new) exceeds the model's "
+                                 f"{limit} positions")
+        except _ItemError as error:
+            out["error"] = str(error)
+        except Exception as error:  # a bad record must not stop the run
+            out["error"] = f"{type(error).__name__}: {error}"
+        return out
+
+    def _token_budget(self) -> int:
+        """The MileBench context budget, capped so that template + answer fit the model."""
+        budget = self.settings.token_budget
+        if self.model.max_length:
+            overhead = self.model.prompt_length("", 0) + self.settings.max_new_tokens
+            budget = min(budget, self.model.max_length - overhead)
+        return max(budget, 0)
+
+    def _model_batches(self, indices: list[int], outputs: list[dict], by_images: bool) -> list[list[int]]:
+        """Items sorted by prompt length, cut by batch size (POPE) or image budget (MileBench)."""
+        s = self.settings
+        order = sorted(indices, key=lambda i: (outputs[i]["benchmark"], outputs[i]["prompt_tokens"]))
+        groups: list[list[int]] = []
+        for benchmark in ("pope", "milebench"):
+            part = [i for i in order if outputs[i]["benchmark"] == benchmark]
+            if benchmark == "milebench" and by_images:
+                counts = [len(outputs[i]["images"]) for i in part]
+                groups += [[part[j] for j in group] for group in image_budget_batches(counts, s.image_budget, s.batch_size)]
+            else:
+                groups += [part[k:k + s.batch_size] for k in range(0, len(part), s.batch_size)]
+        return groups
+
+    def _image(self, path: str):
+        if path in self._images:
+            self._images.move_to_end(path)
+            return self._images[path]
+        image = self.model.load_images([path])[0]
+        self._images[path] = image
+        while len(self._images) > self.settings.image_cache:
+            self._images.popitem(last=False)
+        return image
+
+    def _load(self, group: list[int], outputs: list[dict]) -> tuple[list[int], list[list]]:
+        ready, images = [], []
+        for i in group:
+            try:
+                images.append([self._image(path) for path in outputs[i]["images"]])
+                ready.append(i)
+            except Exception as error:
+                outputs[i]["error"] = f"image could not be loaded: {_reason(error)}"
+        return ready, images
+
+    def _answer(self, group: list[int], outputs: list[dict]) -> None:
+        ready, images = self._load(group, outputs)
+        if not ready:
+            return
+        try:
+            self._run(ready, images, outputs)
+        except Exception as error:
+            if len(ready) == 1:
+                outputs[ready[0]]["error"] = f"model failed: {type(error).__name__}: {error}"
+                return
+            log.warning("batch of %d failed (%s); retrying item by item", len(ready), error)
+            for i, item_images in zip(ready, images):
+                try:
+                    self._run([i], [item_images], outputs)
+                except Exception as item_error:
+                    outputs[i]["error"] = f"model failed: {type(item_error).__name__}: {item_error}"
+
+    def _run(self, ready: list[int], images: list[list], outputs: list[dict]) -> None:
+        questions = [outputs[i]["_prompt"] for i in ready]
+        paths = [outputs[i]["images"] for i in ready]
+        if outputs[ready[0]]["mode"] == "score":
+            p_yes = self.model.score_yes_no(questions, paths, images=images)
+            for i, p in zip(ready, p_yes):
+                answer = "Yes" if p >= 0.5 else "No"
+                outputs[i].update(raw_answer=answer, answer=answer.lower(), p_yes=float(p), batch_size=len(ready))
+            return
+        answers = self.model.forward(questions, paths, device=getattr(self.model, "device", None),
+                                     gen_kwargs=dict(self.gen_kwargs), images=images)
+        for i, text in zip(ready, answers):
+            text = strip_special_tokens(text)
+            parsed = parse_yes_no(text) if outputs[i]["benchmark"] == "pope" else text
+            outputs[i].update(raw_answer=text, answer=parsed, batch_size=len(ready))
+
+
+def base_answer_row(item: dict, settings: PredictorSettings, decoding_json: str | None = None,
+                    error: str = "") -> dict:
+    """The answer row of an item before the model answers (or, with `error`, an error row)."""
+    s = settings
+    return {
+        "run_id": s.run_id, "model": s.model_path, "adapter": s.adapter_path or "",
+        "benchmark": item["benchmark"], "split": item["split"], "item_id": item["item_id"],
+        "images": _listify(item.get("images")), "question": _text(item.get("question")),
+        "label": _text(item.get("label")), "raw_answer": "", "answer": "", "p_yes": math.nan,
+        "error": error, "mode": s.mode if item["benchmark"] == "pope" else "generate",
+        "decoding": decoding_json or json.dumps(s.decoding(), sort_keys=True), "batch_size": 0,
+        "version": _text(item.get("version")), "question_type": _text(item.get("question_type")),
+        "choice_list": _listify(item.get("choice_list")),
+        "image_quantity_level": _text(item.get("image_quantity_level")), "prompt_tokens": 0,
+    }
+
+
+class _ItemError(ValueError):
+    """A problem with one item (reported in its row, never raised out of the actor)."""
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    if isinstance(error, FileNotFoundError) and getattr(error, "filename", None):
+        return f"{error.filename}: file not found"
+    return text or type(error).__name__
+
+
+def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_actor: float = 1.0,
+            gpus_per_actor: float = 0.0, batch_size: int | None = None, max_restarts: int | None = None):
+    """`ds` (a Ray Dataset of ITEM_SCHEMA rows) mapped through a pool of `Predictor` actors.
+
+    Lazy: returns the answered Dataset (ANSWER_SCHEMA rows); `batch_size=None` gives each actor
+    call one whole block. Ray Data restarts a dead actor and retries its tasks (by default without
+    limit: ``max_restarts=-1``, ``max_task_retries=-1``); pass `max_restarts` to bound both
+    (Ray 2.60 warns that this way of passing remote args is deprecated).
+    """
+    from ray.data import ActorPoolStrategy
+
+    kwargs: dict[str, Any] = {}
+    if gpus_per_actor:
+        kwargs["num_gpus"] = gpus_per_actor
+    if max_restarts is not None:
+        kwargs.update(max_restarts=max_restarts, max_task_retries=max_restarts)
+    return ds.map_batches(
+        Predictor, fn_constructor_kwargs={"settings": settings}, batch_size=batch_size,
+        batch_format="pandas", compute=ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor, **kwargs,
+    )
+
+
+__all__ = ["ITEM_SCHEMA", "ITEM_COLUMNS", "ANSWER_COLUMNS", "Predictor", "PredictorSettings", "pope_items",
+           "base_answer_row",
+           "milebench_items", "items_table", "predict", "decoding_settings", "resolved_dtype"]

@@ -1,0 +1,368 @@
+"""`run_eval`: POPE and MileBench for one model (+ optional LoRA adapter), resumable, on Ray actors.
+
+Read top to bottom, a run is:
+
+1. **questions**: POPE and MileBench rows from the config's files (or the synthetic world) through
+   `orchestrator.data.datasets`, whose image check sets aside rows whose images do not open
+   (they become error rows here, with the reason), turned into one item shape;
+2. **run id**: a hash of (model path, adapter path, mode, decoding settings, question-file
+   versions); results go to ``<run_dir>/eval/<run_id>/``;
+3. **resume**: items that already have an answer there are skipped (anti-join on benchmark,
+   split, item id);
+4. **inference**: the rest go, sorted by length and cut into blocks, through a pool of
+   `Predictor` actors (`cfg.eval.num_actors`, each with `cpus_per_actor` / `gpus_per_actor`);
+   each actor writes every block it finishes atomically as a parquet file (named by the block's
+   keys, so a retried block replaces its file); the driver logs progress and ETA;
+5. **metrics**: all answers of the run are read back (deduplicated on the key) and scored:
+   POPE per split and mean F1, MileBench per task, image-quantity level and task group; one row
+   per metric goes to ``metrics.parquet``.
+
+Assumptions, stated: the actors write the answers, so the run directory must be reachable from
+every node (a local disk on one machine, a shared file system on a cluster); the question rows (text, no pixels) are small enough to hold on the driver (POPE 9k, MileBench 6.4k);
+error rows count as answered on resume unless ``retry_errors=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.eval import milebench as mb
+from orchestrator.eval import pope
+from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
+                                         pope_items, predict, resolved_dtype)
+from orchestrator.eval.results import (answered_keys, answers_dir, anti_join, block_name, compute_run_id, eval_dir,
+                                       item_key, metrics_path, read_answers, write_answers, write_json_atomic,
+                                       write_metrics)
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS = ("pope", "milebench")
+
+
+@dataclass
+class EvalResult:
+    run_id: str
+    eval_dir: Path
+    answers_dir: Path
+    metrics_path: Path
+    pope_table: pd.DataFrame | None          # `pope.summarise`: per split + mean
+    milebench_table: pd.DataFrame | None     # `milebench.summarise`: long table
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def answers(self) -> pd.DataFrame:
+        """Every answer of the run (deduplicated)."""
+        return read_answers(self.answers_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def default_model_path(cfg: ExperimentConfig) -> Path:
+    """The config's model folder, or the tiny LLaVA the training stage uses (built once if needed).
+
+    The training stage owns the tiny model's location (`orchestrator.train.trainer.base_model_path`:
+    ``<run_dir>/model/tiny``) so that adapters it trains are evaluated on the same base. Without the
+    training package, the tiny model is built there by this function with the world's vocabulary.
+    """
+    if cfg.model.path:
+        return Path(cfg.model.path).expanduser().resolve()
+    try:
+        from orchestrator.train.trainer import base_model_path
+    except ImportError:
+        base_model_path = None
+    if base_model_path is not None:
+        return Path(base_model_path(cfg))
+    from orchestrator.data.synthetic import SynthConfig, world_vocabulary
+    from orchestrator.model.llava import ensure_model
+
+    texts = [" ".join(world_vocabulary(SynthConfig(seed=cfg.data.synthetic.seed)))]
+    return ensure_model(cfg.model, texts, cfg.run_dir / "model" / "tiny", seed=cfg.data.synthetic.seed)
+
+
+def _file_version(path: str | Path, n: int) -> str:
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return f"sha256:{digest}/n{n}"
+
+
+@dataclass
+class _Questions:
+    items: list[dict]
+    rejects: list[dict]          # items whose images do not open, with "error"
+    versions: dict[str, str]     # "pope/<split>" or "milebench/<task>" -> file version
+
+
+def _checked(build, cfg: ExperimentConfig):
+    checked = build(cfg)
+    rows = checked.dataset.take_all()
+    return rows, list(checked.rejects)
+
+
+def load_questions(cfg: ExperimentConfig, benchmarks: Sequence[str]) -> _Questions:
+    """Evaluation items of the chosen benchmarks, the rejected ones, and the question-file versions."""
+    from orchestrator.data import datasets
+
+    items: list[dict] = []
+    rejects: list[dict] = []
+    versions: dict[str, str] = {}
+    paths = datasets.resolve_data_paths(cfg)
+    if "pope" in benchmarks:
+        if not paths.pope_questions:
+            raise ValueError("POPE needs data.pope.questions (split -> question file) in the config")
+        rows, bad = _checked(datasets.pope_dataset, cfg)
+        items += pope_items(rows)
+        for row in bad:
+            reject = pope_items([row])[0]
+            reject["error"] = f"image could not be loaded: {row.get('error', '')}"
+            rejects.append(reject)
+        for item in items + rejects:
+            if item["benchmark"] == "pope":
+                versions[f"pope/{item['split']}"] = item["version"]
+    if "milebench" in benchmarks:
+        task_dirs = datasets.milebench_task_dirs(paths)
+        if not task_dirs:
+            log.info("eval: MileBench not configured (data.milebench_root), skipped")
+        else:
+            rows, bad = _checked(datasets.milebench_dataset, cfg)
+            counts: dict[str, int] = {}
+            for row in list(rows) + list(bad):
+                counts[str(row["task"])] = counts.get(str(row["task"]), 0) + 1
+            for task_dir in task_dirs:
+                versions[f"milebench/{task_dir.name}"] = _file_version(task_dir / f"{task_dir.name}.json",
+                                                                       counts.get(task_dir.name, 0))
+            task_versions = {key.split("/", 1)[1]: value for key, value in versions.items()
+                             if key.startswith("milebench/")}
+            items += milebench_items(rows, task_versions)
+            for row in bad:
+                reject = milebench_items([row], task_versions)[0]
+                reject["error"] = f"image could not be loaded: {row.get('error', '')}"
+                rejects.append(reject)
+    return _Questions(items, rejects, dict(sorted(versions.items())))
+
+
+def _sort_key(item: dict) -> tuple:
+    return (item["benchmark"], len(item["images"]), len(item["question"]) + len(item["context"]), item["split"],
+            item["item_id"])
+
+
+def _items_dataset(items: list[dict], cfg: ExperimentConfig):
+    """Items sorted by size and cut into blocks (the unit of work and of writing)."""
+    import ray
+
+    rows_per_block = {"pope": cfg.eval.batch_size * 4, "milebench": cfg.eval.batch_size}
+    items = sorted(items, key=_sort_key)
+    table = items_table(items)
+    tables = []
+    start = 0
+    while start < len(items):
+        size = rows_per_block.get(items[start]["benchmark"], cfg.eval.batch_size)
+        end = start + size
+        # a block never mixes benchmarks
+        for k in range(start + 1, min(end, len(items))):
+            if items[k]["benchmark"] != items[start]["benchmark"]:
+                end = k
+                break
+        end = min(end, len(items))
+        tables.append(table.slice(start, end - start))
+        start = end
+    return ray.data.from_arrow(tables)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _pope_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
+    rows = []
+    for record in table.to_dict("records"):
+        for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio", "TP", "FP", "TN", "FN",
+                       "n_errors", "n_unparsable"):
+            rows.append({"run_id": run_id, "benchmark": "pope", "scope": "split" if record["split"] != "mean"
+                         else "overall", "name": record["split"], "metric": metric,
+                         "value": float(record[metric]), "n": int(record["n"])})
+    return rows
+
+
+def _milebench_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
+    rows = []
+    for record in table.to_dict("records"):
+        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
+                     "metric": record["metric"], "value": float(record["value"]), "n": int(record["n"])})
+        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
+                     "metric": "n_errors", "value": float(record["n_errors"]), "n": int(record["n"])})
+    return rows
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str | None = None,
+             benchmarks: Sequence[str] = BENCHMARKS, tag: str = "", *, model_adapter: Any = None,
+             retry_errors: bool = False, fault: dict | None = None) -> EvalResult:
+    """Evaluate a model (default: the config's) with an optional LoRA adapter on POPE / MileBench.
+
+    Resumes: items already answered under the same run id are not computed again. `model_adapter`
+    plugs in another model (a `MileBenchModel` subclass or "module:Class"); `retry_errors`
+    recomputes items whose earlier answer was an error; `fault` is for tests (see `Predictor`).
+    """
+    from orchestrator.ray_session import init_ray
+
+    benchmarks = tuple(dict.fromkeys(benchmarks))
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown or not benchmarks:
+        raise ValueError(f"benchmarks must be among {BENCHMARKS}, got {list(benchmarks)}")
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(cfg)
+    started = time.time()
+
+    # 1. questions
+    questions = load_questions(cfg, benchmarks)
+    by_benchmark = {b: sum(1 for item in questions.items if item["benchmark"] == b) for b in benchmarks}
+    log.info("eval [questions]: %s; %d rejected (image does not open)",
+             ", ".join(f"{b} {n}" for b, n in by_benchmark.items()), len(questions.rejects))
+
+    # 2. run id
+    model = str(Path(model_path).expanduser().resolve()) if model_path else str(default_model_path(cfg))
+    adapter_path = str(Path(adapter).expanduser().resolve()) if adapter else ""
+    settings = PredictorSettings(
+        run_id="", model_path=model, adapter_path=adapter_path, mode=cfg.eval.mode,
+        template=cfg.model.eval_template, answer_suffix=cfg.eval.answer_suffix,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        image_budget=cfg.eval.milebench_image_budget, token_budget=cfg.eval.milebench_token_budget,
+        dtype=resolved_dtype(cfg.model.dtype, cfg.eval.gpus_per_actor),
+        attn_implementation=cfg.model.attn_implementation, model_adapter=model_adapter, fault=dict(fault or {}),
+    )
+    if model_adapter is not None:
+        decoding = {**settings.decoding(), "model_adapter": getattr(model_adapter, "__qualname__", str(model_adapter))}
+    else:
+        decoding = settings.decoding()
+    run_id = compute_run_id(model, adapter_path, cfg.eval.mode, decoding, questions.versions, tag)
+    run_dir = cfg.run_dir
+    out_dir, ans_dir, met_path = eval_dir(run_dir, run_id), answers_dir(run_dir, run_id), metrics_path(run_dir, run_id)
+    settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir))
+    ans_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "run.json", {
+        "run_id": run_id, "model": model, "adapter": adapter_path, "mode": cfg.eval.mode, "decoding": decoding,
+        "versions": questions.versions, "benchmarks": list(benchmarks), "tag": tag,
+        "config_hash": cfg.content_hash(),
+    })
+
+    # 3. resume
+    done = answered_keys(ans_dir, include_errors=not retry_errors)
+    rejects = anti_join(questions.rejects, done)
+    if rejects:
+        write_answers([base_answer_row(item, settings, error=item["error"]) for item in rejects], ans_dir, "rejects",
+                      name=block_name(run_id, [item_key(item) for item in rejects]))
+    todo = anti_join(questions.items, done)
+    total = len(questions.items) + len(questions.rejects)
+    skipped = total - len(todo) - len(rejects)
+    log.info("eval [resume] %s: %d items, %d already answered, %d to compute, %d rejects recorded",
+             run_id, total, skipped, len(todo), len(rejects))
+
+    # 4. inference
+    computed = 0
+    if todo:
+        answered = predict(
+            _items_dataset(todo, cfg), settings, num_actors=cfg.eval.num_actors,
+            cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
+        )
+        t0 = time.time()
+        errors = 0
+        for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # the actors have written this block already; the driver only keeps count
+            if block.num_rows == 0:
+                continue
+            computed += block.num_rows
+            errors += sum(1 for e in block.column("error").to_pylist() if e)
+            rate = computed / max(time.time() - t0, 1e-9)
+            log.info("eval [inference] %s: %d/%d (%.0f%%), %.2f items/s, ETA %s, %d errors", run_id, computed,
+                     len(todo), 100.0 * computed / len(todo), rate, _fmt_seconds((len(todo) - computed) / rate),
+                     errors)
+
+    # 5. metrics
+    answers = read_answers(ans_dir)
+    answers = answers[answers["benchmark"].isin(benchmarks)]
+    pope_table = milebench_table = None
+    metric_rows: list[dict] = []
+    pope_answers = answers[answers["benchmark"] == "pope"]
+    if "pope" in benchmarks and len(pope_answers):
+        pope_table = pope.summarise(pope_answers)
+        metric_rows += _pope_metric_rows(run_id, pope_table)
+    mile_answers = answers[answers["benchmark"] == "milebench"]
+    if "milebench" in benchmarks and len(mile_answers):
+        milebench_table = mb.summarise(mb.score_answers(mile_answers))
+        metric_rows += _milebench_metric_rows(run_id, milebench_table)
+    n_errors = int((answers["error"].fillna("") != "").sum())
+    n_unparsable = int(pope_table["n_unparsable"].iloc[-1]) if pope_table is not None else 0
+    counts = {"items": total, "answered": len(answers), "computed": computed, "skipped": skipped,
+              "rejected": len(questions.rejects), "errors": n_errors, "unparsable": n_unparsable}
+    metric_rows += [{"run_id": run_id, "benchmark": "all", "scope": "counts", "name": name, "metric": name,
+                     "value": float(value), "n": int(value)} for name, value in counts.items()]
+    write_metrics(metric_rows, met_path)
+    summary = f"mean F1 {100 * pope.mean_f1(pope_table):.2f}" if pope_table is not None else "no POPE"
+    if milebench_table is not None:
+        overall = milebench_table[milebench_table["scope"] == "overall"]["value"]
+        summary += f", MileBench {100 * float(overall.iloc[0]):.2f}" if len(overall) else ""
+    log.info("eval [metrics] %s: %s; %d answers, %d errors, %d without a yes/no word; %s in %.1fs",
+             run_id, summary, len(answers), n_errors, n_unparsable, met_path, time.time() - started)
+    return EvalResult(run_id=run_id, eval_dir=out_dir, answers_dir=ans_dir, metrics_path=met_path,
+                      pope_table=pope_table, milebench_table=milebench_table, counts=counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def format_pope_table(df: pd.DataFrame) -> str:
+    """The seed-style POPE table (percent): split, accuracy, precision, recall, F1, yes-ratio; mean row last."""
+    header = f"{'split':<12} {'accuracy':>9} {'precision':>9} {'recall':>9} {'F1':>9} {'yes-ratio':>9} {'n':>6}"
+    lines = [header, "-" * len(header)]
+    for record in df.to_dict("records"):
+        name = "mean" if record["split"] == "mean" else str(record["split"])
+        if name == "mean":
+            lines.append("-" * len(header))
+        lines.append(f"{name:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}" for m in
+                                                ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+                     + f" {int(record['n']):>6}")
+    errors = int(df["n_errors"].iloc[-1]) if len(df) and "n_errors" in df else 0
+    unparsable = int(df["n_unparsable"].iloc[-1]) if len(df) and "n_unparsable" in df else 0
+    if len(df):
+        lines.append(f"mean F1 {100 * pope.mean_f1(df):.2f}; {errors} errors, {unparsable} answers without yes/no")
+    return "\n".join(lines)
+
+
+def format_milebench_table(df: pd.DataFrame) -> str:
+    """MileBench scores (percent) per task, then per image-quantity level, task group and overall."""
+    lines = [f"{'scope':<8} {'name':<34} {'metric':<12} {'score':>7} {'n':>5}"]
+    for record in df.to_dict("records"):
+        if record["scope"] == "task_level":
+            continue
+        value = float(record["value"])
+        shown = f"{100 * value:>7.2f}" if math.isfinite(value) else f"{'-':>7}"
+        lines.append(f"{record['scope']:<8} {str(record['name'])[:34]:<34} {record['metric']:<12} {shown} "
+                     f"{int(record['n']):>5}")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalResult", "run_eval", "format_pope_table", "format_milebench_table", "load_questions",
+           "default_model_path"]

@@ -1,0 +1,166 @@
+"""The predictor on the tiny LLaVA: batch-size invariance, error rows, LoRA merge, plug-in models."""
+
+import math
+
+import pytest
+
+from orchestrator.data import formats
+from orchestrator.eval.milebench import MileBenchModel
+from orchestrator.eval.predictor import Predictor, PredictorSettings, items_table, milebench_items, pope_items
+
+
+@pytest.fixture(scope="module")
+def pope_rows(synth_world):
+    world, _ = synth_world
+    return formats.read_pope_questions(world / "pope/coco_pope_adversarial.json", image_root=str(world / "coco/val2014"))
+
+
+@pytest.fixture(scope="module")
+def mile_rows(synth_world):
+    world, _ = synth_world
+    rows = []
+    for task_dir in sorted((world / "milebench").iterdir()):
+        rows += formats.read_milebench_task(task_dir)
+    return rows
+
+
+def varied_pope_items(pope_rows, n=16):
+    """n POPE items on different images with questions of different lengths (so batches need padding)."""
+    items = pope_items(pope_rows[::6][:n])
+    for k, item in enumerate(items):
+        words = item["question"].split()
+        item["question"] = " ".join(words[: 3 + k % (len(words) - 2)])
+    return items
+
+
+def settings(model_dir, **kwargs):
+    base = dict(run_id="t", model_path=str(model_dir), mode="score", max_new_tokens=5, batch_size=16)
+    base.update(kwargs)
+    return PredictorSettings(**base)
+
+
+def answer(predictor, items):
+    rows = predictor(items_table(items).to_pandas()).to_pylist()
+    assert [r["item_id"] for r in rows] == [i["item_id"] for i in items]   # input order kept
+    return rows
+
+
+def test_score_mode_is_batch_size_invariant(tiny_model_dir, pope_rows):
+    items = varied_pope_items(pope_rows)
+    one = answer(Predictor(settings(tiny_model_dir, batch_size=1)), items)
+    many = answer(Predictor(settings(tiny_model_dir, batch_size=16)), items)
+    assert len({r["prompt_tokens"] for r in many}) > 1                     # there was padding to get right
+    assert {r["batch_size"] for r in one} == {1} and max(r["batch_size"] for r in many) == 16
+    for a, b in zip(one, many):
+        assert a["error"] == b["error"] == ""
+        assert a["raw_answer"] == b["raw_answer"] and a["raw_answer"] in ("Yes", "No")
+        assert a["answer"] == a["raw_answer"].lower()
+        assert abs(a["p_yes"] - b["p_yes"]) < 1e-4
+        assert (a["p_yes"] >= 0.5) == (a["raw_answer"] == "Yes")
+
+
+def test_generate_mode_is_batch_size_invariant(tiny_model_dir, pope_rows, mile_rows):
+    items = varied_pope_items(pope_rows) + milebench_items(mile_rows[:6])
+    one = answer(Predictor(settings(tiny_model_dir, mode="generate", batch_size=1)), items)
+    many = answer(Predictor(settings(tiny_model_dir, mode="generate", batch_size=16, image_budget=24)), items)
+    for a, b in zip(one, many):
+        assert a["error"] == b["error"] == ""
+        assert a["raw_answer"] == b["raw_answer"]
+        assert "</s>" not in a["raw_answer"] and "<unk>" not in a["raw_answer"]
+        assert a["mode"] == "generate" and math.isnan(a["p_yes"])
+    mile = [r for r in many if r["benchmark"] == "milebench"]
+    assert all(r["question"].count("<image>") == len(r["images"]) >= 2 for r in mile)
+    assert all(r["answer"] == r["raw_answer"] for r in mile)
+    pope = [r for r in many if r["benchmark"] == "pope"]
+    assert all(r["answer"] in ("yes", "no") for r in pope)
+
+
+def test_bad_items_become_error_rows(tiny_model_dir, pope_rows, mile_rows, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not a jpeg at all")
+    good, missing, broken, empty, blank = pope_items(pope_rows[:5])
+    missing["images"] = [str(tmp_path / "nowhere.jpg")]
+    broken["images"] = [str(corrupt)]
+    empty["question"] = ""
+    blank["question"] = "   "
+    mile_good, mile_missing, mile_empty = milebench_items(mile_rows[:3])
+    mile_missing["images"] = mile_missing["images"][:1] + [str(tmp_path / "gone.jpg")] + mile_missing["images"][2:]
+    mile_empty["instruction"] = mile_empty["context"] = ""
+    items = [good, missing, broken, empty, blank, mile_good, mile_missing, mile_empty]
+    rows = {r["item_id"] + r["benchmark"]: r for r in
+            answer(Predictor(settings(tiny_model_dir, mode="generate", max_new_tokens=2)), items)}
+    error = {key: row["error"] for key, row in rows.items()}
+    assert error[good["item_id"] + "pope"] == "" and rows[good["item_id"] + "pope"]["answer"] in ("yes", "no")
+    assert "nowhere.jpg" in error[missing["item_id"] + "pope"] and "not found" in error[missing["item_id"] + "pope"]
+    assert "corrupt.jpg" in error[broken["item_id"] + "pope"]
+    assert error[empty["item_id"] + "pope"] == error[blank["item_id"] + "pope"] == "empty question"
+    assert error[mile_good["item_id"] + "milebench"] == ""
+    assert "gone.jpg" in error[mile_missing["item_id"] + "milebench"]
+    assert error[mile_empty["item_id"] + "milebench"].startswith("empty question")
+    assert all(row["raw_answer"] == "" for row in rows.values() if row["error"])
+
+
+def test_error_rows_through_ray_data_do_not_stop_the_run(ray_session, tiny_model_dir, pope_rows, tmp_path):
+    import ray
+
+    from orchestrator.eval.predictor import predict
+
+    items = pope_items(pope_rows[:8])
+    items[3]["images"] = [str(tmp_path / "missing.jpg")]
+    items[5]["question"] = ""
+    ds = ray.data.from_arrow([items_table(items[:4]), items_table(items[4:])])
+    rows = predict(ds, settings(tiny_model_dir), cpus_per_actor=1).take_all()
+    assert sorted(r["item_id"] for r in rows) == sorted(i["item_id"] for i in items)
+    errors = {r["item_id"]: r["error"] for r in rows}
+    assert "missing.jpg" in errors[items[3]["item_id"]] and errors[items[5]["item_id"]] == "empty question"
+    assert sum(1 for e in errors.values() if e) == 2
+
+
+def test_lora_adapter_is_loaded_and_merged(tiny_model_dir, pope_rows, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from orchestrator.model.llava import load_llava
+
+    loaded = load_llava(tiny_model_dir)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(loaded.model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)", init_lora_weights=False))
+    checkpoint = tmp_path / "checkpoint"
+    peft_model.save_pretrained(checkpoint / "adapter")        # found one level below the checkpoint folder
+    items = varied_pope_items(pope_rows, n=6)
+    base = answer(Predictor(settings(tiny_model_dir)), items)
+    tuned_predictor = Predictor(settings(tiny_model_dir, adapter_path=str(checkpoint)))
+    assert not any("lora" in name for name, _ in tuned_predictor.model.model.named_parameters())  # merged
+    tuned = answer(tuned_predictor, items)
+    assert all(r["adapter"] == str(checkpoint) for r in tuned)
+    assert max(abs(a["p_yes"] - b["p_yes"]) for a, b in zip(base, tuned)) > 1e-4
+    # the merged model answers as the unmerged adapter does
+    unmerged = Predictor(settings(tiny_model_dir))
+    unmerged.model.model = peft_model.eval()
+    reference = answer(unmerged, items)
+    assert max(abs(a["p_yes"] - b["p_yes"]) for a, b in zip(reference, tuned)) < 1e-4
+
+
+class EchoModel(MileBenchModel):
+    """A plug-in model: answers "No" to POPE and the image count to MileBench."""
+
+    name = "echo"
+
+    def init_components(self, config):
+        self.seen = config
+
+    def forward(self, questions, image_paths, device=None, gen_kwargs=None, images=None):
+        return [("No</s>" if len(paths) == 1 else f"{len(paths)} images") for paths in image_paths]
+
+
+def test_another_model_plugs_in_through_the_adapter_interface(pope_rows, mile_rows):
+    predictor = Predictor(settings("/unused", mode="generate", model_adapter=EchoModel))
+    rows = answer(predictor, pope_items(pope_rows[:3]) + milebench_items(mile_rows[:2]))
+    assert [r["answer"] for r in rows[:3]] == ["no"] * 3 and rows[0]["raw_answer"] == "No"
+    assert rows[3]["raw_answer"] == f"{len(rows[3]['images'])} images"
+    with pytest.raises(NotImplementedError):
+        predictor.model.score_yes_no(["q"], [["x"]])
+    # score mode with a model that cannot score: each item reports it instead of crashing the run
+    scored = answer(Predictor(settings("/unused", mode="score", model_adapter=EchoModel)), pope_items(pope_rows[:2]))
+    assert all("cannot score" in r["error"] for r in scored)
