@@ -90,6 +90,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from orchestrator.pipeline import run_pipeline
+
+    config = _config(args)
+    result = run_pipeline(config, dpo_seeds=args.seeds)
+    print(f"stages run: {', '.join(result.ran) or 'none'}; up to date: {', '.join(result.skipped) or 'none'}")
+    print(f"run record: {result.run_record}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from orchestrator.tune import format_trials, run_tune
+
+    config = _config(args)
+    result = run_tune(config, base_model=args.base_model)
+    print(format_trials(result, config.tune.metric))
+    print(f"trials: {result.results_path}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from orchestrator.plan import main_plan
 
@@ -138,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="LoRA adapter checkpoint to evaluate")
     evaluate.add_argument("--model", help="base model folder (default: the config's)")
     evaluate.set_defaults(func=cmd_eval)
+    run = with_config(commands.add_parser("run", help="the whole pipeline: data, warm-up, eval, DPO, eval"))
+    run.add_argument("--seeds", type=int, nargs="+", help="train one DPO adapter per seed (shows the spread)")
+    run.set_defaults(func=cmd_run)
+
+    tune_parser = with_config(commands.add_parser("tune", help="Ray Tune sweep: train + POPE eval per trial"))
+    tune_parser.add_argument("--base-model", help="model folder the trials start from (default: the config's)")
+    tune_parser.set_defaults(func=cmd_tune)
+
     plan = with_config(commands.add_parser("plan", help="estimate per-GPU memory and whether the run fits"))
     plan.add_argument("--seq-len", type=int, help="tokens per row (default: train.max_length, the worst case)")
     plan.set_defaults(func=cmd_plan)

@@ -175,6 +175,50 @@ class EvalConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0.0)
     milebench_image_budget: int = Field(24, gt=0, description="images per batch")
     milebench_token_budget: int = Field(2048, gt=0)
+    prefix_reuse: bool = True  # POPE score mode: image + system prefix computed once per image, KV cache reused
+
+
+class SearchDimension(_Section):
+    """One hyper-parameter's range: `choice`/`grid` take `values`; `uniform`/`loguniform`/`randint` take low/high."""
+
+    kind: Literal["choice", "grid", "uniform", "loguniform", "randint"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SearchDimension":
+        if self.kind in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.kind} needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.kind} needs low < high")
+        elif self.kind == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class AshaConfig(_Section):
+    """Early stopping of weak trials on a training metric reported every few steps."""
+
+    enabled: bool = True
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(2, gt=0, description="reports before a trial may be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class TuneSection(_Section):
+    """A Ray Tune sweep: each trial = DPO training + POPE evaluation of the trained adapter."""
+
+    search_space: dict[str, SearchDimension] = Field(
+        default_factory=dict, description="dotted config key (e.g. train.beta) -> its range")
+    num_samples: int = Field(1, gt=0, description="samples per grid point")
+    metric: str = Field("pope/adversarial/f1", description="objective, from the trial's POPE evaluation")
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    cpus_per_trial_driver: float = Field(0.25, gt=0.0)
+    asha: AshaConfig = Field(default_factory=AshaConfig)
 
 
 class WandbConfig(_Section):
@@ -200,8 +244,21 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneSection = Field(default_factory=TuneSection)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+
+    @model_validator(mode="after")
+    def _search_space_keys_exist(self) -> "ExperimentConfig":
+        for key in self.tune.search_space:
+            node: Any = self
+            for part in key.split("."):
+                if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+                    raise ValueError(f"tune.search_space: {key!r} is not a config key")
+                node = getattr(node, part)
+            if isinstance(node, BaseModel):
+                raise ValueError(f"tune.search_space: {key!r} is a section, not a value")
+        return self
 
     @field_validator("output_root")
     @classmethod

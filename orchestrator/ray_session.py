@@ -55,6 +55,9 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         os.environ.setdefault(key, value)
     kwargs = dict(runtime_env=config.runtime_env(), log_to_driver=True, include_dashboard=False)
     if address or os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit` the job's runtime_env is already set; merge per variable, the
+        # experiment config's values winning (it is the one place that says what a run needs).
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, **kwargs)
     else:
         temp_dir = ray_temp_dir(Path(config.output_root))

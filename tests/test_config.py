@@ -87,3 +87,16 @@ def test_paths_derive_from_output_root_and_name(tmp_path):
 def test_shipped_configs_load():
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_tune_search_space_keys_must_be_config_values():
+    config = config_from_dict({"tune": {"search_space": {
+        "train.beta": {"kind": "grid", "values": [0.1, 0.5]},
+        "train.learning_rate": {"kind": "loguniform", "low": 1e-6, "high": 1e-4}}}})
+    assert set(config.tune.search_space) == {"train.beta", "train.learning_rate"}
+    with pytest.raises(ConfigError, match="'train.bogus' is not a config key"):
+        config_from_dict({"tune": {"search_space": {"train.bogus": {"kind": "choice", "values": [1]}}}})
+    with pytest.raises(ConfigError, match="'train.lora' is a section"):
+        config_from_dict({"tune": {"search_space": {"train.lora": {"kind": "choice", "values": [1]}}}})
+    with pytest.raises(ConfigError, match="tune.search_space.train.beta: .*needs low < high"):
+        config_from_dict({"tune": {"search_space": {"train.beta": {"kind": "uniform", "low": 1, "high": 0}}}})

@@ -1,0 +1,6 @@
+"""Ray job entrypoint: `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/eval.py --config CONFIG`."""
+
+from _entry import run
+
+if __name__ == "__main__":
+    run(["eval"])
