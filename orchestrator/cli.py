@@ -110,6 +110,15 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from orchestrator.report import build_report
+
+    result = build_report([Path(run) for run in args.runs], Path(args.out), include_published=not args.no_published,
+                          labels=args.label or None)
+    print(result.summary())
+    return 0
+
+
 def cmd_plan(args) -> int:
     from orchestrator.plan import main_plan
 
@@ -165,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune_parser = with_config(commands.add_parser("tune", help="Ray Tune sweep: train + POPE eval per trial"))
     tune_parser.add_argument("--base-model", help="model folder the trials start from (default: the config's)")
     tune_parser.set_defaults(func=cmd_tune)
+
+    report = commands.add_parser("report", help="HTML + Markdown report (tables, plots) of one or more runs")
+    report.add_argument("runs", nargs="+", help="run folders (<output_root>/<name>)")
+    report.add_argument("--out", required=True, help="folder for report.html, report.md and the PNGs")
+    report.add_argument("--label", action="append", help="a label per run, in order")
+    report.add_argument("--no-published", action="store_true", help="leave out the published HA-DPO rows")
+    report.set_defaults(func=cmd_report)
 
     plan = with_config(commands.add_parser("plan", help="estimate per-GPU memory and whether the run fits"))
     plan.add_argument("--seq-len", type=int, help="tokens per row (default: train.max_length, the worst case)")
