@@ -1,0 +1,170 @@
+"""Batches of dataset rows -> model inputs (token ids, labels, attention mask, pixel values).
+
+A *preference* batch of B pairs becomes 2B sequences, the B chosen answers first and then the B
+rejected ones, each with its own copy of the image (CONTEXT.md section 3: "chosen and rejected are
+batched together as 2B rows, images duplicated"). The prompt is built with the config's train
+template (`build_prompt`), tokenized once per pair (`encode_prompt`, image tokens expanded), and each
+answer is appended by `encode_example` (labels -100 on the prompt, the answer's ``</s>`` labelled).
+
+Padding uses the tokenizer's pad id with label -100 and attention 0. Right padding is the default for
+training: Llama's position ids count from the start of the row, so right padding leaves every real
+token's position unchanged (left padding would shift them). Both sides are supported.
+
+`logits_to_keep` tells the model to compute logits only for the last positions that can carry a
+label (from just before the earliest answer token to the end): for LLaVA's 611-token prompts and
+128-token answers that is about 1/6 of the positions, which saves most of the float32 logits memory
+without changing a single log-prob. Labels are returned already cut to the same window.
+
+A row whose image cannot be loaded is skipped and reported in `skipped` (datasets.py filters such rows
+before training, so this is a rare race, e.g. a file deleted mid-run), never an exception; a prompt
+longer than `max_length` is skipped the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from orchestrator.data.datasets import ImageLoadError, load_image
+from orchestrator.model.llava import LoadedLlava, pixel_values
+from orchestrator.model.templates import IGNORE_INDEX, build_prompt, encode_example, encode_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Collated:
+    """Model inputs for one micro-batch (2B rows for DPO, B rows for SFT)."""
+
+    input_ids: torch.Tensor        # [N, T]
+    attention_mask: torch.Tensor   # [N, T]
+    labels: torch.Tensor           # [N, K]: the last K positions (K = logits_to_keep)
+    pixel_values: torch.Tensor     # [N, 3, H, W]
+    logits_to_keep: int
+    num_examples: int              # pairs (DPO) or examples (SFT) kept
+    num_tokens: int                # non-padding tokens of the N rows
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"sample_id", "reason"}
+
+    def model_inputs(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                     ) -> dict[str, Any]:
+        """Keyword arguments for `LlavaForConditionalGeneration.forward` (without labels)."""
+        pixels = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
+        return {
+            "input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+            "pixel_values": pixels.to(device), "logits_to_keep": self.logits_to_keep,
+        }
+
+
+def _column(batch: Mapping[str, Sequence[Any]], name: str) -> list[Any]:
+    if name not in batch:
+        raise KeyError(f"batch has no column {name!r} (columns: {sorted(batch)})")
+    return [value.item() if hasattr(value, "item") and not isinstance(value, str) else value
+            for value in batch[name]]
+
+
+def pad_sequences(ids: list[list[int]], labels: list[list[int]], pad_id: int, side: str = "right"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad to the longest row: ids with `pad_id`, labels with -100, attention mask 1 on real tokens."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(row) for row in ids)
+    out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (row, row_labels) in enumerate(zip(ids, labels)):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        out_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        out_labels[i, span] = torch.tensor(row_labels, dtype=torch.long)
+        mask[i, span] = 1
+    return out_ids, out_labels, mask
+
+
+def labelled_window(labels: torch.Tensor) -> int:
+    """How many trailing positions' logits are needed to score every label of `labels` [N, T].
+
+    Logits at position t score the label at t + 1, so the window starts one before the earliest
+    labelled position of any row.
+    """
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if len(labelled) == 0:
+        return labels.shape[1]
+    return labels.shape[1] - int(labelled[0]) + 1
+
+
+def _finish(ids, labels, images, loaded, pad_id, padding_side, n_examples, skipped) -> Collated:
+    input_ids, full_labels, mask = pad_sequences(ids, labels, pad_id, padding_side)
+    keep = labelled_window(full_labels)
+    return Collated(
+        input_ids=input_ids, attention_mask=mask, labels=full_labels[:, -keep:],
+        pixel_values=pixel_values(loaded, images), logits_to_keep=keep, num_examples=n_examples,
+        num_tokens=int(mask.sum()), skipped=skipped,
+    )
+
+
+def _load(path: str, sample_id: str, skipped: list[dict[str, str]]):
+    try:
+        return load_image(path)
+    except ImageLoadError as error:
+        skipped.append({"sample_id": sample_id, "reason": str(error)})
+        log.warning("skipping %s: %s", sample_id, error)
+        return None
+
+
+def _prompt_ids(loaded: LoadedLlava, prompt: str, template: str) -> list[int]:
+    return encode_prompt(loaded.tokenizer, build_prompt(prompt, template), loaded.image_token_id,
+                         loaded.tokens_per_image)
+
+
+def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
+                       max_length: int = 2048, padding_side: str = "right") -> Collated | None:
+    """Preference rows (PREFERENCE_COLUMNS) -> 2B sequences, chosen first. None if every row was skipped."""
+    tokenizer = loaded.tokenizer
+    chosen_ids, chosen_labels, rejected_ids, rejected_labels, images = [], [], [], [], []
+    skipped: list[dict[str, str]] = []
+    for sample_id, path, prompt, chosen, rejected in zip(
+            _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
+            _column(batch, "chosen"), _column(batch, "rejected")):
+        image = _load(path, str(sample_id), skipped)
+        if image is None:
+            continue
+        prompt_ids = _prompt_ids(loaded, prompt, template)
+        try:
+            c_ids, c_labels = encode_example(tokenizer, prompt_ids, chosen, max_length)
+            r_ids, r_labels = encode_example(tokenizer, prompt_ids, rejected, max_length)
+        except ValueError as error:  # prompt longer than max_length
+            skipped.append({"sample_id": str(sample_id), "reason": str(error)})
+            continue
+        chosen_ids.append(c_ids), chosen_labels.append(c_labels)
+        rejected_ids.append(r_ids), rejected_labels.append(r_labels)
+        images.append(image)
+    if not images:
+        return None
+    return _finish(chosen_ids + rejected_ids, chosen_labels + rejected_labels, images + images, loaded,
+                   tokenizer.pad_token_id, padding_side, len(images), skipped)
+
+
+def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
+                max_length: int = 2048, padding_side: str = "right") -> Collated | None:
+    """Supervised rows (SFT_COLUMNS) -> B sequences labelled on the response. None if all were skipped."""
+    tokenizer = loaded.tokenizer
+    ids, labels, images = [], [], []
+    skipped: list[dict[str, str]] = []
+    for sample_id, path, prompt, response in zip(
+            _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
+            _column(batch, "response")):
+        image = _load(path, str(sample_id), skipped)
+        if image is None:
+            continue
+        try:
+            row_ids, row_labels = encode_example(tokenizer, _prompt_ids(loaded, prompt, template), response,
+                                                 max_length)
+        except ValueError as error:
+            skipped.append({"sample_id": str(sample_id), "reason": str(error)})
+            continue
+        ids.append(row_ids), labels.append(row_labels), images.append(image)
+    if not images:
+        return None
+    return _finish(ids, labels, images, loaded, tokenizer.pad_token_id, padding_side, len(images), skipped)

@@ -1,0 +1,93 @@
+"""The training objectives as pure functions: token log-probs in, losses and rewards out.
+
+Nothing here knows about Ray, DeepSpeed or the model; every formula is tested against numbers
+computed by hand (tests/train/test_losses.py).
+
+Conventions (CONTEXT.md section 3):
+- a sequence's log-prob is the SUM over its response tokens of log-softmax (float32) at the label;
+  positions labelled -100 (system prompt, question, image tokens, padding) are excluded and the
+  answer's ``</s>`` is included;
+- logits at position t predict the token at t + 1, so logits[:, :-1] are scored against labels[:, 1:];
+- DPO's implicit reward of a sequence is ``beta * (log p_policy - log p_reference)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the (shifted) labels and the mask of positions that count.
+
+    logits: [B, T, V] (any float dtype; upcast to float32 here), labels: [B, T] with -100 where
+    nothing is scored. Returns (logps [B, T-1] float32, zero where masked; mask [B, T-1] bool).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~mask, 0)
+    logps = torch.gather(logits.log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of log p(label): [B, T, V], [B, T] -> [B] (float32)."""
+    logps, _ = token_logps(logits, labels)
+    return logps.sum(-1)
+
+
+def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The standard LM loss: mean negative log-likelihood over every labelled token of the batch."""
+    logps, mask = token_logps(logits, labels)
+    return -logps.sum() / mask.sum().clamp(min=1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
+             beta: float, loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards, from sequence log-probs (all [B]).
+
+    logits = (pi_c - pi_r) - (ref_c - ref_r)
+    sigmoid (DPO):  -log sigmoid(beta * logits)
+    ipo:            (logits - 1 / (2 * beta)) ** 2
+    hinge (SLiC):   relu(1 - beta * logits)
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards carry no gradient.
+    """
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * logits)
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; expected one of {LOSS_TYPES}")
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
+                chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    """The numbers HA-DPO / TRL log for a batch, averaged over its pairs (plain floats)."""
+    pc, pr = policy_chosen.detach(), policy_rejected.detach()
+    rc, rr = reference_chosen.detach(), reference_rejected.detach()
+    logits = (pc - pr) - (rc - rr)
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "logps/chosen": pc.mean().item(),
+        "logps/rejected": pr.mean().item(),
+        "logps/ref_chosen": rc.mean().item(),
+        "logps/ref_rejected": rr.mean().item(),
+        "logits/mean": logits.mean().item(),
+    }

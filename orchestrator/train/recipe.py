@@ -1,0 +1,744 @@
+"""The HA-DPO training recipe: what every Ray Train worker runs, readable top to bottom.
+
+`train_loop_per_worker(config)` is given by `trainer.run_training` to a `TorchTrainer`. Ray Train has
+already started the process group (gloo on CPU, NCCL on GPU) and set RANK / LOCAL_RANK / WORLD_SIZE;
+this file only does the training:
+
+    setup: model -> (LoRA) -> reference -> this rank's share of the data -> optimizer + schedule
+           -> DeepSpeed engine or DDP -> restore the last checkpoint if Ray Train hands one over
+    loop:  collate -> forward policy -> reference log-probs -> loss -> backward -> step
+           -> log (rank 0) -> checkpoint (all ranks report)
+
+Supports
+- stage "dpo": DPO with the sigmoid (HA-DPO), IPO or hinge loss, optional `sft_gamma` LM term on the
+  chosen answers; stage "sft": supervised warm-up (full fine-tune by default, see `train.sft`).
+- LoRA (peft) on the language model's linear layers only, chosen by a regex on module names, so the
+  vision tower's own q/k/v projections, the projector and lm_head are never adapted. The vision tower
+  and projector are frozen in every mode.
+- Reference log-probs: the same model with its adapters disabled (exact, no extra memory); without
+  LoRA, a frozen deep copy made before training.
+- DeepSpeed ZeRO 0/1/2/3 (bf16 on GPU, fp32 on CPU with torch AdamW so nothing is compiled for the
+  optimizer), or plain DDP (`ray.train.torch.prepare_model`) when `train.deepspeed.enabled` is false;
+  gradient accumulation, grad-norm clipping, cosine / linear / constant schedule with warmup ratio,
+  gradient checkpointing.
+- Checkpoints every `checkpoint_every_steps` and at the end, reported from all ranks. Each holds
+  `adapter/` (peft `save_pretrained`, LoRA weights only, gathered under ZeRO-3) or `model/` (a full HF
+  folder with the processor), `trainer_state.pt` (step, data position, and for DDP the optimizer and
+  schedule), `rng/rank<k>.pt`, and for DeepSpeed `deepspeed/` (`engine.save_checkpoint`: optimizer,
+  schedule and the trainable weights of every rank; frozen weights are left out).
+
+Assumptions and limits (stated, not hidden)
+- Data: the preference list is small text (16K pairs for HA-DPO), so each worker reads all rows of
+  the (unsplit) dataset, sorts them by sample_id and takes its share of a seeded per-epoch permutation,
+  as torch's DistributedSampler does. The order therefore depends only on (seed, epoch, world size),
+  and a resumed run continues with exactly the batch after its checkpoint. Images are decoded in the
+  loop, one micro-batch ahead on a background thread. Rows that do not fill a whole optimizer step on
+  every rank are dropped at the end of each epoch.
+- A run resumes only the same setup: a checkpoint from another number of workers (the data order and
+  ZeRO partitions depend on it), another engine / ZeRO stage or another LoRA shape is refused with a
+  message; hyper-parameters such as max_steps or the learning rate may change between runs.
+- A worker that dies right after a report may take that report's checkpoint with it (Ray Train
+  registers a checkpoint when it has collected every rank's report); training then resumes from the
+  checkpoint before it.
+- Without LoRA the reference is an unsharded frozen copy on every rank (fine for the tiny model; for
+  a 7B full fine-tune DPO use LoRA or enough memory for a second copy).
+- Throughput metrics count pairs (dpo) or examples (sft) of all ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import ExperimentConfig, TrainConfig
+from orchestrator.model.llava import LoadedLlava, load_llava
+from orchestrator.train.collate import Collated, collate_preference, collate_sft
+from orchestrator.train.losses import dpo_loss, dpo_metrics, sequence_logps, sft_nll
+from orchestrator.train.tracking import Tracker
+
+log = logging.getLogger("hadpo.train")
+
+STAGES = ("dpo", "sft")
+DS_TAG = "state"
+
+
+# ------------------------------------------------------------------------------------------------
+# What a stage trains with (the sft stage overrides a few fields of the train section).
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    lora: bool
+    learning_rate: float
+    epochs: float
+    max_steps: int | None
+
+
+def stage_plan(train: TrainConfig, stage: str) -> StagePlan:
+    if stage == "dpo":
+        return StagePlan("dpo", train.lora.enabled, train.learning_rate, train.epochs, train.max_steps)
+    if stage == "sft":
+        sft = train.sft
+        return StagePlan("sft", sft.lora, sft.learning_rate, sft.epochs, sft.max_steps)
+    raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many rows, micro-batches and optimizer steps each rank runs."""
+
+    rows_per_rank: int
+    micro_per_epoch: int  # micro-batches per rank per epoch that are used (whole optimizer steps)
+    steps_per_epoch: int
+    total_steps: int
+
+    def position(self, step: int, accumulation: int) -> tuple[int, int]:
+        """(epoch, micro-batch index in that epoch) where optimizer step `step` + 1 starts."""
+        done = step * accumulation
+        return done // self.micro_per_epoch, done % self.micro_per_epoch
+
+
+def plan_schedule(num_rows: int, world_size: int, train: TrainConfig, plan: StagePlan) -> Schedule:
+    rows_per_rank = num_rows // world_size
+    micro_per_rank = rows_per_rank // train.batch_size_per_worker
+    steps_per_epoch = micro_per_rank // train.gradient_accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_rows} training rows cannot fill one optimizer step of {world_size} workers x "
+            f"{train.batch_size_per_worker} x {train.gradient_accumulation} accumulation; lower "
+            "train.batch_size_per_worker / train.gradient_accumulation or scaling.num_workers")
+    total = plan.max_steps or max(1, math.ceil(plan.epochs * steps_per_epoch))
+    return Schedule(rows_per_rank, steps_per_epoch * train.gradient_accumulation, steps_per_epoch, total)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe.
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: experiment (dict), stage, base_model, optional step_hook."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    plan = stage_plan(cfg.train, config["stage"])
+    train = cfg.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    use_ds = train.deepspeed.enabled
+    bf16 = on_gpu and train.bf16
+    if on_gpu:  # the recipe trains with tf32 matmuls where bf16 does not apply
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    _quiet_libraries(rank)
+    lap = _Laps()
+
+    # 1. Model (same seed on every rank, so LoRA's random init agrees), LoRA, reference.
+    _seed_all(train.seed)
+    loaded = load_llava(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
+                        device=device, attn_implementation=cfg.model.attn_implementation)
+    model = loaded.model
+    model.config.use_cache = False
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    freeze_vision(model)
+    reference = None
+    if plan.lora:
+        model = add_lora(model, train)
+    elif plan.stage == "dpo":
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    _seed_all(train.seed + 1000 * (rank + 1))  # dropout etc. differ per rank from here on
+    lap("model")
+
+    # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
+    rows = _read_rows(ray.train.get_dataset_shard("train"))
+    schedule = plan_schedule(len(rows), world, train, plan)
+    lap("data")
+
+    # 3. Optimizer, schedule, engine.
+    engine = make_engine(model, trainable, train, plan, schedule, use_ds=use_ds, on_gpu=on_gpu, bf16=bf16)
+    lap("engine")
+
+    # 4. Resume from the checkpoint Ray Train hands over (a re-run of the same name, or a restart).
+    start_step, last_report = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start_step, last_report = restore_checkpoint(Path(folder), engine, plan, train, rank)
+        if rank == 0:
+            log.info("resumed %s from step %d of %d", plan.stage, start_step, schedule.total_steps)
+    lap("restore")
+    tracker = Tracker(cfg, plan.stage, resume_step=start_step, enabled=rank == 0)
+    lap("tracker")
+    collate = collate_preference if plan.stage == "dpo" else collate_sft
+    step_hook: Callable[[int, int], None] | None = config.get("step_hook")
+    if rank == 0:
+        log.info("%s: %d rows, %d workers x %d x %d accumulation, %d steps/epoch, %d steps (from %d), %s",
+                 plan.stage, len(rows), world, train.batch_size_per_worker, train.gradient_accumulation,
+                 schedule.steps_per_epoch, schedule.total_steps, start_step, engine.describe())
+        log.info("setup %s", lap)
+
+    # 5. The loop: micro-batches from the resume position; an optimizer step every `accumulation`.
+    step = start_step
+    window = _Window()
+    started = time.time()
+    batches = _prefetch(_micro_batches(rows, schedule, train, rank, world, start_step),
+                        lambda batch: collate(batch, loaded, cfg.model.train_template, train.max_length))
+    last_good: Collated | None = None
+    for inputs in batches:
+        if step >= schedule.total_steps:
+            break
+        weight = 1.0
+        if inputs is None:  # every row's image failed to load: run the last batch with weight 0
+            inputs, weight = last_good, 0.0
+            if inputs is None:
+                raise RuntimeError("the first micro-batch has no loadable image; see the warnings above")
+        last_good = inputs
+
+        with engine.accumulating():
+            loss, metrics = compute_loss(engine, reference, inputs, plan.stage, train, device, bf16)
+            engine.backward(loss * weight)
+        window.add(metrics, inputs, weight)
+        if not engine.step():
+            continue
+        step += 1
+
+        if step_hook is not None:
+            step_hook(step, rank)
+        is_last = step >= schedule.total_steps
+        log_now = step % train.log_every_steps == 0 or is_last
+        save_now = step % train.checkpoint_every_steps == 0 or is_last
+        if not (log_now or save_now):
+            continue
+        report = window.reduce(world)  # all ranks reach here at the same steps
+        report.update(step=step, epoch=step / schedule.steps_per_epoch, lr=engine.lr(), grad_norm=engine.grad_norm(),
+                      resumed_from_step=start_step, time=time.time())
+        if log_now and rank == 0:
+            tracker.log(step, report)
+            log.info(_progress_line(plan.stage, step, schedule.total_steps, report, started, start_step))
+        if save_now:
+            save_checkpoint(engine, loaded, plan, step, schedule, train, rank, report)
+        else:
+            ray.train.report(report)
+
+    batches.close()
+    if step == start_step:  # the run was already complete: report its state again as this run's result
+        save_checkpoint(engine, loaded, plan, step, schedule, train, rank,
+                        {**last_report, "step": step, "resumed_from_step": start_step, "time": time.time()})
+    tracker.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup helpers.
+
+
+def _quiet_libraries(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for name in ("DeepSpeed", "deepspeed", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class _Laps:
+    """Wall time of the setup phases, for the rank-0 log line ("setup 6.6s: model 3.0s, ...")."""
+
+    def __init__(self):
+        self.marks = [("start", time.time())]
+
+    def __call__(self, name: str) -> None:
+        self.marks.append((name, time.time()))
+
+    def __str__(self) -> str:
+        parts = [f"{name} {t - prev:.1f}s" for (_, prev), (name, t) in zip(self.marks, self.marks[1:])]
+        return f"{self.marks[-1][1] - self.marks[0][1]:.1f}s: " + ", ".join(parts)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def freeze_vision(model: torch.nn.Module) -> None:
+    """Freeze the vision tower and the projector (they are never trained in this recipe)."""
+    for name, param in model.named_parameters():
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            param.requires_grad_(False)
+
+
+def lora_target_regex(target_modules: list[str]) -> str:
+    """A peft target regex (full match on module names) for the language model's linear layers only.
+
+    Matches e.g. ``model.language_model.layers.3.self_attn.q_proj`` but not
+    ``model.vision_tower.encoder.layers.3.self_attn.q_proj``, the projector, or ``lm_head``.
+    """
+    names = "|".join(re.escape(name) for name in target_modules)
+    return rf"(?:.*\.)?language_model\.(?:.*\.)?(?:{names})"
+
+
+def add_lora(model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = train.lora
+    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                             target_modules=lora_target_regex(lora.target_modules))
+    return get_peft_model(model, peft_config)
+
+
+def make_optimizer(trainable: list[torch.nn.Parameter], train: TrainConfig, plan: StagePlan):
+    return torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=train.weight_decay)
+
+
+def make_schedule(optimizer, train: TrainConfig, total_steps: int):
+    """Warmup for ceil(warmup_ratio * total) steps, then cosine / linear decay to 0, or constant."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    warmup = math.ceil(train.warmup_ratio * total_steps)
+    if train.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    if train.lr_schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def deepspeed_config(train: TrainConfig, on_gpu: bool, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config this recipe's `train` section maps to."""
+    ds = train.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu)
+    if ds.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": train.batch_size_per_worker,
+        "gradient_accumulation_steps": train.gradient_accumulation,
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if not ds.torch_adam:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "weight_decay": train.weight_decay}}
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine: one small interface over DeepSpeed and DDP, so the loop reads the same for both.
+
+
+class Engine:
+    """forward / backward / step over DeepSpeed or DDP; `module` is the unwrapped (peft) model."""
+
+    def __init__(self, module, forward, optimizer, scheduler, accumulation: int, max_grad_norm: float,
+                 deepspeed_engine=None, ddp=None):
+        self.module, self.forward = module, forward
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
+        self.ds, self.ddp = deepspeed_engine, ddp
+        self.micro = 0
+        self._grad_norm = float("nan")
+
+    @property
+    def zero_stage(self) -> int | None:
+        return self.ds.zero_optimization_stage() if self.ds is not None else None
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.zero_stage}" if self.ds is not None else "DDP" if self.ddp else "single"
+
+    def accumulating(self):
+        """DDP: skip the gradient all-reduce on micro-steps that do not end an optimizer step."""
+        boundary = (self.micro + 1) % self.accumulation == 0
+        if self.ddp is not None and not boundary:
+            return self.ddp.no_sync()
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.ds is not None:
+            self.ds.backward(loss)  # DeepSpeed scales by 1 / accumulation itself
+        else:
+            (loss / self.accumulation).backward()
+
+    def step(self) -> bool:
+        """Finish a micro-step; True when it ended an optimizer step."""
+        self.micro += 1
+        boundary = self.micro % self.accumulation == 0
+        if self.ds is not None:
+            # ZeRO-0 in fp32 clips without recording the norm: measure it on the (all-reduced) grads.
+            own_norm = _grad_norm(self.module) if boundary and self.zero_stage == 0 else None
+            self.ds.step()  # steps optimizer and schedule only at the boundary
+            if boundary:
+                norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
+                self._grad_norm = float(norm) if norm is not None else float("nan")
+            return boundary
+        if boundary:
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return boundary
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> float:
+        return self._grad_norm
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.requires_grad and p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else float("nan")
+
+
+def make_engine(model, trainable, train: TrainConfig, plan: StagePlan, schedule: Schedule, *, use_ds: bool,
+                on_gpu: bool, bf16: bool) -> Engine:
+    if use_ds:
+        import deepspeed
+
+        ds_config = deepspeed_config(train, on_gpu, bf16)
+        optimizer = make_optimizer(trainable, train, plan) if train.deepspeed.torch_adam else None
+        if optimizer is None:  # DeepSpeed builds its own (fused / CPU) Adam from the config
+            ds_config["optimizer"]["params"]["lr"] = plan.learning_rate
+        schedule_fn = lambda opt: make_schedule(opt, train, schedule.total_steps)  # noqa: E731
+        ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=schedule_fn,
+            config=ds_config, dist_init_required=False)
+        return Engine(ds_engine.module, ds_engine, ds_optimizer, ds_scheduler, train.gradient_accumulation,
+                      train.max_grad_norm, deepspeed_engine=ds_engine)
+
+    import ray.train.torch
+
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp",
+                                            parallel_strategy_kwargs={"find_unused_parameters": False})
+    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+    optimizer = make_optimizer(trainable, train, plan)
+    scheduler = make_schedule(optimizer, train, schedule.total_steps)
+    return Engine(model, wrapped, optimizer, scheduler, train.gradient_accumulation, train.max_grad_norm, ddp=ddp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward and loss.
+
+
+def compute_loss(engine: Engine, reference, inputs: Collated, stage: str, train: TrainConfig,
+                 device: torch.device, bf16: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: the loss to back-propagate and its metrics (plain floats)."""
+    model_inputs = inputs.model_inputs(device, torch.bfloat16 if bf16 else None)
+    labels = inputs.labels.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and engine.ds is None) else nullcontext()
+    with autocast:
+        logits = engine.forward(**model_inputs, use_cache=False).logits
+    if stage == "sft":
+        loss = sft_nll(logits, labels)
+        return loss, {"loss": loss.item(), "nll": loss.item()}
+
+    pairs = inputs.num_examples
+    policy_chosen, policy_rejected = sequence_logps(logits, labels).split(pairs)
+    reference_chosen, reference_rejected = reference_logps(engine, reference, model_inputs, labels, autocast) \
+        .split(pairs)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, train.beta, train.loss)
+    loss = losses.mean()
+    metrics = dpo_metrics(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                          chosen_rewards, rejected_rewards)
+    if train.sft_gamma > 0:
+        nll = sft_nll(logits[:pairs], labels[:pairs])
+        loss = loss + train.sft_gamma * nll
+        metrics["nll"] = nll.item()
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+@torch.no_grad()
+def reference_logps(engine: Engine, reference, model_inputs: dict[str, Any], labels: torch.Tensor,
+                    autocast) -> torch.Tensor:
+    """Sequence log-probs of the reference: the policy with adapters disabled, or the frozen copy."""
+    with autocast:
+        if reference is not None:
+            logits = reference(**model_inputs, use_cache=False).logits
+        else:
+            with engine.module.disable_adapter():
+                logits = engine.module(**model_inputs, use_cache=False).logits
+    return sequence_logps(logits, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: the rank's micro-batches in a seeded order, and a one-ahead prefetch of their collation.
+
+
+def _read_rows(shard) -> list[dict[str, Any]]:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one short read per worker
+    rows = [dict(row) for row in shard.iter_rows()]
+    rows.sort(key=lambda row: str(row["sample_id"]))
+    return rows
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_rows, generator=generator).tolist()
+
+
+def _micro_batches(rows, schedule: Schedule, train: TrainConfig, rank: int, world: int, start_step: int
+                   ) -> Iterator[dict[str, list]]:
+    """Column batches of this rank's micro-batches from `start_step` on, epoch after epoch (endless)."""
+    epoch, skip = schedule.position(start_step, train.gradient_accumulation)
+    size = train.batch_size_per_worker
+    while True:
+        order = epoch_order(len(rows), train.seed, epoch)[: schedule.rows_per_rank * world]
+        mine = order[rank::world]
+        for micro in range(skip, schedule.micro_per_epoch):
+            chunk = [rows[i] for i in mine[micro * size:(micro + 1) * size]]
+            yield {key: [row[key] for row in chunk] for key in chunk[0]}
+        epoch, skip = epoch + 1, 0
+
+
+def _prefetch(source: Iterator[dict], collate: Callable[[dict], Collated | None]) -> Iterator[Collated | None]:
+    """Collate the next micro-batch on a thread while the current one trains."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in source:
+            future = pool.submit(collate, batch)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+
+class _Window:
+    """Metrics of the micro-batches since the last log, averaged over micro-batches and ranks."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.examples = self.tokens = self.skipped = 0
+        self.started = time.time()
+
+    def add(self, metrics: dict[str, float], inputs: Collated, weight: float) -> None:
+        if weight:
+            for key, value in metrics.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value
+            self.count += 1
+            self.examples += inputs.num_examples
+            self.tokens += inputs.num_tokens
+        self.skipped += len(inputs.skipped) if weight else 0
+
+    def reduce(self, world: int) -> dict[str, float]:
+        keys = sorted(self.sums)
+        values = torch.tensor([self.sums[k] for k in keys] + [self.count, self.examples, self.tokens, self.skipped],
+                              dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            values = _all_reduce_sum(values)
+        *sums, count, examples, tokens, skipped = values.tolist()
+        elapsed = max(time.time() - self.started, 1e-9)
+        out = {key: total / max(count, 1) for key, total in zip(keys, sums)}
+        out.update(samples_per_s=examples / elapsed, tokens_per_s=tokens / elapsed, skipped_rows=int(skipped))
+        self.reset()
+        return out
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    tensor = values.to(device)
+    dist.all_reduce(tensor)
+    return tensor.cpu()
+
+
+def _progress_line(stage: str, step: int, total: int, report: dict[str, float], started: float,
+                   start_step: int) -> str:
+    elapsed = time.time() - started
+    eta = elapsed / max(step - start_step, 1) * (total - step)
+    line = f"[{stage}] step {step}/{total} | loss {report.get('loss', float('nan')):.4f}"
+    if "rewards/accuracies" in report:
+        line += f" | acc {report['rewards/accuracies']:.2f} | margin {report['rewards/margins']:.3f}"
+    line += f" | lr {report['lr']:.2e} | {report['samples_per_s']:.2f} samples/s"
+    return line + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def trainable_state(engine: Engine) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters (LoRA weights, or the whole trained model) as full tensors on rank 0.
+
+    Must be called on every rank: under ZeRO-3 the partitions are gathered first. Returns None on
+    ranks other than 0.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    module = engine.module
+    if engine.zero_stage == 3:
+        import deepspeed
+
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not _is_peft(module):
+            return engine.ds._zero3_consolidated_16bit_state_dict()
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in named} if rank == 0 else None
+    if rank != 0:
+        return None
+    if _is_peft(module):
+        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _shape(train: TrainConfig, plan: StagePlan, engine: Engine) -> dict[str, Any]:
+    """What a checkpoint can only be resumed with: the engine and the LoRA shape."""
+    lora = train.lora
+    return {"engine": engine.describe(),
+            "lora": [lora.rank, lora.alpha, sorted(lora.target_modules)] if plan.lora else None}
+
+
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: int, schedule: Schedule,
+                    train: TrainConfig, rank: int, metrics: dict[str, Any]) -> None:
+    """Write this rank's part of a checkpoint into a temp folder and report it (all ranks)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="hadpo-ckpt-") as tmp:
+        folder = Path(tmp)
+        weights = trainable_state(engine)
+        if engine.ds is not None:
+            engine.ds.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
+        (folder / "rng").mkdir()
+        torch.save(_rng_state(), folder / "rng" / f"rank{rank}.pt")
+        if rank == 0:
+            if plan.lora:
+                engine.module.save_pretrained(str(folder / "adapter"), state_dict=weights)
+            else:
+                engine.module.save_pretrained(str(folder / "model"), state_dict=weights)
+                loaded.processor.save_pretrained(str(folder / "model"))
+            epoch, micro = schedule.position(step, train.gradient_accumulation)
+            state = {"step": step, "stage": plan.stage, "lora": plan.lora, "shape": _shape(train, plan, engine),
+                     "total_steps": schedule.total_steps,
+                     "epoch": epoch, "micro_batch_in_epoch": micro, "world_size": dist.get_world_size()
+                     if dist.is_initialized() else 1, "metrics": dict(metrics)}
+            if engine.ds is None:
+                state.update(optimizer=engine.optimizer.state_dict(), scheduler=engine.scheduler.state_dict())
+            torch.save(state, folder / "trainer_state.pt")
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore_checkpoint(folder: Path, engine: Engine, plan: StagePlan, train: TrainConfig, rank: int
+                       ) -> tuple[int, dict[str, Any]]:
+    """Load weights, optimizer, schedule and RNG from a checkpoint folder.
+
+    Returns the step it holds and the metrics reported with it.
+    """
+    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if state["stage"] != plan.stage or state["lora"] != plan.lora:
+        raise ValueError(f"{folder}: checkpoint of stage {state['stage']!r} (lora={state['lora']}) cannot resume "
+                         f"stage {plan.stage!r} (lora={plan.lora}); use another run name")
+    shape = _shape(train, plan, engine)
+    if state.get("shape", shape) != shape:
+        raise ValueError(f"{folder}: checkpoint trained {state['shape']}, this run asks for {shape}; a run name "
+                         "resumes only the same setup: use another experiment name or resume=False")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if state.get("world_size", world) != world:
+        raise ValueError(f"{folder}: checkpoint written by {state['world_size']} workers cannot resume on {world}; "
+                         "resume with the same scaling.num_workers or use another run name")
+    if engine.ds is not None:
+        path, _ = engine.ds.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, load_module_strict=False)
+        if path is None:
+            raise RuntimeError(f"{folder}: DeepSpeed could not load its checkpoint")
+    else:
+        _load_weights(folder, engine.module, plan)
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+    rng_file = folder / "rng" / f"rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    if plan.lora:
+        _check_restored_adapter(folder / "adapter", engine)
+    return int(state["step"]), dict(state.get("metrics", {}))
+
+
+def _load_weights(folder: Path, module, plan: StagePlan) -> None:
+    from safetensors.torch import load_file
+
+    if plan.lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(module, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{folder}: unexpected adapter keys {result.unexpected_keys[:5]}")
+        return
+    # transformers may rename keys on save (checkpoint conversion), so read the folder back the way it
+    # was written and copy its weights in, rather than loading the raw safetensors.
+    saved = type(module).from_pretrained(str(folder / "model"), dtype=next(module.parameters()).dtype,
+                                         local_files_only=True)
+    module.load_state_dict(saved.state_dict())
+
+
+def _check_restored_adapter(adapter_dir: Path, engine: Engine) -> None:
+    """Guard against a silently wrong resume: the live LoRA weights must equal the saved adapter."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    current = trainable_state(engine)
+    if current is None:
+        return
+    live = get_peft_model_state_dict(engine.module, state_dict=current)
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    worst = max((live[k].float() - saved[k].float()).abs().max().item() for k in saved)
+    if worst > 1e-3 * max(1.0, max(v.float().abs().max().item() for v in saved.values())):
+        raise RuntimeError(f"{adapter_dir}: restored LoRA weights differ from the checkpoint (max |diff| {worst})")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def stage_output_dir(checkpoint_dir: str, lora: bool) -> str:
+    """The folder inside a checkpoint that holds the stage's weights (`adapter` or `model`)."""
+    return os.path.join(checkpoint_dir, "adapter" if lora else "model")

@@ -1,0 +1,172 @@
+"""The driver side of training: build the Ray Train job for a stage, run it, say where its outputs are.
+
+Ray stays at this edge: the recipe (`recipe.train_loop_per_worker`) is the training, and this file only
+turns the experiment config into `ScalingConfig` / `RunConfig` / datasets and calls `fit()`.
+
+Outputs, all derived from the config:
+- Ray Train's run folder ``<run_dir>/train/<name>-<stage>/`` (or ``<train.storage_path>/<name>-<stage>``,
+  which may be a cloud URI) holding the last `keep_checkpoints` checkpoints;
+- the curves parquet ``<run_dir>/train/<stage>_curves.parquet`` and wandb files under ``<run_dir>/wandb``.
+
+The run name is deterministic (``<experiment name>-<stage>``), so running the same stage again with
+`resume=True` continues from its last checkpoint (Ray Train restores it; the recipe continues the step
+counter, schedule, optimizer, RNG and data order); `resume=False` deletes the stage's old run first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.train.recipe import STAGES, stage_output_dir, stage_plan, train_loop_per_worker
+from orchestrator.train.tracking import curves_path
+
+log = logging.getLogger("hadpo.train")
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: str          # the final adapter/ (LoRA) or model/ (full fine-tune) folder
+    metrics: dict[str, Any] = field(default_factory=dict)
+    curves_path: str = ""
+    run_path: str = ""            # Ray Train's folder of this stage (checkpoints, state)
+
+
+def run_name(cfg: ExperimentConfig, stage: str) -> str:
+    return f"{cfg.name}-{stage}"
+
+
+def storage_path(cfg: ExperimentConfig) -> str:
+    """Where Ray Train keeps the runs' checkpoints: `train.storage_path` (local or a cloud URI, passed
+    through as it is) or ``<run_dir>/train``."""
+    if cfg.train.storage_path:
+        path = cfg.train.storage_path
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+    return str(cfg.run_dir / "train")
+
+
+def base_model_path(cfg: ExperimentConfig, base_model: str | None = None, texts: list[str] | None = None) -> Path:
+    """The model a stage starts from: `base_model`, else `model.path`, else the tiny model.
+
+    The tiny model is built once under ``<run_dir>/model/tiny`` with the synthetic world's vocabulary
+    (or `texts` for other data).
+    """
+    from orchestrator.model.llava import ensure_model
+
+    if base_model:
+        path = Path(base_model).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base model {path}: not a llava-hf model folder (no config.json)")
+        return path
+    cache = cfg.run_dir / "model" / "tiny"
+    if cfg.model.path or (cache / "config.json").is_file():
+        return ensure_model(cfg.model, None, cache, seed=cfg.data.synthetic.seed)
+    return ensure_model(cfg.model, texts if texts is not None else _world_texts(cfg), cache,
+                        seed=cfg.data.synthetic.seed)
+
+
+def _world_texts(cfg: ExperimentConfig) -> list[str]:
+    world_json = cfg.world_dir / "world.json"
+    if world_json.is_file():
+        vocabulary = json.loads(world_json.read_text()).get("vocabulary")
+        if vocabulary:
+            return [" ".join(vocabulary)]
+    from orchestrator.data.synthetic import world_vocabulary
+
+    return [" ".join(world_vocabulary())]
+
+
+def stage_dataset(cfg: ExperimentConfig, stage: str):
+    """The Ray dataset a stage trains on (rows with unusable images already set aside)."""
+    from orchestrator.data import datasets
+
+    checked = datasets.preference_dataset(cfg) if stage == "dpo" else datasets.sft_dataset(cfg)
+    log.info(checked.summary())
+    return checked.dataset
+
+
+def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | None = None, resume: bool = True,
+                 dataset=None, step_hook: Callable[[int, int], None] | None = None,
+                 callbacks: list | None = None) -> TrainResult:
+    """Train one stage ("dpo" or "sft") on Ray Train and return where its final weights are.
+
+    `dataset`: a Ray dataset of PREFERENCE_COLUMNS (dpo) or SFT_COLUMNS (sft) rows to use instead of
+    the config's data. `step_hook(step, rank)` is called on every worker after each optimizer step
+    (tests use it to inject a worker failure). `callbacks`: Ray Train callbacks for the run, e.g.
+    `TuneReportCallback()` when a Tune trial drives the training (the workers report their metrics every
+    `log_every_steps` and at each checkpoint).
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.ray_session import init_ray
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
+    if not ray.is_initialized():
+        init_ray(cfg)
+    plan = stage_plan(cfg.train, stage)
+    if dataset is None:
+        dataset = stage_dataset(cfg, stage)
+    base = base_model_path(cfg, base_model)
+    name, storage = run_name(cfg, stage), storage_path(cfg)
+    if not resume:
+        _forget_run(storage, name, curves_path(cfg, stage))
+
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "stage": stage, "base_model": str(base),
+                           "step_hook": step_hook},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+        # Every worker reads the whole (small, text-only) row list and takes its share by index, so the
+        # order is reproducible and resumable (see recipe.py).
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    log.info("training %s from %s: run %s under %s", stage, base, name, storage)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} finished without a checkpoint")
+    checkpoint_dir = _join(storage, name, Path(result.checkpoint.path).name)
+    return TrainResult(
+        checkpoint_path=stage_output_dir(checkpoint_dir, plan.lora),
+        metrics=dict(result.metrics or {}),
+        curves_path=str(curves_path(cfg, stage)),
+        run_path=_join(storage, name),
+    )
+
+
+def _join(root: str, *parts: str) -> str:
+    if "://" in root:
+        return "/".join([root.rstrip("/"), *parts])
+    return str(Path(root, *parts))
+
+
+def _forget_run(storage: str, name: str, curves: Path) -> None:
+    """Delete a stage's previous Ray Train run (and its curves) so the next run starts from step 0."""
+    if "://" in storage:
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(_join(storage, name))
+        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_dir(path)
+    else:
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    curves.unlink(missing_ok=True)

@@ -1,0 +1,43 @@
+"""Run by test_multinode.py in its own process: a 2-node simulated cluster (ray.cluster_utils.Cluster)
+running a 2-worker DPO training and a 2-actor POPE evaluation, then printing where each actor ran."""
+
+import json
+import sys
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from orchestrator.config import config_from_dict
+from orchestrator.eval.runner import run_eval
+from orchestrator.train.trainer import run_training
+
+out = Path(sys.argv[1])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": sys.argv[2]})
+cluster.add_node(num_cpus=2)
+ray.init(address=cluster.address, runtime_env={"env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}})
+cluster.wait_for_nodes()
+config = config_from_dict({
+    "name": "multinode", "output_root": str(out),
+    "data": {"synthetic": {"num_images": 8, "num_pope_images": 4, "milebench_tasks": 0}},
+    "model": {"tiny": {"text_layers": 1, "vision_layers": 1}},
+    "train": {"max_steps": 2, "batch_size_per_worker": 2, "learning_rate": 1e-3, "checkpoint_every_steps": 2,
+              "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "deepspeed": {"enabled": False},
+              "gradient_checkpointing": False, "max_length": 256, "log_every_steps": 1},
+    # 1.5 CPUs per worker/actor on 2-CPU nodes: two cannot share a node, so they spread (0.5 is left
+    # on each node for Ray Data tasks).
+    "scaling": {"num_workers": 2, "cpus_per_worker": 1.5},
+    "eval": {"num_actors": 2, "cpus_per_actor": 1.5, "batch_size": 4},
+})
+trained = run_training(config, stage="dpo")
+run_eval(config, adapter=trained.checkpoint_path, benchmarks=("pope",))
+from ray.util.state import list_actors
+
+placement = {}
+for actor in list_actors(limit=1000, detail=True):
+    if actor.node_id:  # actors that never got placed have none
+        placement.setdefault(actor.class_name, set()).add(actor.node_id)
+print("PLACEMENT " + json.dumps({name: sorted(nodes) for name, nodes in placement.items()}))
+print("NODES " + json.dumps(sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])))
+ray.shutdown()
+cluster.shutdown()

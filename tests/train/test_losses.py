@@ -1,0 +1,123 @@
+"""The objectives against numbers computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from orchestrator.model.templates import IGNORE_INDEX, encode_answer, encode_example
+from orchestrator.train.losses import dpo_loss, dpo_metrics, sequence_logps, sft_nll, token_logps
+
+# Two pairs, beta 0.5. Pair 1: logits = (-1 - -3) - (-2 - -2) = 2; pair 2: (-4 - -2) - (-3 - -3) = -2.
+POLICY_CHOSEN = torch.tensor([-1.0, -4.0])
+POLICY_REJECTED = torch.tensor([-3.0, -2.0])
+REFERENCE_CHOSEN = torch.tensor([-2.0, -3.0])
+REFERENCE_REJECTED = torch.tensor([-2.0, -3.0])
+BETA = 0.5
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("sigmoid", [math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))]),  # -log sigmoid(beta * logits)
+    ("ipo", [(2 - 1) ** 2, (-2 - 1) ** 2]),                                # (logits - 1/(2 beta))^2
+    ("hinge", [0.0, 2.0]),                                                 # relu(1 - beta * logits)
+])
+def test_dpo_loss_matches_hand_computed_values(loss_type, expected):
+    losses, chosen, rejected = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED,
+                                        BETA, loss_type)
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert chosen.tolist() == pytest.approx([0.5, -0.5])    # beta * (pi_c - ref_c)
+    assert rejected.tolist() == pytest.approx([-0.5, 0.5])  # beta * (pi_r - ref_r)
+
+
+def test_dpo_loss_rejects_an_unknown_type():
+    with pytest.raises(ValueError, match="unknown DPO loss type 'kto'"):
+        dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "kto")
+
+
+def test_dpo_loss_is_log_two_when_policy_equals_reference():
+    losses, _, _ = dpo_loss(REFERENCE_CHOSEN, REFERENCE_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1)
+    assert losses.tolist() == pytest.approx([math.log(2)] * 2)
+
+
+def test_dpo_loss_gradient_flows_to_the_policy_only():
+    policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
+    losses, chosen, _ = dpo_loss(policy_chosen, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA)
+    losses.sum().backward()
+    # d/dx -log sigmoid(beta x) = -beta * sigmoid(-beta x); x = 2 and -2.
+    expected = [-BETA * (1 / (1 + math.exp(1))), -BETA * (1 / (1 + math.exp(-1)))]
+    assert policy_chosen.grad.tolist() == pytest.approx(expected, abs=1e-6)
+    assert not chosen.requires_grad
+
+
+def test_dpo_metrics_report_rewards_accuracy_and_logps():
+    _, chosen, rejected = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA)
+    metrics = dpo_metrics(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, chosen, rejected)
+    assert metrics["rewards/chosen"] == pytest.approx(0.0)
+    assert metrics["rewards/rejected"] == pytest.approx(0.0)
+    assert metrics["rewards/margins"] == pytest.approx(0.0)    # (+1 and -1) / 2
+    assert metrics["rewards/accuracies"] == pytest.approx(0.5)  # pair 1 right, pair 2 wrong
+    assert metrics["logps/chosen"] == pytest.approx(-2.5)
+    assert metrics["logps/rejected"] == pytest.approx(-2.5)
+    assert metrics["logps/ref_chosen"] == pytest.approx(-2.5)
+    assert metrics["logps/ref_rejected"] == pytest.approx(-2.5)
+    assert metrics["logits/mean"] == pytest.approx(0.0)        # (2 + -2) / 2
+
+
+def _hand_logits():
+    # One sequence of 4 positions over a vocabulary of 3; position t predicts the token at t + 1.
+    ln2 = math.log(2)
+    return torch.tensor([[[0.0, 0.0, 0.0],     # p = 1/3, 1/3, 1/3
+                          [0.0, ln2, 0.0],     # p = 1/4, 1/2, 1/4
+                          [0.0, 0.0, ln2],     # p = 1/4, 1/4, 1/2
+                          [9.0, 9.0, 9.0]]])   # never used: nothing follows the last position
+
+
+def test_sequence_logps_sums_shifted_label_log_probs():
+    logits = _hand_logits()
+    every = torch.tensor([[IGNORE_INDEX, 1, 2, 0]])
+    # log p(1 | pos 0) + log p(2 | pos 1) + log p(0 | pos 2)
+    assert sequence_logps(logits, every).item() == pytest.approx(math.log(1 / 3) + 2 * math.log(1 / 4))
+    answer_only = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 2, 0]])
+    assert sequence_logps(logits, answer_only).item() == pytest.approx(2 * math.log(1 / 4))
+
+
+def test_sequence_logps_computes_in_float32_whatever_the_logits_dtype():
+    logits = _hand_logits().to(torch.bfloat16)
+    result = sequence_logps(logits, torch.tensor([[IGNORE_INDEX, 1, 2, 0]]))
+    assert result.dtype == torch.float32
+
+
+def test_sft_nll_is_the_mean_over_labelled_tokens_of_the_batch():
+    logits = _hand_logits().repeat(2, 1, 1)
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 0], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 0]])
+    expected = -(math.log(1 / 3) + 2 * math.log(1 / 4) + math.log(1 / 4)) / 4
+    assert sft_nll(logits, labels).item() == pytest.approx(expected)
+
+
+def test_token_logps_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="disagree"):
+        token_logps(torch.zeros(1, 4, 3), torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_labels_exclude_prompt_and_image_positions_and_include_end_of_sequence(tiny_model_dir):
+    from orchestrator.model.llava import load_llava
+    from orchestrator.model.templates import build_prompt, encode_prompt
+
+    loaded = load_llava(tiny_model_dir)
+    tokenizer = loaded.tokenizer
+    prompt_ids = encode_prompt(tokenizer, build_prompt("Is there a cat in the image?"), loaded.image_token_id,
+                               loaded.tokens_per_image)
+    ids, labels = encode_example(tokenizer, prompt_ids, "Yes, there is a cat in the image.", 256)
+    answer = encode_answer(tokenizer, "Yes, there is a cat in the image.")
+    assert answer[-1] == tokenizer.eos_token_id
+    image_positions = [i for i, token in enumerate(ids) if token == loaded.image_token_id]
+    assert len(image_positions) == loaded.tokens_per_image
+    assert all(labels[i] == IGNORE_INDEX for i in image_positions)
+    assert labels[:len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert labels[len(prompt_ids):] == answer  # every answer token and </s>, nothing else
+
+    # The log-prob counts exactly the answer tokens and </s>: with uniform logits it is -n log V.
+    vocab = len(tokenizer)
+    logits = torch.zeros(1, len(ids), vocab)
+    total = sequence_logps(logits, torch.tensor([labels])).item()
+    assert total == pytest.approx(-len(answer) * math.log(vocab), rel=1e-6)

@@ -1,0 +1,168 @@
+"""DPO and warm-up training on Ray Train with 2 CPU workers (gloo): ZeRO-0/2/3, DDP, resume, failures.
+
+Each fixture is one `run_training` call (about 25 s on 2 cores), shared by the tests that read it.
+"""
+
+import math
+import os
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchestrator.model.llava import load_llava
+from orchestrator.train.trainer import run_training
+from tests.train import tiny_config
+
+LN2 = math.log(2)
+# 6 optimizer steps of 2 workers x 4 pairs, logged and checkpointed every 2 steps.
+COMMON = ("train.max_steps=6", "train.checkpoint_every_steps=2", "train.log_every_steps=2",
+          "train.learning_rate=1e-3", "train.warmup_ratio=0.0", "wandb.mode=disabled")
+
+
+def _train(tmp, world, model_dir, *overrides, stage="dpo", step_hook=None, dataset=None):
+    cfg = tiny_config(tmp, world, *COMMON, *overrides)
+    result = run_training(cfg, stage, base_model=str(model_dir), step_hook=step_hook, dataset=dataset)
+    return cfg, result, pq.read_table(result.curves_path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def preference_rows(ray_session, synth_world, tmp_path_factory):
+    """The checked preference dataset, built once (the zero2 run builds its own through the config)."""
+    from orchestrator.data.datasets import preference_dataset
+
+    return preference_dataset(tiny_config(tmp_path_factory.mktemp("data"), synth_world[0])).dataset
+
+
+def _kill_rank1_once(marker):
+    def hook(step, rank):
+        if rank == 1 and step == 3 and not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(5)  # let the controller's poll (every 2 s) register the step-2 checkpoint first
+            os._exit(1)  # the worker process dies without any cleanup, as on a node failure
+    return hook
+
+
+@pytest.fixture(scope="module")
+def zero0_killed(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
+    """ZeRO-0 run whose rank 1 dies after step 3 on the first attempt (last checkpoint: step 2)."""
+    tmp = tmp_path_factory.mktemp("zero0")
+    marker = tmp / "killed-once"
+    run = _train(tmp, synth_world[0], tiny_model_dir, "name=zero0", "train.deepspeed.zero_stage=0",
+                 "train.max_failures=1", step_hook=_kill_rank1_once(str(marker)), dataset=preference_rows)
+    return (*run, marker)
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_session, synth_world, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero2")
+    return _train(tmp, synth_world[0], tiny_model_dir, "name=zero2", "train.deepspeed.zero_stage=2")
+
+
+@pytest.fixture(scope="module")
+def zero3(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero3")
+    return _train(tmp, synth_world[0], tiny_model_dir, "name=zero3", "train.deepspeed.zero_stage=3",
+                  "wandb.mode=offline", dataset=preference_rows)
+
+
+@pytest.mark.parametrize("run", ["zero0_killed", "zero2", "zero3"])
+def test_dpo_loss_goes_down_with_two_workers(run, request):
+    _, result, curves = request.getfixturevalue(run)[:3]
+    assert [row["step"] for row in curves] == [2, 4, 6]
+    assert result.metrics["step"] == 6
+    # Policy == reference at step 0, so every batch starts at exactly ln 2.
+    assert curves[0]["loss"] < LN2 + 1e-6
+    assert curves[-1]["loss"] < LN2 - 0.005
+    assert curves[-1]["loss"] < curves[0]["loss"]
+    assert curves[-1]["rewards/margins"] > 0 and curves[-1]["rewards/accuracies"] > 0.5
+    assert all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in curves)
+
+
+def test_zero_stages_and_a_resumed_run_follow_the_same_trajectory(zero0_killed, zero2, zero3):
+    """Same data order, optimizer and schedule: ZeRO-0 (killed and resumed), ZeRO-2 and ZeRO-3 agree."""
+    losses = {name: [row["loss"] for row in run[2]] for name, run in
+              (("zero0", zero0_killed), ("zero2", zero2), ("zero3", zero3))}
+    for name in ("zero2", "zero3"):
+        assert losses[name] == pytest.approx(losses["zero0"], abs=2e-4), (name, losses)
+
+
+def test_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(zero0_killed):
+    _, result, curves, marker = zero0_killed
+    assert marker.exists()  # rank 1 really died once
+    assert result.metrics["resumed_from_step"] == 2 and result.metrics["step"] == 6
+    assert [row["resumed_from_step"] for row in curves] == [0, 2, 2]
+
+
+def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(zero2, synth_world, tiny_model_dir,
+                                                                     preference_rows):
+    cfg, first, _ = zero2
+    again = tiny_config(cfg.output_root, synth_world[0], *COMMON, "name=zero2", "train.deepspeed.zero_stage=2",
+                        "train.max_steps=8")
+    result = run_training(again, "dpo", base_model=str(tiny_model_dir), dataset=preference_rows)
+    assert result.metrics["resumed_from_step"] == 6 and result.metrics["step"] == 8
+    assert result.checkpoint_path != first.checkpoint_path
+    curves = pq.read_table(result.curves_path).to_pylist()
+    assert [row["step"] for row in curves] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_saved_adapter_loads_with_plain_peft_and_holds_only_lora_weights(run, request, tiny_model_dir):
+    from peft import PeftModel
+
+    _, result, _ = request.getfixturevalue(run)
+    assert result.checkpoint_path.endswith("/adapter")
+    weights = load_file(os.path.join(result.checkpoint_path, "adapter_model.safetensors"))
+    assert weights and all(".lora_A." in key or ".lora_B." in key for key in weights)
+    assert all("language_model" in key for key in weights)
+    assert any(tensor.abs().max() > 0 for key, tensor in weights.items() if "lora_B" in key)  # trained
+    base = load_llava(tiny_model_dir).model
+    model = PeftModel.from_pretrained(base, result.checkpoint_path)
+    loaded = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    assert len(loaded) == sum("lora_B" in key for key in weights)
+    assert any(p.abs().max() > 0 for p in loaded.values())
+
+
+def test_wandb_offline_writes_its_run_dir_and_the_curves_parquet_has_the_logged_steps(zero3):
+    cfg, result, curves = zero3
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
+    assert runs and any(path.suffix == ".wandb" for path in runs[0].iterdir())
+    assert result.curves_path == str(cfg.run_dir / "train" / "dpo_curves.parquet")
+    columns = set(curves[0])
+    assert {"step", "epoch", "lr", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies", "logps/chosen", "logps/ref_chosen", "samples_per_s", "time"} <= columns
+    assert [row["step"] for row in curves] == [2, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def sft_then_dpo(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
+    """The demo's chain with plain DDP: a full supervised fine-tune, then LoRA DPO from its model."""
+    tmp = tmp_path_factory.mktemp("chain")
+    ddp = ("name=chain", "train.deepspeed.enabled=false")
+    sft = _train(tmp, synth_world[0], tiny_model_dir, *ddp, "train.sft.max_steps=4", "train.sft.learning_rate=2e-3",
+                 stage="sft")
+    dpo = _train(tmp, synth_world[0], sft[1].checkpoint_path, *ddp, dataset=preference_rows)
+    return sft, dpo
+
+
+def test_sft_full_finetune_saves_a_model_that_load_llava_loads(sft_then_dpo, tiny_model_dir):
+    (cfg, result, curves), _ = sft_then_dpo
+    assert result.checkpoint_path.endswith("/model") and [row["step"] for row in curves] == [2, 4]
+    assert curves[-1]["loss"] < curves[0]["loss"]
+    trained, base = load_llava(result.checkpoint_path), load_llava(tiny_model_dir)
+    weight = lambda loaded, name: dict(loaded.model.named_parameters())[name]  # noqa: E731
+    assert not torch.equal(weight(trained, "lm_head.weight"), weight(base, "lm_head.weight"))
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert torch.equal(weight(trained, projector), weight(base, projector))  # the vision side stays frozen
+    assert trained.tokenizer.get_vocab() == base.tokenizer.get_vocab()
+
+
+def test_dpo_with_ddp_trains_lora_on_top_of_the_sft_model(sft_then_dpo):
+    from peft import PeftModel
+
+    (_, sft, _), (_, dpo, curves) = sft_then_dpo
+    assert curves[-1]["loss"] < LN2 - 0.005 and curves[-1]["rewards/margins"] > 0
+    model = PeftModel.from_pretrained(load_llava(sft.checkpoint_path).model, dpo.checkpoint_path)
+    assert model.peft_config["default"].base_model_name_or_path == sft.checkpoint_path
