@@ -155,6 +155,8 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(10, gt=0)
     seed: int = 42
     sft: SftStageConfig = Field(default_factory=SftStageConfig)
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoint storage; default <run_dir>/train; a cloud URI (s3://...) is passed on")
 
 
 class ScalingSection(_Section):
