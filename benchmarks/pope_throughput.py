@@ -1,28 +1,46 @@
-"""POPE throughput: our Ray Data predictor (score and generate modes) vs the batch-1 generate loop.
+"""POPE throughput: our Ray Data predictor (prefix reuse, plain score, generate) vs the batch-1 generate loop.
 
-Everything runs in ONE process and one run, on the same model folder and the same questions:
+Everything runs in ONE process and one run, on the same model and the same questions:
 
 * **baseline**: the HA-DPO / LLaVA evaluation loop: one question at a time, image loaded and
-  preprocessed per question, greedy ``generate`` with 3 new tokens (as GPU.md's baseline);
-* **ours, score**: `orchestrator.eval.predictor` through Ray Data (an actor pool, length-sorted
-  batches, left padding), one forward pass per batch reading the "Yes"/"No" logits;
+  preprocessed per question, greedy ``generate`` with 3 new tokens (as GPU.md's baseline); timed on
+  ``--baseline-questions`` questions (default 100) and extrapolated to all of them;
+* **ours, prefix reuse** (``eval.prefix_reuse``, the default score mode): `orchestrator.eval.predictor`
+  through Ray Data with rows grouped by image; per image the vision tower and the image + system
+  prefix (~611 tokens at the 7B shape) run once, batched over ``--prefix-images`` images, and all the
+  image's questions from the three splits are answered in one more forward against the cached
+  prefix (`orchestrator.eval.prefix_cache`); "Yes"/"No" logits as below. Runs on ALL questions;
+* **ours, plain score**: the same actors, whole prompts, length-sorted batches of ``--batch-size``,
+  one forward per batch reading the "Yes"/"No" logits at the last position;
 * **ours, generate**: the same actors with batched greedy ``generate`` (3 new tokens).
 
-The model is the real LLaVA-1.5-7B shape (CLIP ViT-L/14-336, Vicuna-7B, 32064 vocab, bf16, SDPA),
-built from configs with RANDOM weights (no download: the answers are meaningless, the throughput is
-real), saved once as a llava-hf folder that the actors load. Its tokenizer is the project's word-level
-one (so prompts are a few tokens shorter than with LLaMA's). Questions are POPE-structured:
-N images x 6 questions x 3 splits, from the synthetic world generator at 336 px.
+The plain score and generate modes run on the questions of ``--compare-images`` images (default
+100, i.e. 1,800 questions), their seconds for all questions are extrapolated (marked ``*``).
+
+The model is the real LLaVA-1.5-7B shape (CLIP ViT-L/14-336: 576 image tokens, Vicuna-7B, 32064
+vocab, bf16, SDPA) with RANDOM weights (no download: answers are meaningless, throughput is real).
+By default (``--weights random-init``) only its config and processor are written; the driver and
+each Ray actor build the model directly on the GPU in bf16 from the config (a few seconds, no 14 GB
+weight file). Its tokenizer is the project's word-level one (prompts a few tokens shorter than with
+LLaMA's). Questions are POPE-structured: N images x 6 questions x 3 splits (the splits share the
+images and the yes-questions), from the synthetic world generator at 336 px.
 
 ``--tiny`` swaps in the tiny LLaVA on CPU as a smoke test of the whole path (numbers meaningless).
 
-Reported: questions/s in steady state (from the arrival of a first, one-batch block to the last
-block, so model loading and warm-up are excluded as they are for the baseline loop) and end to end (actor start and model
-load included), and the ratio to the baseline. The figures GPU.md measured on an H100 are printed
-beside them for reference.
+Reported per method: questions/s in steady state (from the arrival of a first, small warm-up block
+to the last block, so actor start, model build and warm-up are excluded as they are for the
+baseline loop) and end to end; seconds for all questions; ratio to the batch-1 loop and to plain
+batched scoring; achieved TFLOP/s against the 793 TFLOP/s bf16 ceiling GPU.md measured, with
 
-    python benchmarks/pope_throughput.py --tiny                     # CPU smoke test, ~1 minute
-    python benchmarks/pope_throughput.py --images 100 --batch-size 32   # one GPU
+    FLOPs = 2 * params_LM * (LM tokens computed) + 2 * params_vision * 577 * (images encoded)
+
+(params_LM = language model with embeddings and LM head, as GPU.md's 8.5 TFLOP per question;
+tokens computed: the whole prompt per question for the plain modes, plus ``max_new_tokens - 1``
+decode steps for generate; for prefix reuse, one prefix per image plus each distinct question
+suffix); and peak GPU memory in use on the device (sampled every 0.1 s, all processes).
+
+    python benchmarks/pope_throughput.py --tiny                        # CPU smoke test, ~1-2 minutes
+    python benchmarks/pope_throughput.py --images 500                  # one H100: 9,000 questions, ~5 minutes
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,12 +60,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from orchestrator.eval.milebench import LlavaModel  # noqa: E402
+
 # Figures from shared/docs/GPU.md (H100 80GB, transformers 5.17, 2026-11-25), questions/s.
 GPU_MD_REFERENCE = {
     "batch-1 generate, 3 new tokens": 10.4,
     "batched generate, batch 32, 3 new tokens": 45.4,
     "one forward yes/no scoring, batch 16-64": 50.7,
 }
+CEILING_TFLOPS = 793.0   # bf16 8192^3 matmul measured on the H100 (GPU.md)
 
 log = logging.getLogger("pope_throughput")
 
@@ -55,11 +77,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny LLaVA on CPU (smoke test)")
     parser.add_argument("--images", type=int, default=None, help="POPE images (x 6 questions x 3 splits); "
-                        "default 100 (tiny: 4)")
+                        "default 500 = 9,000 questions (tiny: 4)")
     parser.add_argument("--baseline-questions", type=int, default=None,
-                        help="questions timed in the batch-1 loop (default 120; tiny: 24)")
-    parser.add_argument("--batch-size", type=int, default=None, help="our model batch size (default 32; tiny: 8)")
-    parser.add_argument("--modes", nargs="+", default=["score", "generate"], choices=["score", "generate"])
+                        help="questions timed in the batch-1 loop (default 100; tiny: 18), extrapolated")
+    parser.add_argument("--compare-images", type=int, default=None,
+                        help="images whose questions the plain score and generate modes answer "
+                             "(default 100; tiny: all), extrapolated")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="plain score / generate model batch (default 32; tiny: 8)")
+    parser.add_argument("--prefix-images", type=int, default=None,
+                        help="images per prefix-reuse model batch and Ray Data block (default 16; tiny: 2)")
+    parser.add_argument("--modes", nargs="+", default=["baseline", "prefix", "score", "generate"],
+                        choices=["baseline", "prefix", "score", "generate"])
+    parser.add_argument("--weights", choices=["random-init", "saved"], default="random-init",
+                        help="7B shape: build random bf16 weights on the GPU in each process from the config "
+                             "(default), or save them once (14 GB) and load")
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="default 4 with a GPU, 1 without")
     parser.add_argument("--max-new-tokens", type=int, default=3)
@@ -73,45 +105,95 @@ def parse_args(argv=None):
 # Model and questions
 
 
-def build_llava15_7b_shape(out_dir: Path, texts: list[str], device: str) -> Path:
-    """A LLaVA-1.5-7B-shaped llava-hf folder with random bf16 weights (built on `device`, fast on a GPU)."""
-    import torch
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+def llava15_7b_config(tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    from orchestrator.model.llava import CLIP_MEAN, CLIP_STD, build_word_tokenizer
     from orchestrator.model.templates import IMAGE_PLACEHOLDER
 
-    tokenizer = build_word_tokenizer(texts)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
     text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
                          image_seq_length=576, projector_hidden_act="gelu",
                          vision_feature_select_strategy="default", vision_feature_layer=-2)
     config.pad_token_id = 0
+    return config
+
+
+def random_model(model_dir: Path | str, device: str):
+    """The folder's LLaVA config with random bf16 weights, built directly on `device` (no CPU init)."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    return model.eval()
+
+
+def random_loaded(model_dir: Path | str, device: str):
+    """`LoadedLlava` (as `load_llava` returns) for a random-init model folder (config + processor only)."""
+    from orchestrator.model.llava import LoadedLlava, load_processor, tokens_per_image
+
+    model = random_model(model_dir, device)
+    processor = load_processor(model_dir)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    image_processor = processor.image_processor
+    return LoadedLlava(model=model, processor=processor, tokenizer=tokenizer,
+                       image_token_id=model.config.image_token_index, tokens_per_image=tokens_per_image(model.config),
+                       image_size=image_processor.crop_size["height"], image_mean=tuple(image_processor.image_mean))
+
+
+class RandomInitLlava(LlavaModel):
+    """`LlavaModel` whose weights are random bf16, built on the GPU from the folder's config (no weight file)."""
+
+    name = "llava-random-init"
+
+    def init_components(self, config: dict) -> None:
+        import torch
+
+        self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.template = config.get("template", "llava_v1")
+        self.loaded = random_loaded(config["model_path"], str(self.device))
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.tokens_per_image = self.loaded.tokens_per_image
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.loaded.image_token_id)
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._yes_no = None
+
+
+def build_llava15_7b_shape(out_dir: Path, texts: list[str], device: str, save_weights: bool) -> Path:
+    """A LLaVA-1.5-7B-shaped llava-hf folder: config + processor, and random bf16 weights if `save_weights`."""
+    import torch
+    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+
+    from orchestrator.model.llava import CLIP_MEAN, CLIP_STD, build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(texts)
+    config = llava15_7b_config(tokenizer)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                               image_mean=CLIP_MEAN, image_std=CLIP_STD),
         tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    n = sum(p.numel() for p in model.parameters())
+    if not save_weights:
+        config.save_pretrained(out_dir)
+        return out_dir
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    log.info("built a LLaVA-1.5-7B-shaped model (%.2fB parameters, random bf16) at %s", n / 1e9, out_dir)
     return out_dir
 
 
@@ -122,16 +204,19 @@ def make_world_and_model(args, workdir: Path, device: str):
 
     size = TinyModelConfig().image_size if args.tiny else 336
     synth = SynthConfig(seed=0, num_images=2, num_pope_images=args.images, image_size=size, milebench_tasks=0)
-    world = workdir / "world"
+    world = workdir / f"world-{args.images}-{size}"
     if not (world / "world.json").is_file():
         generate_world(world, synth)
     texts = [" ".join(world_vocabulary(synth))]
-    model_dir = workdir / ("tiny-llava" if args.tiny else "llava15-7b-random")
-    if not (model_dir / "config.json").is_file():
-        if args.tiny:
+    if args.tiny:
+        model_dir = workdir / "tiny-llava"
+        if not (model_dir / "config.json").is_file():
             build_tiny_llava(model_dir, texts, TinyModelConfig(), seed=0)
-        else:
-            build_llava15_7b_shape(model_dir, texts, device)
+        return world, model_dir
+    save = args.weights == "saved"
+    model_dir = workdir / ("llava15-7b-random" if save else "llava15-7b-config")
+    if not (model_dir / "config.json").is_file() or (save and not list(model_dir.glob("*.safetensors"))):
+        build_llava15_7b_shape(model_dir, texts, device, save_weights=save)
     return world, model_dir
 
 
@@ -147,10 +232,92 @@ def pope_questions(world: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The two ways of answering
+# FLOP accounting
 
 
-def baseline_loop(model_dir: Path, items: list[dict], device: str, max_new_tokens: int) -> dict:
+def flop_model(model_dir: Path) -> dict:
+    """Parameter counts (from the config, on the meta device) and token counts per question."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    vision = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+    lm = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
+    v = config.vision_config
+    return {"params_lm": lm, "params_vision": vision, "vision_tokens": (v.image_size // v.patch_size) ** 2 + 1}
+
+
+def token_counts(model_dir: Path, items: list[dict]) -> dict:
+    """Per item: prompt length; per image: prefix length and distinct suffixes (for prefix reuse)."""
+    from orchestrator.model.llava import load_processor
+    from orchestrator.model.templates import build_prompt, encode_prompt
+
+    processor = load_processor(model_dir)
+    tokenizer = processor.tokenizer
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    image_token = config.image_token_index
+    per_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    prompt_len, prefix_len, suffixes = {}, {}, {}
+    for item in items:
+        ids = encode_prompt(tokenizer, build_prompt(item["question"], "llava_v1"), image_token, per_image)
+        last = max(k for k, t in enumerate(ids) if t == image_token)
+        prompt_len[(item["split"], item["item_id"])] = len(ids)
+        prefix_len[item["images"][0]] = last + 1
+        suffixes.setdefault(item["images"][0], set()).add(tuple(ids[last + 1:]))
+    return {"prompt_len": prompt_len, "prefix_len": prefix_len, "suffixes": suffixes}
+
+
+def flops_per_question(mode: str, items: list[dict], counts: dict, fm: dict, max_new_tokens: int) -> float:
+    """Average FLOPs computed per question of `items` by a method (formula in the module doc)."""
+    vision = 2.0 * fm["params_vision"] * fm["vision_tokens"]
+    if mode == "prefix":
+        images = {item["images"][0] for item in items}
+        tokens = sum(counts["prefix_len"][i] + sum(len(s) for s in counts["suffixes"][i]) for i in images)
+        return (2.0 * fm["params_lm"] * tokens + vision * len(images)) / len(items)
+    extra = max_new_tokens - 1 if mode in ("baseline", "generate") else 0
+    tokens = sum(counts["prompt_len"][(item["split"], item["item_id"])] + extra for item in items)
+    return (2.0 * fm["params_lm"] * tokens + vision * len(items)) / len(items)
+
+
+class MemorySampler:
+    """Peak GPU memory in use on the device (all processes), sampled every 0.1 s from the driver."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.peak, self._stop = enabled, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if enabled else None
+
+    def _run(self):
+        import torch
+
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            self._stop.wait(0.1)
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def gib(self):
+        return self.peak / 2 ** 30 if self.enabled else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The ways of answering
+
+
+def baseline_loop(model_dir: Path, items: list[dict], device: str, max_new_tokens: int, random_init: bool) -> dict:
     """HA-DPO's / LLaVA's POPE loop: per question, load + preprocess the image, greedy generate."""
     import torch
 
@@ -158,7 +325,7 @@ def baseline_loop(model_dir: Path, items: list[dict], device: str, max_new_token
     from orchestrator.model.llava import load_llava, pixel_values
     from orchestrator.model.templates import build_prompt, encode_prompt
 
-    loaded = load_llava(model_dir, dtype="auto", device=device)
+    loaded = random_loaded(model_dir, device) if random_init else load_llava(model_dir, dtype="auto", device=device)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
 
     def answer(item):
@@ -180,49 +347,75 @@ def baseline_loop(model_dir: Path, items: list[dict], device: str, max_new_token
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
     del model, loaded
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"questions": len(items), "seconds": seconds, "qps": len(items) / seconds, "qps_wall": None,
-            "prompt_tokens": sum(lengths) / len(lengths)}
+            "prompt_tokens": sum(lengths) / len(lengths), "peak_gib": peak}
 
 
-def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool) -> dict:
+def _image_blocks(table, items: list[dict], images_per_block: int) -> list:
+    """Blocks of `images_per_block` whole images each (items sorted by image); the first one warms up."""
+    starts, current = [], None
+    for k, item in enumerate(items):
+        if item["images"][0] != current:
+            starts.append(k)
+            current = item["images"][0]
+    cuts = starts[::images_per_block] + [len(items)]
+    return [table.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
+
+
+def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, adapter) -> dict:
     """Our predictor through Ray Data; steady-state q/s from the first answered block to the last."""
     import ray
 
     from orchestrator.eval.predictor import PredictorSettings, items_table, predict
 
-    settings = PredictorSettings(run_id=f"bench-{mode}", model_path=str(model_dir), mode=mode,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                 dtype="auto")
-    # a first block of one batch warms the actor up; the steady state is timed from its arrival
-    rows_per_block = args.batch_size * 4
-    table = items_table(sorted(items, key=lambda i: (len(i["question"]), i["split"], i["item_id"])))
-    cuts = [0, min(args.batch_size, table.num_rows)]
-    while cuts[-1] < table.num_rows:
-        cuts.append(min(cuts[-1] + rows_per_block, table.num_rows))
-    blocks = [table.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
+    prefix = mode == "prefix"
+    settings = PredictorSettings(run_id=f"bench-{mode}", model_path=str(model_dir),
+                                 mode="generate" if mode == "generate" else "score",
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype="auto",
+                                 prefix_reuse=prefix, prefix_images=args.prefix_images, model_adapter=adapter)
+    if prefix:
+        # grouped by image (as run_eval feeds them): one block = whole images, all their questions
+        ordered = sorted(items, key=lambda i: (i["images"][0], i["split"], i["item_id"]))
+        table = items_table(ordered)
+        blocks = _image_blocks(table, ordered, args.prefix_images)
+    else:
+        # length-sorted blocks of 4 batches; the steady state is timed from the first block's arrival
+        rows_per_block = args.batch_size * 4
+        table = items_table(sorted(items, key=lambda i: (len(i["question"]), i["split"], i["item_id"])))
+        blocks = [table.slice(a, rows_per_block) for a in range(0, table.num_rows, rows_per_block)]
     cpus = args.cpus_per_actor or (4.0 if use_gpu else 1.0)
+    # one block per actor call (Ray Data needs an explicit batch size with GPUs: a block's rows)
     answered = predict(ray.data.from_arrow(blocks), settings, num_actors=args.num_actors, cpus_per_actor=cpus,
-                       gpus_per_actor=1.0 if use_gpu else 0.0)
+                       gpus_per_actor=1.0 if use_gpu else 0.0, batch_size=max(b.num_rows for b in blocks))
     started = time.perf_counter()
     first_at, first_rows, rows, errors, batch_sizes = None, 0, 0, 0, []
-    for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows += block.num_rows
-        errors += sum(1 for e in block.column("error").to_pylist() if e)
-        batch_sizes += block.column("batch_size").to_pylist()
-        if first_at is None:
-            first_at, first_rows = time.perf_counter(), rows
+    with MemorySampler(use_gpu) as memory:
+        for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows += block.num_rows
+            errors += sum(1 for e in block.column("error").to_pylist() if e)
+            batch_sizes += block.column("batch_size").to_pylist()
+            if first_at is None:
+                first_at, first_rows = time.perf_counter(), rows
     finished = time.perf_counter()
     steady_rows, steady_seconds = rows - first_rows, finished - (first_at or finished)
     # under a second of steady state (tiny runs) is too short to time: reported as NaN
     return {"questions": rows, "seconds": finished - started, "errors": errors,
             "qps": steady_rows / steady_seconds if steady_rows and steady_seconds >= 1.0 else float("nan"),
-            "qps_wall": rows / (finished - started), "mean_batch": sum(batch_sizes) / max(len(batch_sizes), 1)}
+            "qps_wall": rows / (finished - started), "mean_batch": sum(batch_sizes) / max(len(batch_sizes), 1),
+            "peak_gib": memory.gib}
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str, width: int) -> str:
+    if value is None or value != value:
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{spec}}"
 
 
 def main(argv=None) -> int:
@@ -230,38 +423,54 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
 
+    t_start = time.perf_counter()
     use_gpu = torch.cuda.is_available() and not args.tiny
     device = "cuda" if use_gpu else "cpu"
     if not args.tiny and not use_gpu:
         print("no GPU: the 7B shape on CPU would take hours; use --tiny for a smoke test", file=sys.stderr)
         return 2
-    args.images = args.images or (4 if args.tiny else 100)
-    args.baseline_questions = args.baseline_questions or (24 if args.tiny else 120)
+    args.images = args.images or (4 if args.tiny else 500)
+    args.baseline_questions = args.baseline_questions or (18 if args.tiny else 100)
+    args.compare_images = min(args.compare_images or (args.images if args.tiny else 100), args.images)
     args.batch_size = args.batch_size or (8 if args.tiny else 32)
+    args.prefix_images = args.prefix_images or (2 if args.tiny else 16)
+    random_init = not args.tiny and args.weights == "random-init"
+    adapter = RandomInitLlava if random_init else None
     if use_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pope-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        t0 = time.perf_counter()
         world, model_dir = make_world_and_model(args, workdir, device)
         items = pope_questions(world)
-        log.info("%d POPE questions (%d images x 6 x 3 splits); model and world ready in %.0fs",
-                 len(items), args.images, time.perf_counter() - t0)
+        images = sorted({item["images"][0] for item in items})
+        compare = set(images[: args.compare_images])
+        compare_items = [item for item in items if item["images"][0] in compare]
+        fm = flop_model(model_dir)
+        counts = token_counts(model_dir, items)
+        log.info("%d POPE questions (%d images x 6 x 3 splits, %d distinct image+question pairs); "
+                 "model and world ready in %.0fs", len(items), len(images),
+                 sum(len(s) for s in counts["suffixes"].values()), time.perf_counter() - t_start)
 
         results = {}
-        # the loop walks images in order (as the question files list them), spread over the splits
-        baseline_items = items[:: max(1, len(items) // args.baseline_questions)][: args.baseline_questions]
-        results["baseline"] = baseline_loop(model_dir, baseline_items, device, args.max_new_tokens)
-        log.info("baseline: %.2f questions/s", results["baseline"]["qps"])
+        if "baseline" in args.modes:
+            # the loop walks images in order (as the question files list them), spread over the splits
+            baseline_items = items[:: max(1, len(items) // args.baseline_questions)][: args.baseline_questions]
+            results["baseline"] = baseline_loop(model_dir, baseline_items, device, args.max_new_tokens, random_init)
+            results["baseline"]["items"] = baseline_items
+            log.info("baseline: %.2f questions/s", results["baseline"]["qps"])
 
         import ray
 
         if not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), num_gpus=1 if use_gpu else 0, include_dashboard=False,
                      _temp_dir=str(workdir / "ray"), log_to_driver=True)
-        for mode in args.modes:
-            results[mode] = ours(model_dir, items, mode, args, use_gpu)
+        for mode in ("prefix", "score", "generate"):
+            if mode not in args.modes:
+                continue
+            mode_items = items if mode == "prefix" else compare_items
+            results[mode] = ours(model_dir, mode_items, mode, args, use_gpu, adapter)
+            results[mode]["items"] = mode_items
             log.info("ours (%s): %.2f questions/s steady, %.2f end to end", mode, results[mode]["qps"],
                      results[mode]["qps_wall"])
         ray.shutdown()
@@ -270,29 +479,68 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     name = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({os.cpu_count()} cores)"
-    shape = "tiny LLaVA (smoke test: numbers meaningless)" if args.tiny else "LLaVA-1.5-7B shape, random bf16, SDPA"
-    base = results["baseline"]["qps"]
-    print(f"\nPOPE throughput on {name}; {shape}; {len(items)} questions, batch {args.batch_size}, "
-          f"{args.max_new_tokens} new tokens in generate modes")
-    print(f"{'method':<46} {'questions':>9} {'q/s steady':>11} {'q/s e2e':>9} {'x baseline':>11}")
-    # "x baseline" compares steady states; where no steady state could be timed, the end-to-end figure
+    import transformers
+
+    shape = ("tiny LLaVA (smoke test: numbers meaningless)" if args.tiny else
+             "LLaVA-1.5-7B shape, random bf16 weights, SDPA")
+    n_all = len(items)
     labels = {"baseline": "batch-1 generate loop (HA-DPO / LLaVA)",
-              "score": "ours: Ray Data, score (1 forward, Yes/No)",
+              "prefix": "ours: Ray Data, score, prefix reuse",
+              "score": "ours: Ray Data, plain score (1 forward)",
               "generate": "ours: Ray Data, batched generate"}
+
+    def qps(result):  # steady state where timed, else end to end
+        return result["qps"] if result["qps"] == result["qps"] else (result["qps_wall"] or float("nan"))
+
+    base = qps(results["baseline"]) if "baseline" in results else None
+    plain = qps(results["score"]) if "score" in results else None
+    print(f"\nPOPE throughput on {name}; {shape}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"{n_all} questions ({len(images)} images x 6 x 3 splits); plain score / generate batch {args.batch_size}, "
+          f"prefix reuse {args.prefix_images} images per batch; {args.max_new_tokens} new tokens in generate modes")
+    header = (f"{'method':<40} {'timed q':>7} {'q/s':>8} {'q/s e2e':>8} {'s, all ' + str(n_all):>11} "
+              f"{'x loop':>7} {'x plain':>7} {'TFLOP/q':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>8}")
+    print(header)
+    print("-" * len(header))
+    table = {}
     for key, result in results.items():
-        e2e = f"{result['qps_wall']:>9.2f}" if result.get("qps_wall") else f"{'-':>9}"
-        steady = f"{result['qps']:>11.2f}" if result["qps"] == result["qps"] else f"{'-':>11}"
-        ratio = result["qps"] / base if result["qps"] == result["qps"] else result["qps_wall"] / base
-        print(f"{labels[key]:<46} {result['questions']:>9} {steady} {e2e} {ratio:>11.2f}")
-    for key in args.modes:
-        if results[key]["errors"]:
-            print(f"WARNING: {results[key]['errors']} error rows in {key} mode")
-    print("\nreference, GPU.md (H100 80GB, same model shape): " +
+        rate = qps(result)
+        measured_all = key == "prefix" and result["questions"] == n_all
+        seconds_all = result["seconds"] if measured_all else n_all / rate
+        per_q = flops_per_question(key, result["items"], counts, fm, args.max_new_tokens)
+        tflops = per_q * rate / 1e12
+        row = {"questions_timed": result["questions"], "qps": rate, "qps_e2e": result.get("qps_wall"),
+               "seconds_all": seconds_all, "seconds_all_measured": measured_all,
+               "x_loop": rate / base if base else None, "x_plain": rate / plain if plain else None,
+               "tflop_per_question": per_q / 1e12, "tflops": tflops, "pct_ceiling": 100 * tflops / CEILING_TFLOPS,
+               "peak_gib": result.get("peak_gib"), "errors": result.get("errors", 0)}
+        table[key] = row
+        seconds_text = f"{seconds_all:.1f}" + ("" if measured_all else "*")
+        print(f"{labels[key]:<40} {result['questions']:>7} {_fmt(rate, '.2f', 8)} {_fmt(row['qps_e2e'], '.2f', 8)} "
+              f"{seconds_text:>11} {_fmt(row['x_loop'], '.2f', 7)} {_fmt(row['x_plain'], '.2f', 7)} "
+              f"{per_q / 1e12:>8.3f} {_fmt(tflops, '.1f', 8)} {_fmt(row['pct_ceiling'], '.1f', 6)} "
+              f"{_fmt(row['peak_gib'], '.1f', 8)}")
+    print("q/s: steady state (first warm-up block excluded; end to end where too short to time); "
+          "* = extrapolated from the timed questions;\n"
+          "s, all: prefix reuse measured end to end on all questions (actor start + model build included); "
+          f"TFLOP/s = FLOPs computed / time, FLOPs = 2 * {fm['params_lm'] / 1e9:.2f}B (LM) * LM tokens + "
+          f"2 * {fm['params_vision'] / 1e9:.2f}B (vision) * {fm['vision_tokens']} * images encoded; "
+          f"ceiling {CEILING_TFLOPS:.0f} TFLOP/s (GPU.md);\n"
+          "peak GiB: device memory in use (sampled, all processes; batch-1 loop: torch max allocated)")
+    for key in table:
+        if table[key]["errors"]:
+            print(f"WARNING: {table[key]['errors']} error rows in {key} mode")
+    if "prefix" in table and "score" in table:
+        ratio = (table["score"]["tflop_per_question"] / table["prefix"]["tflop_per_question"])
+        print(f"prefix reuse computes {ratio:.1f}x fewer FLOPs per question than plain scoring "
+              f"({sum(len(s) for s in counts['suffixes'].values())} distinct image+question pairs of {n_all})")
+    print("reference, GPU.md (H100 80GB, same model shape): " +
           "; ".join(f"{k}: {v} q/s" for k, v in GPU_MD_REFERENCE.items()))
-    print(f"baseline prompt length here: {results['baseline']['prompt_tokens']:.0f} tokens")
+    if "baseline" in results:
+        print(f"baseline prompt length here: {results['baseline']['prompt_tokens']:.0f} tokens")
+    print(f"total benchmark time {time.perf_counter() - t_start:.0f}s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "shape": shape, "args": vars(args),
-                                               "results": results, "reference": GPU_MD_REFERENCE}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": name, "shape": shape, "args": vars(args), "results": table,
+                                               "reference": GPU_MD_REFERENCE}, indent=2, default=str))
     return 0
 
 

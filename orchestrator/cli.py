@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, load_config
@@ -128,11 +129,64 @@ def cmd_plan(args) -> int:
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
+DEMO_SEEDS = [1, 2, 3]
+
+
+def demo_table(run_dir: Path) -> tuple[str, bool]:
+    """The seed's POPE table (HA-DPO x = baseline, v = mean over DPO seeds +- std) and the verdict.
+
+    HA-DPO passes when it lowers the adversarial yes-ratio and raises adversarial F1 by more than the
+    spread (max - min) of the DPO seeds.
+    """
+    from orchestrator.report import load_run, pope_results
+
+    results = pope_results([load_run(run_dir)])
+    lines = [f"{'model':<12} {'split':<12} {'HA-DPO':<6} {'accuracy':>14} {'precision':>14} {'recall':>14} "
+             f"{'F1':>14} {'yes-ratio':>14}"]
+    lines.append("-" * len(lines[0]))
+    for split in ["random", "popular", "adversarial", "mean"]:
+        for role, mark in (("before", "x"), ("after", "v")):
+            part = results[(results["split"] == split) & (results["role"] == role)]
+            if part.empty:
+                continue
+            cells = []
+            for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+                values = 100 * part[metric]
+                spread = f" ±{values.std(ddof=1):.2f}" if len(values) > 1 else ""
+                cells.append(f"{values.mean():.2f}{spread}".rjust(14))
+            lines.append(f"{'tiny LLaVA':<12} {split:<12} {mark:<6} " + " ".join(cells))
+    adversarial = results[results["split"] == "adversarial"]
+    before = adversarial[adversarial["role"] == "before"]
+    after = adversarial[adversarial["role"] == "after"]
+    if before.empty or after.empty:
+        return "\n".join(lines), False
+    f1_gain = 100 * (after["f1"].mean() - before["f1"].mean())
+    yes_drop = 100 * (before["yes_ratio"].mean() - after["yes_ratio"].mean())
+    f1_spread = 100 * (after["f1"].max() - after["f1"].min())
+    yes_spread = 100 * (after["yes_ratio"].max() - after["yes_ratio"].min())
+    passed = f1_gain > f1_spread and yes_drop > yes_spread
+    lines.append("")
+    lines.append(f"v = mean ± std over {after['stage'].nunique()} DPO seeds. Adversarial: F1 {f1_gain:+.2f} pp "
+                 f"(seed spread {f1_spread:.2f}), yes-ratio {-yes_drop:+.2f} pp (seed spread {yes_spread:.2f}): "
+                 + ("HA-DPO beats the seed spread." if passed else "NOT beyond the seed spread."))
+    return "\n".join(lines), passed
+
+
 def cmd_demo(args) -> int:
-    """The pipeline that exists so far, on the synthetic world and the tiny model."""
+    """The whole pipeline on the synthetic world and the tiny model, ending with the seed's table."""
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.report import build_report
+
     args.config = args.config or str(DEMO_CONFIG)
-    print(f"demo: config {args.config}")
-    return cmd_data_check(args)
+    config = _config(args)
+    started = time.time()
+    result = run_pipeline(config, dpo_seeds=DEMO_SEEDS)
+    report = build_report([config.run_dir], config.run_dir / "report")
+    table, passed = demo_table(config.run_dir)
+    print("\n" + table)
+    print(f"\nreport: {report.html}\nrun record: {result.run_record}\n"
+          f"demo finished in {time.time() - started:.0f} s (stages run: {', '.join(result.ran) or 'none'})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,7 +70,7 @@ class DataConfig(_Section):
 class TinyModelConfig(_Section):
     """Shape of the tiny built-in LLaVA (CLIP ViT + Llama), built from configs with no download."""
 
-    image_size: int = Field(64, ge=8)
+    image_size: int = Field(48, ge=8, description="48 px / 16 px patches: one image token per grid cell")
     patch_size: int = Field(16, ge=2)
     vision_hidden: int = Field(64, gt=0)
     vision_layers: int = Field(2, gt=0)
@@ -80,6 +80,9 @@ class TinyModelConfig(_Section):
     text_heads: int = Field(4, gt=0)
     text_intermediate: int = Field(192, gt=0)
     max_positions: int = Field(256, gt=0)
+    # 0.1, not transformers' 0.02: at 0.02 the tiny model's attention and projector outputs start too
+    # small next to the residual stream and it never learns to look at the image in a CPU-sized run.
+    initializer_range: float = Field(0.1, gt=0.0)
 
     @model_validator(mode="after")
     def _shapes_divide(self) -> "TinyModelConfig":
@@ -127,6 +130,11 @@ class SftStageConfig(_Section):
     learning_rate: float = Field(1e-4, gt=0.0)
     epochs: float = Field(1.0, gt=0.0)
     max_steps: int | None = Field(None, gt=0)
+    batch_size_per_worker: int | None = Field(None, gt=0, description="default: train.batch_size_per_worker")
+    train_vision: bool = Field(
+        False, description="also train the vision tower and projector (a tiny model built from scratch needs it)")
+    first_token_weight: float = Field(
+        1.0, ge=0.0, description="loss weight of each answer's first token (the Yes/No of a QA answer)")
 
 
 class TrainConfig(_Section):

@@ -17,6 +17,12 @@ each Ray Data batch:
    the batch. A batch that raises is retried item by item; an item that still raises becomes an
    error row. The run always finishes.
 
+With ``settings.prefix_reuse`` (score mode, llava-hf models), POPE items are instead grouped by
+image: the image + system prefix is computed once per image and its KV cache reused by all the
+image's questions (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
+(default ``batch_size``) images with all their questions, and a batch that raises is retried image by
+image. Feed the rows grouped by image (`run_eval` does) so that a block holds whole images.
+
 Output rows have ANSWER_SCHEMA (`orchestrator.eval.results`). With ``settings.answers_dir`` set, the
 actor also writes each answered block there (atomically, named by the block's keys) before
 returning it, so a finished block is on disk even if the actor, the driver or the run dies next;
@@ -130,20 +136,27 @@ class PredictorSettings:
     attn_implementation: str = "sdpa"
     model_adapter: Any = None            # None (LlavaModel), a class, or "module:Class"
     image_cache: int = 256               # decoded images kept per actor (POPE asks 6 questions per image)
+    prefix_reuse: bool = False           # score mode: image prefix computed once per image (prefix_cache.py)
+    prefix_images: int = 0               # images per prefix-reuse model batch (0: batch_size)
+    prefix_cache_images: int = 4         # prefix KV caches kept per actor across blocks (LRU)
     answers_dir: str = ""                # when set, each answered block is written here by the actor
     fault: dict = field(default_factory=dict)  # tests: {"exit_on_call": N, "marker": path}, see _maybe_fail
 
     def decoding(self) -> dict:
         """The settings that can change an answer (recorded with every row and hashed into run_id)."""
         return decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
-                                 self.token_budget, self.dtype)
+                                 self.token_budget, self.dtype, prefix_reuse=self.prefix_reuse)
 
 
 def decoding_settings(mode: str, template: str, answer_suffix: str, max_new_tokens: int,
-                      token_budget: int, dtype: str) -> dict:
-    return {"mode": mode, "template": template, "answer_suffix": answer_suffix, "greedy": True,
-            "max_new_tokens": int(max_new_tokens), "milebench_token_budget": int(token_budget),
-            "dtype": dtype}
+                      token_budget: int, dtype: str, prefix_reuse: bool = False) -> dict:
+    settings = {"mode": mode, "template": template, "answer_suffix": answer_suffix, "greedy": True,
+                "max_new_tokens": int(max_new_tokens), "milebench_token_budget": int(token_budget),
+                "dtype": dtype}
+    if prefix_reuse and mode == "score":
+        # same answers in exact arithmetic, different kernels in bf16: recorded (and hashed into run_id)
+        settings["prefix_reuse"] = True
+    return settings
 
 
 def resolved_dtype(dtype: str, gpus_per_actor: float) -> str:
@@ -182,6 +195,16 @@ class Predictor:
         self.decoding_json = json.dumps(settings.decoding(), sort_keys=True)
         self.gen_kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
         self._images: OrderedDict[str, Any] = OrderedDict()
+        self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
+        self.prefix = None
+        if settings.prefix_reuse and settings.mode == "score":
+            from orchestrator.eval.prefix_cache import PrefixScorer
+
+            if PrefixScorer.supports(self.model):
+                self.prefix = PrefixScorer(self.model, cache_images=settings.prefix_cache_images)
+            else:
+                log.warning("predictor %s: %s cannot reuse the image prefix; scoring whole prompts",
+                            settings.run_id, type(self.model).__name__)
         log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
 
     # -- faults (tests) -------------------------------------------------------------------------
@@ -212,6 +235,9 @@ class Predictor:
         pending = [i for i, out in enumerate(outputs) if not out["error"]]
         score = [i for i in pending if outputs[i]["mode"] == "score"]
         generate = [i for i in pending if outputs[i]["mode"] == "generate"]
+        if self.prefix is not None:
+            self._answer_by_image([i for i in score if outputs[i]["benchmark"] == "pope"], outputs)
+            score = [i for i in score if outputs[i]["benchmark"] != "pope"]
         for indices, by_images in ((score, False), (generate, True)):
             for group in self._model_batches(indices, outputs, by_images):
                 self._answer(group, outputs)
@@ -249,7 +275,7 @@ class Predictor:
                 out["_prompt"] = prompt.question
             else:
                 raise _ItemError(f"unknown benchmark {row['benchmark']!r}")
-            out["prompt_tokens"] = self.model.prompt_length(out["_prompt"], len(out["images"]))
+            out["prompt_tokens"] = self._prompt_length(out)
             limit = self.model.max_length
             extra = self.settings.max_new_tokens if out["mode"] == "generate" else 0
             if limit and out["prompt_tokens"] + extra > limit:
@@ -260,6 +286,16 @@ class Predictor:
         except Exception as error:  # a bad record must not stop the run
             out["error"] = f"{type(error).__name__}: {error}"
         return out
+
+    def _prompt_length(self, out: dict) -> int:
+        if out["benchmark"] != "pope":
+            return self.model.prompt_length(out["_prompt"], len(out["images"]))
+        length = self._pope_lengths.get(out["_prompt"])
+        if length is None:
+            if len(self._pope_lengths) >= 100_000:
+                self._pope_lengths.clear()
+            length = self._pope_lengths[out["_prompt"]] = self.model.prompt_length(out["_prompt"], 1)
+        return length
 
     def _token_budget(self) -> int:
         """The MileBench context budget, capped so that template + answer fit the model."""
@@ -320,6 +356,47 @@ class Predictor:
                 except Exception as item_error:
                     outputs[i]["error"] = f"model failed: {type(item_error).__name__}: {item_error}"
 
+    # -- score mode with the image prefix reused ------------------------------------------------
+    def _answer_by_image(self, indices: list[int], outputs: list[dict]) -> None:
+        """POPE items grouped by image, ``prefix_images`` images per model batch (see prefix_cache)."""
+        by_image: dict[str, list[int]] = {}
+        for i in indices:
+            by_image.setdefault(outputs[i]["images"][0], []).append(i)
+        paths = list(by_image)
+        per_batch = max(1, self.settings.prefix_images or self.settings.batch_size)
+        for start in range(0, len(paths), per_batch):
+            ready = []
+            for path in paths[start:start + per_batch]:
+                try:
+                    ready.append((path, self._image(path), by_image[path]))
+                except Exception as error:
+                    for i in by_image[path]:
+                        outputs[i]["error"] = f"image could not be loaded: {_reason(error)}"
+            if not ready:
+                continue
+            try:
+                self._run_by_image(ready, outputs)
+            except Exception as error:
+                if len(ready) > 1:
+                    log.warning("prefix batch of %d images failed (%s); retrying image by image", len(ready), error)
+                for group in ready:
+                    try:
+                        if len(ready) == 1:
+                            raise error
+                        self._run_by_image([group], outputs)
+                    except Exception as image_error:
+                        for i in group[2]:
+                            outputs[i]["error"] = f"model failed: {type(image_error).__name__}: {image_error}"
+
+    def _run_by_image(self, ready: list[tuple[str, Any, list[int]]], outputs: list[dict]) -> None:
+        p_yes = self.prefix.score([(path, image, [outputs[i]["_prompt"] for i in group])
+                                   for path, image, group in ready])
+        n = sum(len(group) for _, _, group in ready)
+        for (_, _, group), values in zip(ready, p_yes):
+            for i, p in zip(group, values):
+                answer = "Yes" if p >= 0.5 else "No"
+                outputs[i].update(raw_answer=answer, answer=answer.lower(), p_yes=float(p), batch_size=n)
+
     def _run(self, ready: list[int], images: list[list], outputs: list[dict]) -> None:
         questions = [outputs[i]["_prompt"] for i in ready]
         paths = [outputs[i]["images"] for i in ready]
@@ -365,12 +442,25 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
+def _largest_block_rows(ds, default: int = 256) -> int:
+    """Rows of the largest block of `ds` (block metadata only; the item datasets are small)."""
+    try:
+        rows = [bundle.num_rows() for bundle in ds.iter_internal_ref_bundles()]
+        rows = [r for r in rows if r]
+        return max(rows) if rows else default
+    except Exception as error:  # a Ray without the developer API: a fixed size
+        log.warning("could not read the block sizes (%s); batch_size %d", error, default)
+        return default
+
+
 def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_actor: float = 1.0,
             gpus_per_actor: float = 0.0, batch_size: int | None = None, max_restarts: int | None = None):
     """`ds` (a Ray Dataset of ITEM_SCHEMA rows) mapped through a pool of `Predictor` actors.
 
     Lazy: returns the answered Dataset (ANSWER_SCHEMA rows); `batch_size=None` gives each actor
-    call one whole block. Ray Data restarts a dead actor and retries its tasks (by default without
+    call one whole block (with GPUs, Ray Data needs a number: the largest block's row count is used,
+    so a call answers about one block; Ray may then cut a batch across two blocks, which prefix
+    reuse absorbs with its LRU of prefix caches). Ray Data restarts a dead actor and retries its tasks (by default without
     limit: ``max_restarts=-1``, ``max_task_retries=-1``); pass `max_restarts` to bound both
     (Ray 2.60 warns that this way of passing remote args is deprecated).
     """
@@ -379,6 +469,8 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
     kwargs: dict[str, Any] = {}
     if gpus_per_actor:
         kwargs["num_gpus"] = gpus_per_actor
+        if batch_size is None:  # Ray Data refuses batch_size=None with GPUs
+            batch_size = _largest_block_rows(ds)
     if max_restarts is not None:
         kwargs.update(max_restarts=max_restarts, max_task_retries=max_restarts)
     return ds.map_batches(

@@ -68,12 +68,14 @@ def build_tiny_llava(out_dir: str | Path, texts: list[str], spec: TinyModelConfi
         hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 4,
         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
         image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden,
+        initializer_range=spec.initializer_range,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_heads, max_position_embeddings=spec.max_positions,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        initializer_range=spec.initializer_range,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=image_token_id,

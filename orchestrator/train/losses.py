@@ -42,10 +42,18 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logps.sum(-1)
 
 
-def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The standard LM loss: mean negative log-likelihood over every labelled token of the batch."""
+def sft_nll(logits: torch.Tensor, labels: torch.Tensor, first_token_weight: float = 1.0) -> torch.Tensor:
+    """The standard LM loss: mean negative log-likelihood over every labelled token of the batch.
+
+    `first_token_weight` weights each row's first labelled token (for QA, the Yes/No that decides the
+    answer); the mean is taken over the weights, so 1.0 is exactly the standard loss.
+    """
     logps, mask = token_logps(logits, labels)
-    return -logps.sum() / mask.sum().clamp(min=1)
+    weights = mask.to(logps.dtype)
+    if first_token_weight != 1.0:
+        first = mask & (mask.cumsum(-1) == 1)
+        weights = weights + (first_token_weight - 1.0) * first.to(logps.dtype)
+    return -(logps * weights).sum() / weights.sum().clamp(min=1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,

@@ -90,6 +90,13 @@ class StagePlan:
     max_steps: int | None
 
 
+def stage_train_config(train: TrainConfig, stage: str) -> TrainConfig:
+    """The train section as a stage sees it: the sft stage may use its own micro-batch size."""
+    if stage == "sft" and train.sft.batch_size_per_worker:
+        return train.model_copy(update={"batch_size_per_worker": train.sft.batch_size_per_worker})
+    return train
+
+
 def stage_plan(train: TrainConfig, stage: str) -> StagePlan:
     if stage == "dpo":
         return StagePlan("dpo", train.lora.enabled, train.learning_rate, train.epochs, train.max_steps)
@@ -138,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = ExperimentConfig.model_validate(config["experiment"])
     plan = stage_plan(cfg.train, config["stage"])
-    train = cfg.train
+    train = stage_train_config(cfg.train, plan.stage)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -158,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.config.use_cache = False
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    freeze_vision(model)
+    if not (plan.stage == "sft" and train.sft.train_vision):
+        freeze_vision(model)
     reference = None
     if plan.lora:
         model = add_lora(model, train)
@@ -459,7 +467,7 @@ def compute_loss(engine: Engine, reference, inputs: Collated, stage: str, train:
     with autocast:
         logits = engine.forward(**model_inputs, use_cache=False).logits
     if stage == "sft":
-        loss = sft_nll(logits, labels)
+        loss = sft_nll(logits, labels, train.sft.first_token_weight)
         return loss, {"loss": loss.item(), "nll": loss.item()}
 
     pairs = inputs.num_examples

@@ -22,7 +22,7 @@ def test_tiny_model_is_an_ordinary_llava_hf_folder(tiny_model_dir):
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
     loaded = load_llava(tiny_model_dir)
-    assert loaded.tokens_per_image == (64 // 16) ** 2
+    assert loaded.tokens_per_image == (48 // 16) ** 2
     assert loaded.tokenizer.padding_side == "left"
 
 
@@ -40,7 +40,7 @@ def test_forward_with_image_gives_a_finite_loss(tiny_model_dir):
     ids = encode_prompt(loaded.tokenizer, build_prompt("Describe this image in detail."),
                         loaded.image_token_id, loaded.tokens_per_image)
     pixels = pixel_values(loaded, [Image.new("RGB", (80, 40), (200, 10, 10))])
-    assert pixels.shape == (1, 3, 64, 64)
+    assert pixels.shape == (1, 3, 48, 48)
     out = loaded.model(input_ids=torch.tensor([ids]), pixel_values=pixels, labels=torch.tensor([ids]))
     assert torch.isfinite(out.loss)
 
@@ -61,4 +61,4 @@ def test_ensure_model_builds_once_and_honours_a_given_path(tmp_path):
 
 def test_image_token_count_follows_the_vision_config(tiny_model_dir):
     loaded = load_llava(tiny_model_dir)
-    assert tokens_per_image(loaded.model.config) == 16
+    assert tokens_per_image(loaded.model.config) == 9

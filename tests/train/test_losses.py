@@ -121,3 +121,23 @@ def test_labels_exclude_prompt_and_image_positions_and_include_end_of_sequence(t
     logits = torch.zeros(1, len(ids), vocab)
     total = sequence_logps(logits, torch.tensor([labels])).item()
     assert total == pytest.approx(-len(answer) * math.log(vocab), rel=1e-6)
+
+
+def test_sft_first_token_weight_reweights_only_each_rows_first_answer_token():
+    import math
+
+    import torch
+
+    from orchestrator.train.losses import sft_nll
+
+    # Two rows, vocab 2, uniform logits: every labelled token has log-prob log(1/2).
+    logits = torch.zeros(2, 4, 2)
+    labels = torch.tensor([[-100, 1, 0, 1], [-100, -100, 1, 0]])
+    plain = sft_nll(logits, labels)
+    assert math.isclose(plain.item(), math.log(2), rel_tol=1e-6)
+    # Per-token log-probs differ: make the first answer token of row 0 certain.
+    logits[0, 0, 1] = 20.0  # position 0 predicts label at position 1
+    weighted = sft_nll(logits, labels, first_token_weight=4.0)
+    # tokens: row0 first (nll ~0, weight 4), row0 two more (log 2 each), row1 first (log 2, weight 4), row1 one more
+    expected = (0 * 4 + 2 * math.log(2) + 4 * math.log(2) + math.log(2)) / (4 + 2 + 4 + 1)
+    assert math.isclose(weighted.item(), expected, rel_tol=1e-4)

@@ -1,0 +1,242 @@
+"""`hadpo run`: data check -> (warm-up, synthetic only) -> baseline eval -> DPO -> eval -> report.
+
+Each stage writes to paths derived from the config and records, in ``<run_dir>/stages/<stage>.json``,
+a hash of its inputs (the config sections it reads, the data files' hashes, the upstream outputs) and
+its outputs. A re-run skips every stage whose record matches, so a crashed or interrupted pipeline
+resumes where it stopped (training itself resumes from its last checkpoint, evaluation from its
+answered items). A run record (``run_record.json``) says exactly what ran: the resolved config,
+package versions, git SHA, data and POPE file hashes, decoding settings and hardware.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.config import ExperimentConfig, dump_config
+
+log = logging.getLogger("hadpo.pipeline")
+
+RECORDED_PACKAGES = ("torch", "ray", "transformers", "peft", "deepspeed", "pyarrow", "pandas", "wandb",
+                     "pillow", "pydantic", "hadpo-orchestrator")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_file_hashes(config: ExperimentConfig) -> dict[str, str]:
+    """sha256 of every annotation/question file the run reads (images are counted, not hashed)."""
+    from orchestrator.data.datasets import milebench_task_dirs, resolve_data_paths
+
+    paths = resolve_data_paths(config)
+    files = {"hadpo_desc": paths.hadpo_desc, "hadpo_pope": paths.hadpo_pope,
+             "vg_image_data": paths.vg_image_data, "sft": paths.sft}
+    files.update({f"pope_{split}": path for split, path in paths.pope_questions.items()})
+    files.update({f"milebench_{d.name}": str(d / f"{d.name}.json") for d in milebench_task_dirs(paths)})
+    return {name: file_sha256(path) for name, path in sorted(files.items()) if path and Path(path).is_file()}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_sha(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd or Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def write_run_record(config: ExperimentConfig, extra: dict[str, Any] | None = None) -> Path:
+    """The run record: everything needed to say what ran and to reproduce it."""
+    record = {
+        "name": config.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config.model_dump(mode="json"),
+        "config_hash": config.content_hash(),
+        "packages": package_versions(),
+        "git_sha": git_sha(),
+        "data_files": data_file_hashes(config),
+        "decoding": {"mode": config.eval.mode, "max_new_tokens": config.eval.max_new_tokens,
+                     "batch_size": config.eval.batch_size, "answer_suffix": config.eval.answer_suffix,
+                     "template": config.model.eval_template, "greedy": True},
+        "hardware": hardware(),
+    }
+    record.update(extra or {})
+    path = config.run_dir / "run_record.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
+    dump_config(config, config.run_dir / "config.yaml")
+    return path
+
+
+def inputs_hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    """A pipeline stage: its name, the hash of its inputs, and the function that produces its outputs."""
+
+    name: str
+    inputs: str
+    run: Callable[[bool], dict[str, Any]]  # run(resume): resume=False starts over (inputs changed)
+
+
+@dataclass
+class PipelineResult:
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    run_record: Path | None = None
+
+
+def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) -> dict[str, Any]:
+    """Run a stage unless its record shows it already ran on the same inputs."""
+    record_path = config.run_dir / "stages" / f"{stage.name}.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("inputs") == stage.inputs:
+            log.info("stage %s: up to date (inputs %s), skipped", stage.name, stage.inputs)
+            result.skipped.append(stage.name)
+            result.outputs[stage.name] = record["outputs"]
+            return record["outputs"]
+    # A stage that started on these same inputs and was interrupted resumes; one whose inputs changed
+    # since (a new beta, say) starts over instead of continuing the old run's checkpoints.
+    started_path = record_path.with_suffix(".started")
+    resume = started_path.is_file() and started_path.read_text().strip() == stage.inputs
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    started_path.write_text(stage.inputs)
+    started = time.time()
+    log.info("stage %s: %s", stage.name, "resuming" if resume else "running")
+    outputs = stage.run(resume)
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"inputs": stage.inputs, "outputs": outputs,
+                               "seconds": round(time.time() - started, 1)}, indent=2, default=str))
+    tmp.replace(record_path)
+    log.info("stage %s: done in %.0f s", stage.name, time.time() - started)
+    result.ran.append(stage.name)
+    result.outputs[stage.name] = outputs
+    return outputs
+
+
+# Keys of the train section that only the DPO stage reads: changing them must not redo the warm-up.
+DPO_ONLY_TRAIN_KEYS = ("loss", "beta", "sft_gamma", "learning_rate", "epochs", "max_steps", "lora",
+                       "checkpoint_every_steps", "keep_checkpoints", "log_every_steps")
+
+
+def warmup_train_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The train settings the warm-up stage depends on (its input hash)."""
+    settings = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in DPO_ONLY_TRAIN_KEYS}
+    if config.train.sft.batch_size_per_worker:
+        settings.pop("batch_size_per_worker")
+    return settings
+
+
+def _pope_summary(evaluated) -> dict[str, Any]:
+    table = evaluated.pope_table
+    return {"run_id": evaluated.run_id, "answers_dir": str(evaluated.answers_dir),
+            "metrics_path": str(evaluated.metrics_path),
+            "pope": table.to_dict("records") if table is not None else [], "counts": evaluated.counts}
+
+
+def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
+                 benchmarks: tuple[str, ...] = ("pope", "milebench")) -> PipelineResult:
+    """The whole experiment. `dpo_seeds` trains one adapter per seed (the demo shows their spread)."""
+    import ray
+
+    from orchestrator.data import datasets
+    from orchestrator.eval.runner import run_eval
+    from orchestrator.ray_session import init_ray
+    from orchestrator.train.trainer import run_training
+
+    if not ray.is_initialized():
+        init_ray(config)
+    result = PipelineResult()
+    dump = config.model_dump(mode="json")
+    datasets.resolve_data_paths(config)  # generates the synthetic world on first use, so it can be hashed
+    files = data_file_hashes(config)
+
+    def check_data(resume: bool) -> dict[str, Any]:
+        out = {}
+        for name, build in [("preference", datasets.preference_dataset), ("pope", datasets.pope_dataset)]:
+            checked = build(config)
+            out[name] = {"total": checked.total, "usable": checked.accepted, "rejected": len(checked.rejects),
+                         "rejects_path": checked.rejects_path}
+        return out
+
+    run_stage(config, Stage("data", inputs_hash(dump["data"], files), check_data), result)
+
+    base_model = config.model.path
+    if config.data.uses_synthetic_world and not config.model.path:
+        def warm_up(resume: bool) -> dict[str, Any]:
+            trained = run_training(config, stage="sft", resume=resume)
+            return {"model": trained.checkpoint_path, "curves": trained.curves_path}
+
+        warm = run_stage(config, Stage("warmup", inputs_hash(dump["model"], warmup_train_settings(config), dump["data"],
+                                                             files), warm_up), result)
+        base_model = warm["model"]
+
+    eval_inputs = (dump["eval"], dump["model"]["eval_template"], files, benchmarks)
+
+    def baseline(resume: bool) -> dict[str, Any]:  # evaluation resumes by its own run id
+        return _pope_summary(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline"))
+
+    run_stage(config, Stage("eval_baseline", inputs_hash(base_model, *eval_inputs), baseline), result)
+
+    for seed in dpo_seeds or [config.train.seed]:
+        seeded = config if seed == config.train.seed and not dpo_seeds else \
+            config.model_copy(update={"name": f"{config.name}-seed{seed}",
+                                      "train": config.train.model_copy(update={"seed": seed})})
+        suffix = "" if seeded is config else f"_seed{seed}"
+
+        def dpo(resume: bool, seeded=seeded) -> dict[str, Any]:
+            trained = run_training(seeded, stage="dpo", base_model=base_model, resume=resume)
+            return {"adapter": trained.checkpoint_path, "curves": trained.curves_path, "metrics": trained.metrics}
+
+        trained = run_stage(config, Stage(f"dpo{suffix}", inputs_hash(base_model, seeded.model_dump(mode="json")["train"],
+                                                                      files), dpo), result)
+
+        def after(resume: bool, adapter=trained["adapter"], seeded=seeded) -> dict[str, Any]:
+            return _pope_summary(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,
+                                          tag="hadpo"))
+
+        run_stage(config, Stage(f"eval_hadpo{suffix}", inputs_hash(base_model, trained["adapter"], *eval_inputs),
+                                after), result)
+
+    result.run_record = write_run_record(config, {"base_model": base_model, "stages": result.outputs})
+    return result

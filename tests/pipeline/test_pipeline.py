@@ -1,0 +1,49 @@
+"""`hadpo run`: stages with recorded inputs, skipped when current, redone when their inputs change."""
+
+import json
+
+import pytest
+
+from orchestrator.config import config_from_dict
+from orchestrator.pipeline import run_pipeline
+
+SMALL = {
+    "data": {"synthetic": {"num_images": 12, "num_pope_images": 4, "image_size": 48, "milebench_tasks": 1,
+                           "milebench_samples": 2}},
+    "model": {"tiny": {"text_layers": 1, "vision_layers": 1}},
+    "train": {"max_steps": 2, "batch_size_per_worker": 4, "learning_rate": 1e-3, "max_length": 256,
+              "gradient_checkpointing": False, "checkpoint_every_steps": 2, "log_every_steps": 1,
+              "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "deepspeed": {"enabled": False},
+              "sft": {"max_steps": 2, "learning_rate": 1e-3, "train_vision": True, "batch_size_per_worker": 4}},
+    "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+    "eval": {"batch_size": 16, "cpus_per_actor": 0.5},
+}
+
+
+def config(tmp_path, **train):
+    raw = json.loads(json.dumps(SMALL))
+    raw.update({"name": "pipe", "output_root": str(tmp_path)})
+    raw["train"].update(train)
+    return config_from_dict(raw)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_resumes_and_redoes_only_what_changed(ray_session, tmp_path):
+    first = run_pipeline(config(tmp_path))
+    assert first.ran == ["data", "warmup", "eval_baseline", "dpo", "eval_hadpo"]
+    run_dir = tmp_path / "pipe"
+    record = json.loads((run_dir / "run_record.json").read_text())
+    assert record["packages"]["torch"].startswith("2.13.0") and record["packages"]["ray"] == "2.60.0"
+    assert {"pope_random", "pope_popular", "pope_adversarial", "hadpo_desc", "hadpo_pope"} <= set(record["data_files"])
+    assert record["decoding"]["mode"] == "score" and record["git_sha"]
+    assert record["config"]["train"]["beta"] == 0.1
+    baseline = json.loads((run_dir / "stages/eval_baseline.json").read_text())["outputs"]
+    assert {row["split"] for row in baseline["pope"]} == {"random", "popular", "adversarial", "mean"}
+
+    again = run_pipeline(config(tmp_path))
+    assert again.ran == [] and again.skipped == first.ran
+
+    changed = run_pipeline(config(tmp_path, beta=0.5))
+    assert changed.ran == ["dpo", "eval_hadpo"]  # the warm-up and baseline do not depend on beta
+    assert changed.outputs["dpo"]["adapter"] != first.outputs["dpo"]["adapter"] or \
+        changed.outputs["dpo"]["metrics"]["step"] == 2  # started over, not resumed past the old run
