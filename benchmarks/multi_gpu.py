@@ -322,23 +322,14 @@ def world_texts() -> list[str]:
 
 
 def matmul_tflops() -> float | None:
+    """The measured bf16 matmul ceiling, by the same probe as benchmarks/dpo_step.py (None on CPU)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / 20
-    del a, b
+    tflops = dpo_step_module().matmul_ceiling("cuda")
     torch.cuda.empty_cache()
-    return 2 * 8192 ** 3 / seconds / 1e12
+    return tflops
 
 
 def build_model_section(args, model_dir: Path) -> dict:

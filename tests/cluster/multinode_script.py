@@ -19,7 +19,7 @@ ray.init(address=cluster.address, runtime_env={"env_vars": {"WANDB_MODE": "offli
 cluster.wait_for_nodes()
 config = config_from_dict({
     "name": "multinode", "output_root": str(out),
-    "data": {"synthetic": {"num_images": 8, "num_pope_images": 4, "milebench_tasks": 0}},
+    "data": {"synthetic": {"num_images": 8, "num_pope_images": 12, "milebench_tasks": 0}},
     "model": {"tiny": {"text_layers": 1, "vision_layers": 1}},
     "train": {"max_steps": 2, "batch_size_per_worker": 2, "learning_rate": 1e-3, "checkpoint_every_steps": 2,
               "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "deepspeed": {"enabled": False},
@@ -30,6 +30,9 @@ config = config_from_dict({
     "eval": {"num_actors": 2, "cpus_per_actor": 1.5, "batch_size": 4},
 })
 trained = run_training(config, stage="dpo")
+# Start the whole actor pool before any block runs (by default actors start asynchronously, and a
+# small evaluation can finish on the first actor before the second is placed).
+ray.data.DataContext.get_current().wait_for_min_actors_s = 120
 run_eval(config, adapter=trained.checkpoint_path, benchmarks=("pope",))
 from ray.util.state import list_actors
 

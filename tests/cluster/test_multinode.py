@@ -25,7 +25,7 @@ def test_training_workers_and_eval_actors_spread_over_two_nodes(tmp_path):
     placement = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("PLACEMENT "))[10:])
     nodes = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("NODES "))[6:])
     assert len(nodes) == 2
-    train_workers = [nodes_ for name, nodes_ in placement.items() if "RayTrainWorker" in name]
-    assert train_workers and set(train_workers[0]) == set(nodes), placement
+    train_workers = [set(n) for name, n in placement.items() if "RayTrainWorker" in name]
+    assert train_workers and set().union(*train_workers) == set(nodes), placement
     eval_actors = [set(n) for name, n in placement.items() if "MapWorker" in name or "Predictor" in name]
     assert eval_actors and set().union(*eval_actors) == set(nodes), placement
