@@ -138,22 +138,22 @@ def demo_table(run_dir: Path) -> tuple[str, bool]:
     HA-DPO passes when it lowers the adversarial yes-ratio and raises adversarial F1 by more than the
     spread (max - min) of the DPO seeds.
     """
-    from orchestrator.report import load_run, pope_results
+    from orchestrator.report import load_run, pope_results, pope_summary
 
     results = pope_results([load_run(run_dir)])
+    summary = pope_summary(results).set_index(["role", "split"])
     lines = [f"{'model':<12} {'split':<12} {'HA-DPO':<6} {'accuracy':>14} {'precision':>14} {'recall':>14} "
              f"{'F1':>14} {'yes-ratio':>14}"]
     lines.append("-" * len(lines[0]))
     for split in ["random", "popular", "adversarial", "mean"]:
         for role, mark in (("before", "x"), ("after", "v")):
-            part = results[(results["split"] == split) & (results["role"] == role)]
-            if part.empty:
+            if (role, split) not in summary.index:
                 continue
+            row = summary.loc[(role, split)]
             cells = []
             for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-                values = 100 * part[metric]
-                spread = f" ±{values.std(ddof=1):.2f}" if len(values) > 1 else ""
-                cells.append(f"{values.mean():.2f}{spread}".rjust(14))
+                spread = f" ±{100 * row[f'{metric}_std']:.2f}" if row["evaluations"] > 1 else ""
+                cells.append(f"{100 * row[f'{metric}_mean']:.2f}{spread}".rjust(14))
             lines.append(f"{'tiny LLaVA':<12} {split:<12} {mark:<6} " + " ".join(cells))
     adversarial = results[results["split"] == "adversarial"]
     before = adversarial[adversarial["role"] == "before"]

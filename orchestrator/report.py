@@ -306,23 +306,29 @@ def _split_key(split: str) -> tuple:
     return (0, SPLIT_ORDER.index(split), split) if split in SPLIT_ORDER else (1, 0, split)
 
 
-def pope_results(runs: Sequence[RunData]) -> pd.DataFrame:
-    """Tidy POPE results: one row per (run, evaluation, split), values as in the parquet."""
+def _per_evaluation(runs: Sequence[RunData], frame_of, columns: list[str], with_run_id: bool) -> pd.DataFrame:
+    """One tidy frame from every evaluation of every run, each row tagged with its run, stage, role, seed."""
     frames = []
     for run in runs:
         for evaluation in run.evaluations:
-            frame = pope_frame(evaluation.metrics)
+            frame = frame_of(evaluation.metrics)
             if frame.empty:
                 continue
-            frame.insert(0, "run", run.label)
-            frame.insert(1, "stage", evaluation.stage)
-            frame.insert(2, "role", evaluation.role)
-            frame.insert(3, "seed", evaluation.seed)
-            frame.insert(4, "run_id", evaluation.run_id)
+            tags = {"run": run.label, "stage": evaluation.stage, "role": evaluation.role, "seed": evaluation.seed}
+            if with_run_id:
+                tags["run_id"] = evaluation.run_id
+            for position, (name, value) in enumerate(tags.items()):
+                frame.insert(position, name, value)
             frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=["run", "stage", "role", "seed", "run_id", "split", "n", *POPE_METRICS])
+        return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True)
+
+
+def pope_results(runs: Sequence[RunData]) -> pd.DataFrame:
+    """Tidy POPE results: one row per (run, evaluation, split), values as in the parquet."""
+    return _per_evaluation(runs, pope_frame, ["run", "stage", "role", "seed", "run_id", "split", "n", *POPE_METRICS],
+                           with_run_id=True)
 
 
 def pope_summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -342,19 +348,8 @@ def _milebench_frame(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def milebench_results(runs: Sequence[RunData]) -> pd.DataFrame:
-    frames = []
-    for run in runs:
-        for evaluation in run.evaluations:
-            frame = _milebench_frame(evaluation.metrics)
-            if len(frame):
-                frame.insert(0, "run", run.label)
-                frame.insert(1, "stage", evaluation.stage)
-                frame.insert(2, "role", evaluation.role)
-                frame.insert(3, "seed", evaluation.seed)
-                frames.append(frame)
-    if not frames:
-        return pd.DataFrame(columns=["run", "stage", "role", "seed", "scope", "name", "metric", "value", "n"])
-    return pd.concat(frames, ignore_index=True)
+    return _per_evaluation(runs, _milebench_frame,
+                           ["run", "stage", "role", "seed", "scope", "name", "metric", "value", "n"], with_run_id=False)
 
 
 def final_curve_values(curves: Sequence[Curve]) -> pd.DataFrame:
