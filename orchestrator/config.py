@@ -153,7 +153,14 @@ class TrainConfig(_Section):
     gradient_accumulation: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     max_length: int = Field(2048, gt=0)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="auto: off when the planner says the run fits in scaling.gpu_memory_gb without it")
+    prefix_sharing: bool = Field(
+        True, description="DPO: one packed row [prompt, chosen, rejected] per pair, so the shared image + prompt "
+        "prefix is computed once (eager or sdpa attention)")
+    reference_cache: bool = Field(
+        True, description="DPO: reference log-probs computed once in a Ray Data pass and cached in parquet "
+        "(keyed by sample id and reference-model hash) instead of a reference forward every step")
     bf16: bool = Field(True, description="bf16 on GPU; CPU runs always use float32")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)

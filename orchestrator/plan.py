@@ -20,9 +20,11 @@ What one GPU (one Ray Train worker) holds, per component:
 - gradients of the trainable parameters, in the training dtype; ZeRO-2/3 shard them; with
   ``offload_optimizer`` they stream to CPU and only a reduce bucket (5e8 elements) stays on the GPU.
 - activations of the policy forward kept for backward, over rows = 2 x batch_size_per_worker (chosen and
-  rejected are one batch) of seq_len tokens each. See `layer_activation_bytes_per_token`:
-  with gradient checkpointing, one hidden state per layer per token plus one layer recomputed in full;
-  without it, every layer in full.
+  rejected are one batch) of seq_len tokens each; with `train.prefix_sharing` one packed row per pair of
+  2 x seq_len - prompt tokens (the prompt, ~55 text tokens plus the image's, counted once). See
+  `layer_activation_bytes_per_token`: with gradient checkpointing, one hidden state per layer per token
+  plus one layer recomputed in full; without it, every layer in full. `gradient_checkpointing: auto`
+  turns it on only when the run would not fit in `scaling.gpu_memory_gb` without it.
 - logits: rows x seq x vocab x (4 bytes fp32 log-softmax + the bf16 logits).
 - a fixed CUDA context / NCCL / allocator overhead (`OVERHEAD_GB`).
 
@@ -35,8 +37,11 @@ adapters disabled, one H100, bf16: 22.9 GB peak allocated). With it, everything 
 to 22.9 GB there, and the total with `OVERHEAD_GB` (what nvidia-smi would show) to 24.4 GB; the raw
 per-tensor count (calibration 1.0) gives 23.7 GB allocated, 25.2 GB in total. One point cannot
 tell the per-tensor count's overstatement apart from non-coinciding peaks; figures far from that shape
-(no checkpointing, full fine-tuning, eager attention, much longer rows) are extrapolations: read them
-as +-25%.
+(full fine-tuning, eager attention, much longer rows) are extrapolations: read them as +-25%.
+Without gradient checkpointing every layer's activations are kept and the same count undershoots:
+`NO_CHECKPOINT_CALIBRATION` was fitted on two points measured by benchmarks/dpo_step.py (2026-11-30, one
+H200: packed pairs of 631 + 2 x 128 tokens, LoRA r128 dropout 0.05, bf16, no checkpointing, cached
+reference): 8 pairs 78.2 GB and 12 pairs 102.3 GB peak allocated; 0.81 gives 78.2 and 101.0.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ from orchestrator.config import ExperimentConfig, ScalingSection, TinyModelConfi
 GB = 1e9
 OVERHEAD_GB = 1.5                    # CUDA context, NCCL communicators, allocator slack
 REDUCE_BUCKET_ELEMENTS = 5e8         # DeepSpeed's default reduce_bucket_size
-ACTIVATION_CALIBRATION = 0.54        # fitted on the single GPU.md point (see the module docstring)
+ACTIVATION_CALIBRATION = 0.54        # fitted on the GPU.md point (with gradient checkpointing; module docstring)
+NO_CHECKPOINT_CALIBRATION = 0.81     # fitted on two H200 points without checkpointing (module docstring)
+PROMPT_TEXT_TOKENS = 55             # BOS + v1 system prompt + USER/ASSISTANT + a short question (LLaMA tokens)
 TINY_VOCAB_ESTIMATE = 1024           # the tiny model's vocabulary is built from the world's texts
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}   # the seed notes' rules of thumb
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -198,7 +205,8 @@ def shape_from_config(cfg: ExperimentConfig) -> ModelShape:
 
 # --------------------------------------------------------------------------------------------- memory
 def layer_activation_bytes_per_token(shape: ModelShape, train_cfg: TrainConfig, seq_len: int,
-                                     attn_implementation: str = "sdpa") -> float:
+                                     attn_implementation: str = "sdpa",
+                                     calibration: float = ACTIVATION_CALIBRATION) -> float:
     """Bytes one decoder layer keeps for backward per token, calibrated (see the module docstring).
 
     Korthikanti et al. (2022) count 34*h + 5*heads*seq bytes per token per layer for a GPT layer with
@@ -208,7 +216,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, train_cfg: TrainConfig, 
       RMSNorm x2  12*h       (fp32 up-cast input 4h + normalised bf16 2h, each)
       LoRA        3*in + 2*r per target linear (dropout mask + dropped copy of its input, rank-r output)
       eager attention adds 5*heads*seq (scores, softmax, probabilities)
-    fp32 training doubles the 16-bit terms. The sum is scaled by ACTIVATION_CALIBRATION.
+    fp32 training doubles the 16-bit terms. The sum is scaled by `calibration`.
     """
     h, i = shape.text_hidden, shape.text_intermediate
     count = 26 * h + 8 * i
@@ -219,7 +227,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, train_cfg: TrainConfig, 
     if attn_implementation == "eager":
         count += 5 * shape.text_heads * seq_len
     scale = 1.0 if train_cfg.bf16 else 2.0
-    return ACTIVATION_CALIBRATION * count * scale
+    return calibration * count * scale
 
 
 @dataclass
@@ -316,15 +324,28 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         gradients_gb = min(gradients_gb, REDUCE_BUCKET_ELEMENTS * wbytes / GB)
     components["gradients"] = gradients_gb
 
-    rows = 2 * train_cfg.batch_size_per_worker
-    tokens = rows * seq
+    checkpointing = train_cfg.gradient_checkpointing
+    if checkpointing == "auto":  # on only if the run does not fit without it
+        without = estimate_memory(shape, train_cfg.model_copy(update={"gradient_checkpointing": False}), scaling,
+                                  seq, attn_implementation=attn_implementation, overhead_gb=overhead_gb)
+        checkpointing = not fits(without)
+        notes.append(f"gradient checkpointing auto: {'on' if checkpointing else 'off'} "
+                     f"({without.total_gb:.1f} GB without it, {scaling.gpu_memory_gb:g} GB per GPU)")
+    if train_cfg.prefix_sharing:  # one packed row [prompt, chosen, rejected] per pair
+        rows = train_cfg.batch_size_per_worker
+        row_tokens = max(seq, 2 * seq - min(seq, shape.image_tokens + PROMPT_TEXT_TOKENS))
+    else:
+        rows, row_tokens = 2 * train_cfg.batch_size_per_worker, seq
+    tokens = rows * row_tokens
     act_bytes = 2.0 if train_cfg.bf16 else 4.0
-    full_layer = layer_activation_bytes_per_token(shape, train_cfg, seq, attn_implementation)
-    if train_cfg.gradient_checkpointing:
+    full_layer = layer_activation_bytes_per_token(shape, train_cfg, row_tokens, attn_implementation)
+    if checkpointing:
         components["activations (checkpoints)"] = tokens * shape.text_hidden * act_bytes * shape.text_layers / GB
         components["activations (1 layer recomputed)"] = tokens * full_layer / GB
     else:
-        components["activations (all layers)"] = tokens * full_layer * shape.text_layers / GB
+        every_layer = layer_activation_bytes_per_token(shape, train_cfg, row_tokens, attn_implementation,
+                                                       NO_CHECKPOINT_CALIBRATION)
+        components["activations (all layers)"] = tokens * every_layer * shape.text_layers / GB
     components["logits (fp32 log-softmax + copy)"] = tokens * shape.vocab_size * (4.0 + act_bytes) / GB
     components["CUDA/NCCL overhead"] = overhead_gb
 
@@ -334,8 +355,8 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         model=shape.name, total_params=shape.total_params(), lora_params=lora_params,
         trainable_params=trainable, lora=lora,
         lora_rank=train_cfg.lora.rank if lora else 0, zero_stage=stage, offload_optimizer=offload_opt,
-        offload_params=offload_par, num_workers=workers, rows=rows, seq_len=seq,
-        gradient_checkpointing=train_cfg.gradient_checkpointing, bf16=train_cfg.bf16,
+        offload_params=offload_par, num_workers=workers, rows=rows, seq_len=row_tokens,
+        gradient_checkpointing=bool(checkpointing), bf16=train_cfg.bf16,
         gpu_memory_gb=scaling.gpu_memory_gb, components=components, cpu_components=cpu, notes=notes,
     )
 
@@ -344,6 +365,13 @@ def plan_for(cfg: ExperimentConfig, seq_len: int | None = None) -> MemoryPlan:
     """`estimate_memory` for an experiment config."""
     return estimate_memory(shape_from_config(cfg), cfg.train, cfg.scaling, seq_len,
                            attn_implementation=cfg.model.attn_implementation)
+
+
+def use_gradient_checkpointing(cfg: ExperimentConfig, seq_len: int | None = None) -> bool:
+    """`train.gradient_checkpointing` resolved: "auto" asks the planner (GPU runs; CPU runs never need it)."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return bool(cfg.train.gradient_checkpointing)
+    return cfg.scaling.use_gpu and plan_for(cfg, seq_len).gradient_checkpointing
 
 
 def fits(plan: MemoryPlan, gpu_memory_gb: float | None = None) -> bool:
@@ -379,7 +407,7 @@ class Fix:
 # Each ladder step changes the config in place and says what it did as (short name, config keys), or
 # returns None when it has nothing to change.
 def _step_checkpointing(cfg: ExperimentConfig):
-    if cfg.train.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing is True:
         return None
     cfg.train.gradient_checkpointing = True
     return "gradient checkpointing", "train.gradient_checkpointing: true"

@@ -15,7 +15,7 @@ MEASURED_SEQ = 739
 
 def train(**changes) -> TrainConfig:
     raw = {"batch_size_per_worker": 4, "max_length": MEASURED_SEQ, "gradient_checkpointing": True, "bf16": True,
-           "lora": {"enabled": True, "rank": 128}, "deepspeed": {"enabled": True, "zero_stage": 2}}
+           "prefix_sharing": False, "lora": {"enabled": True, "rank": 128}, "deepspeed": {"enabled": True, "zero_stage": 2}}
     for key, value in changes.items():
         if isinstance(value, dict):
             raw[key] = {**raw[key], **value}
@@ -215,3 +215,22 @@ def test_missing_model_folder_is_recognised_by_name_or_refused(tmp_path):
 def test_rule_of_thumb_per_billion_params():
     assert weights_rule_of_thumb(7_000_000_000) == pytest.approx(
         {"fp32": 28.0, "bf16": 14.0, "int8": 7.0, "int4": 3.5})
+
+
+@pytest.mark.parametrize("pairs, measured_gb", [(8, 78.2), (12, 102.3)])
+def test_packed_pairs_without_checkpointing_match_the_measured_peaks(pairs, measured_gb):
+    """benchmarks/RESULTS.md (H200, 2026-11-30): packed rows of 631 + 2 x 128 tokens, no checkpointing."""
+    plan = estimate_memory(LLAVA_15_7B, train(batch_size_per_worker=pairs, prefix_sharing=True,
+                                              gradient_checkpointing=False, lora={"dropout": 0.05}),
+                           scaling(1, 139), 759)
+    assert plan.rows == pairs and plan.seq_len == 631 + 2 * 128
+    assert plan.allocated_gb == pytest.approx(measured_gb, rel=0.05)
+
+
+def test_auto_checkpointing_is_on_only_when_the_run_would_not_fit():
+    small = estimate_memory(LLAVA_15_7B, train(batch_size_per_worker=8, prefix_sharing=True,
+                                               gradient_checkpointing="auto"), scaling(1, 139), 759)
+    large = estimate_memory(LLAVA_15_7B, train(batch_size_per_worker=12, prefix_sharing=True,
+                                               gradient_checkpointing="auto"), scaling(1, 80), 759)
+    assert not small.gradient_checkpointing and large.gradient_checkpointing
+    assert large.total_gb < 80 and "auto: on" in large.notes[-1]

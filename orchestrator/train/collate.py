@@ -47,6 +47,8 @@ class Collated:
     num_examples: int              # pairs (DPO) or examples (SFT) kept
     num_tokens: int                # non-padding tokens of the N rows
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"sample_id", "reason"}
+    sample_ids: list[str] = field(default_factory=list)  # of the kept examples, in row order
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None  # cached reference log-probs ([B], [B])
 
     def model_inputs(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
                      ) -> dict[str, Any]:
@@ -94,13 +96,13 @@ def labelled_window(labels: torch.Tensor) -> int:
     return labels.shape[1] - int(labelled[0]) + 1
 
 
-def _finish(ids, labels, images, loaded, pad_id, padding_side, n_examples, skipped) -> Collated:
+def _finish(ids, labels, images, loaded, pad_id, padding_side, sample_ids, skipped) -> Collated:
     input_ids, full_labels, mask = pad_sequences(ids, labels, pad_id, padding_side)
     keep = labelled_window(full_labels)
     return Collated(
         input_ids=input_ids, attention_mask=mask, labels=full_labels[:, -keep:],
-        pixel_values=pixel_values(loaded, images), logits_to_keep=keep, num_examples=n_examples,
-        num_tokens=int(mask.sum()), skipped=skipped,
+        pixel_values=pixel_values(loaded, images), logits_to_keep=keep, num_examples=len(sample_ids),
+        num_tokens=int(mask.sum()), skipped=skipped, sample_ids=sample_ids,
     )
 
 
@@ -122,7 +124,7 @@ def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, 
                        max_length: int = 2048, padding_side: str = "right") -> Collated | None:
     """Preference rows (PREFERENCE_COLUMNS) -> 2B sequences, chosen first. None if every row was skipped."""
     tokenizer = loaded.tokenizer
-    chosen_ids, chosen_labels, rejected_ids, rejected_labels, images = [], [], [], [], []
+    chosen_ids, chosen_labels, rejected_ids, rejected_labels, images, kept = [], [], [], [], [], []
     skipped: list[dict[str, str]] = []
     for sample_id, path, prompt, chosen, rejected in zip(
             _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
@@ -139,18 +141,18 @@ def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, 
             continue
         chosen_ids.append(c_ids), chosen_labels.append(c_labels)
         rejected_ids.append(r_ids), rejected_labels.append(r_labels)
-        images.append(image)
+        images.append(image), kept.append(str(sample_id))
     if not images:
         return None
     return _finish(chosen_ids + rejected_ids, chosen_labels + rejected_labels, images + images, loaded,
-                   tokenizer.pad_token_id, padding_side, len(images), skipped)
+                   tokenizer.pad_token_id, padding_side, kept, skipped)
 
 
 def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
                 max_length: int = 2048, padding_side: str = "right") -> Collated | None:
     """Supervised rows (SFT_COLUMNS) -> B sequences labelled on the response. None if all were skipped."""
     tokenizer = loaded.tokenizer
-    ids, labels, images = [], [], []
+    ids, labels, images, kept = [], [], [], []
     skipped: list[dict[str, str]] = []
     for sample_id, path, prompt, response in zip(
             _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
@@ -164,7 +166,7 @@ def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, templat
         except ValueError as error:
             skipped.append({"sample_id": str(sample_id), "reason": str(error)})
             continue
-        ids.append(row_ids), labels.append(row_labels), images.append(image)
+        ids.append(row_ids), labels.append(row_labels), images.append(image), kept.append(str(sample_id))
     if not images:
         return None
-    return _finish(ids, labels, images, loaded, tokenizer.pad_token_id, padding_side, len(images), skipped)
+    return _finish(ids, labels, images, loaded, tokenizer.pad_token_id, padding_side, kept, skipped)

@@ -49,6 +49,11 @@ def sft_nll(logits: torch.Tensor, labels: torch.Tensor, first_token_weight: floa
     answer); the mean is taken over the weights, so 1.0 is exactly the standard loss.
     """
     logps, mask = token_logps(logits, labels)
+    return masked_nll(logps, mask, first_token_weight)
+
+
+def masked_nll(logps: torch.Tensor, mask: torch.Tensor, first_token_weight: float = 1.0) -> torch.Tensor:
+    """`sft_nll` from per-token log-probs [B, L] and their mask (see `sft_nll`)."""
     weights = mask.to(logps.dtype)
     if first_token_weight != 1.0:
         first = mask & (mask.cumsum(-1) == 1)

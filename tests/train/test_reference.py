@@ -68,8 +68,9 @@ def test_reference_with_adapters_disabled_equals_a_frozen_deep_copy(setup):
     policy.train()  # dropout on: the reference must still be exact
     model_inputs = inputs.model_inputs()
     engine = SimpleNamespace(module=policy)
-    with_adapters_off = reference_logps(engine, None, model_inputs, inputs.labels, torch.autocast("cpu", enabled=False))
-    copy_logps = reference_logps(engine, frozen, model_inputs, inputs.labels, torch.autocast("cpu", enabled=False))
+    no_autocast = torch.autocast("cpu", enabled=False)
+    with_adapters_off = torch.cat(reference_logps(engine, None, inputs, model_inputs, no_autocast))
+    copy_logps = torch.cat(reference_logps(engine, frozen, inputs, model_inputs, no_autocast))
     torch.testing.assert_close(with_adapters_off, copy_logps, atol=1e-5, rtol=0)
     with torch.no_grad():
         policy_logps = sequence_logps(policy(**model_inputs).logits, inputs.labels)
