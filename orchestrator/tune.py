@@ -106,6 +106,12 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
         scheduler = ASHAScheduler(metric=settings.asha.metric, mode=settings.asha.mode,
                                   time_attr="training_iteration", grace_period=settings.asha.grace_period,
                                   reduction_factor=settings.asha.reduction_factor)
+    if config.train.reference_cache:
+        # Once, before the trials: they all start from this model, so they all find its log-probs cached.
+        from orchestrator.train.reference_cache import precompute_reference
+        from orchestrator.train.trainer import base_model_path, stage_dataset
+
+        precompute_reference(config, base_model_path(config, base_model), stage_dataset(config, "dpo"))
     storage = config.run_dir / "tune"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=config.model_dump(mode="json"), base_model=base_model),

@@ -119,6 +119,11 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     if not resume:
         _forget_run(storage, name, curves_path(cfg, stage))
 
+    reference_cache = None
+    if stage == "dpo" and cfg.train.reference_cache:
+        from orchestrator.train.reference_cache import precompute_reference
+
+        reference_cache = str(precompute_reference(cfg, base, dataset).path)
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -126,7 +131,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "stage": stage, "base_model": str(base),
-                           "step_hook": step_hook},
+                           "step_hook": step_hook, "reference_cache": reference_cache},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -68,6 +68,14 @@ def zero3(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
                   "wandb.mode=offline", dataset=preference_rows)
 
 
+@pytest.fixture(scope="module")
+def zero2_plain(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
+    """ZeRO-2 with 2B plain rows and the reference computed in the loop (the others: packed + cached)."""
+    tmp = tmp_path_factory.mktemp("zero2-plain")
+    return _train(tmp, synth_world[0], tiny_model_dir, "name=zero2-plain", "train.deepspeed.zero_stage=2",
+                  "train.prefix_sharing=false", "train.reference_cache=false", dataset=preference_rows)
+
+
 @pytest.mark.parametrize("run", ["zero0_killed", "zero2", "zero3"])
 def test_dpo_loss_goes_down_with_two_workers(run, request):
     _, result, curves = request.getfixturevalue(run)[:3]
@@ -81,12 +89,24 @@ def test_dpo_loss_goes_down_with_two_workers(run, request):
     assert all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in curves)
 
 
-def test_zero_stages_and_a_resumed_run_follow_the_same_trajectory(zero0_killed, zero2, zero3):
-    """Same data order, optimizer and schedule: ZeRO-0 (killed and resumed), ZeRO-2 and ZeRO-3 agree."""
+def test_zero_stages_and_a_resumed_run_follow_the_same_trajectory(zero0_killed, zero2, zero3, zero2_plain):
+    """Same data order, optimizer and schedule: ZeRO-0 (killed and resumed), ZeRO-2 and ZeRO-3 agree, and
+    so do packed pairs with cached reference log-probs and plain rows with the reference in the loop."""
     losses = {name: [row["loss"] for row in run[2]] for name, run in
-              (("zero0", zero0_killed), ("zero2", zero2), ("zero3", zero3))}
-    for name in ("zero2", "zero3"):
+              (("zero0", zero0_killed), ("zero2", zero2), ("zero3", zero3), ("zero2-plain", zero2_plain))}
+    for name in ("zero2", "zero3", "zero2-plain"):
         assert losses[name] == pytest.approx(losses["zero0"], abs=2e-4), (name, losses)
+    margins = [row["rewards/margins"] for row in zero2_plain[2]]
+    assert margins == pytest.approx([row["rewards/margins"] for row in zero2[2]], abs=1e-4)
+
+
+def test_dpo_reads_the_reference_cache_and_the_plain_run_does_not(zero2, zero2_plain):
+    from orchestrator.train.reference_cache import default_cache_root
+
+    cfg, _, _ = zero2
+    assert list(default_cache_root(cfg).glob("*/part-*.parquet"))
+    plain_cfg, _, _ = zero2_plain
+    assert not default_cache_root(plain_cfg).exists()
 
 
 def test_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(zero0_killed):
