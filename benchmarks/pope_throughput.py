@@ -9,7 +9,10 @@ Everything runs in ONE process and one run, on the same model and the same quest
   through Ray Data with rows grouped by image; per image the vision tower and the image + system
   prefix (~611 tokens at the 7B shape) run once, batched over ``--prefix-images`` images, and all the
   image's questions from the three splits are answered in one more forward against the cached
-  prefix (`orchestrator.eval.prefix_cache`); "Yes"/"No" logits as below. Runs on ALL questions;
+  prefix (`orchestrator.eval.prefix_cache`); "Yes"/"No" logits as below. A CPU stage before the
+  actors decodes and preprocesses the images (`predictor.add_pixels`), so the GPU does not wait on
+  them. Runs on ALL questions, and its end-to-end seconds are broken down into phases (Ray init,
+  actor start, imports, model build, first block, steady state) from the actor's own timings;
 * **ours, plain score**: the same actors, whole prompts, length-sorted batches of ``--batch-size``,
   one forward per batch reading the "Yes"/"No" logits at the last position;
 * **ours, generate**: the same actors with batched greedy ``generate`` (3 new tokens).
@@ -20,12 +23,13 @@ The plain score and generate modes run on the questions of ``--compare-images`` 
 The model is the real LLaVA-1.5-7B shape (CLIP ViT-L/14-336: 576 image tokens, Vicuna-7B, 32064
 vocab, bf16, SDPA) with RANDOM weights (no download: answers are meaningless, throughput is real).
 By default (``--weights random-init``) only its config and processor are written; the driver and
-each Ray actor build the model directly on the GPU in bf16 from the config (a few seconds, no 14 GB
-weight file). Its tokenizer is the project's word-level one (prompts a few tokens shorter than with
-LLaMA's). Questions are POPE-structured: N images x 6 questions x 3 splits (the splits share the
+each Ray actor build the model from the config on the meta device and fill its weights in place on
+the GPU in bf16 (`random_llava`: no per-module init, no 14 GB weight file). Its tokenizer is the
+project's word-level one (prompts a few tokens shorter than with LLaMA's). Questions are POPE-structured: N images x 6 questions x 3 splits (the splits share the
 images and the yes-questions), from the synthetic world generator at 336 px.
 
-``--tiny`` swaps in the tiny LLaVA on CPU as a smoke test of the whole path (numbers meaningless).
+``--tiny`` swaps in the tiny LLaVA on CPU (fp32, random weights built the same way) as a smoke test
+of the whole path (numbers meaningless).
 
 Reported per method: questions/s in steady state (from the arrival of a first, small warm-up block
 to the last block, so actor start, model build and warm-up are excluded as they are for the
@@ -86,12 +90,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None,
                         help="plain score / generate model batch (default 32; tiny: 8)")
     parser.add_argument("--prefix-images", type=int, default=None,
-                        help="images per prefix-reuse model batch and Ray Data block (default 16; tiny: 2)")
+                        help="images per prefix-reuse model batch and Ray Data block (default 32; tiny: 2)")
     parser.add_argument("--modes", nargs="+", default=["baseline", "prefix", "score", "generate"],
                         choices=["baseline", "prefix", "score", "generate"])
     parser.add_argument("--weights", choices=["random-init", "saved"], default="random-init",
-                        help="7B shape: build random bf16 weights on the GPU in each process from the config "
-                             "(default), or save them once (14 GB) and load")
+                        help="build random weights in each process from the config (default), or save them "
+                             "once (7B: 14 GB) and load them with load_llava")
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="default 4 with a GPU, 1 without")
     parser.add_argument("--max-new-tokens", type=int, default=3)
@@ -123,30 +127,87 @@ def llava15_7b_config(tokenizer):
     return config
 
 
-def random_model(model_dir: Path | str, device: str):
-    """The folder's LLaVA config with random bf16 weights, built directly on `device` (no CPU init)."""
-    import torch
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+def random_llava(config, device: str):
+    """A `LlavaForConditionalGeneration` of `config` with random weights on `device` (bf16 on a GPU,
+    fp32 on the CPU), built without the per-module init of torch and transformers.
 
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    The parameters are created on the meta device, given uninitialised memory on `device`
+    (`to_empty`) and filled in place there: normal(0, 0.02) for matrices and embeddings, ones for
+    norm weights, zeros for biases: finite and non-degenerate, which is all a throughput measurement
+    needs. Buffers (rotary frequencies, position ids) are computed at construction as usual.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import LlavaForConditionalGeneration
+
+    from orchestrator.model.llava import resolve_dtype
+
+    with init_empty_weights(include_buffers=False):
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa",
+                                                           dtype=resolve_dtype("auto", device))
+    buffers = list(model.named_buffers(remove_duplicate=False))
+    model.to_empty(device=device)
+    for name, buffer in buffers:  # to_empty emptied the buffers too: put the computed ones back
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, buffer.to(device))
+    model.tie_weights()
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "Norm" in type(module).__name__
+            for name, param in module.named_parameters(recurse=False):
+                if name == "bias":
+                    param.zero_()
+                elif is_norm:
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02)
     return model.eval()
 
 
-def random_loaded(model_dir: Path | str, device: str):
-    """`LoadedLlava` (as `load_llava` returns) for a random-init model folder (config + processor only)."""
+def random_model(model_dir: Path | str, device: str):
+    """The folder's LLaVA config with random weights, built directly on `device` (`random_llava`)."""
+    from transformers import AutoConfig
+
+    return random_llava(AutoConfig.from_pretrained(str(model_dir), local_files_only=True), device)
+
+
+def random_loaded(model_dir: Path | str, device: str, timings: dict | None = None):
+    """`LoadedLlava` (as `load_llava` returns) for a random-init model folder (config + processor only);
+    seconds per step go into `timings` if given."""
+    import torch
+
     from orchestrator.model.llava import LoadedLlava, load_processor, tokens_per_image
 
+    timings = {} if timings is None else timings
+    step = time.time()
+
+    def lap(name):
+        nonlocal step
+        now = time.time()
+        timings[name] = now - step
+        step = now
+
+    from transformers import LlavaForConditionalGeneration  # noqa: F401  (its import timed apart from the build)
+
+    lap("modeling_import_s")
+    if torch.device(device).type == "cuda":
+        torch.zeros(1, device=device)
+        lap("cuda_init_s")
     model = random_model(model_dir, device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()  # the fill runs asynchronously: count it here, not in the first block
+    lap("weights_s")
     processor = load_processor(model_dir)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     image_processor = processor.image_processor
-    return LoadedLlava(model=model, processor=processor, tokenizer=tokenizer,
-                       image_token_id=model.config.image_token_index, tokens_per_image=tokens_per_image(model.config),
-                       image_size=image_processor.crop_size["height"], image_mean=tuple(image_processor.image_mean))
+    loaded = LoadedLlava(model=model, processor=processor, tokenizer=tokenizer,
+                         image_token_id=model.config.image_token_index,
+                         tokens_per_image=tokens_per_image(model.config),
+                         image_size=image_processor.crop_size["height"], image_mean=tuple(image_processor.image_mean))
+    lap("processor_s")
+    return loaded
 
 
 class RandomInitLlava(LlavaModel):
@@ -159,7 +220,8 @@ class RandomInitLlava(LlavaModel):
 
         self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.template = config.get("template", "llava_v1")
-        self.loaded = random_loaded(config["model_path"], str(self.device))
+        self.load_timings = {}   # the predictor reports these steps of the model's start-up
+        self.loaded = random_loaded(config["model_path"], str(self.device), self.load_timings)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.tokens_per_image = self.loaded.tokens_per_image
@@ -172,7 +234,7 @@ class RandomInitLlava(LlavaModel):
 def build_llava15_7b_shape(out_dir: Path, texts: list[str], device: str, save_weights: bool) -> Path:
     """A LLaVA-1.5-7B-shaped llava-hf folder: config + processor, and random bf16 weights if `save_weights`."""
     import torch
-    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     from orchestrator.model.llava import CLIP_MEAN, CLIP_STD, build_word_tokenizer
 
@@ -187,9 +249,7 @@ def build_llava15_7b_shape(out_dir: Path, texts: list[str], device: str, save_we
     if not save_weights:
         config.save_pretrained(out_dir)
         return out_dir
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = random_llava(config, device)
     model.save_pretrained(out_dir)
     del model
     if device == "cuda":
@@ -366,7 +426,38 @@ def _image_blocks(table, items: list[dict], images_per_block: int) -> list:
     return [table.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
 
 
-def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, adapter) -> dict:
+def end_to_end_phases(timings_dir: Path, started: float, first_at: float | None, finished: float) -> dict:
+    """Where the end-to-end seconds went (epoch clocks of the driver and of the first actor ready).
+
+    Each phase runs from the previous point to the next, never negative: actor start (process up,
+    Ray and our module imported, the class unpickled), imports (torch, transformers), model (build
+    or load), waiting for the first block, the first block (warm-up), its way to the driver, and the
+    steady state; plus how long the actor spent inside its calls in the steady state.
+    """
+    actors = [json.loads(path.read_text()) for path in sorted(timings_dir.glob("timings-*.json"))]
+    actors = [a for a in actors if a.get("model_ready")]
+    phases: dict = {"total_s": finished - started, "actors": actors}
+    if not actors:
+        return phases
+    actor = min(actors, key=lambda a: a["model_ready"])
+    points = [("actor_start_s", actor["init_started"]), ("imports_s", actor["imports_done"]),
+              ("model_s", actor["model_ready"]), ("wait_first_block_s", actor.get("first_call_started")),
+              ("first_block_s", actor.get("first_call_done")), ("to_driver_s", first_at), ("steady_s", finished)]
+    previous = started
+    for name, at in points:
+        at = max(at or previous, previous)
+        phases[name] = at - previous
+        previous = at
+    if actor.get("process_started"):
+        phases["actor_process_started_s"] = actor["process_started"] - started   # < 0: a reused Ray worker
+    if actor.get("busy_s") is not None and actor.get("first_call_done"):
+        phases["steady_actor_busy_s"] = actor["busy_s"] - (actor["first_call_done"] - actor["first_call_started"])
+    phases["model_steps"] = actor.get("model_steps", {})
+    phases["prefix_stats"] = actor.get("prefix_stats", {})
+    return phases
+
+
+def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, adapter, timings_dir: Path) -> dict:
     """Our predictor through Ray Data; steady-state q/s from the first answered block to the last."""
     import ray
 
@@ -376,7 +467,8 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
     settings = PredictorSettings(run_id=f"bench-{mode}", model_path=str(model_dir),
                                  mode="generate" if mode == "generate" else "score",
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype="auto",
-                                 prefix_reuse=prefix, prefix_images=args.prefix_images, model_adapter=adapter)
+                                 prefix_reuse=prefix, prefix_images=args.prefix_images, model_adapter=adapter,
+                                 timings_dir=str(timings_dir))
     if prefix:
         # grouped by image (as run_eval feeds them): one block = whole images, all their questions
         ordered = sorted(items, key=lambda i: (i["images"][0], i["split"], i["item_id"]))
@@ -388,10 +480,11 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
         table = items_table(sorted(items, key=lambda i: (len(i["question"]), i["split"], i["item_id"])))
         blocks = [table.slice(a, rows_per_block) for a in range(0, table.num_rows, rows_per_block)]
     cpus = args.cpus_per_actor or (4.0 if use_gpu else 1.0)
+    # epoch clock (time.time) throughout: the actors' timings are compared with it
+    started = time.time()
     # one block per actor call (Ray Data needs an explicit batch size with GPUs: a block's rows)
     answered = predict(ray.data.from_arrow(blocks), settings, num_actors=args.num_actors, cpus_per_actor=cpus,
                        gpus_per_actor=1.0 if use_gpu else 0.0, batch_size=max(b.num_rows for b in blocks))
-    started = time.perf_counter()
     first_at, first_rows, rows, errors, batch_sizes = None, 0, 0, 0, []
     with MemorySampler(use_gpu) as memory:
         for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -399,17 +492,44 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
             errors += sum(1 for e in block.column("error").to_pylist() if e)
             batch_sizes += block.column("batch_size").to_pylist()
             if first_at is None:
-                first_at, first_rows = time.perf_counter(), rows
-    finished = time.perf_counter()
+                first_at, first_rows = time.time(), rows
+    finished = time.time()
     steady_rows, steady_seconds = rows - first_rows, finished - (first_at or finished)
     # under a second of steady state (tiny runs) is too short to time: reported as NaN
     return {"questions": rows, "seconds": finished - started, "errors": errors,
             "qps": steady_rows / steady_seconds if steady_rows and steady_seconds >= 1.0 else float("nan"),
             "qps_wall": rows / (finished - started), "mean_batch": sum(batch_sizes) / max(len(batch_sizes), 1),
-            "peak_gib": memory.gib}
+            "peak_gib": memory.gib, "phases": end_to_end_phases(timings_dir, started, first_at, finished)}
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def format_phases(phases: dict, ray_init_s: float | None) -> str:
+    """The prefix-reuse run's end-to-end seconds, phase by phase (see `end_to_end_phases`)."""
+    names = [("actor_start_s", "actor start (process, Ray, class)"), ("imports_s", "imports (torch, transformers)"),
+             ("model_s", "model build/load"), ("wait_first_block_s", "wait for the first block"),
+             ("first_block_s", "first block (warm-up)"), ("to_driver_s", "first block to the driver"),
+             ("steady_s", "steady state")]
+    lines = ["prefix reuse, end to end (s):"]
+    if ray_init_s is not None:
+        lines.append(f"  {'ray.init (before the run, not in its total)':<44} {ray_init_s:>7.2f}")
+    for key, label in names:
+        if key in phases:
+            lines.append(f"  {label:<44} {phases[key]:>7.2f}")
+        if key == "model_s":
+            lines += [f"    {step.removesuffix('_s'):<42} {seconds:>7.2f}"
+                      for step, seconds in (phases.get("model_steps") or {}).items()]
+    if "steady_actor_busy_s" in phases:
+        lines.append(f"  {'  of which the actor was in its calls':<44} {phases['steady_actor_busy_s']:>7.2f}")
+    lines.append(f"  {'total (predict -> last block)':<44} {phases['total_s']:>7.2f}")
+    if "actor_process_started_s" in phases:
+        lines.append(f"  actor process started {phases['actor_process_started_s']:+.2f} s after predict "
+                     "(negative: Ray reused a worker)")
+    stats = phases.get("prefix_stats") or {}
+    if stats:
+        lines.append("  prefix stats: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+    return "\n".join(lines)
 
 
 def _fmt(value, spec: str, width: int) -> str:
@@ -433,8 +553,10 @@ def main(argv=None) -> int:
     args.baseline_questions = args.baseline_questions or (18 if args.tiny else 100)
     args.compare_images = min(args.compare_images or (args.images if args.tiny else 100), args.images)
     args.batch_size = args.batch_size or (8 if args.tiny else 32)
-    args.prefix_images = args.prefix_images or (2 if args.tiny else 16)
-    random_init = not args.tiny and args.weights == "random-init"
+    # 32 images = ~19.5k prefix tokens per forward: half as many per-block pauses as 16 (Ray hand-over,
+    # row preparation, the sync that reads the answers), a fuller suffix pass; ~14 GB more KV at peak
+    args.prefix_images = args.prefix_images or (2 if args.tiny else 32)
+    random_init = args.weights == "random-init"
     adapter = RandomInitLlava if random_init else None
     if use_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -462,14 +584,17 @@ def main(argv=None) -> int:
 
         import ray
 
+        ray_started = time.perf_counter()
         if not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), num_gpus=1 if use_gpu else 0, include_dashboard=False,
                      _temp_dir=str(workdir / "ray"), log_to_driver=True)
+        ray_init_s = time.perf_counter() - ray_started
         for mode in ("prefix", "score", "generate"):
             if mode not in args.modes:
                 continue
             mode_items = items if mode == "prefix" else compare_items
-            results[mode] = ours(model_dir, mode_items, mode, args, use_gpu, adapter)
+            timings_dir = workdir / f"timings-{mode}-{time.time_ns()}"
+            results[mode] = ours(model_dir, mode_items, mode, args, use_gpu, adapter, timings_dir)
             results[mode]["items"] = mode_items
             log.info("ours (%s): %.2f questions/s steady, %.2f end to end", mode, results[mode]["qps"],
                      results[mode]["qps_wall"])
@@ -513,6 +638,8 @@ def main(argv=None) -> int:
                "x_loop": rate / base if base else None, "x_plain": rate / plain if plain else None,
                "tflop_per_question": per_q / 1e12, "tflops": tflops, "pct_ceiling": 100 * tflops / CEILING_TFLOPS,
                "peak_gib": result.get("peak_gib"), "errors": result.get("errors", 0)}
+        if "phases" in result:
+            row["phases"] = result["phases"]
         table[key] = row
         seconds_text = f"{seconds_all:.1f}" + ("" if measured_all else "*")
         print(f"{labels[key]:<40} {result['questions']:>7} {_fmt(rate, '.2f', 8)} {_fmt(row['qps_e2e'], '.2f', 8)} "
@@ -526,6 +653,8 @@ def main(argv=None) -> int:
           f"2 * {fm['params_vision'] / 1e9:.2f}B (vision) * {fm['vision_tokens']} * images encoded; "
           f"ceiling {CEILING_TFLOPS:.0f} TFLOP/s (GPU.md);\n"
           "peak GiB: device memory in use (sampled, all processes; batch-1 loop: torch max allocated)")
+    if "prefix" in results:
+        print(format_phases(results["prefix"]["phases"], ray_init_s))
     for key in table:
         if table[key]["errors"]:
             print(f"WARNING: {table[key]['errors']} error rows in {key} mode")
@@ -540,7 +669,8 @@ def main(argv=None) -> int:
     print(f"total benchmark time {time.perf_counter() - t_start:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "shape": shape, "args": vars(args), "results": table,
-                                               "reference": GPU_MD_REFERENCE}, indent=2, default=str))
+                                               "ray_init_s": ray_init_s, "reference": GPU_MD_REFERENCE},
+                                              indent=2, default=str))
     return 0
 
 

@@ -21,13 +21,19 @@ With ``settings.prefix_reuse`` (score mode, llava-hf models), POPE items are ins
 image: the image + system prefix is computed once per image and its KV cache reused by all the
 image's questions (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
 (default ``batch_size``) images with all their questions, and a batch that raises is retried image by
-image. Feed the rows grouped by image (`run_eval` does) so that a block holds whole images.
+image. Feed the rows grouped by image (`run_eval` does) so that a block holds whole images. `predict` then
+puts a CPU stage before the actors (`add_pixels`: Ray Data tasks on the CPUs the actors leave free)
+that decodes each block's images and preprocesses them for the vision tower, so the GPU actor does not
+wait on image decoding (the pixels come from the same `pixel_values` as in the actor: same answers).
 
 Output rows have ANSWER_SCHEMA (`orchestrator.eval.results`). With ``settings.answers_dir`` set, the
 actor also writes each answered block there (atomically, named by the block's keys) before
 returning it, so a finished block is on disk even if the actor, the driver or the run dies next;
 the run directory must then be on storage the actors can reach (any local disk on one machine, a
-shared file system on a cluster).
+shared file system on a cluster). With ``settings.timings_dir`` set, each actor also writes
+``timings-<pid>.json`` there: when its process started, its imports were done, its model was ready,
+and its calls ran (epoch seconds: one clock per machine), with the prefix-reuse statistics; the POPE
+benchmark turns them into its end-to-end breakdown.
 
 Resilience: Ray Data creates pool actors with ``max_restarts``/``max_task_retries`` (unbounded by
 default), so an actor that dies is restarted and its block is recomputed. ``PredictorSettings.fault``
@@ -37,25 +43,31 @@ tests kill one mid-run or interrupt a run.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from orchestrator.eval.milebench import (build_milebench_question, image_budget_batches,
-                                         load_model_adapter)
+                                         load_model_adapter, open_image)
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
-from orchestrator.eval.results import ANSWER_COLUMNS, block_name, to_answer_table, write_answers
+from orchestrator.eval.results import (ANSWER_COLUMNS, block_name, to_answer_table, write_answers,
+                                       write_json_atomic)
 
 log = logging.getLogger(__name__)
+MODULE_IMPORTED_AT = time.time()   # in an actor: Ray's worker is up and has imported this module
 
 ITEM_SCHEMA = pa.schema([
     ("benchmark", pa.string()),
@@ -72,6 +84,9 @@ ITEM_SCHEMA = pa.schema([
     ("version", pa.string()),
 ])
 ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
+# Added by `add_pixels` on the first row of each POPE image of a block: the image's vision-tower input
+# (float32 [3, H, W] as `np.save` bytes); null on the other rows and where the image did not open.
+PIXELS_COLUMN = "pixels"
 
 
 def _listify(value) -> list[str]:
@@ -140,6 +155,7 @@ class PredictorSettings:
     prefix_images: int = 0               # images per prefix-reuse model batch (0: batch_size)
     prefix_cache_images: int = 4         # prefix KV caches kept per actor across blocks (LRU)
     answers_dir: str = ""                # when set, each answered block is written here by the actor
+    timings_dir: str = ""                # when set, each actor writes its start-up and call timings here
     fault: dict = field(default_factory=dict)  # tests: {"exit_on_call": N, "marker": path}, see _maybe_fail
 
     def decoding(self) -> dict:
@@ -185,8 +201,17 @@ class Predictor:
     def __init__(self, settings: PredictorSettings):
         self.settings = settings
         self.calls = 0
+        # start-up phases (epoch seconds), written to settings.timings_dir for the benchmarks
+        self.timings: dict[str, Any] = {"pid": os.getpid(), "process_started": _process_start_time(),
+                                        "module_imported": MODULE_IMPORTED_AT, "init_started": time.time()}
+        import torch  # noqa: F401  (the model adapters import these lazily: timed here as their own phase)
+
+        # the CUDA context is created while transformers and the model's code import (torch releases the GIL)
+        threading.Thread(target=_create_cuda_context, name="cuda-init", daemon=True).start()
+        import transformers  # noqa: F401
+
+        self.timings["imports_done"] = started = time.time()
         cls = load_model_adapter(settings.model_adapter)
-        started = time.time()
         self.model = cls({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None,
             "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
@@ -205,7 +230,28 @@ class Predictor:
             else:
                 log.warning("predictor %s: %s cannot reuse the image prefix; scoring whole prompts",
                             settings.run_id, type(self.model).__name__)
+        self.timings["model_ready"] = time.time()
+        # an adapter may say what its start-up was made of (seconds per step), e.g. the benchmark's
+        self.timings["model_steps"] = dict(getattr(self.model, "load_timings", None) or {})
+        self._write_timings()
         log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
+
+    def _record_call(self, started: float, rows: int) -> None:
+        """Add one answered call to the timings (first and last call, busy seconds) and write them."""
+        now, timings = time.time(), self.timings
+        timings.setdefault("first_call_started", started)
+        timings.setdefault("first_call_done", now)
+        timings["last_call_done"] = now
+        timings["calls"] = self.calls
+        timings["rows"] = timings.get("rows", 0) + rows
+        timings["busy_s"] = timings.get("busy_s", 0.0) + (now - started)
+        if self.prefix is not None:
+            timings["prefix_stats"] = dict(self.prefix.stats)
+        self._write_timings()
+
+    def _write_timings(self) -> None:
+        if self.settings.timings_dir:
+            write_json_atomic(Path(self.settings.timings_dir) / f"timings-{os.getpid()}.json", self.timings)
 
     # -- faults (tests) -------------------------------------------------------------------------
     def _maybe_fail(self, kinds: tuple[str, ...]) -> None:
@@ -228,15 +274,17 @@ class Predictor:
 
     # -- one Ray Data batch ---------------------------------------------------------------------
     def __call__(self, batch) -> pa.Table:
+        started = time.time()
         self.calls += 1
         self._maybe_fail(("exit_on_call", "raise_on_call"))
         rows = _records(batch)
+        given_pixels = _given_pixels(rows)
         outputs = [self._prepare(row) for row in rows]
         pending = [i for i, out in enumerate(outputs) if not out["error"]]
         score = [i for i in pending if outputs[i]["mode"] == "score"]
         generate = [i for i in pending if outputs[i]["mode"] == "generate"]
         if self.prefix is not None:
-            self._answer_by_image([i for i in score if outputs[i]["benchmark"] == "pope"], outputs)
+            self._answer_by_image([i for i in score if outputs[i]["benchmark"] == "pope"], outputs, given_pixels)
             score = [i for i in score if outputs[i]["benchmark"] != "pope"]
         for indices, by_images in ((score, False), (generate, True)):
             for group in self._model_batches(indices, outputs, by_images):
@@ -248,6 +296,7 @@ class Predictor:
             keys = [(o["benchmark"], o["split"], o["item_id"]) for o in outputs]
             write_answers(table, self.settings.answers_dir, name=block_name(self.settings.run_id, keys))
         self._maybe_fail(("exit_after_call",))
+        self._record_call(started, len(rows))
         return table
 
     def _prepare(self, row: dict) -> dict:
@@ -357,8 +406,9 @@ class Predictor:
                     outputs[i]["error"] = f"model failed: {type(item_error).__name__}: {item_error}"
 
     # -- score mode with the image prefix reused ------------------------------------------------
-    def _answer_by_image(self, indices: list[int], outputs: list[dict]) -> None:
-        """POPE items grouped by image, ``prefix_images`` images per model batch (see prefix_cache)."""
+    def _answer_by_image(self, indices: list[int], outputs: list[dict], given_pixels: dict[str, bytes]) -> None:
+        """POPE items grouped by image, ``prefix_images`` images per model batch (see prefix_cache);
+        an image whose pixels the decode stage made (`add_pixels`) is not decoded again here."""
         by_image: dict[str, list[int]] = {}
         for i in indices:
             by_image.setdefault(outputs[i]["images"][0], []).append(i)
@@ -368,7 +418,8 @@ class Predictor:
             ready = []
             for path in paths[start:start + per_batch]:
                 try:
-                    ready.append((path, self._image(path), by_image[path]))
+                    image = _pixel_tensor(given_pixels[path]) if path in given_pixels else self._image(path)
+                    ready.append((path, image, by_image[path]))
                 except Exception as error:
                     for i in by_image[path]:
                         outputs[i]["error"] = f"image could not be loaded: {_reason(error)}"
@@ -442,6 +493,102 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
+def _process_start_time() -> float | None:
+    """When this process started (epoch seconds, ~10 ms), to time an actor's start-up; None off Linux."""
+    try:
+        # field 22 of /proc/self/stat: start time in clock ticks since boot
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _create_cuda_context() -> None:
+    """Initialise CUDA if there is a GPU (the model's first CUDA call waits for it); errors surface there."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")
+    except Exception:  # the model load reports any CUDA problem itself
+        pass
+
+
+# -- the decode stage before the actors (prefix reuse) ----------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_source(model_path: str):
+    """What `pixel_values` reads of a model (its processor, the CLIP mean for padding), as
+    `load_llava` loads them; once per worker process. None if the folder has no processor."""
+    from types import SimpleNamespace
+
+    from orchestrator.model.llava import load_processor
+
+    try:
+        processor = load_processor(model_path)
+        return SimpleNamespace(processor=processor, image_mean=tuple(processor.image_processor.image_mean))
+    except Exception as error:  # a plug-in model without a llava-hf folder: the actors decode themselves
+        log.warning("no image processor in %s (%s): images are decoded in the actors", model_path, error)
+        return None
+
+
+def add_pixels(batch: pa.Table, model_path: str) -> pa.Table:
+    """`batch` (ITEM_SCHEMA rows) with PIXELS_COLUMN: each POPE image of the block decoded and
+    preprocessed for the vision tower once, on its first row.
+
+    The Ray Data stage `predict` puts before the actors with prefix reuse: it runs on CPU tasks while
+    the GPU answers earlier blocks. An image that does not open gets null, and the actor then tries
+    it itself and reports the error as it always does.
+    """
+    from orchestrator.model.llava import pixel_values
+
+    source = _pixel_source(model_path)
+    first_row: dict[str, int] = {}
+    if source is not None:
+        benchmarks, images = batch.column("benchmark").to_pylist(), batch.column("images").to_pylist()
+        for row, (benchmark, paths) in enumerate(zip(benchmarks, images)):
+            if benchmark == "pope" and len(paths) == 1:
+                first_row.setdefault(paths[0], row)
+    opened = {}
+    for path in first_row:
+        try:
+            opened[path] = open_image(path)
+        except Exception:  # reported by the actor, with the same message as without this stage
+            continue
+    values: list[bytes | None] = [None] * batch.num_rows
+    if opened:
+        for path, array in zip(opened, pixel_values(source, list(opened.values())).numpy()):
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            values[first_row[path]] = buffer.getvalue()
+    return batch.append_column(PIXELS_COLUMN, pa.array(values, type=pa.binary()))
+
+
+def _given_pixels(rows: list[dict]) -> dict[str, bytes]:
+    """Image path -> pixel bytes that `add_pixels` made (taken out of the rows; none without that stage)."""
+    given = {}
+    for row in rows:
+        data = row.pop(PIXELS_COLUMN, None)
+        if isinstance(data, bytes) and row["images"]:
+            given[row["images"][0]] = data
+    return given
+
+
+def _pixel_tensor(data: bytes):
+    import torch
+
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
+def _free_cpus(reserved: float) -> float:
+    """CPUs of the Ray cluster left once `reserved` are taken (by the actor pool)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0)) - reserved
+
+
 def _largest_block_rows(ds, default: int = 256) -> int:
     """Rows of the largest block of `ds` (block metadata only; the item datasets are small)."""
     try:
@@ -460,11 +607,13 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
     Lazy: returns the answered Dataset (ANSWER_SCHEMA rows); `batch_size=None` gives each actor
     call one whole block (with GPUs, Ray Data needs a number: the largest block's row count is used,
     so a call answers about one block; Ray may then cut a batch across two blocks, which prefix
-    reuse absorbs with its LRU of prefix caches). Ray Data restarts a dead actor and retries its tasks (by default without
-    limit: ``max_restarts=-1``, ``max_task_retries=-1``); pass `max_restarts` to bound both
+    reuse absorbs with its LRU of prefix caches). With prefix reuse, a CPU stage (`add_pixels`)
+    decodes the images before the actors, if the actors leave CPUs free. Ray Data restarts a dead
+    actor and retries its tasks (by default without limit: ``max_restarts=-1``,
+    ``max_task_retries=-1``); pass `max_restarts` to bound both
     (Ray 2.60 warns that this way of passing remote args is deprecated).
     """
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     kwargs: dict[str, Any] = {}
     if gpus_per_actor:
@@ -473,12 +622,20 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
             batch_size = _largest_block_rows(ds)
     if max_restarts is not None:
         kwargs.update(max_restarts=max_restarts, max_task_retries=max_restarts)
+    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.prefix_reuse and settings.mode == "score" else 0
+    if free_cpus > 0:
+        # decode + preprocess the images on the CPUs the actors leave free, ahead of the GPU: one task
+        # per block, at most 2 at a time per actor (a task preprocesses ~100 images/s, an H100 answers
+        # ~50/s). Being a capped task pool, Ray Data keeps it a stage of its own (not fused into the actors).
+        ds = ds.map_batches(add_pixels, fn_kwargs={"model_path": settings.model_path}, batch_size=None,
+                            batch_format="pyarrow", zero_copy_batch=True, num_cpus=min(1.0, free_cpus),
+                            compute=TaskPoolStrategy(size=2 * num_actors))
     return ds.map_batches(
         Predictor, fn_constructor_kwargs={"settings": settings}, batch_size=batch_size,
         batch_format="pandas", compute=ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor, **kwargs,
     )
 
 
-__all__ = ["ITEM_SCHEMA", "ITEM_COLUMNS", "ANSWER_COLUMNS", "Predictor", "PredictorSettings", "pope_items",
-           "base_answer_row",
+__all__ = ["ITEM_SCHEMA", "ITEM_COLUMNS", "ANSWER_COLUMNS", "PIXELS_COLUMN", "Predictor", "PredictorSettings",
+           "pope_items", "base_answer_row", "add_pixels",
            "milebench_items", "items_table", "predict", "decoding_settings", "resolved_dtype"]

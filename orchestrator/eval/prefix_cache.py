@@ -117,7 +117,10 @@ class PrefixScorer:
 
     # -- scoring --------------------------------------------------------------------------------
     def score(self, groups: Sequence[tuple[str, Any, Sequence[str]]]) -> list[list[float]]:
-        """p(yes) per question for groups (image key, PIL image, questions on that image).
+        """p(yes) per question for groups (image key, image, questions on that image).
+
+        An image is a PIL image, or its pixel tensor [3, H, W] already preprocessed by `pixel_values`
+        (the predictor's decode stage makes them off the GPU actor's critical path).
 
         The prefixes of all images not in the LRU are computed in one batch, then every suffix in
         one more; the caller decides how many images go together (GPU memory grows with it).
@@ -156,8 +159,6 @@ class PrefixScorer:
         Returns the forward's own KV cache when it holds exactly `units`, in order (the common case:
         the suffix pass then continues it without a copy), else None.
         """
-        from orchestrator.model.llava import pixel_values
-
         missing = []
         for unit in units:
             cached = self._lru.get(unit.key)
@@ -174,7 +175,7 @@ class PrefixScorer:
         input_ids = torch.tensor(missing[0].prefix, dtype=torch.long, device=device).expand(len(missing), length)
         if any(unit.prefix != missing[0].prefix for unit in missing):
             input_ids = torch.tensor([unit.prefix for unit in missing], dtype=torch.long, device=device)
-        pixels = pixel_values(self.adapter.loaded, [unit.image for unit in missing]).to(device, self.dtype)
+        pixels = self._pixel_batch([unit.image for unit in missing]).to(device, self.dtype)
         out = self.body(input_ids=input_ids.contiguous(), pixel_values=pixels, use_cache=True)
         tensors = cache_tensors(out.past_key_values)
         for row, unit in enumerate(missing):
@@ -182,6 +183,16 @@ class PrefixScorer:
         self.stats["prefix_computed"] += len(missing)
         self.stats["prefix_tokens"] += len(missing) * length
         return out.past_key_values if len(missing) == len(units) else None
+
+    def _pixel_batch(self, images: list) -> torch.Tensor:
+        """The vision tower's input for `images`: PIL images are preprocessed here (in one call), tensors
+        ([3, H, W], made upstream by the same `pixel_values`, see `predictor.add_pixels`) used as they are."""
+        from orchestrator.model.llava import pixel_values
+
+        raw = [image for image in images if not isinstance(image, torch.Tensor)]
+        made = iter(pixel_values(self.adapter.loaded, raw)) if raw else iter(())
+        self.stats["pixels_given"] += len(images) - len(raw)
+        return torch.stack([image if isinstance(image, torch.Tensor) else next(made) for image in images])
 
     def _suffixes(self, units: list[_Unit], cache=None) -> None:
         """One forward of every unit's packed suffixes against its cached prefix; p(yes) per suffix."""

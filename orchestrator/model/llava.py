@@ -140,9 +140,18 @@ def load_llava(path: str | Path, dtype: str = "auto", device: str | torch.device
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a llava-hf model folder (no config.json)")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     torch_dtype = resolve_dtype(dtype, device)
+    placement = {}
+    if not is_deepspeed_zero3_enabled():  # ZeRO-3 partitions the weights itself and refuses a device_map
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        # the safetensors are read straight into `device`: no CPU copy of a 7B model first
+        placement["device_map"] = {"": target}
     model = LlavaForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation,
+        str(path), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation, **placement,
     ).to(device)
     processor = load_processor(path)
     tokenizer = processor.tokenizer

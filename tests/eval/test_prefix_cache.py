@@ -132,3 +132,48 @@ def test_run_eval_with_and_without_prefix_reuse(ray_session, synth_world, tiny_m
     assert all('"prefix_reuse": true' in r["decoding"] for r in reused)
     assert not any("prefix_reuse" in r["decoding"] for r in plain)
     assert all(not math.isnan(r["p_yes"]) for r in reused)
+
+
+def test_pixels_from_the_decode_stage_give_the_same_answers(tiny_model_dir, all_pope_items, plain_answers, tmp_path):
+    from orchestrator.eval.predictor import PIXELS_COLUMN, add_pixels
+
+    plain = {(r["split"], r["item_id"]): r for r in plain_answers}
+    images = sorted({item["images"][0] for item in all_pope_items})
+    items = [item for item in all_pope_items if item["images"][0] in images[:3]]
+    missing = dict(items[0], item_id="missing", images=[str(tmp_path / "nowhere.jpg")])
+    table = add_pixels(items_table(items + [missing]), model_path=str(tiny_model_dir))
+    pixels = table.column(PIXELS_COLUMN).to_pylist()
+    assert sum(value is not None for value in pixels) == 3          # once per image, none for the missing one
+    predictor = Predictor(settings(tiny_model_dir, prefix_reuse=True, prefix_images=2))
+    rows = predictor(table.to_pandas()).to_pylist()
+    assert predictor.prefix.stats["pixels_given"] == 3              # no image decoded in the actor
+    assert "nowhere.jpg" in rows[-1]["error"] and PIXELS_COLUMN not in rows[0]
+    assert_same_answers(rows[:-1], [plain[(r["split"], r["item_id"])] for r in rows[:-1]])
+
+
+def test_prefix_reuse_through_ray_decodes_ahead_and_records_its_timings(ray_session, tiny_model_dir, all_pope_items,
+                                                                        plain_answers, tmp_path):
+    import json
+
+    import ray
+
+    from orchestrator.eval.predictor import predict
+
+    plain = {(r["split"], r["item_id"]): r for r in plain_answers}
+    ordered = sorted(all_pope_items, key=lambda i: (i["images"][0], i["split"], i["item_id"]))
+    blocks = [items_table(ordered[k:k + 36]) for k in range(0, len(ordered), 36)]   # 2 whole images each
+    timings_dir = tmp_path / "timings"
+    # the actor takes 0.5 of the 2 CPUs: the decode stage (add_pixels) runs as tasks on the rest
+    answered = predict(ray.data.from_arrow(blocks), settings(tiny_model_dir, prefix_reuse=True, prefix_images=2,
+                                                             timings_dir=str(timings_dir)), cpus_per_actor=0.5)
+    rows = sorted(answered.take_all(), key=lambda r: (r["split"], r["item_id"]))
+    assert len(rows) == len(ordered)
+    assert_same_answers(rows, [plain[(r["split"], r["item_id"])] for r in rows])
+    (path,) = timings_dir.glob("timings-*.json")
+    timings = json.loads(path.read_text())
+    order = ["module_imported", "init_started", "imports_done", "model_ready", "first_call_started",
+             "first_call_done", "last_call_done"]
+    assert [timings[k] for k in order] == sorted(timings[k] for k in order)
+    assert timings["process_started"] <= timings["init_started"] and timings["rows"] == len(ordered)
+    n_images = len({item["images"][0] for item in ordered})
+    assert timings["prefix_stats"]["pixels_given"] == timings["prefix_stats"]["prefix_computed"] == n_images

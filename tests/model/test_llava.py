@@ -62,3 +62,15 @@ def test_ensure_model_builds_once_and_honours_a_given_path(tmp_path):
 def test_image_token_count_follows_the_vision_config(tiny_model_dir):
     loaded = load_llava(tiny_model_dir)
     assert tokens_per_image(loaded.model.config) == 9
+
+
+def test_load_llava_places_the_checkpoint_on_the_device_unchanged(tiny_model_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    loaded = load_llava(tiny_model_dir, device=torch.device("cpu"))   # read through device_map={"": device}
+    plain = LlavaForConditionalGeneration.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
+                                                          local_files_only=True)
+    ours, theirs = loaded.model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    assert not any(hasattr(module, "_hf_hook") for module in loaded.model.modules())   # no dispatch hooks

@@ -1,0 +1,72 @@
+"""benchmarks/pope_throughput.py: its fast random-weight build, and --tiny end to end on CPU (a smoke test, not a timing)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "pope_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("pope_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_random_weights_are_filled_in_place_and_the_buffers_computed_as_usual(bench, tiny_model_dir):
+    from orchestrator.model.llava import load_llava
+
+    model = bench.random_model(tiny_model_dir, "cpu")
+    reference = load_llava(tiny_model_dir).model
+    assert not any(p.is_meta for p in model.parameters()) and {p.dtype for p in model.parameters()} == {torch.float32}
+    ours, theirs = (dict(m.named_buffers(remove_duplicate=False)) for m in (model, reference))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)  # rotary, positions
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            assert (param == 0).all(), name
+        elif "norm" in name:
+            assert (param == 1).all(), name
+        elif param.numel() >= 4096:
+            assert 0.018 < param.std().item() < 0.022, name
+    again = bench.random_model(tiny_model_dir, "cpu")           # seeded: the same weights in every process
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    ids = torch.tensor([[1] + [model.config.image_token_index] * 9 + [5, 6]])
+    logits = model(input_ids=ids, pixel_values=torch.randn(1, 3, 48, 48)).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+@pytest.mark.slow
+def test_tiny_run_answers_every_question_and_breaks_the_seconds_down(tmp_path):
+    workdir = tempfile.mkdtemp(prefix="pb", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "pope.json"
+    try:
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--modes", "prefix", "--workdir", workdir,
+                               "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "ours: Ray Data, score, prefix reuse" in proc.stdout and "prefix reuse, end to end (s):" in proc.stdout
+    results = json.loads(out.read_text())
+    prefix = results["results"]["prefix"]
+    assert prefix["questions_timed"] == 4 * 6 * 3 and prefix["errors"] == 0 and prefix["seconds_all_measured"]
+    phases = prefix["phases"]
+    steps = ("actor_start_s", "imports_s", "model_s", "wait_first_block_s", "first_block_s", "to_driver_s", "steady_s")
+    assert all(phases[step] >= 0 for step in steps)
+    assert sum(phases[step] for step in steps) == pytest.approx(phases["total_s"])
+    assert prefix["seconds_all"] == pytest.approx(phases["total_s"]) and results["ray_init_s"] > 0
+    assert {"modeling_import_s", "weights_s", "processor_s"} <= set(phases["model_steps"])
+    assert phases["prefix_stats"]["pixels_given"] == phases["prefix_stats"]["prefix_computed"] == 4
