@@ -283,7 +283,7 @@ def markdown_table(results: Results) -> str:
         lines.append(f"| {name} | {e.get('status')} | {text} | {e.get('seconds', 0):.0f} |")
     d1, dn = s.get("dpo1", {}), s.get("dpoN", {})
     if d1.get("status") == "ok" or dn.get("status") == "ok":
-        lines += ["", "| LoRA DPO, ZeRO-3 | workers | pairs/s/GPU | pairs/s total | s/step | useful TFLOP/s/GPU "
+        lines += ["", "| LoRA DPO | workers | pairs/s/GPU | pairs/s total | s/step | useful TFLOP/s/GPU "
                   "| peak per worker |", "|---|---|---|---|---|---|---|"]
         for label, e in (("1 GPU", d1), ("N GPUs", dn)):
             if e.get("status") == "ok":
@@ -481,15 +481,17 @@ def make_config(args, name: str, *, workers: int, lora: bool = True, steps: int,
         "train": {
             "loss": "sigmoid", "beta": 0.1, "learning_rate": 1e-4 if args.tiny else 2e-6, "warmup_ratio": 0.0,
             "lr_schedule": "constant", "max_steps": steps, "batch_size_per_worker": args.pairs,
-            "gradient_accumulation": 1, "max_length": 2048, "gradient_checkpointing": True,
+            "gradient_accumulation": 1, "max_length": 2048,
+            "gradient_checkpointing": args.checkpointing if args.checkpointing == "auto" else args.checkpointing == "true",
+            "prefix_sharing": not args.plain_pairs, "reference_cache": not args.plain_pairs,
             "bf16": args.use_gpu,
             "lora": {"enabled": lora, "rank": args.lora_rank, "alpha": 2 * args.lora_rank, "dropout": 0.05},
-            "deepspeed": {"enabled": True, "zero_stage": 3, "offload_optimizer": offload_optimizer,
+            "deepspeed": {"enabled": True, "zero_stage": args.zero_stage, "offload_optimizer": offload_optimizer,
                           "offload_params": False, "torch_adam": True},
             "checkpoint_every_steps": checkpoint_every, "keep_checkpoints": 2, "max_failures": max_failures,
             "log_every_steps": log_every, "seed": 42,
         },
-        "scaling": {"num_workers": workers, "use_gpu": args.use_gpu,
+        "scaling": {"num_workers": workers, "use_gpu": args.use_gpu, "gpu_memory_gb": args.gpu_memory_gb,
                     "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": 1.0 if args.use_gpu else 0.0},
         "eval": {"mode": "score", "batch_size": args.eval_batch, "num_actors": actors,
                  "cpus_per_actor": args.cpus_per_worker, "gpus_per_actor": 1.0 if args.use_gpu else 0.0,
@@ -587,7 +589,7 @@ def _short_error(error: BaseException, limit: int = 1500) -> str:
 def dpo_section(args, dataset, workers: int, deadline: float) -> dict:
     warmup, log_every = timing_plan(args.steps, args.warmup)
     name = f"mg-dpo{workers}"
-    say(f"{name}: LoRA r{args.lora_rank} DPO, ZeRO-3, {workers} worker(s) x {args.pairs} pairs, {args.steps} steps "
+    say(f"{name}: LoRA r{args.lora_rank} DPO, ZeRO-{args.zero_stage}, {workers} worker(s) x {args.pairs} pairs, {args.steps} steps "
         f"(first {warmup} untimed)")
     entry = train_run(args, name, dataset, workers=workers, steps=args.steps, warmup=warmup, log_every=log_every,
                       stop_early=not args.final_checkpoints, deadline=deadline)
@@ -788,6 +790,12 @@ def parse_args(argv=None):
                         help="let the LoRA throughput runs write their final checkpoint (default: stop before it)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model folder even if it is there")
     parser.add_argument("--ray-temp", default=None, help="Ray's temp dir (default /tmp/ray-mg-<uid>)")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=3, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--checkpointing", choices=["true", "false", "auto"], default="true",
+                        help="train.gradient_checkpointing (auto: the planner decides)")
+    parser.add_argument("--plain-pairs", action="store_true",
+                        help="2B plain rows with the reference in the loop (train.prefix_sharing and "
+                             "train.reference_cache off) instead of packed pairs and cached reference log-probs")
     args = parser.parse_args(argv)
     tiny = args.tiny
 
@@ -841,6 +849,11 @@ def main(argv=None) -> int:
     import torch
 
     args.use_gpu = not args.tiny
+    args.gpu_memory_gb = 80.0  # the planner's GiB per GPU (checkpointing "auto"): the card's own where there is one
+    if args.use_gpu:
+        import torch
+
+        args.gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     if args.use_gpu and not torch.cuda.is_available():
         print("no GPU visible: the 7B shape needs GPUs; use --tiny for the CPU check", file=sys.stderr)
         return 2

@@ -234,3 +234,16 @@ def test_auto_checkpointing_is_on_only_when_the_run_would_not_fit():
                                                gradient_checkpointing="auto"), scaling(1, 80), 759)
     assert not small.gradient_checkpointing and large.gradient_checkpointing
     assert large.total_gb < 80 and "auto: on" in large.notes[-1]
+
+
+def test_use_gradient_checkpointing_resolves_auto_from_the_plan():
+    from orchestrator.plan import use_gradient_checkpointing
+
+    def config(use_gpu: bool, checkpointing, pairs: int = 8):
+        return seven_b_config(train={"batch_size_per_worker": pairs, "max_length": 2048, "bf16": True,
+                                     "gradient_checkpointing": checkpointing},
+                              scaling={"use_gpu": use_gpu, "gpu_memory_gb": 80})
+    assert not use_gradient_checkpointing(config(False, "auto"))        # CPU runs never need it
+    assert use_gradient_checkpointing(config(True, "auto"))             # 8 pairs x 2048 tokens: does not fit
+    assert not use_gradient_checkpointing(config(True, "auto"), 759)    # rows of 759 tokens: fits
+    assert use_gradient_checkpointing(config(False, True)) and not use_gradient_checkpointing(config(True, False))

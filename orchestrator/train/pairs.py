@@ -126,6 +126,22 @@ def _pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: st
     return kept, skipped
 
 
+def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, template: str, max_length: int,
+                       answer_columns: Sequence[str] = ("chosen", "rejected")) -> int:
+    """Tokens of the longest prompt + answer row of `rows` (cut at max_length), as the planner counts a row."""
+    tokenizer = loaded.tokenizer
+    prompts: dict[str, int] = {}
+    longest = 0
+    for row in rows:
+        prompt = str(row["prompt"])
+        if prompt not in prompts:
+            prompts[prompt] = len(_prompt_ids(loaded, prompt, template))
+        for column in answer_columns:
+            if column in row:
+                longest = max(longest, prompts[prompt] + len(encode_answer(tokenizer, str(row[column]))))
+    return min(longest, max_length) if longest else max_length
+
+
 def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
                    max_length: int = 2048) -> PackedPairs | None:
     """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped."""

@@ -70,7 +70,7 @@ from orchestrator.model.llava import LoadedLlava, load_llava
 from orchestrator.plan import use_gradient_checkpointing
 from orchestrator.train.collate import Collated, collate_sft
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
-from orchestrator.train.pairs import PackedPairs, collate_pairs, pair_token_logps
+from orchestrator.train.pairs import PackedPairs, collate_pairs, longest_row_tokens, pair_token_logps
 from orchestrator.train.tracking import Tracker
 
 log = logging.getLogger("hadpo.train")
@@ -159,17 +159,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _quiet_libraries(rank)
     lap = _Laps()
 
-    # 1. Model (same seed on every rank, so LoRA's random init agrees), LoRA, reference.
+    # 1. Model (same seed on every rank, so LoRA's random init agrees), the data, LoRA, reference.
     _seed_all(train.seed)
     loaded = load_llava(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
                         device=device, attn_implementation=cfg.model.attn_implementation)
     model = loaded.model
     model.config.use_cache = False
-    checkpointing = use_gradient_checkpointing(cfg)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not (plan.stage == "sft" and train.sft.train_vision):
         freeze_vision(model)
+    # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
+    rows = _read_rows(ray.train.get_dataset_shard("train"))
+    schedule = plan_schedule(len(rows), world, train, plan)
+    cached_reference = None
+    if plan.stage == "dpo" and config.get("reference_cache"):
+        cached_reference = load_cached_reference(config["reference_cache"], rows, rank)
+    # checkpointing "auto": the planner decides for the longest row of this data (not the max_length cap)
+    longest = longest_row_tokens(rows, loaded, cfg.model.train_template, train.max_length,
+                                 ("chosen", "rejected") if plan.stage == "dpo" else ("response",)) \
+        if train.gradient_checkpointing == "auto" and on_gpu else None
+    stage_lora = train.lora.model_copy(update={"enabled": plan.lora})
+    checkpointing = use_gradient_checkpointing(
+        cfg.model_copy(update={"train": train.model_copy(update={"lora": stage_lora})}), longest)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
     if plan.lora:
         model = add_lora(model, train)
@@ -179,15 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     _seed_all(train.seed + 1000 * (rank + 1))  # dropout etc. differ per rank from here on
-    lap("model")
-
-    # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
-    rows = _read_rows(ray.train.get_dataset_shard("train"))
-    schedule = plan_schedule(len(rows), world, train, plan)
-    cached_reference = None
-    if plan.stage == "dpo" and config.get("reference_cache"):
-        cached_reference = load_cached_reference(config["reference_cache"], rows, rank)
-    lap("data")
+    lap("model and data")
 
     # 3. Optimizer, schedule, engine.
     engine = make_engine(model, trainable, train, plan, schedule, use_ds=use_ds, on_gpu=on_gpu, bf16=bf16)

@@ -70,6 +70,7 @@ SAMPLE_BLOCKS = 16
 # A safetensors header longer than this is not a header (the 8 bytes were something else).
 MAX_SAFETENSORS_HEADER = 100 << 20
 DEFAULT_ROWS_PER_PART = 1024
+PROGRESS_EVERY_S = 10.0  # one progress line per this many seconds, and one at the end
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
         ReferenceScorer, fn_constructor_kwargs={"settings": settings}, batch_size=per_call, batch_format="pandas",
         compute=ActorPoolStrategy(size=cfg.eval.num_actors), **resources,
     )
-    t0 = time.time()
+    t0 = last_logged = time.time()
     computed = errors = 0
     pending: list[pa.Table] = []
     for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -460,7 +461,11 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
         if sum(table.num_rows for table in pending) >= rows_per_part:
             _write_part(cache, pa.concat_tables(pending))
             pending = []
-        rate = computed / max(time.time() - t0, 1e-9)
+        now = time.time()
+        if computed < len(todo) and now - last_logged < PROGRESS_EVERY_S:
+            continue
+        last_logged = now
+        rate = computed / max(now - t0, 1e-9)
         log.info("reference [precompute] %s: %d/%d (%.0f%%), %.2f pairs/s, ETA %s, %d errors", cache.key, computed,
                  len(todo), 100.0 * computed / len(todo), rate, _fmt_seconds((len(todo) - computed) / rate), errors)
     if pending:

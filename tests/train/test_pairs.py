@@ -116,3 +116,12 @@ def test_unloadable_image_is_skipped_and_reported(loaded, rows, tmp_path):
     assert packed.num_examples == 1 and packed.sample_ids == [str(rows[1]["sample_id"])]
     assert packed.skipped[0]["sample_id"] == "broken-1"
     assert collate_packed(as_batch([broken]), loaded, "v1", 512) is None
+
+
+def test_longest_row_tokens_is_the_longest_plain_row(loaded, rows):
+    from orchestrator.train.pairs import longest_row_tokens
+
+    plain = collate_preference(as_batch(rows), loaded, "v1", 512)
+    longest = int(plain.attention_mask.sum(-1).max())
+    assert longest_row_tokens(rows, loaded, "v1", 512) == longest
+    assert longest_row_tokens(rows, loaded, "v1", longest - 5) == longest - 5  # cut at max_length, as collation cuts
