@@ -30,7 +30,8 @@ import torch
 
 from orchestrator.data.datasets import ImageLoadError, load_image
 from orchestrator.model.llava import LoadedLlava, pixel_values
-from orchestrator.model.templates import IGNORE_INDEX, build_prompt, encode_example, encode_prompt
+from orchestrator.model.templates import (IGNORE_INDEX, build_prompt, encode_answer, encode_example,
+                                          encode_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +121,14 @@ def _prompt_ids(loaded: LoadedLlava, prompt: str, template: str) -> list[int]:
                          loaded.tokens_per_image)
 
 
-def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
-                       max_length: int = 2048, padding_side: str = "right") -> Collated | None:
-    """Preference rows (PREFERENCE_COLUMNS) -> 2B sequences, chosen first. None if every row was skipped."""
+def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str, max_length: int):
+    """(sample_id, image, prompt ids, chosen answer ids, rejected answer ids) per usable row, and the skipped.
+
+    Answers are cut as `encode_example` cuts them (to max_length - prompt), so the plain and the packed
+    layout (`pairs.collate_packed`) score exactly the same tokens.
+    """
     tokenizer = loaded.tokenizer
-    chosen_ids, chosen_labels, rejected_ids, rejected_labels, images, kept = [], [], [], [], [], []
-    skipped: list[dict[str, str]] = []
+    kept, skipped = [], []
     for sample_id, path, prompt, chosen, rejected in zip(
             _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
             _column(batch, "chosen"), _column(batch, "rejected")):
@@ -133,19 +136,31 @@ def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, 
         if image is None:
             continue
         prompt_ids = _prompt_ids(loaded, prompt, template)
-        try:
-            c_ids, c_labels = encode_example(tokenizer, prompt_ids, chosen, max_length)
-            r_ids, r_labels = encode_example(tokenizer, prompt_ids, rejected, max_length)
-        except ValueError as error:  # prompt longer than max_length
-            skipped.append({"sample_id": str(sample_id), "reason": str(error)})
+        room = max_length - len(prompt_ids)
+        if room <= 0:
+            skipped.append({"sample_id": str(sample_id),
+                            "reason": f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}"})
             continue
-        chosen_ids.append(c_ids), chosen_labels.append(c_labels)
-        rejected_ids.append(r_ids), rejected_labels.append(r_labels)
-        images.append(image), kept.append(str(sample_id))
-    if not images:
+        kept.append((str(sample_id), image, prompt_ids, encode_answer(tokenizer, chosen)[:room],
+                     encode_answer(tokenizer, rejected)[:room]))
+    return kept, skipped
+
+
+def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
+                       max_length: int = 2048, padding_side: str = "right") -> Collated | None:
+    """Preference rows (PREFERENCE_COLUMNS) -> 2B sequences, chosen first. None if every row was skipped."""
+    kept, skipped = encode_pairs(batch, loaded, template, max_length)
+    if not kept:
         return None
-    return _finish(chosen_ids + rejected_ids, chosen_labels + rejected_labels, images + images, loaded,
-                   tokenizer.pad_token_id, padding_side, kept, skipped)
+    ids, labels = [], []
+    for answer in (3, 4):  # the chosen rows, then the rejected ones
+        for pair in kept:
+            prompt_ids, answer_ids = pair[2], pair[answer]
+            ids.append(prompt_ids + answer_ids)
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+    images = [image for _, image, *_ in kept]
+    return _finish(ids, labels, images + images, loaded, loaded.tokenizer.pad_token_id, padding_side,
+                   [sample_id for sample_id, *_ in kept], skipped)
 
 
 def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",

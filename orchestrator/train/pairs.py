@@ -31,7 +31,7 @@ import torch
 
 from orchestrator.model.llava import LoadedLlava, pixel_values
 from orchestrator.model.templates import IGNORE_INDEX, encode_answer
-from orchestrator.train.collate import Collated, _column, _load, _prompt_ids, collate_preference
+from orchestrator.train.collate import Collated, _prompt_ids, collate_preference, encode_pairs
 from orchestrator.train.losses import token_logps
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
@@ -101,31 +101,6 @@ def attention_mask(segments: torch.Tensor, attn_implementation: str, dtype: torc
                      f"not {attn_implementation!r}")
 
 
-def _pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str, max_length: int):
-    """(sample_id, image, prompt ids, chosen answer ids, rejected answer ids) per usable row, and the skipped.
-
-    Answers are cut like `encode_example` cuts them (to max_length - prompt), so both layouts score
-    exactly the same tokens.
-    """
-    tokenizer = loaded.tokenizer
-    kept, skipped = [], []
-    for sample_id, path, prompt, chosen, rejected in zip(
-            _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
-            _column(batch, "chosen"), _column(batch, "rejected")):
-        image = _load(path, str(sample_id), skipped)
-        if image is None:
-            continue
-        prompt_ids = _prompt_ids(loaded, prompt, template)
-        room = max_length - len(prompt_ids)
-        if room <= 0:
-            skipped.append({"sample_id": str(sample_id),
-                            "reason": f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}"})
-            continue
-        kept.append((str(sample_id), image, prompt_ids, encode_answer(tokenizer, chosen)[:room],
-                     encode_answer(tokenizer, rejected)[:room]))
-    return kept, skipped
-
-
 def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, template: str, max_length: int,
                        answer_columns: Sequence[str] = ("chosen", "rejected")) -> int:
     """Tokens of the longest prompt + answer row of `rows` (cut at max_length), as the planner counts a row."""
@@ -145,7 +120,7 @@ def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, t
 def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
                    max_length: int = 2048) -> PackedPairs | None:
     """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped."""
-    kept, skipped = _pairs(batch, loaded, template, max_length)
+    kept, skipped = encode_pairs(batch, loaded, template, max_length)
     if not kept:
         return None
     return pack_pairs([(prompt, chosen, rejected) for _, _, prompt, chosen, rejected in kept],

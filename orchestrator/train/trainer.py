@@ -123,6 +123,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     if stage == "dpo" and cfg.train.reference_cache:
         from orchestrator.train.reference_cache import precompute_reference
 
+        dataset = dataset.materialize()  # the pass and the trainer read the rows once (image checks included)
         reference_cache = str(precompute_reference(cfg, base, dataset).path)
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker}
