@@ -87,6 +87,7 @@ ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
 # Added by `add_pixels` on the first row of each POPE image of a block: the image's vision-tower input
 # (float32 [3, H, W] as `np.save` bytes); null on the other rows and where the image did not open.
 PIXELS_COLUMN = "pixels"
+DECODE_TASK_CPUS = 0.25  # logical CPUs of one `add_pixels` task (see `predict`)
 
 
 def _listify(value) -> list[str]:
@@ -627,8 +628,10 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
         # decode + preprocess the images on the CPUs the actors leave free, ahead of the GPU: one task
         # per block, at most 2 at a time per actor (a task preprocesses ~100 images/s, an H100 answers
         # ~50/s). Being a capped task pool, Ray Data keeps it a stage of its own (not fused into the actors).
+        # A quarter CPU per task: the free CPUs may be split over nodes (e.g. 0.5 left beside each actor),
+        # and a task that fits on no node would stall the whole pass.
         ds = ds.map_batches(add_pixels, fn_kwargs={"model_path": settings.model_path}, batch_size=None,
-                            batch_format="pyarrow", zero_copy_batch=True, num_cpus=min(1.0, free_cpus),
+                            batch_format="pyarrow", zero_copy_batch=True, num_cpus=min(DECODE_TASK_CPUS, free_cpus),
                             compute=TaskPoolStrategy(size=2 * num_actors))
     return ds.map_batches(
         Predictor, fn_constructor_kwargs={"settings": settings}, batch_size=batch_size,

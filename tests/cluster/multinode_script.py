@@ -13,6 +13,11 @@ from orchestrator.eval.runner import run_eval
 from orchestrator.train.trainer import run_training
 
 out = Path(sys.argv[1])
+# Cluster records the head's address in Ray's default temp dir (/tmp/ray) even when the head has its own
+# temp_dir, and fails if that folder does not exist yet (a fresh machine where Ray never ran).
+from ray._common.utils import get_default_ray_temp_dir  # noqa: E402
+
+Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": sys.argv[2]})
 cluster.add_node(num_cpus=2)
 ray.init(address=cluster.address, runtime_env={"env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}})
