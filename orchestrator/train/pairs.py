@@ -206,14 +206,18 @@ def score_pairs(model, inputs: PackedPairs | Collated, device: torch.device | st
     return pair_token_logps(logits, inputs).sums()
 
 
+def model_inputs_for(inputs: PackedPairs | Collated, device: torch.device | str, dtype: torch.dtype | None,
+                     attn_implementation: str) -> dict[str, Any]:
+    """Forward keyword arguments for either layout (only packed rows need the attention implementation)."""
+    if isinstance(inputs, PackedPairs):
+        return inputs.model_inputs(device, dtype, attn_implementation)
+    return inputs.model_inputs(device, dtype)
+
+
 def pair_forward(model, inputs: PackedPairs | Collated, device: torch.device | str, dtype: torch.dtype | None = None,
                  attn_implementation: str | None = None) -> torch.Tensor:
     """The logits (over the scored window) of one forward of `model` on either layout."""
-    if isinstance(inputs, PackedPairs):
-        implementation = attn_implementation or _attn_implementation(model)
-        model_inputs = inputs.model_inputs(device, dtype, implementation)
-    else:
-        model_inputs = inputs.model_inputs(device, dtype)
+    model_inputs = model_inputs_for(inputs, device, dtype, attn_implementation or _attn_implementation(model))
     return model(**model_inputs, use_cache=False).logits
 
 

@@ -70,7 +70,8 @@ from orchestrator.model.llava import LoadedLlava, load_llava
 from orchestrator.plan import use_gradient_checkpointing
 from orchestrator.train.collate import Collated, collate_sft
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
-from orchestrator.train.pairs import PackedPairs, collate_pairs, longest_row_tokens, pair_token_logps
+from orchestrator.train.pairs import (PackedPairs, collate_pairs, longest_row_tokens, model_inputs_for,
+                                      pair_token_logps)
 from orchestrator.train.tracking import Tracker
 
 log = logging.getLogger("hadpo.train")
@@ -515,7 +516,7 @@ def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stag
                  device: torch.device, bf16: bool, attn_implementation: str = "sdpa"
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss to back-propagate and its metrics (plain floats)."""
-    model_inputs = _model_inputs(inputs, device, bf16, attn_implementation)
+    model_inputs = model_inputs_for(inputs, device, torch.bfloat16 if bf16 else None, attn_implementation)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and engine.ds is None) else nullcontext()
     with autocast:
         logits = engine.forward(**model_inputs, use_cache=False).logits
@@ -540,14 +541,6 @@ def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stag
         metrics["nll"] = nll.item()
     metrics["loss"] = loss.item()
     return loss, metrics
-
-
-def _model_inputs(inputs: Collated | PackedPairs, device: torch.device, bf16: bool, attn_implementation: str
-                  ) -> dict[str, Any]:
-    dtype = torch.bfloat16 if bf16 else None
-    if isinstance(inputs, PackedPairs):
-        return inputs.model_inputs(device, dtype, attn_implementation)
-    return inputs.model_inputs(device, dtype)
 
 
 @torch.no_grad()

@@ -20,3 +20,17 @@ def tiny_config(output_root: Path, world: Path, *overrides: str) -> ExperimentCo
     for override in overrides:
         apply_override(raw, override)
     return config_from_dict(raw, str(TINY_YAML))
+
+
+def sample_preference_rows(output_root: Path, world: Path, per_source: int) -> list[dict]:
+    """The first `per_source` description and POPE preference rows of the synthetic world."""
+    from orchestrator.data import datasets
+
+    rows = datasets.preference_rows(tiny_config(output_root, world))
+    return [row for row in rows if row["source"] == "desc"][:per_source] + \
+        [row for row in rows if row["source"] == "pope"][:per_source]
+
+
+def as_batch(rows: list[dict]) -> dict[str, list]:
+    """Rows -> the column batch collation takes."""
+    return {key: [row[key] for row in rows] for key in rows[0]}

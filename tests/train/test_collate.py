@@ -8,7 +8,7 @@ from orchestrator.model.llava import load_llava
 from orchestrator.model.templates import IGNORE_INDEX
 from orchestrator.train.collate import collate_preference, collate_sft, labelled_window, pad_sequences
 from orchestrator.train.losses import sequence_logps
-from tests.train import tiny_config
+from tests.train import as_batch, sample_preference_rows, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +18,7 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def preference_rows(synth_world, tmp_path_factory):
-    world, _ = synth_world
-    rows = datasets.preference_rows(tiny_config(tmp_path_factory.mktemp("runs"), world))
-    desc = [row for row in rows if row["source"] == "desc"][:2]
-    pope = [row for row in rows if row["source"] == "pope"][:2]
-    return desc + pope
-
-
-def as_batch(rows):
-    return {key: [row[key] for row in rows] for key in rows[0]}
+    return sample_preference_rows(tmp_path_factory.mktemp("runs"), synth_world[0], per_source=2)
 
 
 def full_labels(inputs):

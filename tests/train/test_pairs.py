@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from orchestrator.data import datasets
 from orchestrator.model.llava import load_llava
 from orchestrator.train.collate import collate_preference
 from orchestrator.train.losses import sequence_logps
 from orchestrator.train.pairs import (CHOSEN, PAD, PROMPT, REJECTED, attention_mask, collate_packed, pair_forward,
                                       pair_token_logps, score_pairs)
-from tests.train import tiny_config
+from tests.train import as_batch, sample_preference_rows
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -19,16 +18,8 @@ def loaded(request, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def rows(synth_world, tmp_path_factory):
-    world, _ = synth_world
-    rows = datasets.preference_rows(tiny_config(tmp_path_factory.mktemp("runs"), world))
     # answers of different lengths on both sides, so padding and windows differ between rows
-    desc = [row for row in rows if row["source"] == "desc"][:3]
-    pope = [row for row in rows if row["source"] == "pope"][:3]
-    return desc + pope
-
-
-def as_batch(rows):
-    return {key: [row[key] for row in rows] for key in rows[0]}
+    return sample_preference_rows(tmp_path_factory.mktemp("runs"), synth_world[0], per_source=3)
 
 
 def test_packed_log_probs_equal_the_plain_layout(loaded, rows):
