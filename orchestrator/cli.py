@@ -120,10 +120,22 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from orchestrator.plan import main_plan
+def local_gpu_memory_gib() -> float | None:
+    """GiB of this machine's first GPU, or None without one (the planner then uses the config's figure)."""
+    try:
+        import torch
 
-    return main_plan(_config(args), seq_len=args.seq_len)
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except Exception:  # no usable CUDA here: plan without it
+        pass
+    return None
+
+
+def cmd_plan(args) -> int:
+    from orchestrator.plan import main_plan, with_gpu_memory
+
+    return main_plan(with_gpu_memory(_config(args), local_gpu_memory_gib()), seq_len=args.seq_len)
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -117,10 +117,18 @@ class LoraConfig(_Section):
 
 class DeepSpeedConfig(_Section):
     enabled: bool = True
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = Field(
+        "auto", description="auto: the planner picks per run from the model, LoRA or not, the GPU count and each "
+        "GPU's memory (`hadpo plan` says which and why): the fastest stage that fits; ZeRO-3 only where needed")
     offload_optimizer: bool = False
     offload_params: bool = False
-    torch_adam: bool = Field(True, description="torch AdamW instead of DeepSpeed's fused op (no build)")
+    torch_adam: bool = Field(
+        True, description="torch AdamW (fused on GPU) instead of DeepSpeed's FusedAdam op, which is compiled "
+        "on first use (tens of seconds before the first step)")
+    config: dict[str, Any] | str | None = Field(
+        None, description="your own DeepSpeed settings (a dict, or the path of a ds_config.json), merged into the "
+        "generated config; keys the recipe owns (batch sizes, precision, gradient clipping, the ZeRO stage "
+        "when zero_stage is auto, the schedule) must be absent, \"auto\" or equal to the recipe's value")
 
 
 class SftStageConfig(_Section):
@@ -179,7 +187,10 @@ class ScalingSection(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
-    gpu_memory_gb: float = Field(80.0, gt=0.0, description="memory of one GPU, used by the planner (hadpo plan)")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0.0, description="memory of one GPU in GiB for the planner (ZeRO stage and checkpointing auto); "
+        "empty: the training workers read their GPU's own memory, and `hadpo plan` reads this machine's GPU or "
+        "assumes 80")
 
 
 class EvalConfig(_Section):

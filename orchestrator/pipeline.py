@@ -23,19 +23,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import ExperimentConfig, dump_config
+from orchestrator.files import file_sha256
 
 log = logging.getLogger("hadpo.pipeline")
 
 RECORDED_PACKAGES = ("torch", "ray", "transformers", "peft", "deepspeed", "pyarrow", "pandas", "wandb",
                      "pillow", "pydantic", "hadpo-orchestrator")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_file_hashes(config: ExperimentConfig) -> dict[str, str]:
@@ -151,7 +144,7 @@ def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) ->
     log.info("stage %s: %s", stage.name, "resuming" if resume else "running")
     outputs = stage.run(resume)
     tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"inputs": stage.inputs, "outputs": outputs,
+    tmp.write_text(json.dumps({"inputs": stage.inputs, "outputs": outputs, "started": started,
                                "seconds": round(time.time() - started, 1)}, indent=2, default=str))
     tmp.replace(record_path)
     log.info("stage %s: done in %.0f s", stage.name, time.time() - started)
@@ -232,7 +225,8 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
 
         def dpo(resume: bool, seeded=seeded) -> dict[str, Any]:
             trained = run_training(seeded, stage="dpo", base_model=base_model, resume=resume)
-            return {"adapter": trained.checkpoint_path, "curves": trained.curves_path, "metrics": trained.metrics}
+            return {"adapter": trained.checkpoint_path, "curves": trained.curves_path, "metrics": trained.metrics,
+                    "timings": trained.timings}
 
         trained = run_stage(config, Stage(f"dpo{suffix}", inputs_hash(base_model, seeded.model_dump(mode="json")["train"],
                                                                       files), dpo), result)

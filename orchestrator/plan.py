@@ -11,8 +11,9 @@ What one GPU (one Ray Train worker) holds, per component:
 - weights: every parameter (vision tower, projector, language model, LoRA adapters) at 2 bytes (bf16) or
   4 (fp32). ZeRO-3 shards them over the workers; ZeRO-3 + ``offload_params`` keeps them in CPU memory.
   Under ZeRO-3 the layers being computed are gathered whole: ~2 decoder layers' worth ("ZeRO-3 gathered").
-- reference model: LoRA needs no copy (the policy with adapters disabled is the exact reference);
-  full fine-tuning keeps a second full copy of the weights (HA-DPO's choice), sharded/offloaded like them.
+- reference model: LoRA needs no copy (the policy with adapters disabled is the exact reference), nor does
+  a run with `train.reference_cache` (log-probs precomputed); full fine-tuning without the cache keeps a
+  second full copy of the weights (HA-DPO's choice), unsharded, as the recipe makes it.
 - optimizer: AdamW on the trainable parameters: fp32 master copy + two fp32 moments (12 bytes/param with
   bf16; 8 with fp32 training, whose weights are the master). ZeRO-1/2/3 shard it; ``offload_optimizer``
   moves it to CPU. Full fine-tuning trains the language model and the projector; the vision tower stays
@@ -61,6 +62,10 @@ PROMPT_TEXT_TOKENS = 55             # BOS + v1 system prompt + USER/ASSISTANT + 
 TINY_VOCAB_ESTIMATE = 1024           # the tiny model's vocabulary is built from the world's texts
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}   # the seed notes' rules of thumb
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_GPU_MEMORY_GB = 80.0         # planned for when neither the config nor a GPU here says (hadpo plan on a laptop)
+# The ZeRO stage LoRA trains fastest with when the frozen base fits on one GPU (measured, benchmarks/RESULTS.md:
+# stages 0-2 differ only in how they reduce LoRA's small gradients; ZeRO-3 gathers the frozen base every pass).
+FASTEST_LORA_STAGE = 2
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -267,6 +272,75 @@ class MemoryPlan:
         return sum(self.cpu_components.values())
 
 
+def planned_gpu_memory_gb(scaling: ScalingSection) -> float:
+    """The GPU memory a plan is made for: `scaling.gpu_memory_gb`, else `DEFAULT_GPU_MEMORY_GB`.
+
+    Training workers fill `scaling.gpu_memory_gb` in with their card's own memory before they plan
+    (`with_gpu_memory`), so only a plan made away from the GPUs falls back to the default.
+    """
+    return scaling.gpu_memory_gb if scaling.gpu_memory_gb is not None else DEFAULT_GPU_MEMORY_GB
+
+
+def with_gpu_memory(cfg: ExperimentConfig, detected_gb: float | None) -> ExperimentConfig:
+    """`cfg` planned for `detected_gb` (GiB of the GPU in hand) unless the config sets its own figure."""
+    if cfg.scaling.gpu_memory_gb is not None or not detected_gb:
+        return cfg
+    return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"gpu_memory_gb": float(detected_gb)})})
+
+
+def zero_stage_candidates(lora: bool, workers: int) -> tuple[int, ...]:
+    """Stages to try for `zero_stage: auto`, fastest first (the seed notes: 0/1 > 2 > 3 > offload).
+
+    LoRA: the measured fastest stage, then ZeRO-3 for a frozen base that does not fit one GPU. Full
+    fine-tuning: ZeRO-1 shards the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the weights; on one
+    GPU nothing is sharded, so only ZeRO-3 (the stage that can offload weights) is an alternative to 0.
+    """
+    if lora:
+        return (FASTEST_LORA_STAGE, 3)
+    return (0, 3) if workers < 2 else (1, 2, 3)
+
+
+def choose_zero_stage(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingSection,
+                      seq_len: int | None = None, *, attn_implementation: str = "sdpa") -> tuple[int, str]:
+    """The ZeRO stage a run trains with, and why: the configured one, or for `auto` the first of
+    `zero_stage_candidates` whose plan fits (gradient checkpointing as the config says, `auto` included).
+    When none fits, ZeRO-3 (the stage that shards and offloads most; `hadpo plan` then advises)."""
+    ds = train_cfg.deepspeed
+    if ds.zero_stage != "auto":
+        return int(ds.zero_stage), "set in the config"
+    lora = train_cfg.lora.enabled
+    what = "LoRA" if lora else "full fine-tuning"
+    gpu_gb = planned_gpu_memory_gb(scaling)
+    candidates = zero_stage_candidates(lora, scaling.num_workers)
+    for stage in candidates:
+        plan = estimate_memory(shape, _with_stage(train_cfg, stage), scaling, seq_len,
+                               attn_implementation=attn_implementation)
+        if fits(plan):
+            if stage == candidates[0]:
+                reason = (f"{what} on {scaling.num_workers} GPU(s) of {gpu_gb:g} GB: fits at the fastest stage "
+                          f"(est. {plan.total_gb:.1f} GB/GPU)")
+            else:
+                reason = (f"{what} on {scaling.num_workers} GPU(s) of {gpu_gb:g} GB: ZeRO-{candidates[0]} does "
+                          f"not fit, ZeRO-{stage} does (est. {plan.total_gb:.1f} GB/GPU)")
+            return stage, reason
+    return 3, (f"{what} on {scaling.num_workers} GPU(s) of {gpu_gb:g} GB: fits at no stage without offload; "
+               "ZeRO-3 (see the advice below)")
+
+
+def _with_stage(train_cfg: TrainConfig, stage: int) -> TrainConfig:
+    return train_cfg.model_copy(update={"deepspeed": train_cfg.deepspeed.model_copy(update={"zero_stage": stage})})
+
+
+def resolve_zero_stage(cfg: ExperimentConfig, seq_len: int | None = None) -> tuple[ExperimentConfig, str]:
+    """`cfg` with `train.deepspeed.zero_stage: auto` replaced by the planner's choice, and the reason."""
+    ds = cfg.train.deepspeed
+    if not ds.enabled or ds.zero_stage != "auto":
+        return cfg, "set in the config"
+    stage, reason = choose_zero_stage(shape_from_config(cfg), cfg.train, cfg.scaling, seq_len,
+                                      attn_implementation=cfg.model.attn_implementation)
+    return cfg.model_copy(update={"train": _with_stage(cfg.train, stage)}), reason
+
+
 def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingSection,
                     seq_len: int | None = None, *, attn_implementation: str = "sdpa",
                     overhead_gb: float = OVERHEAD_GB) -> MemoryPlan:
@@ -279,6 +353,14 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
     workers = scaling.num_workers
     ds = train_cfg.deepspeed
     notes: list[str] = []
+    if scaling.gpu_memory_gb is None:
+        notes.append(f"no GPU memory given or found here: planned for {DEFAULT_GPU_MEMORY_GB:g} GB per GPU "
+                     "(set scaling.gpu_memory_gb; training workers plan for their own card)")
+    if ds.enabled and ds.zero_stage == "auto":
+        chosen, reason = choose_zero_stage(shape, train_cfg, scaling, seq_len, attn_implementation=attn_implementation)
+        train_cfg = _with_stage(train_cfg, chosen)
+        ds = train_cfg.deepspeed
+        notes.append(f"ZeRO stage auto: {chosen} ({reason})")
     stage = ds.zero_stage if ds.enabled else 0
     offload_opt = ds.enabled and ds.offload_optimizer and stage >= 1
     offload_par = ds.enabled and ds.offload_params and stage == 3
@@ -286,7 +368,7 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         notes.append("offload_optimizer needs DeepSpeed with ZeRO-1/2/3: ignored")
     if ds.offload_params and not offload_par:
         notes.append("offload_params needs DeepSpeed ZeRO-3: ignored")
-    if not ds.enabled and (ds.zero_stage or ds.offload_optimizer or ds.offload_params):
+    if not ds.enabled and (ds.zero_stage not in (0, "auto") or ds.offload_optimizer or ds.offload_params):
         notes.append("deepspeed.enabled is false: plain data parallel, nothing sharded")
 
     wbytes = 2.0 if train_cfg.bf16 else 4.0
@@ -306,10 +388,10 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         layer = shape.lm_layer_params() + (lora_params // shape.text_layers)
         components["ZeRO-3 gathered layers"] = 2 * layer * wbytes / GB
 
-    reference_gb = 0.0 if lora else shape.total_params() * wbytes / GB
-    components["reference model"] = 0.0 if offload_par else reference_gb * weight_share
-    if offload_par and reference_gb:
-        cpu["reference model"] = reference_gb / workers
+    # The recipe's frozen reference for full fine-tuning is an unsharded copy made before DeepSpeed wraps
+    # the policy; with the reference cache (the default) it needs none: its log-probs were precomputed.
+    needs_copy = not lora and not train_cfg.reference_cache
+    components["reference model"] = shape.total_params() * wbytes / GB if needs_copy else 0.0
 
     optimizer_gb = trainable * (12.0 if train_cfg.bf16 else 8.0) / GB
     optimizer_share = 1.0 / workers if stage >= 1 else 1.0
@@ -330,7 +412,7 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
                                   seq, attn_implementation=attn_implementation, overhead_gb=overhead_gb)
         checkpointing = not fits(without)
         notes.append(f"gradient checkpointing auto: {'on' if checkpointing else 'off'} "
-                     f"({without.total_gb:.1f} GB without it, {scaling.gpu_memory_gb:g} GB per GPU)")
+                     f"({without.total_gb:.1f} GB without it, {planned_gpu_memory_gb(scaling):g} GB per GPU)")
     if train_cfg.prefix_sharing:  # one packed row [prompt, chosen, rejected] per pair
         rows = train_cfg.batch_size_per_worker
         row_tokens = max(seq, 2 * seq - min(seq, shape.image_tokens + PROMPT_TEXT_TOKENS))
@@ -357,7 +439,7 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         lora_rank=train_cfg.lora.rank if lora else 0, zero_stage=stage, offload_optimizer=offload_opt,
         offload_params=offload_par, num_workers=workers, rows=rows, seq_len=row_tokens,
         gradient_checkpointing=bool(checkpointing), bf16=train_cfg.bf16,
-        gpu_memory_gb=scaling.gpu_memory_gb, components=components, cpu_components=cpu, notes=notes,
+        gpu_memory_gb=planned_gpu_memory_gb(scaling), components=components, cpu_components=cpu, notes=notes,
     )
 
 
@@ -488,6 +570,7 @@ def find_fix(cfg: ExperimentConfig, seq_len: int | None = None) -> Fix:
     """Climb the ladder (re-estimating after each step) until the plan fits, then drop every step the
     fit does not need (e.g. restore the batch size once offloading made room). Returns the last
     candidate even when nothing fits: check `Fix.fits`."""
+    cfg, _ = resolve_zero_stage(cfg, seq_len)  # the ladder climbs from the stage the run would use
     shape = shape_from_config(cfg)
 
     def estimate(steps) -> MemoryPlan:
@@ -549,7 +632,7 @@ def advise(cfg: ExperimentConfig, seq_len: int | None = None) -> list[str]:
     plan = plan_for(cfg, seq_len)
     if fits(plan):
         return []
-    head = f"{_label(plan)} on {cfg.scaling.gpu_memory_gb:g} GB (est. {plan.total_gb:.1f} GB/GPU)"
+    head = f"{_label(plan)} on {plan.gpu_memory_gb:g} GB (est. {plan.total_gb:.1f} GB/GPU)"
     options = [fix for fix in (find_fix(cfg, seq_len), lora_alternative(cfg, seq_len)) if fix is not None]
     fitting = [fix for fix in options if fix.fits]
     if fitting:

@@ -111,16 +111,22 @@ def test_gradient_checkpointing_reduces_activations():
     assert activations(without) > 5 * activations(with_ckpt)
 
 
-def test_full_fine_tune_keeps_a_reference_copy_sharded_by_zero3():
-    full = estimate_memory(LLAVA_15_7B, train(lora={"enabled": False}), scaling(1))
+def test_full_fine_tune_keeps_an_unsharded_reference_copy_only_without_the_cache():
+    uncached = train(lora={"enabled": False}, reference_cache=False)
+    full = estimate_memory(LLAVA_15_7B, uncached, scaling(1))
     assert full.components["reference model"] == pytest.approx(LLAVA_15_7B.total_params() * 2 / 1e9)
     assert full.trainable_params == LLAVA_15_7B.lm_params() + LLAVA_15_7B.projector_params()
-    sharded = estimate_memory(LLAVA_15_7B, train(lora={"enabled": False}, deepspeed={"zero_stage": 3}), scaling(4))
-    assert sharded.components["reference model"] == pytest.approx(full.components["reference model"] / 4)
+    # the recipe copies the model before DeepSpeed wraps it: ZeRO-3 does not shard the copy
+    sharded = estimate_memory(LLAVA_15_7B, uncached.model_copy(update={"deepspeed": uncached.deepspeed.model_copy(
+        update={"zero_stage": 3})}), scaling(4))
+    assert sharded.components["reference model"] == pytest.approx(full.components["reference model"])
+    cached = estimate_memory(LLAVA_15_7B, train(lora={"enabled": False}), scaling(1))
+    assert cached.components["reference model"] == 0.0
 
 
 def test_7b_full_dpo_on_24gb_does_not_fit_and_the_advice_fits():
-    cfg = seven_b_config(train={"lora": {"enabled": False}, "batch_size_per_worker": 1, "max_length": 1024},
+    cfg = seven_b_config(train={"lora": {"enabled": False}, "batch_size_per_worker": 1, "max_length": 1024,
+                                "reference_cache": False},      # HA-DPO's way: a second copy as the reference
                          scaling={"num_workers": 1, "gpu_memory_gb": 24})
     plan = plan_for(cfg)
     assert not fits(plan)
@@ -247,3 +253,52 @@ def test_use_gradient_checkpointing_resolves_auto_from_the_plan():
     assert use_gradient_checkpointing(config(True, "auto"))             # 8 pairs x 2048 tokens: does not fit
     assert not use_gradient_checkpointing(config(True, "auto"), 759)    # rows of 759 tokens: fits
     assert use_gradient_checkpointing(config(False, True)) and not use_gradient_checkpointing(config(True, False))
+
+
+# (model, LoRA, GPUs, GiB per GPU, pairs per GPU) -> the stage `zero_stage: auto` trains with. Rows of 759 tokens
+# (packed pairs, cached reference: the recipe's defaults), checkpointing auto.
+AUTO_STAGE_CASES = [
+    ("7B", True, 1, 141, 8, 2),       # LoRA, frozen base fits: the fastest stage (no ZeRO-3 gathers)
+    ("7B", True, 8, 80, 16, 2),       # the shipped recipe on 8 x A100 80GB
+    ("7B", True, 8, 24, 1, 2),        # 24 GB cards: 14 GB of frozen base + checkpointed activations still fit
+    ("13B", True, 2, 24, 1, 3),       # 26 GB of frozen 13B base cannot sit whole on a 24 GB card
+    ("7B", False, 1, 141, 2, 0),      # full fine-tune on one 141 GB GPU: 84 GB optimizer + weights + grads fit
+    ("7B", False, 1, 80, 2, 3),       # ... not on 80 GB: ZeRO-3 (the stage that can offload; plan advises)
+    ("7B", False, 8, 80, 2, 1),       # full fine-tune, 8 GPUs: sharding the optimizer (ZeRO-1) is enough
+    ("7B", False, 8, 40, 2, 2),       # 8 x 40 GB: the optimizer sharded is not enough, gradients too (ZeRO-2)
+    ("7B", False, 4, 40, 2, 3),       # 4 x 40 GB: the weights must be sharded too (ZeRO-3)
+]
+
+
+@pytest.mark.parametrize("model,lora,gpus,gib,pairs,expected", AUTO_STAGE_CASES)
+def test_zero_stage_auto_picks_the_fastest_stage_that_fits(model, lora, gpus, gib, pairs, expected):
+    from orchestrator.plan import LLAVA_15_13B, choose_zero_stage
+
+    shape = LLAVA_15_7B if model == "7B" else LLAVA_15_13B
+    train_cfg = train(lora={"enabled": lora}, batch_size_per_worker=pairs, prefix_sharing=True,
+                      gradient_checkpointing="auto", deepspeed={"zero_stage": "auto"})
+    stage, reason = choose_zero_stage(shape, train_cfg, scaling(gpus, gib), 759)
+    assert stage == expected, reason
+    plan = estimate_memory(shape, train_cfg, scaling(gpus, gib), 759)
+    assert plan.zero_stage == expected and any(note.startswith("ZeRO stage auto") for note in plan.notes)
+    if expected != 3 or fits(plan):
+        assert fits(plan)
+
+
+def test_a_configured_stage_is_kept_and_the_gpu_memory_defaults_to_80_without_a_gpu():
+    from orchestrator.plan import choose_zero_stage, planned_gpu_memory_gb, with_gpu_memory
+
+    assert choose_zero_stage(LLAVA_15_7B, train(deepspeed={"zero_stage": 3}), scaling(1), 759) == (3, "set in the config")
+    cfg = seven_b_config()
+    assert cfg.scaling.gpu_memory_gb is None and planned_gpu_memory_gb(cfg.scaling) == 80.0
+    assert with_gpu_memory(cfg, 139.8).scaling.gpu_memory_gb == 139.8                  # the card in hand
+    pinned = seven_b_config(scaling={"gpu_memory_gb": 40})
+    assert with_gpu_memory(pinned, 139.8).scaling.gpu_memory_gb == 40                  # the config overrides
+
+
+def test_hadpo_plan_prints_the_chosen_stage_and_why(capsys):
+    cfg = seven_b_config(train={"batch_size_per_worker": 8, "max_length": 759},
+                         scaling={"num_workers": 1, "use_gpu": True, "gpu_memory_gb": 141})
+    assert main_plan(cfg) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-2 over 1 worker" in out and "ZeRO stage auto: 2 (LoRA on 1 GPU(s) of 141 GB: fits" in out

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Iterable, Sequence
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from orchestrator.files import atomic_write, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
 
 KEY = ("benchmark", "split", "item_id")
 
@@ -92,23 +93,6 @@ def compute_run_id(model_path: str, adapter_path: str | None, mode: str, decodin
     return f"{tag}-{digest}" if tag else digest
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-    return path
-
-
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    return _atomic_write(Path(path), lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True,
-                                                                              default=str)))
-
-
 def to_answer_table(rows: Sequence[dict] | pa.Table | pd.DataFrame) -> pa.Table:
     """Rows (dicts, a DataFrame or a table) as a table of exactly ANSWER_SCHEMA."""
     if isinstance(rows, pa.Table):
@@ -141,7 +125,7 @@ def write_answers(table: pa.Table | Sequence[dict], directory: str | Path, prefi
         return None
     stem = name or f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
     path = Path(directory) / f"{prefix}-{stem}.parquet"
-    return _atomic_write(path, lambda temp: pq.write_table(table, temp))
+    return atomic_write(path, lambda temp: pq.write_table(table, temp))
 
 
 def answer_files(directory: str | Path) -> list[Path]:
@@ -201,7 +185,7 @@ def write_metrics(rows: Sequence[dict], path: str | Path) -> Path:
     """Write metric rows (METRIC_SCHEMA) atomically."""
     table = pa.Table.from_pylist([{name: row.get(name) for name in METRIC_SCHEMA.names} for row in rows],
                                  schema=METRIC_SCHEMA)
-    return _atomic_write(Path(path), lambda temp: pq.write_table(table, temp))
+    return atomic_write(Path(path), lambda temp: pq.write_table(table, temp))
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:

@@ -297,7 +297,8 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     run_id = compute_run_id(model, adapter_path, cfg.eval.mode, decoding, questions.versions, tag)
     run_dir = cfg.run_dir
     out_dir, ans_dir, met_path = eval_dir(run_dir, run_id), answers_dir(run_dir, run_id), metrics_path(run_dir, run_id)
-    settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir))
+    # each actor records its start-up and calls under <eval dir>/timings (benchmarks/pipeline.py reads them)
+    settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir), timings_dir=str(out_dir / "timings"))
     ans_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "run.json", {
         "run_id": run_id, "model": model, "adapter": adapter_path, "mode": cfg.eval.mode, "decoding": decoding,

@@ -67,12 +67,15 @@ import torch.distributed as dist
 
 from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.model.llava import LoadedLlava, load_llava
-from orchestrator.plan import use_gradient_checkpointing
+from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
+from orchestrator.train.engine import Engine, make_engine
 from orchestrator.train.collate import Collated, collate_sft
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
 from orchestrator.train.pairs import (PackedPairs, collate_pairs, longest_row_tokens, model_inputs_for,
                                       pair_token_logps)
-from orchestrator.train.tracking import Tracker
+from orchestrator.train.tracking import Tracker, timings_path
+from orchestrator.files import write_json_atomic
+from orchestrator.timing import process_start_time
 
 log = logging.getLogger("hadpo.train")
 
@@ -160,27 +163,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _quiet_libraries(rank)
     lap = _Laps()
 
-    # 1. Model (same seed on every rank, so LoRA's random init agrees), the data, LoRA, reference.
+    # 1. Model (same seed on every rank, so LoRA's random init agrees) while the rows are read.
     _seed_all(train.seed)
-    loaded = load_llava(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
-                        device=device, attn_implementation=cfg.model.attn_implementation)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
+        pending_rows = reader.submit(_read_rows, ray.train.get_dataset_shard("train"))
+        loaded = load_llava(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
+                            device=device, attn_implementation=cfg.model.attn_implementation)
+        lap("model")
+        rows = pending_rows.result()
     model = loaded.model
     model.config.use_cache = False
     if not (plan.stage == "sft" and train.sft.train_vision):
         freeze_vision(model)
-    # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
-    rows = _read_rows(ray.train.get_dataset_shard("train"))
     schedule = plan_schedule(len(rows), world, train, plan)
     cached_reference = None
     if plan.stage == "dpo" and config.get("reference_cache"):
         cached_reference = load_cached_reference(config["reference_cache"], rows, rank)
-    # checkpointing "auto": the planner decides for the longest row of this data (not the max_length cap)
-    longest = longest_row_tokens(rows, loaded, cfg.model.train_template, train.max_length,
-                                 ("chosen", "rejected") if plan.stage == "dpo" else ("response",)) \
-        if train.gradient_checkpointing == "auto" and on_gpu else None
-    stage_lora = train.lora.model_copy(update={"enabled": plan.lora})
-    checkpointing = use_gradient_checkpointing(
-        cfg.model_copy(update={"train": train.model_copy(update={"lora": stage_lora})}), longest)
+    lap("rows")
+
+    # The ZeRO stage and checkpointing "auto": the planner decides for this GPU's memory (the smallest of
+    # the workers') and the longest row of this data (not the max_length cap).
+    planned, zero_reason, checkpointing = plan_stage(cfg, train, plan, rows, loaded, config["base_model"],
+                                                      device, world)
+    train = train.model_copy(update={"deepspeed": planned.train.deepspeed})
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
@@ -188,14 +194,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = add_lora(model, train)
         if bf16 and not use_ds:  # fp32 adapters under bf16 autocast (DeepSpeed's bf16 casts the adapters)
             set_lora_input_casting(model, False)
-    elif plan.stage == "dpo":
+    elif plan.stage == "dpo" and cached_reference is None:  # a frozen copy only where the cache cannot serve
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     _seed_all(train.seed + 1000 * (rank + 1))  # dropout etc. differ per rank from here on
-    lap("model and data")
+    lap("plan")
 
     # 3. Optimizer, schedule, engine.
-    engine = make_engine(model, trainable, train, plan, schedule, use_ds=use_ds, on_gpu=on_gpu, bf16=bf16)
+    engine = make_engine(model, trainable, train, learning_rate=plan.learning_rate, total_steps=schedule.total_steps,
+                         use_ds=use_ds, on_gpu=on_gpu, bf16=bf16, world_size=world,
+                         stage_from_config=cfg.train.deepspeed.zero_stage != "auto")
     lap("engine")
 
     # 4. Resume from the checkpoint Ray Train hands over (a re-run of the same name, or a restart).
@@ -214,10 +222,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("%s: %d rows, %d workers x %d x %d accumulation, %d steps/epoch, %d steps (from %d), %s, "
                  "gradient checkpointing %s%s", plan.stage, len(rows), world, train.batch_size_per_worker,
                  train.gradient_accumulation, schedule.steps_per_epoch, schedule.total_steps, start_step,
-                 engine.describe(), "on" if checkpointing else "off",
+                 engine.describe() + ("" if zero_reason == "set in the config" else f" ({zero_reason})"),
+                 "on" if checkpointing else "off",
                  "" if plan.stage != "dpo" else f", {'packed' if train.prefix_sharing else 'plain'} pairs, "
                  f"reference {'cached' if cached_reference else 'in the loop'}")
         log.info("setup %s", lap)
+    clock = _StepClock(timings_path(cfg, plan.stage), lap, enabled=rank == 0)
 
     # 5. The loop: micro-batches from the resume position; an optimizer step every `accumulation`.
     step = start_step
@@ -244,6 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not engine.step():
             continue
         step += 1
+        clock.step(step)
 
         if step_hook is not None:
             step_hook(step, rank)
@@ -258,6 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if log_now and rank == 0:
             tracker.log(step, report)
             log.info(_progress_line(plan.stage, step, schedule.total_steps, report, started, start_step))
+            clock.write()
         if save_now:
             save_checkpoint(engine, loaded, plan, step, schedule, train, rank, report)
         else:
@@ -267,6 +279,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if step == start_step:  # the run was already complete: report its state again as this run's result
         save_checkpoint(engine, loaded, plan, step, schedule, train, rank,
                         {**last_report, "step": step, "resumed_from_step": start_step, "time": time.time()})
+    clock.write()
     tracker.close()
 
 
@@ -291,6 +304,10 @@ class _Laps:
     def __init__(self):
         self.marks = [("start", time.time())]
 
+    def as_dict(self) -> dict[str, float]:
+        """Phase -> seconds, in order."""
+        return {name: round(t - prev, 3) for (_, prev), (name, t) in zip(self.marks, self.marks[1:])}
+
     def __call__(self, name: str) -> None:
         self.marks.append((name, time.time()))
 
@@ -299,10 +316,67 @@ class _Laps:
         return f"{self.marks[-1][1] - self.marks[0][1]:.1f}s: " + ", ".join(parts)
 
 
+class _StepClock:
+    """Rank 0's record of where a run's time went, in ``<run_dir>/train/<stage>_timings.json``: when the
+    worker process started, the setup phases, when each optimizer step ended, the peak GPU memory.
+    `hadpo run` keeps it with the run; benchmarks/pipeline.py reads start-up and steady speed from it."""
+
+    def __init__(self, path: Path, laps: _Laps, enabled: bool):
+        self.path, self.laps, self.enabled = path, laps, enabled
+        self.process_started = process_start_time()
+        self.step_ends: list[tuple[int, float]] = []
+
+    def step(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self.step_ends.append((step, time.time()))
+        if len(self.step_ends) == 1 and self.process_started:
+            log.info("first step done %.1fs after the worker process started (setup %.1fs of it)",
+                     self.step_ends[0][1] - self.process_started,
+                     self.laps.marks[-1][1] - self.laps.marks[0][1])
+
+    def write(self) -> None:
+        if not self.enabled:
+            return
+        peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_initialized() else None
+        write_json_atomic(self.path, {
+            "process_started": self.process_started, "setup_started": self.laps.marks[0][1],
+            "setup": self.laps.as_dict(), "step_ends": self.step_ends, "peak_allocated_gb": peak})
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def gpu_memory_gib(device: torch.device, world: int) -> float | None:
+    """GiB of this worker's GPU, the smallest over the workers (they must agree on a plan); None on CPU."""
+    if device.type != "cuda":
+        return None
+    total = torch.tensor([torch.cuda.get_device_properties(device).total_memory / 2**30], dtype=torch.float64)
+    if world > 1 and dist.is_initialized():
+        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        total = total.to(backend_device)
+        dist.all_reduce(total, op=dist.ReduceOp.MIN)
+    return float(total.item())
+
+
+def plan_stage(cfg: ExperimentConfig, train: TrainConfig, plan: StagePlan, rows, loaded: LoadedLlava,
+               base_model: str, device: torch.device, world: int) -> tuple[ExperimentConfig, str, bool]:
+    """The run as the planner resolves it on the workers: (config with the ZeRO stage chosen, why,
+    gradient checkpointing on?). "auto" settings are planned for this GPU's memory and the longest row."""
+    on_gpu = device.type == "cuda"
+    stage_lora = train.lora.model_copy(update={"enabled": plan.lora})
+    planned = cfg.model_copy(update={"train": train.model_copy(update={"lora": stage_lora}),
+                                     "model": cfg.model.model_copy(update={"path": base_model})})
+    planned = with_gpu_memory(planned, gpu_memory_gib(device, world))
+    needs_rows = on_gpu and "auto" in (train.gradient_checkpointing, train.deepspeed.zero_stage)
+    longest = longest_row_tokens(rows, loaded, cfg.model.train_template, train.max_length,
+                                 ("chosen", "rejected") if plan.stage == "dpo" else ("response",)) \
+        if needs_rows else None
+    planned, reason = resolve_zero_stage(planned, longest) if train.deepspeed.enabled else (planned, "")
+    return planned, reason, use_gradient_checkpointing(planned, longest)
 
 
 def freeze_vision(model: torch.nn.Module) -> None:
@@ -340,145 +414,6 @@ def set_lora_input_casting(model: torch.nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = enabled
-
-
-def make_optimizer(trainable: list[torch.nn.Parameter], train: TrainConfig, plan: StagePlan):
-    return torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=train.weight_decay)
-
-
-def make_schedule(optimizer, train: TrainConfig, total_steps: int):
-    """Warmup for ceil(warmup_ratio * total) steps, then cosine / linear decay to 0, or constant."""
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
-
-    warmup = math.ceil(train.warmup_ratio * total_steps)
-    if train.lr_schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    if train.lr_schedule == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
-
-
-def deepspeed_config(train: TrainConfig, on_gpu: bool, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config this recipe's `train` section maps to."""
-    ds = train.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 2:
-        zero.update(contiguous_gradients=True, overlap_comm=on_gpu)
-    if ds.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True)
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    config = {
-        "train_micro_batch_size_per_gpu": train.batch_size_per_worker,
-        "gradient_accumulation_steps": train.gradient_accumulation,
-        "gradient_clipping": train.max_grad_norm,
-        "bf16": {"enabled": bf16},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if not ds.torch_adam:
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "weight_decay": train.weight_decay}}
-    return config
-
-
-# ------------------------------------------------------------------------------------------------
-# The engine: one small interface over DeepSpeed and DDP, so the loop reads the same for both.
-
-
-class Engine:
-    """forward / backward / step over DeepSpeed or DDP; `module` is the unwrapped (peft) model."""
-
-    def __init__(self, module, forward, optimizer, scheduler, accumulation: int, max_grad_norm: float,
-                 deepspeed_engine=None, ddp=None):
-        self.module, self.forward = module, forward
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
-        self.ds, self.ddp = deepspeed_engine, ddp
-        self.micro = 0
-        self._grad_norm = float("nan")
-
-    @property
-    def zero_stage(self) -> int | None:
-        return self.ds.zero_optimization_stage() if self.ds is not None else None
-
-    def describe(self) -> str:
-        return f"DeepSpeed ZeRO-{self.zero_stage}" if self.ds is not None else "DDP" if self.ddp else "single"
-
-    def accumulating(self):
-        """DDP: skip the gradient all-reduce on micro-steps that do not end an optimizer step."""
-        boundary = (self.micro + 1) % self.accumulation == 0
-        if self.ddp is not None and not boundary:
-            return self.ddp.no_sync()
-        return nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.ds is not None:
-            self.ds.backward(loss)  # DeepSpeed scales by 1 / accumulation itself
-        else:
-            (loss / self.accumulation).backward()
-
-    def step(self) -> bool:
-        """Finish a micro-step; True when it ended an optimizer step."""
-        self.micro += 1
-        boundary = self.micro % self.accumulation == 0
-        if self.ds is not None:
-            # ZeRO-0 in fp32 clips without recording the norm: measure it on the (all-reduced) grads.
-            own_norm = _grad_norm(self.module) if boundary and self.zero_stage == 0 else None
-            self.ds.step()  # steps optimizer and schedule only at the boundary
-            if boundary:
-                norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
-                self._grad_norm = float(norm) if norm is not None else float("nan")
-            return boundary
-        if boundary:
-            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return boundary
-
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def grad_norm(self) -> float:
-        return self._grad_norm
-
-
-def _grad_norm(module: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.requires_grad and p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else float("nan")
-
-
-def make_engine(model, trainable, train: TrainConfig, plan: StagePlan, schedule: Schedule, *, use_ds: bool,
-                on_gpu: bool, bf16: bool) -> Engine:
-    if use_ds:
-        import deepspeed
-
-        ds_config = deepspeed_config(train, on_gpu, bf16)
-        optimizer = make_optimizer(trainable, train, plan) if train.deepspeed.torch_adam else None
-        if optimizer is None:  # DeepSpeed builds its own (fused / CPU) Adam from the config
-            ds_config["optimizer"]["params"]["lr"] = plan.learning_rate
-        schedule_fn = lambda opt: make_schedule(opt, train, schedule.total_steps)  # noqa: E731
-        ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-            model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=schedule_fn,
-            config=ds_config, dist_init_required=False)
-        return Engine(ds_engine.module, ds_engine, ds_optimizer, ds_scheduler, train.gradient_accumulation,
-                      train.max_grad_norm, deepspeed_engine=ds_engine)
-
-    import ray.train.torch
-
-    wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp",
-                                            parallel_strategy_kwargs={"find_unused_parameters": False})
-    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
-    optimizer = make_optimizer(trainable, train, plan)
-    scheduler = make_schedule(optimizer, train, schedule.total_steps)
-    return Engine(model, wrapped, optimizer, scheduler, train.gradient_accumulation, train.max_grad_norm, ddp=ddp)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,9 +47,8 @@ import pyarrow.parquet as pq
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import PREFERENCE_COLUMNS
-from orchestrator.eval.results import _atomic_write, write_json_atomic
-from orchestrator.eval.runner import _fmt_seconds
-from orchestrator.pipeline import file_sha256
+from orchestrator.files import atomic_write, file_sha256, write_json_atomic
+from orchestrator.timing import format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +243,7 @@ def _write_part(cache: ReferenceCache, table: pa.Table) -> Path:
     """One part, atomically, numbered after the highest part already there (resumes never overwrite)."""
     numbers = [int(part.stem.split("-", 1)[1]) for part in cache.parts() if part.stem.split("-", 1)[1].isdigit()]
     path = cache.path / f"part-{max(numbers, default=-1) + 1:05d}.parquet"
-    return _atomic_write(path, lambda temp: pq.write_table(table.cast(REFERENCE_SCHEMA), temp))
+    return atomic_write(path, lambda temp: pq.write_table(table.cast(REFERENCE_SCHEMA), temp))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,7 +466,7 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
         last_logged = now
         rate = computed / max(now - t0, 1e-9)
         log.info("reference [precompute] %s: %d/%d (%.0f%%), %.2f pairs/s, ETA %s, %d errors", cache.key, computed,
-                 len(todo), 100.0 * computed / len(todo), rate, _fmt_seconds((len(todo) - computed) / rate), errors)
+                 len(todo), 100.0 * computed / len(todo), rate, format_seconds((len(todo) - computed) / rate), errors)
     if pending:
         _write_part(cache, pa.concat_tables(pending))
     return computed, errors

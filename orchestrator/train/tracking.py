@@ -31,6 +31,11 @@ def curves_path(cfg: ExperimentConfig, stage: str) -> Path:
     return cfg.run_dir / "train" / f"{stage}_curves.parquet"
 
 
+def timings_path(cfg: ExperimentConfig, stage: str) -> Path:
+    """Rank 0's timing record of a stage's run (setup phases, step ends; see recipe._StepClock)."""
+    return cfg.run_dir / "train" / f"{stage}_timings.json"
+
+
 def wandb_mode(cfg: ExperimentConfig) -> str:
     """The mode wandb will really run in: online needs the key's env var, else offline."""
     mode = cfg.wandb.mode

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     curves_path: str = ""
     run_path: str = ""            # Ray Train's folder of this stage (checkpoints, state)
+    timings: dict[str, float] = field(default_factory=dict)  # driver clock: started, reference pass, fit
 
 
 def run_name(cfg: ExperimentConfig, stage: str) -> str:
@@ -109,6 +111,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
 
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
+    timings = {"started": time.time()}
     if not ray.is_initialized():
         init_ray(cfg)
     plan = stage_plan(cfg.train, stage)
@@ -124,7 +127,9 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         from orchestrator.train.reference_cache import precompute_reference
 
         dataset = dataset.materialize()  # the pass and the trainer read the rows once (image checks included)
+        timings["reference_pass_started"] = time.time()
         reference_cache = str(precompute_reference(cfg, base, dataset).path)
+        timings["reference_pass_done"] = time.time()
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -147,7 +152,9 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     log.info("training %s from %s: run %s under %s", stage, base, name, storage)
+    timings["fit_started"] = time.time()
     result = trainer.fit()
+    timings["fit_done"] = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     checkpoint_dir = _join(storage, name, Path(result.checkpoint.path).name)
@@ -156,6 +163,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         metrics=dict(result.metrics or {}),
         curves_path=str(curves_path(cfg, stage)),
         run_path=_join(storage, name),
+        timings=timings,
     )
 
 

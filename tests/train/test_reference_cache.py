@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from orchestrator.data import datasets
 from orchestrator.model.llava import load_llava
-from orchestrator.pipeline import file_sha256
+from orchestrator.files import file_sha256
 from orchestrator.train.pairs import collate_pairs, score_pairs
 from orchestrator.train.reference_cache import (ReferenceCache, file_fingerprint, open_reference_cache,
                                                 precompute_reference, reference_key, sample_offsets)

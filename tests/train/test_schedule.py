@@ -1,10 +1,9 @@
-"""The recipe's pure pieces: data order and resume position, step counts, the DeepSpeed config."""
+"""The recipe's pure pieces: data order and resume position, step counts."""
 
 import pytest
 
 from orchestrator.config import TrainConfig
-from orchestrator.train.recipe import (_micro_batches, deepspeed_config, epoch_order, plan_schedule,
-                                       stage_plan)
+from orchestrator.train.recipe import _micro_batches, epoch_order, plan_schedule, stage_plan
 
 ROWS = [{"sample_id": f"s{i:03d}", "x": i} for i in range(50)]
 
@@ -61,16 +60,3 @@ def test_sft_stage_uses_its_own_learning_rate_and_full_finetune_by_default():
     assert stage_plan(train, "dpo").lora and stage_plan(train, "dpo").learning_rate == 2e-6
     with pytest.raises(ValueError, match="unknown training stage"):
         stage_plan(train, "ppo")
-
-
-def test_deepspeed_config_maps_the_train_section():
-    train = TrainConfig(batch_size_per_worker=16, gradient_accumulation=4, max_grad_norm=1.0,
-                        deepspeed={"zero_stage": 3, "offload_optimizer": True, "torch_adam": False})
-    config = deepspeed_config(train, on_gpu=True, bf16=True)
-    assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 4
-    assert config["gradient_clipping"] == 1.0 and config["bf16"] == {"enabled": True}
-    assert config["zero_optimization"]["stage"] == 3
-    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert config["optimizer"]["type"] == "AdamW"  # DeepSpeed's own Adam when torch_adam is off
-    cpu = deepspeed_config(TrainConfig(deepspeed={"zero_stage": 0}), on_gpu=False, bf16=False)
-    assert cpu["bf16"] == {"enabled": False} and "optimizer" not in cpu

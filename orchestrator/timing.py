@@ -1,0 +1,27 @@
+"""Clocks shared by every layer: when this process started, and durations as a person reads them."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+
+def process_start_time() -> float | None:
+    """When this process started (epoch seconds, ~10 ms), to time a worker's start-up; None off Linux."""
+    try:
+        # field 22 of /proc/self/stat: start time in clock ticks since boot
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def format_seconds(seconds: float) -> str:
+    """An ETA or duration as "1h05m" / "3m07s" ("?" when unknown)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0)))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
