@@ -321,8 +321,9 @@ def rouge_l(hypothesis: str, reference: str) -> dict[str, float]:
     """
     hyp, ref = _rouge_sentences(hypothesis), _rouge_sentences(reference)
     if not hyp or not ref:
-        raise ValueError(f"ROUGE needs a sentence on each side (the rouge package raises on "
-                         f"{'the hypothesis' if not hyp else 'the reference'} {hypothesis if not hyp else reference!r})")
+        side, text = ("hypothesis", hypothesis) if not hyp else ("reference", reference)
+        raise ValueError(f"ROUGE needs a sentence on each side; the {side} {text!r} has none "
+                         f"(the rouge package raises on it)")
     reference_words = len(set(_rouge_words(ref)))
     hypothesis_words = len(set(_rouge_words(hyp)))
     union: set[str] = set()
