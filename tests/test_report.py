@@ -75,7 +75,7 @@ def _milebench_answers(run_id, adapter, good):
         rows.append(_answer_row(run_id, adapter, "milebench", "SynthObjectCount", 50 + k, "two",
                                 "two" if k < good else "three", question_type="open-ended",
                                 image_quantity_level=level))
-        rows.append(_answer_row(run_id, adapter, "milebench", "SynthImageChoice", 60 + k, "B",
+        rows.append(_answer_row(run_id, adapter, "milebench", "SynthImageChoice", 60 + k, "Image 2",
                                 "B" if k < good + 1 else "A", question_type="multi-choice",
                                 choice_list=["Image 1", "Image 2", "Image 3"], image_quantity_level=level))
     return rows

@@ -36,10 +36,6 @@ DESC_PROMPTS: tuple[str, ...] = (
 
 POPE_LABELS = ("yes", "no")
 MILEBENCH_QUESTION_TYPES = ("open-ended", "multi-choice")
-IMAGE_QUANTITY_LEVELS = ("few", "medium", "many")
-
-# MileBench's reference harness replaces both {image#k} and {table#k} by an image, so both count.
-_PLACEHOLDER = re.compile(r"\{(?:image|table)#(\d+)\}")
 _COCO_NAME = re.compile(r"^COCO_([A-Za-z]+\d*)_(\d{12})\.jpg$")
 
 _MISSING = object()
@@ -416,17 +412,6 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
-def _check_placeholders(path: Any, index: int, context: str, n_images: int) -> None:
-    """Each {image#k} (or {table#k}) takes one image, numbered 1..len(images_path)."""
-    numbers = [int(k) for k in _PLACEHOLDER.findall(context)]
-    if len(numbers) > n_images or any(not 1 <= k <= n_images for k in numbers):
-        raise DataFormatError(path, index, "task_instance.context",
-                              f"at most {n_images} {{image#k}} placeholders with k in 1..{n_images} "
-                              f"(one per entry of images_path)",
-                              _Shown(f"{len(numbers)} placeholders: "
-                                     + ", ".join(f"{{image#{k}}}" for k in numbers)))
-
-
 def _milebench_row(path: Any, index: int, obj: dict, task: str, question_type: str,
                    instructions: list[str], image_root: str) -> dict:
     sample_id = _field(path, index, obj, "sample_id", _is_id, "an integer or string id")
@@ -443,22 +428,17 @@ def _milebench_row(path: Any, index: int, obj: dict, task: str, question_type: s
     if not isinstance(choices, list) or not all(_is_scalar(c) for c in choices):
         raise DataFormatError(path, index, "task_instance.choice_list", "a list of strings",
                               _describe(choices))
-    _check_placeholders(path, index, context, len(images))
     # The reference harness compares str(response), and some tasks store numbers.
     response = _field(path, index, obj, "response", _is_scalar, "a string or number")
-    level = obj.get("image_quantity_level", _MISSING)
-    if level is _MISSING:
-        level = image_quantity_level(len(images))
-    elif not isinstance(level, str) or level.lower() not in IMAGE_QUANTITY_LEVELS:
-        raise DataFormatError(path, index, "image_quantity_level", '"Few", "Medium" or "Many"',
-                              _describe(level))
     return {
         "sample_id": str(sample_id), "task": task, "question_type": question_type,
         "instruction": instructions[instruction_id], "context": context,
         "images": [_resolve(image_root, p) for p in images],
-        "choice_list": [str(c) for c in choices], "response": str(response),
-        # The files spell levels "Few"/"Medium"/"Many"; rows use image_quantity_level()'s spelling.
-        "image_quantity_level": level.lower(),
+        # MileBench appends the choice-list suffix whenever the key exists, even for an empty list.
+        "choice_list": [str(c) for c in choices], "has_choice_list": "choice_list" in instance,
+        "response": str(response),
+        # evaluate.py (get_image_quantity_level) counts images_path; the file's own field is not used.
+        "image_quantity_level": image_quantity_level(len(images)),
     }
 
 
@@ -470,8 +450,11 @@ def read_milebench_task(task_dir: str | os.PathLike,
     "multi-choice", ...}, "data": [{"sample_id", "task_instruction_id", "task_instance":
     {"context", "images_path": [...], "choice_list"?}, "response", "image_quantity_level"}]}``.
     The instruction is ``task_instruction[task_instruction_id]``; image paths are joined onto
-    `image_root` (default ``task_dir/images``); a context may not hold more ``{image#k}``
-    placeholders than there are images.
+    `image_root` (default ``task_dir/images``). As in MileBench's own code, the file's
+    ``image_quantity_level`` is not used (the level comes from the number of images), and
+    ``{image#k}`` placeholders are not checked against ``images_path`` here: MileBench keeps an
+    out-of-range one as text and fails only when the prompt it builds has more placeholders than
+    images, which `orchestrator.eval.milebench.build_milebench_question` reports per sample.
     """
     task_dir = Path(task_dir)
     task = task_dir.resolve().name

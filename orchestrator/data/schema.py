@@ -22,11 +22,14 @@ SFT_COLUMNS = ("sample_id", "image_id", "image", "prompt", "response")
 # question file's stem for other sets); `version` records which question file it came from.
 POPE_COLUMNS = ("question_id", "split", "image", "question", "label", "version")
 
-# A MileBench sample. `images` is a list of paths in the order of the {image#k} placeholders;
-# `choice_list` is [] for open-ended tasks.
+# A MileBench sample. `images` is images_path's list of paths, in the file's order; `choice_list`
+# is [] when the sample has none, and `has_choice_list` says whether the sample has the key at all
+# (MileBench's prompt gets the choice-list suffix whenever it does, even for an empty list).
+# `image_quantity_level` ("few" / "medium" / "many") comes from the number of images, as MileBench
+# scores it.
 MILEBENCH_COLUMNS = (
     "sample_id", "task", "question_type", "instruction", "context", "images", "choice_list",
-    "response", "image_quantity_level",
+    "has_choice_list", "response", "image_quantity_level",
 )
 
 

@@ -1,29 +1,26 @@
 """MileBench: multi-image prompts, scoring, and the model adapter the predictor calls.
 
-Three parts, each usable alone:
+Parts 1 and 2 compute what MileBench's own code computes, odd parts included (github
+MileBench/MileBench at 9583e1f: ``utils.py``, ``evaluate.py``, ``score.py``,
+``workers/model_workers.py``; ROUGE-L as the ``rouge==1.0.1`` package it pins computes it).
+docs/milebench.md lists each upstream behaviour and every known difference of the pipeline
+around these functions; the functions themselves have none.
 
-1. **Prompts** (pure). `build_milebench_question` follows the reference harness
-   (MileBench/MileBench ``utils.py``): instruction + "\\n" + context, each ``{image#k}`` (or
-   ``{table#k}``) replaced by the model's image token, the choice list appended for multi-choice
-   tasks (``\\nChoice list: \\nA. ...\\nYour answer is: ``). The instruction is kept whole; the rest
-   is truncated from the LEFT so that instruction + context fit ``token_budget``, each image
-   costing ``tokens_per_image`` tokens. An image whose placeholder falls in the cut part is dropped.
-   Differences from the reference, on purpose: the text fragment that crosses the budget is cut
-   at token level (the reference keeps it only when nothing else fits), and images listed in
-   ``images_path`` without a placeholder are put first (so they are the first to be cut) instead
-   of being passed without a placeholder.
+1. **Prompts** (pure). `build_milebench_question` is ``MileBenchDataset.__getitem__`` followed by
+   the LLaVA worker's fix-up of adjacent images: instruction + "\\n" + context (+ the choice-list
+   suffix when the sample has a ``choice_list``), the context left-truncated to a token budget
+   walked fragment by fragment from its end, images handed to placeholders from the end of
+   ``images_path`` whatever their ``{image#k}`` number. `llava_worker_prompt` and
+   `LLAVA_WORKER_GEN_KWARGS` are the worker's conversation template and generation settings, for
+   a model adapter to use.
 
-2. **Scores** (pure). Open-ended tasks: ROUGE-L F (LCS over lower-cased word tokens after the
-   reference's answer normalisation; implemented here, no dependency; ``beta=1`` gives the usual
-   F1 of LCS precision and recall). Multi-choice: accuracy by option matching (an option letter,
-   "A. text", or an option's text found in the prediction). Needle tasks (name contains "Needle"):
-   the normalised answer is one of the prediction's tokens; MMCoQA: the answer is a substring of
-   the prediction (both as the reference scores them). Items are aggregated per task, per
-   image-quantity level (few < 6, medium 6-31, many > 31 images), per task group (Realistic
-   Temporal / Realistic Semantic / Diagnostic, "Other" for unknown tasks) and overall (groups and
-   overall are means of task scores). Error rows are excluded and counted. The reference computes
-   ROUGE-L with the `rouge` package, which differs in details (tokenisation, sentence splitting), so
-   open-ended scores can differ slightly from its numbers.
+2. **Scores** (pure). `score_sample` is ``evaluate.py``'s ``Eval``: answers normalised by
+   `normalize_answer` (``Eval.process``), open-ended tasks scored by ROUGE-L F (`rouge_l`, the
+   pinned package's unique-word LCS), multi-choice tasks by `extract_choice`
+   (``Eval.match_choice``), needle tasks and MMCoQA by token / substring match. `summarise`
+   gives per-task scores (what ``score.py`` collects) and per-task image-quantity levels (what
+   ``eval.json`` holds), plus cross-task levels, task groups and an overall mean that upstream
+   does not compute (means of the above, documented in `summarise`).
 
 3. **The model adapter.** `MileBenchModel` has the reference harness's interface,
    ``forward(questions, image_paths, device, gen_kwargs) -> list[str]``, plus what our predictor
@@ -39,27 +36,27 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
 from orchestrator.eval.pope import strip_special_tokens
 
 # ----------------------------------------------------------------------------------------------
-# Task taxonomy (MileBench's score.py); names are matched case- and punctuation-insensitively,
-# so "action_localization" and "ActionLocalization" are the same task.
+# Task taxonomy (score.py's dataset_list); names are matched case- and punctuation-insensitively,
+# so the older "action_localization" spelling and score.py's "ActionLocalization" are one task.
 
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "Realistic Temporal": (
-        "action_localization", "action_prediction", "action_sequence", "character_order",
-        "counterfactual_inference", "egocentric_navigation", "moving_attribute", "moving_direction",
-        "object_existence", "object_interaction", "object_shuffle", "scene_transition", "state_change",
+        "ActionLocalization", "ActionPrediction", "ActionSequence", "CharacterOrder",
+        "CounterfactualInference", "EgocentricNavigation", "MovingAttribute", "MovingDirection",
+        "ObjectExistence", "ObjectInteraction", "ObjectShuffle", "SceneTransition", "StateChange",
     ),
     "Realistic Semantic": (
         "ALFRED", "CLEVR-Change", "DocVQA", "IEdit", "MMCoQA", "MultiModalQA", "nuscenes", "OCR-VQA",
         "SlideVQA", "Spot-the-Diff", "TQA", "WebQA", "WikiVQA",
     ),
-    "Diagnostic": ("GPR1200", "ImageNeedleInAHaystack", "TextNeedleInAHaystack"),
+    "Diagnostic": ("TextNeedleInAHaystack", "ImageNeedleInAHaystack", "GPR1200"),
 }
 GROUP_ORDER = ("Realistic Temporal", "Realistic Semantic", "Diagnostic", "Other")
 LEVEL_ORDER = ("few", "medium", "many")
@@ -77,106 +74,148 @@ def task_group(task: str) -> str:
     return _GROUP_OF.get(_task_key(task), "Other")
 
 
-def is_needle_task(task: str) -> bool:
-    return "needle" in str(task).lower()
-
-
 # ----------------------------------------------------------------------------------------------
-# Prompts
+# Prompts: utils.py MileBenchDataset.__getitem__ and the LLaVA worker of workers/model_workers.py
 
-PLACEHOLDER = re.compile(r"\{(?:image|table)#(\d+)\}")
+PLACEHOLDER_TEXT = "<ImageHere>"  # utils.py's image placeholder; the model's image token replaces it last
 IMAGE_TOKEN = "<image>"
 
 
 def choice_text(choices: Sequence[str], task: str = "") -> str:
-    """The reference's choice list suffix (GPR1200's 50+ options go without letters)."""
-    if not choices:
-        return ""
-    letters = _task_key(task) != "gpr1200"
-    lines = [(f"{chr(65 + index)}. " if letters else "") + str(choice) for index, choice in enumerate(choices)]
+    """utils.py's choice-list suffix: "\\nChoice list: \\nA. x\\nB. y\\nYour answer is: ".
+
+    Options are lettered chr(65 + i) ("[" after "Z"), except in the task named exactly "GPR1200"
+    (its 50+ options go without letters). An empty list still gives the suffix, with no options.
+    """
+    lines = [(f"{chr(65 + index)}. " if task != "GPR1200" else "") + f"{choice}"
+             for index, choice in enumerate(choices)]
     return "\nChoice list: \n" + "\n".join(lines) + "\nYour answer is: "
 
 
-def context_segments(context: str, n_images: int) -> list[tuple[str, object]]:
-    """Split a context into ("text", str) and ("image", index into images_path) segments.
+def separate_adjacent_images(question: str, placeholder: str = PLACEHOLDER_TEXT) -> str:
+    """The LLaVA worker's fix-up ("special cases in CLEVR-Change"): each pair of adjacent
+    placeholders, paired left to right, becomes placeholder "\\n" placeholder "\\n".
 
-    ``{image#k}`` / ``{table#k}`` is image k-1. Images that no placeholder names come first.
+    Three in a row give "p\\np\\np"; four give "p\\np\\np\\np\\n" (``str.replace`` semantics).
     """
-    segments: list[tuple[str, object]] = []
-    named: list[int] = []
-    position = 0
-    for match in PLACEHOLDER.finditer(context):
-        if match.start() > position:
-            segments.append(("text", context[position:match.start()]))
-        index = int(match.group(1)) - 1
-        if not 0 <= index < n_images:
-            raise ValueError(f"placeholder {match.group(0)} but only {n_images} images")
-        segments.append(("image", index))
-        named.append(index)
-        position = match.end()
-    if position < len(context):
-        segments.append(("text", context[position:]))
-    unnamed = [("image", index) for index in range(n_images) if index not in named]
-    return unnamed + segments
+    return question.replace(placeholder + placeholder, placeholder + "\n" + placeholder + "\n")
 
 
 @dataclass(frozen=True)
 class MileBenchPrompt:
     question: str               # instruction + "\n" + kept context, images as the image token
-    images: list[str]           # the kept images, in placeholder order
+    images: list[str]           # the kept images, in prompt order
     context_tokens: int         # what the kept instruction + context cost (images at tokens_per_image)
     dropped_images: int
-    truncated: bool
+    truncated: bool             # a text fragment was cut or left out
 
 
 def build_milebench_question(
     instruction: str, context: str, images: Sequence[str], choices: Sequence[str] = (), *,
     count_tokens: Callable[[str], int], keep_last_tokens: Callable[[str, int], str],
     tokens_per_image: int, token_budget: int, image_token: str = IMAGE_TOKEN, task: str = "",
+    has_choice_list: bool | None = None,
 ) -> MileBenchPrompt:
-    """Instruction + "\\n" + context (+ choice list), left-truncated to `token_budget` tokens.
+    """MileBench's question for one sample, as utils.py ``MileBenchDataset.__getitem__`` (images
+    not combined) builds it and the LLaVA worker (``LLaVA.forward``) fixes it up.
 
-    `count_tokens(text)` counts a text's tokens (no special tokens); `keep_last_tokens(text, n)`
-    returns the text of its last n tokens. The instruction is never cut; the context (choice list
-    included, at its end) gets ``token_budget - count_tokens(instruction)``, walking from its end:
-    text fragments cost their tokens, images `tokens_per_image`; the fragment that crosses the
-    budget is cut to fit; an image that does not fit ends the walk (it and all before it dropped).
+    Step by step, as upstream (`token_budget` is its ``max_context_len``, `tokens_per_image` its
+    ``n_tokens_per_image``):
+
+    1. The choice-list suffix (`choice_text`) is appended to the context when the sample has a
+       ``choice_list`` key, even an empty one (`has_choice_list`; None: when `choices` is non-empty).
+    2. ``{image#k}`` and ``{table#k}`` for k = 1..len(images) become placeholders; other numbers
+       stay as text. The number does not pick the image: images go to placeholders in
+       ``images_path`` order counted from the end (the last image to the last placeholder).
+    3. The context is split at the placeholders and walked from its end with ``token_budget -
+       count_tokens(instruction)`` tokens. A text fragment that does not fit ends the walk, except
+       the first one (the context's end), which is cut to its last tokens (``ids[-room:]``, Python's
+       slice: all of them when room is 0). After each kept fragment one image is taken from the end
+       of ``images_path`` while any remain; an image that does not fit ends the walk. So a context
+       without placeholders gets one image (the last) in front of it, and surplus images are
+       dropped from the front.
+    4. Each kept fragment goes through the tokenizer and back: ``keep_last_tokens(text, n)`` must
+       return ``decode(encode(text)[-n:])`` (also when n covers all of ``text``'s tokens: upstream
+       decodes every fragment); ``count_tokens(text)`` is ``len(encode(text))``, without special tokens.
+    5. question = instruction + "\\n" + the kept fragments joined by placeholders (one more in front
+       when the walk's last step took an image); adjacent placeholders are separated
+       (`separate_adjacent_images`); each placeholder becomes `image_token`.
+
+    Raises ValueError when the question holds more placeholders than kept images (the context has
+    more placeholders than ``images_path`` has entries, and truncation kept them): MileBench's
+    LLaVA worker fails on such a sample.
     """
     instruction = instruction or ""
-    full = (context or "") + choice_text(list(choices), task)
-    segments = context_segments(full, len(images))
-    remaining = token_budget - count_tokens(instruction)
-    kept: list[tuple[str, object]] = []
+    listed = bool(choices) if has_choice_list is None else has_choice_list
+    text = (context or "") + (choice_text(list(choices), task) if listed else "")
+    for number in range(1, len(images) + 1):
+        text = text.replace(f"{{image#{number}}}", PLACEHOLDER_TEXT)
+        text = text.replace(f"{{table#{number}}}", PLACEHOLDER_TEXT)
+    fragments = text.split(PLACEHOLDER_TEXT)
+
+    room = token_budget - count_tokens(instruction)
+    waiting = list(images)          # utils.py's raw_img_list, popped from its end
+    chunks: list[str] = []          # kept fragments, the context's end first
+    kept: list[str] = []
     used = 0
-    truncated = False
-    for kind, value in reversed(segments):
-        if kind == "text":
-            cost = count_tokens(value)
-            if used + cost <= remaining:
-                kept.append((kind, value))
-                used += cost
-                continue
-            room = remaining - used
-            if room > 0:
-                piece = keep_last_tokens(value, room)
-                kept.append((kind, piece))
-                used += count_tokens(piece)
-            truncated = True
+    image_first = False             # utils.py's image_start
+    cut = False
+    for fragment in reversed(fragments):
+        length = count_tokens(fragment)
+        if length + used > room:
+            if not chunks:
+                tail = len(range(length)[-room:])   # len(cur_ids[-length_for_context:])
+                chunks.append(keep_last_tokens(fragment, tail))
+                used += tail
+                cut = True
             break
-        if used + tokens_per_image > remaining:
-            truncated = True
+        image_first = False
+        chunks.append(keep_last_tokens(fragment, length))
+        used += length
+        if tokens_per_image + used > room:
             break
-        kept.append((kind, value))
-        used += tokens_per_image
-    kept.reverse()
-    kept_images = [images[value] for kind, value in kept if kind == "image"]
-    body = "".join(value if kind == "text" else image_token for kind, value in kept)
-    question = f"{instruction}\n{body}" if instruction else body
+        if waiting:
+            image_first = True
+            kept.insert(0, waiting.pop())
+            used += tokens_per_image
+    chunks.reverse()
+    body = PLACEHOLDER_TEXT.join(chunks)
+    if image_first:
+        body = PLACEHOLDER_TEXT + body
+    question = separate_adjacent_images(instruction + "\n" + body)
+    placeholders = question.count(PLACEHOLDER_TEXT)
+    if placeholders != len(kept):
+        raise ValueError(f"the prompt keeps {placeholders} image placeholders but {len(kept)} of the "
+                         f"{len(images)} images: the context has more placeholders than images_path has "
+                         f"entries (MileBench's LLaVA worker fails on this sample)")
     return MileBenchPrompt(
-        question=question, images=list(kept_images),
-        context_tokens=count_tokens(instruction) + used,
-        dropped_images=len(images) - len(kept_images), truncated=truncated,
+        question=question.replace(PLACEHOLDER_TEXT, image_token), images=kept,
+        context_tokens=count_tokens(instruction) + used, dropped_images=len(images) - len(kept),
+        truncated=cut or len(chunks) < len(fragments),
     )
+
+
+# The LLaVA worker's conversation (LLaVA's conv_templates["llava_llama_2"], SeparatorStyle.LLAMA_2)
+# and generation settings (configs/model_configs.yaml, llava-v1.5-7b), for a model adapter to use.
+LLAVA_WORKER_TEMPLATE = "llava_llama_2"
+LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. "
+                        "You are able to understand the visual content that the user provides, "
+                        "and assist the user with a variety of tasks using natural language.")
+# Greedy; temperature 0.0 has no effect without sampling. Upstream also stops on the keyword "<s>"
+# (KeywordsStoppingCriteria), which in practice never fires before the end-of-sequence token.
+LLAVA_WORKER_GEN_KWARGS = {"max_new_tokens": 512, "min_new_tokens": 1, "do_sample": False, "temperature": 0.0}
+
+
+def llava_worker_prompt(question: str) -> str:
+    """The text MileBench's LLaVA worker tokenizes for one question (BOS is added by the tokenizer).
+
+    ``Conversation.get_prompt`` of ``llava_llama_2`` with the question as the user's message and
+    an empty assistant message: ``"<s>" + "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{question} [/INST]"``
+    with the leading "<s>" stripped (``ret.lstrip(sep)``). Each image is ``<image>`` in `question`.
+    """
+    if not question:
+        raise ValueError("empty question (LLaVA's Conversation.get_prompt asserts the first message is not empty)")
+    return f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{question} [/INST]"
 
 
 def image_budget_batches(image_counts: Sequence[int], image_budget: int, max_items: int) -> list[list[int]]:
@@ -199,146 +238,219 @@ def image_budget_batches(image_counts: Sequence[int], image_budget: int, max_ite
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores
+# Scores: evaluate.py's Eval
 
-_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-          ",", "?", "!"]
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-_PERIOD = re.compile(r"\.(?!\d)")
-_TOKEN = re.compile(r"\w+")
+# Eval.punct, in its order: each mark is removed when it touches a space in the ORIGINAL text (or
+# the text has a 1,000-style number), otherwise replaced by a space.
+_PUNCT = (";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+          ",", "?", "!")
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+# Eval.periodStrip as written: "(?!<=\d)" is a look-ahead (a typo for the look-behind "(?<!\d)")
+# that always holds before a ".", so a period goes unless a digit follows it.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# processPunctuation calls periodStrip.sub("", text, re.UNICODE): sub's third positional argument
+# is `count`, so only the first re.UNICODE (= 32) such periods are removed.
+_PERIODS_REMOVED = int(re.UNICODE)
 
 
-def normalize_answer(text: str | None) -> str:
-    """The reference's answer normalisation: punctuation handling, periods dropped, lower case.
-
-    A punctuation mark next to a space (or any mark in a text with a 1,000-style number) is
-    removed, otherwise replaced by a space; periods not followed by a digit are removed.
-    """
-    text = strip_special_tokens(text).replace("\n", " ").replace("\t", " ").strip()
+def process_punctuation(text: str) -> str:
+    """``Eval.processPunctuation``."""
     out = text
-    number = _COMMA_IN_NUMBER.search(text) is not None
+    number_with_comma = _COMMA_STRIP.search(text) is not None
     for mark in _PUNCT:
-        if (mark + " " in text or " " + mark in text) or number:
+        if (mark + " " in text or " " + mark in text) or number_with_comma:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    out = _PERIOD.sub("", out)
-    return out.strip("'").strip('"').strip().lower()
+    return _PERIOD_STRIP.sub("", out, count=_PERIODS_REMOVED)
 
 
-def word_tokens(text: str | None) -> list[str]:
-    """Lower-case word tokens (split on whitespace and punctuation) of a normalised answer."""
-    return _TOKEN.findall(normalize_answer(text))
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of two token lists (O(len(a) * len(b)))."""
-    if not a or not b:
-        return 0
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(prediction: str | None, reference: str | None, beta: float = 1.0) -> dict:
-    """ROUGE-L precision, recall and F-measure of a prediction against one reference.
-
-    P = LCS / len(prediction tokens), R = LCS / len(reference tokens),
-    F = (1 + beta^2) P R / (R + beta^2 P); 0 when either side has no tokens.
+def normalize_answer(text: str | None) -> str:
+    """``Eval.process``: newlines and tabs to spaces, strip, punctuation (`process_punctuation`),
+    strip quotes (' then "), strip, lower case. Special tokens are not touched (the worker decodes
+    with ``skip_special_tokens=True``; our adapters strip them from the answer). None counts as "".
     """
-    pred, ref = word_tokens(prediction), word_tokens(reference)
-    lcs = lcs_length(pred, ref)
-    if not lcs:
-        return {"p": 0.0, "r": 0.0, "f": 0.0}
-    p, r = lcs / len(pred), lcs / len(ref)
-    return {"p": p, "r": r, "f": (1 + beta ** 2) * p * r / (r + beta ** 2 * p)}
+    text = "" if text is None else str(text)
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    text = process_punctuation(text)
+    return text.strip("'").strip('"').strip().lower()
 
 
-def rouge_l_f(prediction: str | None, reference: str | None) -> float:
-    return rouge_l(prediction, reference)["f"]
+def _rouge_sentences(text: str) -> list[str]:
+    """``Rouge._get_scores`` (rouge 1.0.1): split at every ".", drop empty pieces, collapse
+    whitespace; a piece of only spaces becomes "", which then counts as one (empty) word."""
+    return [" ".join(piece.split()) for piece in text.split(".") if len(piece) > 0]
 
 
-_LEADING_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:[.:)]|\s*$))")
-_ANSWER_IS = re.compile(r"(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*\(?([A-Z])\)?(?![A-Za-z])")
+def _rouge_words(sentences: Sequence[str]) -> list[str]:
+    """``rouge_score._split_into_words``: every sentence split on single spaces, flattened."""
+    return [word for sentence in sentences for word in sentence.split(" ")]
 
 
-def match_choice(prediction: str | None, choices: Sequence[str]) -> int | None:
-    """Index of the option a prediction picks, or None.
+def _lcs_words(x: Sequence[str], y: Sequence[str]) -> list[str]:
+    """``rouge_score._recon_lcs``: the words of one longest common subsequence of x and y, traced
+    back through the package's table with its tie-break (step in x only when that keeps a strictly
+    longer LCS). Iterative: the package recurses and so fails past ~1000 words per sentence pair."""
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        row, above = table[i], table[i - 1]
+        for j in range(1, len(y) + 1):
+            row[j] = above[j - 1] + 1 if x[i - 1] == y[j - 1] else max(above[j], row[j - 1])
+    words: list[str] = []
+    i, j = len(x), len(y)
+    while i > 0 and j > 0:
+        if x[i - 1] == y[j - 1]:
+            words.append(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    words.reverse()
+    return words
 
-    In order: a leading letter ("B", "(B)", "B. ..."), a letter followed by its option's text
-    ("b red car"), the option text itself found in the prediction (spaces ignored; the earliest
-    match, the longest on ties), "the answer is B".
+
+def rouge_l(hypothesis: str, reference: str) -> dict[str, float]:
+    """``Rouge().get_scores(hypothesis, reference)[0]["rouge-l"]`` of ``rouge==1.0.1`` (MileBench's pin).
+
+    Summary-level ROUGE-L over DISTINCT words: with sentences split at "." and words at spaces,
+    LCS_u = the number of distinct words in the union, over every (reference sentence, hypothesis
+    sentence) pair, of the words of one LCS (`_lcs_words`); R = LCS_u / distinct reference words,
+    P = LCS_u / distinct hypothesis words, F = 2 P R / (P + R + 1e-8). Raises ValueError when a side
+    has no sentence (the package raises "Hypothesis is empty." / "Reference is empty.").
     """
-    raw = strip_special_tokens(prediction)
-    if not raw or not choices:
-        return None
-    n_letters = min(len(choices), 26)
-    match = _LEADING_LETTER.match(raw)
-    if match:
-        index = ord(match.group(1) or match.group(2)) - 65
-        if index < n_letters:
-            return index
-    text = normalize_answer(raw)
-    best: tuple[int, int, int] | None = None  # (position, -length, index)
-    for index in range(n_letters):
-        needle = normalize_answer(f"{chr(65 + index)} {choices[index]}")
-        position = text.find(needle) if needle else -1
-        if position >= 0 and (position == 0 or not text[position - 1].isalnum()):
-            candidate = (position, -len(needle), index)
-            best = candidate if best is None or candidate < best else best
-    if best is not None:
-        return best[2]
-    squashed = text.replace(" ", "")
-    for index, choice in enumerate(choices):
-        needle = normalize_answer(str(choice)).replace(" ", "")
-        position = squashed.find(needle) if needle else -1
-        if position >= 0:
-            candidate = (position, -len(needle), index)
-            best = candidate if best is None or candidate < best else best
-    if best is not None:
-        return best[2]
-    match = _ANSWER_IS.search(raw)
-    if match and ord(match.group(1)) - 65 < n_letters:
-        return ord(match.group(1)) - 65
-    return None
+    hyp, ref = _rouge_sentences(hypothesis), _rouge_sentences(reference)
+    if not hyp or not ref:
+        side, text = ("hypothesis", hypothesis) if not hyp else ("reference", reference)
+        raise ValueError(f"ROUGE needs a sentence on each side; the {side} {text!r} has none "
+                         f"(the rouge package raises on it)")
+    reference_words = len(set(_rouge_words(ref)))
+    hypothesis_words = len(set(_rouge_words(hyp)))
+    union: set[str] = set()
+    for ref_sentence in ref:
+        ref_split = ref_sentence.split(" ")
+        for hyp_sentence in hyp:
+            union.update(_lcs_words(ref_split, hyp_sentence.split(" ")))
+    recall = len(union) / reference_words
+    precision = len(union) / hypothesis_words
+    return {"f": 2.0 * ((precision * recall) / (precision + recall + 1e-8)), "p": precision, "r": recall}
 
 
-def gold_choice(response: str, choices: Sequence[str]) -> int | None:
-    """Index of the correct option: the response is an option's text, or an option letter."""
-    response = str(response).strip()
-    for index, choice in enumerate(choices):
-        if str(choice).strip() == response:
-            return index
-    normalized = normalize_answer(response)
-    for index, choice in enumerate(choices):
-        if normalize_answer(str(choice)) == normalized:
-            return index
-    if len(response) == 1 and response.upper().isalpha():
-        index = ord(response.upper()) - 65
-        if index < len(choices):
-            return index
-    return None
+def rouge_l_score(prediction: str | None, response: str | None) -> float:
+    """``Eval.evaluate_rouge`` for one sample: ROUGE-L F of the normalised answers, 0 for an empty
+    prediction. Raises ValueError for an empty normalised reference (evaluate.py asserts)."""
+    reference = normalize_answer(response)
+    if reference == "":
+        raise ValueError(f"reference answer {response!r} is empty after MileBench's normalisation "
+                         f"(evaluate.py asserts it is not)")
+    hypothesis = normalize_answer(prediction)
+    return 0.0 if hypothesis == "" else rouge_l(hypothesis, reference)["f"]
+
+
+def option_letter(index: int) -> str:
+    """``Eval.char``: A..Z, then AA..AZ, then BA, BB, ... (GPR1200 has more than 26 options)."""
+    if index < 26:
+        return chr(index + 65)
+    if index < 52:
+        return "A" + chr(index + 65 - 26)
+    return "B" + chr(index + 65 - 26 - 26)
+
+
+_REGEX_SPECIALS = ("\\", ".", "^", "$", "*", "+", "?", "{", "}", "[", "]", "|", "(", ")")
+
+
+def _option_pattern(option: str) -> str:
+    """``preprocess_option_string`` in ``Eval.match_choice``: normalised, regex specials escaped."""
+    processed = normalize_answer(option)
+    for char in _REGEX_SPECIALS:
+        if char in processed:
+            processed = processed.replace(char, "\\" + char)
+    return processed
+
+
+def extract_choice(text: str, options: Mapping[str, str]) -> str:
+    """``Eval.match_choice``: the option letter(s) MileBench reads from a normalised answer.
+
+    `text` is the normalised prediction, `options` maps letters (`option_letter`) to normalised
+    options (each normalised once more here, as upstream). In order:
+
+    - an empty answer is "C";
+    - "<letter> <option>" anywhere in the answer: the first character of the leftmost match,
+      upper-cased (alternatives tried in option order at each position; "AA x" gives "A");
+    - an option's text, spaces ignored on both sides: the leftmost match (first option in order
+      at a position) maps back to its letter only where its pattern equals the matched text (an
+      option holding an escaped regex special, e.g. "3.5", never does and falls through);
+    - a whole answer of 1-2 characters that is a letter ("b" -> "B");
+    - else every character of the answer whose upper case is a one-letter key, concatenated
+      ("option c" -> "C"; "the answer is c" with options A-D -> "AC", which matches nothing).
+
+    A regex error returns the answer itself, as upstream does.
+    """
+    if text == "":
+        return "C"
+    try:
+        pattern = "|".join(_option_pattern(f"{key} {value}") for key, value in options.items())
+        found = re.search(rf"({pattern})", text, re.S)
+        if found:
+            return found.group(0)[0].upper()
+        pattern = "|".join(_option_pattern(value).replace(" ", "") for value in options.values())
+        found = re.search(rf"({pattern})", text.replace(" ", ""), re.S)
+        if found:
+            for key, value in options.items():
+                if found[0].strip() == _option_pattern(value).replace(" ", ""):
+                    return key.upper()
+        if len(text) in (1, 2) and text.upper() in options:
+            return text.upper()
+    except (re.error, IndexError):  # upstream catches Exception, prints it and returns the text
+        return text
+    return "".join(char.upper() for char in text if char.upper() in options)
+
+
+def judge_multi_choice(prediction: str | None, response: str, choices: Sequence[str]) -> tuple[int, str]:
+    """``Eval.judge_multi_choice`` after ``Eval.process_sample``: (1 or 0, the extracted letters).
+
+    Prediction, reference and options are normalised; the reference must be one of the options
+    (its first occurrence gives the right letter), else ValueError (evaluate.py asserts).
+    """
+    answer = normalize_answer(prediction)
+    reference = normalize_answer(response)
+    options = [normalize_answer(choice) for choice in choices]
+    if reference not in options:
+        raise ValueError(f"reference answer {response!r} is not one of the options {list(choices)!r} after "
+                         f"MileBench's normalisation (evaluate.py asserts it is)")
+    selected = extract_choice(answer, {option_letter(i): option for i, option in enumerate(options)})
+    return int(selected == option_letter(options.index(reference))), selected
+
+
+def task_metric(task: str, question_type: str) -> str:
+    """How evaluate.py's main() scores a task: a name containing "NeedleInAHaystack" or "MMCoQA"
+    (case-sensitive) by exact match, else open-ended by ROUGE-L F, multi-choice by accuracy."""
+    if "NeedleInAHaystack" in task or "MMCoQA" in task:
+        return "exact_match"
+    if question_type == "open-ended":
+        return "rouge_l_f"
+    if question_type == "multi-choice":
+        return "accuracy"
+    raise ValueError(f"question type {question_type!r}: MileBench scores 'open-ended' or 'multi-choice' tasks")
 
 
 def score_sample(task: str, question_type: str, prediction: str | None, response: str,
                  choices: Sequence[str] = ()) -> tuple[str, float]:
-    """(metric name, score in [0, 1]) of one MileBench answer, by the reference's rules."""
-    if is_needle_task(task):
-        return "exact_match", float(normalize_answer(response) in normalize_answer(prediction).split())
-    if _task_key(task) == "mmcoqa":
-        return "exact_match", float(normalize_answer(response) in normalize_answer(prediction))
-    if question_type == "multi-choice":
-        gold = gold_choice(response, choices)
-        if gold is None:
-            return "accuracy", float(normalize_answer(prediction) == normalize_answer(response))
-        return "accuracy", float(match_choice(prediction, choices) == gold)
-    return "rouge_l_f", rouge_l_f(prediction, response)
+    """(metric name, score in [0, 1]) of one MileBench answer, as evaluate.py scores it.
+
+    exact_match (``Eval.evaluate_needle``): needle tasks ask for the normalised reference among the
+    normalised prediction's space-separated words, MMCoQA for it as a substring. rouge_l_f:
+    `rouge_l_score`. accuracy: `judge_multi_choice`. Raises ValueError where evaluate.py fails
+    (an empty reference for ROUGE, a reference that is not an option).
+    """
+    metric = task_metric(task, question_type)
+    if metric == "exact_match":
+        reference, answer = normalize_answer(response), normalize_answer(prediction)
+        hit = reference in answer.split() if "NeedleInAHaystack" in task else reference in answer
+        return metric, float(hit)
+    if metric == "rouge_l_f":
+        return metric, rouge_l_score(prediction, response)
+    return metric, float(judge_multi_choice(prediction, response, choices)[0])
 
 
 def _as_list(value) -> list:
@@ -353,16 +465,29 @@ def score_answers(df: pd.DataFrame) -> pd.DataFrame:
     """MileBench answer rows with ``metric`` and ``score`` added (NaN score for error rows).
 
     Needs ``split`` (the task), ``question_type``, ``raw_answer``, ``label`` (the reference answer),
-    ``choice_list``; ``error`` optional.
+    ``choice_list``; ``error`` optional. A row that evaluate.py could not score (see `score_sample`)
+    gets ``error`` "scoring: <why>", so it is counted with the errors instead of stopping the run.
     """
     frame = df.copy()
-    errors = frame["error"].fillna("").astype(str) if "error" in frame.columns else pd.Series([""] * len(frame))
+    errors = (frame["error"].fillna("").astype(str).tolist() if "error" in frame.columns else [""] * len(frame))
     metrics, scores = [], []
-    for row, error in zip(frame.itertuples(index=False), errors):
-        metric, score = score_sample(row.split, row.question_type, row.raw_answer, row.label,
-                                     _as_list(row.choice_list))
+    for position, row in enumerate(frame.itertuples(index=False)):
+        task = str(row.split)
+        try:
+            metric = task_metric(task, row.question_type)
+        except ValueError as error:
+            metric = "score"
+            errors[position] = errors[position] or f"scoring: {error}"
+        score = math.nan
+        if not errors[position]:
+            try:
+                score = score_sample(task, row.question_type, row.raw_answer, row.label,
+                                     _as_list(row.choice_list))[1]
+            except ValueError as error:
+                errors[position] = f"scoring: {error}"
         metrics.append(metric)
-        scores.append(score if error == "" else math.nan)
+        scores.append(score)
+    frame["error"] = errors
     frame["metric"] = metrics
     frame["score"] = scores
     return frame
@@ -372,11 +497,18 @@ SUMMARY_COLUMNS = ("scope", "name", "metric", "value", "n", "n_errors")
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Long table of MileBench scores: one row per (scope, name, metric).
+    """Long table of MileBench scores: one row per (scope, name, metric); fractions in [0, 1].
 
-    scope "task" (mean item score of each task, its own metric), "task_level" (task/level),
-    "level" (mean item score over all tasks at a level), "group" and "overall" (means of task
-    scores; metric "score"). Values are fractions in [0, 1].
+    - "task": the mean item score of each task with its metric: evaluate.py's ``Accuracy`` /
+      ``Rouge-L f``, the number ``score.py`` collects (it shows it x100, rounded to 2 decimals).
+    - "task_level" (``<task>/<level>``): evaluate.py's ``image_quantity_level-Accuracy`` for the
+      levels the task has (eval.json also lists empty levels, as 0).
+    - "level", "group", "overall": not computed by upstream (score.py only collects tasks): the
+      mean item score over all tasks at a level, and the mean of task scores per group / overall.
+
+    Levels are the rows' ``image_quantity_level``, which the reader derives as evaluate.py does
+    (from the number of images in ``images_path``). Error rows are left out of every mean (upstream
+    has none: it stops on a missing prediction) and counted in ``n_errors``.
     """
     if df is None or len(df) == 0:
         return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
