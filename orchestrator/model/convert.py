@@ -80,6 +80,14 @@ class ConversionError(ValueError):
 # Reading the original files
 
 
+def new_output_dir(path: str | Path) -> Path:
+    """`path` resolved; refused when it holds files (stale shards of an earlier conversion would remain)."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out}: exists and is not empty; choose another --out or remove it")
+    return out
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -315,6 +323,7 @@ def convert_llava_checkpoint(checkpoint: str | Path, out_dir: str | Path, vision
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     checkpoint = Path(checkpoint).expanduser().resolve()
+    out_dir = new_output_dir(out_dir)
     config_path = checkpoint / "config.json"
     original = read_json(config_path)
     check_original_config(original, str(config_path))
@@ -353,7 +362,6 @@ def convert_llava_checkpoint(checkpoint: str | Path, out_dir: str | Path, vision
         tokenizer=tokenizer, patch_size=vision_config.patch_size, image_token=IMAGE_TOKEN,
         vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
     )
-    out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     processor.save_pretrained(str(out_dir))
@@ -442,6 +450,7 @@ def convert_llava_adapter(adapter_dir: str | Path, out_dir: str | Path, base_mod
     from orchestrator.train.recipe import lora_target_regex
 
     adapter_dir = Path(adapter_dir).expanduser().resolve()
+    out_dir = new_output_dir(out_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
     original = read_json(config_path)
     if original.get("peft_type", "LORA") != "LORA":
@@ -492,7 +501,6 @@ def convert_llava_adapter(adapter_dir: str | Path, out_dir: str | Path, base_mod
         use_rslora=bool(original.get("use_rslora", False)), target_modules=lora_target_regex(sorted(modules)),
         modules_to_save=saved_modules or None, base_model_name_or_path=str(base) if base else None,
     )
-    out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"),

@@ -286,6 +286,11 @@ def test_unknown_weight_key_is_refused_naming_key_and_file(original, tmp_path):
         convert_llava_checkpoint(checkpoint, tmp_path / "out")
 
 
+def test_existing_output_folder_is_refused_before_any_work(original):
+    with pytest.raises(ConversionError, match="not empty"):
+        convert_llava_checkpoint(original["checkpoint"], original["converted"])
+
+
 def test_missing_vision_tower_folder_is_a_clear_error(original, tmp_path):
     config = original_config(original["vocab"], "openai/clip-vit-large-patch14-336")
     checkpoint = save_original_checkpoint(tmp_path / "hubid", original["state"], config, original["tokenizer"])
