@@ -2,8 +2,8 @@
 by plain transformers / peft; the model card from a run folder; the upload against a stand-in for the hub API
 (a cloud service cannot exist here); offline mode and a missing token fail before any work.
 
-Tolerance of merged vs unmerged logits: float32, atol 1e-5 (the merged weight W + s·BA and the unmerged
-path Wx + s·B(Ax) differ only by rounding; measured differences are ~1e-7).
+Tolerance of merged vs unmerged logits: float32, atol 1e-5, rtol 0 (the merged weight W + s·BA and the
+unmerged path Wx + s·B(Ax) differ only by rounding; measured: max |difference| 3.7e-6 on logits up to 3.7).
 """
 
 from __future__ import annotations
