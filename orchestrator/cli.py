@@ -140,7 +140,7 @@ def cmd_convert(args) -> int:
 
     if args.convert_command == "llava":
         out = convert_llava_checkpoint(args.checkpoint, args.out, vision_tower=args.vision_tower, dtype=args.dtype,
-                                       max_shard_size=args.max_shard_size)
+                                       max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
     else:
         out = convert_llava_adapter(args.adapter, args.out, base_model=args.base)
     print(f"converted: {out}")
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="auto: the checkpoint's torch_dtype")
     llava.add_argument("--max-shard-size", default="5GB")
+    llava.add_argument("--tokenizer", help="folder to read the tokenizer from (default: the checkpoint)")
     adapter = convert_commands.add_parser("adapter", help="a LoRA adapter on the original layout (HA-DPO's) -> "
                                           "a peft adapter on the converted llava-hf model")
     adapter.add_argument("adapter", help="folder with adapter_config.json, adapter_model.bin, non_lora_trainables.bin")

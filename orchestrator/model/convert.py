@@ -302,6 +302,21 @@ def converted_state_dict(original_weights: dict[str, torch.Tensor], origin: dict
     return converted
 
 
+def load_original_tokenizer(folder: Path):
+    """LLaVA's tokenizer. LLaMA ships only ``tokenizer.model`` (SentencePiece); transformers 5 reads that with
+    the ``sentencepiece`` package, and without it fails with an unrelated tiktoken message: say so first."""
+    from importlib.util import find_spec
+
+    from transformers import AutoTokenizer
+
+    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file() \
+            and find_spec("sentencepiece") is None:
+        raise ConversionError(f"{folder}: the tokenizer is a SentencePiece tokenizer.model, which needs the "
+                              "sentencepiece package (not installed); install it, or pass --tokenizer with a folder "
+                              "holding the same tokenizer as tokenizer.json")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
 def add_llava_tokens(tokenizer) -> tuple[int, int]:
     """Add ``<image>`` and ``<pad>`` as transformers' conversion script does; returns their ids."""
     from tokenizers import AddedToken
@@ -313,14 +328,15 @@ def add_llava_tokens(tokenizer) -> tuple[int, int]:
 
 
 def convert_llava_checkpoint(checkpoint: str | Path, out_dir: str | Path, vision_tower: str | Path | None = None,
-                             dtype: str = "auto", max_shard_size: str = "5GB") -> Path:
+                             dtype: str = "auto", max_shard_size: str = "5GB", tokenizer: str | Path | None = None) -> Path:
     """An original LLaVA-1.5 checkpoint folder (+ its CLIP folder) -> a llava-hf folder at `out_dir`.
 
-    `dtype` "auto" keeps the checkpoint's ``torch_dtype`` (float16 for liuhaotian/llava-v1.5-7b).
+    `dtype` "auto" keeps the checkpoint's ``torch_dtype`` (float16 for liuhaotian/llava-v1.5-7b);
+    `tokenizer`: a folder to read the tokenizer from instead of the checkpoint's.
     """
     from accelerate import init_empty_weights
-    from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, GenerationConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (AutoImageProcessor, CLIPVisionConfig, GenerationConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
 
     checkpoint = Path(checkpoint).expanduser().resolve()
     out_dir = new_output_dir(out_dir)
@@ -330,7 +346,7 @@ def convert_llava_checkpoint(checkpoint: str | Path, out_dir: str | Path, vision
     tower_dir = vision_tower_dir(checkpoint, original, vision_tower)
     vision_config = CLIPVisionConfig.from_pretrained(str(tower_dir), local_files_only=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    tokenizer = load_original_tokenizer(Path(tokenizer).expanduser().resolve() if tokenizer else checkpoint)
     old_vocab = int(original["vocab_size"])
     image_token_id, pad_token_id = add_llava_tokens(tokenizer)
     vocab_size = max(padded_vocab_size(len(tokenizer)), old_vocab)

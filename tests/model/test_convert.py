@@ -291,6 +291,20 @@ def test_existing_output_folder_is_refused_before_any_work(original):
         convert_llava_checkpoint(original["checkpoint"], original["converted"])
 
 
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("sentencepiece") is not None,
+                    reason="sentencepiece is installed: the tokenizer.model would be read")
+def test_sentencepiece_tokenizer_without_the_package_is_a_clear_error(original, tmp_path):
+    config = original_config(original["vocab"], original["clip"])
+    checkpoint = save_original_checkpoint(tmp_path / "spm", original["state"], config, original["tokenizer"])
+    (checkpoint / "tokenizer.json").unlink()
+    (checkpoint / "tokenizer.model").write_bytes(b"\x0a\x00")  # LLaMA ships only this SentencePiece file
+    with pytest.raises(ConversionError, match="sentencepiece package"):
+        convert_llava_checkpoint(checkpoint, tmp_path / "out")
+    # a folder with the same tokenizer as tokenizer.json is the way around it
+    out = convert_llava_checkpoint(checkpoint, tmp_path / "out", tokenizer=original["checkpoint"])
+    assert (out / "tokenizer.json").is_file()
+
+
 def test_missing_vision_tower_folder_is_a_clear_error(original, tmp_path):
     config = original_config(original["vocab"], "openai/clip-vit-large-patch14-336")
     checkpoint = save_original_checkpoint(tmp_path / "hubid", original["state"], config, original["tokenizer"])
