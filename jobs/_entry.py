@@ -25,3 +25,10 @@ def run(command: list[str]) -> None:
     args, rest = parser.parse_known_args()
     overrides = [item for pair in args.set for item in ("--set", pair)]
     sys.exit(main([*command, args.config, *overrides, *rest]))
+
+
+def run_passthrough(command: list[str]) -> None:
+    """For commands whose first argument is not a config (`hadpo export RUN_DIR ...`): all arguments go on."""
+    from orchestrator.cli import main
+
+    sys.exit(main([*command, *sys.argv[1:]]))

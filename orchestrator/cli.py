@@ -120,6 +120,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from orchestrator.model.export import export_model, is_run_dir
+
+    if args.private and not args.push_to_hub:
+        raise ConfigError("export: --private needs --push-to-hub")
+    source = Path(args.source).expanduser()
+    if not args.config and is_run_dir(source) and (source / "config.yaml").is_file():
+        args.config = str(source / "config.yaml")  # the run's own config (env, export sections)
+    result = export_model(args.source, args.out, _config(args), merge=args.merge, push_to_hub=args.push_to_hub,
+                          private=args.private, stage=args.stage, base_model=args.base_model,
+                          base_model_id=args.base_model_id)
+    print(result.summary())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from orchestrator.model.convert import convert_llava_adapter, convert_llava_checkpoint
+
+    if args.convert_command == "llava":
+        out = convert_llava_checkpoint(args.checkpoint, args.out, vision_tower=args.vision_tower, dtype=args.dtype,
+                                       max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+    else:
+        out = convert_llava_adapter(args.adapter, args.out, base_model=args.base)
+    print(f"converted: {out}")
+    return 0
+
+
 def local_gpu_memory_gib() -> float | None:
     """GiB of this machine's first GPU, or None without one (the planner then uses the config's figure)."""
     try:
@@ -251,6 +278,41 @@ def build_parser() -> argparse.ArgumentParser:
     plan = with_config(commands.add_parser("plan", help="estimate per-GPU memory and whether the run fits"))
     plan.add_argument("--seq-len", type=int, help="tokens per row (default: train.max_length, the worst case)")
     plan.set_defaults(func=cmd_plan)
+
+    export = commands.add_parser("export", help="a run's adapter as a peft adapter or merged llava-hf model, "
+                                 "with a model card; optionally uploaded to the hub")
+    export.add_argument("source", help="run folder (<output_root>/<name>) or LoRA adapter / checkpoint folder")
+    export.add_argument("--out", required=True, help="new folder to write")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base: a complete model")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder (needs env.offline: false and "
+                        "the token in the variable export.hub_token_env names)")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    export.add_argument("--stage", help="the training stage whose adapter to export when the run has several "
+                        "(e.g. dpo_seed2)")
+    export.add_argument("--base-model", help="llava-hf folder the adapter was trained on (default: the run record's)")
+    export.add_argument("--base-model-id", help="the base model's hub id, written into the card and adapter_config")
+    export.add_argument("--config", help="experiment config (default: the run's config.yaml, else the defaults)")
+    export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set env.offline=false")
+    export.set_defaults(func=cmd_export)
+
+    convert = commands.add_parser("convert", help="original LLaVA-1.5 checkpoints / adapters to llava-hf / peft")
+    convert_commands = convert.add_subparsers(dest="convert_command", required=True)
+    llava = convert_commands.add_parser("llava", help="an original LLaVA-1.5 checkpoint (+ CLIP folder) -> llava-hf")
+    llava.add_argument("checkpoint", help="folder of liuhaotian/llava-v1.5-7b (LlavaLlamaForCausalLM)")
+    llava.add_argument("--vision-tower", help="CLIP folder (openai/clip-vit-large-patch14-336); default: the "
+                       "checkpoint's mm_vision_tower when it is a local folder")
+    llava.add_argument("--out", required=True)
+    llava.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="auto: the checkpoint's torch_dtype")
+    llava.add_argument("--max-shard-size", default="5GB")
+    llava.add_argument("--tokenizer", help="folder to read the tokenizer from (default: the checkpoint)")
+    adapter = convert_commands.add_parser("adapter", help="a LoRA adapter on the original layout (HA-DPO's) -> "
+                                          "a peft adapter on the converted llava-hf model")
+    adapter.add_argument("adapter", help="folder with adapter_config.json, adapter_model.bin, non_lora_trainables.bin")
+    adapter.add_argument("--base", help="the converted llava-hf folder (shapes checked, recorded as the base)")
+    adapter.add_argument("--out", required=True)
+    convert.set_defaults(func=cmd_convert)
 
     demo = with_config(commands.add_parser("demo", help="the whole pipeline on the synthetic world"), False)
     demo.set_defaults(func=cmd_demo)

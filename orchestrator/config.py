@@ -255,6 +255,15 @@ class WandbConfig(_Section):
     api_key_env: str = Field("WANDB_API_KEY", description="name of the env var holding the key (never the key)")
 
 
+class ExportConfig(_Section):
+    """`hadpo export`: how a merged model is written and where the hub token comes from."""
+
+    hub_token_env: str = Field("HF_TOKEN", description="name of the env var holding the hub token (never the token)")
+    max_shard_size: str = Field("5GB", description="largest safetensors shard of a merged export")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the merged weights; auto = the base model's (the merge itself runs in float32)")
+
+
 class EnvConfig(_Section):
     """Environment knobs passed to every Ray worker (runtime_env), never set by hand per machine."""
 
@@ -274,6 +283,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
 
     @model_validator(mode="after")

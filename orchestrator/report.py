@@ -1122,6 +1122,25 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, include_pu
     return ReportResult(html_path, md_path, list(doc.images), tables, runs, notes)
 
 
+def run_summary_markdown(run: RunData, include_published: bool = False) -> str:
+    """One run's POPE and MileBench tables and its run record (base model, config, data-file hashes,
+    packages) in Markdown, as `build_report` shows them but without figures: what a model card embeds."""
+    summary = pope_summary(pope_results([run]))
+    doc = _Doc(run.run_dir)
+    doc.heading(3, "POPE")
+    pope_table = _pope_table(run, summary, include_published)
+    if pope_table is None:
+        doc.para("No POPE results were recorded.")
+    else:
+        doc.table(pope_table)
+    mile_table = _milebench_table(run, milebench_results([run]))
+    if mile_table:
+        doc.heading(3, "MileBench")
+        doc.table(mile_table)
+    _record_section(doc, run)
+    return doc.markdown()
+
+
 def _default_labels(run_dirs: Sequence[Path]) -> list[str]:
     names = [p.expanduser().resolve().name for p in run_dirs]
     if len(set(names)) == len(names):
@@ -1190,6 +1209,6 @@ def _comparison_section(doc: _Doc, runs: Sequence[RunData], summary: pd.DataFram
         doc.image(image, "POPE F1 after HA-DPO per split, runs side by side (ticks: each run's baseline)")
 
 
-__all__ = ["build_report", "ReportResult", "RunData", "Evaluation", "Curve", "load_run", "pope_frame",
+__all__ = ["build_report", "run_summary_markdown", "ReportResult", "RunData", "Evaluation", "Curve", "load_run", "pope_frame",
            "pope_results", "pope_summary", "milebench_results", "final_curve_values", "comparison_table",
            "config_differences", "PUBLISHED_POPE", "PUBLISHED_LABEL"]

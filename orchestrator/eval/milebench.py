@@ -41,6 +41,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from orchestrator.eval.pope import strip_special_tokens
+from orchestrator.model.adapter import find_adapter
 
 # ----------------------------------------------------------------------------------------------
 # Task taxonomy (score.py's dataset_list); names are matched case- and punctuation-insensitively,
@@ -642,20 +643,6 @@ class MileBenchModel:
     def score_yes_no(self, questions: list[str], image_paths: list[list[str]],
                      images: list[list] | None = None) -> list[float]:
         raise NotImplementedError(f"{type(self).__name__} cannot score yes/no; use eval.mode=generate")
-
-
-def find_adapter(path: str | Path) -> Path:
-    """The folder holding ``adapter_config.json``: `path` itself or one directly below it."""
-    path = Path(path).expanduser()
-    if (path / "adapter_config.json").is_file():
-        return path
-    if path.is_dir():
-        found = sorted(p.parent for p in path.glob("*/adapter_config.json"))
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise ValueError(f"{path}: several LoRA adapters below it ({[str(p) for p in found]}); name one")
-    raise FileNotFoundError(f"{path}: no LoRA adapter (adapter_config.json) there or one level below")
 
 
 class LlavaModel(MileBenchModel):
