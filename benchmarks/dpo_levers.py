@@ -8,6 +8,7 @@ Every variant trains the same LoRA (r128, alpha 256, dropout 0.05 on every LM li
 pairs (benchmarks/dpo_step.py's `make_batch` / `make_packed`: 631 prompt+image tokens, 128-token answers)
 with cached reference log-probs and no gradient checkpointing, the recipe's defaults at this size:
 
+  zero2-expandable        zero2 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (what runs now set);
   zero0 / zero1 / zero2   the recipe's own engine (`orchestrator.train.engine.make_engine`: DeepSpeed,
                           bf16, torch AdamW) and loss (`recipe.compute_loss`) with that ZeRO stage;
   zero3                   the same with ZeRO-3 as the recipe now configures it (LoRA weights resident);
@@ -43,6 +44,7 @@ ENGINE_VARIANTS = {
     "zero0": {"stage": 0},
     "zero1": {"stage": 1},
     "zero2": {"stage": 2},
+    "zero2-expandable": {"stage": 2, "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
     "zero3": {"stage": 3},
     "zero3-plain": {"stage": 3, "extra": {"zero_optimization": {
         "stage3_param_persistence_threshold": 100_000}}},   # DeepSpeed's default
@@ -239,7 +241,8 @@ def main(argv=None) -> int:
         if args.tiny:
             command.append("--tiny")
         print(f"[{time.time() - started:6.1f}s] {name} ...", flush=True)
-        process = subprocess.run(command, capture_output=True, text=True,
+        env = {**os.environ, **ENGINE_VARIANTS[name].get("env", {})}
+        process = subprocess.run(command, capture_output=True, text=True, env=env,
                                  timeout=max(60, args.budget - (time.time() - started)))
         result = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
         if result:

@@ -32,6 +32,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -195,6 +196,8 @@ def dpo_timing(record: dict, timings_file: Path, warmup: int, pairs: int) -> dic
         worker = json.loads(timings_file.read_text())
         ends = worker.get("step_ends") or []
         entry["setup"] = worker.get("setup")
+        if worker.get("process_started") and worker.get("setup_started"):
+            entry["worker_imports_s"] = worker["setup_started"] - worker["process_started"]
         entry["peak_allocated_gb"] = worker.get("peak_allocated_gb")
         if ends:
             first = ends[0][1]
@@ -313,6 +316,16 @@ def print_table(results: dict) -> None:
               f"{'on' if loop['gradient_checkpointing'] else 'off'}")
         if dpo.get("steady_pairs_per_s"):
             print(f"product path / plain loop: {dpo['steady_pairs_per_s'] / loop['steady_pairs_per_s']:.2f}x pairs/s")
+    if dpo.get("first_step_after_fit_start_s") is not None:
+        setup = dpo.get("setup") or []
+        first_step = dpo["first_step_after_fit_start_s"] - sum(
+            dpo.get(k) or 0 for k in ("worker_process_after_fit_start_s", "worker_imports_s")) - sum(
+            seconds for _, seconds in setup)
+        print("DPO start-up, trainer start -> first step: "
+              f"Ray Train to the worker process {_f(dpo.get('worker_process_after_fit_start_s'))}s, "
+              f"worker imports + process group {_f(dpo.get('worker_imports_s'))}s, "
+              + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in setup)
+              + f", first step {first_step:.1f}s")
     print(f"total wall {results['pipeline_wall_s']:.0f}s")
 
 
@@ -343,7 +356,11 @@ def main(argv=None) -> int:
 
     import yaml
 
-    from orchestrator.config import apply_override, config_from_dict
+    from orchestrator.config import ExperimentConfig, apply_override, config_from_dict
+
+    # this process (model build, plain loop) allocates as the training workers do (ExperimentConfig.runtime_env)
+    for key in ("PYTORCH_CUDA_ALLOC_CONF",):
+        os.environ.setdefault(key, ExperimentConfig().runtime_env()["env_vars"][key])
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

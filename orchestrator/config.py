@@ -318,7 +318,10 @@ class ExperimentConfig(_Section):
 
     def runtime_env(self) -> dict[str, Any]:
         """The Ray runtime_env (environment variables) every worker and actor of this run gets."""
-        env = {"WANDB_MODE": self.wandb.mode, "TOKENIZERS_PARALLELISM": "false"}
+        # expandable segments: the allocator grows its pools in place instead of new cudaMalloc blocks for
+        # every new shape (packed DPO rows and eval batches change length from step to step)
+        env = {"WANDB_MODE": self.wandb.mode, "TOKENIZERS_PARALLELISM": "false",
+               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         if self.env.hf_home:
             env["HF_HOME"] = self.env.hf_home
         if self.env.hf_endpoint:

@@ -43,6 +43,11 @@ Without gradient checkpointing every layer's activations are kept and the same c
 `NO_CHECKPOINT_CALIBRATION` was fitted on two points measured by benchmarks/dpo_step.py (2026-11-30, one
 H200: packed pairs of 631 + 2 x 128 tokens, LoRA r128 dropout 0.05, bf16, no checkpointing, cached
 reference): 8 pairs 78.2 GB and 12 pairs 102.3 GB peak allocated; 0.81 gives 78.2 and 101.0.
+ZeRO-3 holds more than the same run under ZeRO-2: fp32 gradient partitions (4 bytes per trainable parameter
+over the workers), a reduce bucket, and buffers for prefetched and live parameters, `ZERO3_BUFFERS_GB`,
+fitted on two measured points: LoRA r128 on one H200 (benchmarks/dpo_levers.py, 2026-12-01: 84.8 GB under
+ZeRO-3 against 75.9 under ZeRO-2, the same with every weight resident) and full-parameter DPO over 2 H200
+(95.5 GB, benchmarks/RESULTS.md); 7.2 GB leaves both within 1.2 GB (1.3 %).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ OVERHEAD_GB = 1.5                    # CUDA context, NCCL communicators, allocat
 REDUCE_BUCKET_ELEMENTS = 5e8         # DeepSpeed's default reduce_bucket_size
 ACTIVATION_CALIBRATION = 0.54        # fitted on the GPU.md point (with gradient checkpointing; module docstring)
 NO_CHECKPOINT_CALIBRATION = 0.81     # fitted on two H200 points without checkpointing (module docstring)
+ZERO3_BUFFERS_GB = 7.2               # ZeRO-3's prefetch / live-parameter buffers, fitted on two points (docstring)
 PROMPT_TEXT_TOKENS = 55             # BOS + v1 system prompt + USER/ASSISTANT + a short question (LLaMA tokens)
 TINY_VOCAB_ESTIMATE = 1024           # the tiny model's vocabulary is built from the world's texts
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}   # the seed notes' rules of thumb
@@ -387,6 +393,10 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
     if stage == 3 and (workers > 1 or offload_par):
         layer = shape.lm_layer_params() + (lora_params // shape.text_layers)
         components["ZeRO-3 gathered layers"] = 2 * layer * wbytes / GB
+    if stage == 3:  # calibrated on two measured points (module docstring)
+        fp32_grads = 0.0 if offload_opt else trainable * 4.0 / workers
+        components["ZeRO-3 buffers (fp32 grads, buckets, live params)"] = (
+            fp32_grads + REDUCE_BUCKET_ELEMENTS * wbytes) / GB + ZERO3_BUFFERS_GB
 
     # The recipe's frozen reference for full fine-tuning is an unsharded copy made before DeepSpeed wraps
     # the policy; with the reference cache (the default) it needs none: its log-probs were precomputed.

@@ -125,12 +125,11 @@ def test_full_fine_tune_keeps_an_unsharded_reference_copy_only_without_the_cache
 
 
 def test_7b_full_dpo_on_24gb_does_not_fit_and_the_advice_fits():
-    cfg = seven_b_config(train={"lora": {"enabled": False}, "batch_size_per_worker": 1, "max_length": 1024,
-                                "reference_cache": False},      # HA-DPO's way: a second copy as the reference
+    cfg = seven_b_config(train={"lora": {"enabled": False}, "batch_size_per_worker": 1, "max_length": 1024},
                          scaling={"num_workers": 1, "gpu_memory_gb": 24})
     plan = plan_for(cfg)
     assert not fits(plan)
-    assert plan.components["weights"] + plan.components["reference model"] > 24    # two bf16 copies alone
+    assert plan.components["weights"] + plan.components["optimizer (fp32 master + Adam)"] > 24
 
     fix = find_fix(cfg)
     assert fix.fits and fix.plan.total_gb <= 24
@@ -145,6 +144,13 @@ def test_7b_full_dpo_on_24gb_does_not_fit_and_the_advice_fits():
     assert lines[0].startswith("7B full DPO on 24 GB")
     assert "ZeRO-3" in lines[0] and "CPU offload" in lines[0] and "LoRA r128" in lines[0]
     assert f"est. {fix.plan.total_gb:.1f} GB/GPU" in lines[0]
+    # HA-DPO's own way, a second full copy as the reference (no cache): 14 GB of it stays on the GPU,
+    # unsharded, beside ZeRO-3's buffers, so only LoRA fits
+    two_copies = seven_b_config(train={"lora": {"enabled": False}, "batch_size_per_worker": 1, "max_length": 1024,
+                                       "reference_cache": False}, scaling={"num_workers": 1, "gpu_memory_gb": 24})
+    assert not find_fix(two_copies).fits
+    lines = advise(two_copies)
+    assert "needs LoRA r128" in lines[0] and "full DPO keeps two" in lines[-1]
     assert any("bf16 14.1 GB" in line and "fp32 28.3 GB" in line for line in lines)
 
 
@@ -302,3 +308,17 @@ def test_hadpo_plan_prints_the_chosen_stage_and_why(capsys):
     assert main_plan(cfg) == 0
     out = capsys.readouterr().out
     assert "ZeRO-2 over 1 worker" in out and "ZeRO stage auto: 2 (LoRA on 1 GPU(s) of 141 GB: fits" in out
+
+
+def test_zero3_buffers_match_the_two_measured_zero3_peaks():
+    # LoRA r128, 8 packed pairs of 631 + 2 x 128 tokens, no checkpointing, one H200: 84.8 GB (dpo_levers.py)
+    lora = estimate_memory(LLAVA_15_7B, train(batch_size_per_worker=8, prefix_sharing=True, gradient_checkpointing=False,
+                                              deepspeed={"zero_stage": 3}), scaling(1, 139.8), 759)
+    assert lora.allocated_gb == pytest.approx(84.8, rel=0.02)
+    # full-parameter DPO, 4 plain pairs of 748 tokens per GPU, checkpointing, frozen copy, 2 x H200: 95.5 GB
+    full = estimate_memory(LLAVA_15_7B, train(batch_size_per_worker=4, lora={"enabled": False}, reference_cache=False,
+                                              deepspeed={"zero_stage": 3}), scaling(2, 139.8), 748)
+    assert full.allocated_gb == pytest.approx(95.5, rel=0.02)
+    zero2 = estimate_memory(LLAVA_15_7B, train(batch_size_per_worker=8, prefix_sharing=True, gradient_checkpointing=False,
+                                               deepspeed={"zero_stage": 2}), scaling(1, 139.8), 759)
+    assert zero2.allocated_gb == pytest.approx(75.9, rel=0.02)     # the same run under ZeRO-2 (dpo_levers.py)

@@ -168,6 +168,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with ThreadPoolExecutor(max_workers=1) as reader:
         # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
         pending_rows = reader.submit(_read_rows, ray.train.get_dataset_shard("train"))
+        from transformers import LlavaForConditionalGeneration  # noqa: F401  (timed apart: seconds of imports)
+
+        lap("import modeling")
         loaded = load_llava(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
                             device=device, attn_implementation=cfg.model.attn_implementation)
         lap("model")
@@ -187,6 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     planned, zero_reason, checkpointing = plan_stage(cfg, train, plan, rows, loaded, config["base_model"],
                                                       device, world)
     train = train.model_copy(update={"deepspeed": planned.train.deepspeed})
+    lap("plan")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
@@ -198,9 +202,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     _seed_all(train.seed + 1000 * (rank + 1))  # dropout etc. differ per rank from here on
-    lap("plan")
+    lap("lora" if plan.lora else "reference")
 
     # 3. Optimizer, schedule, engine.
+    if use_ds:
+        import deepspeed  # noqa: F401  (timed apart from the engine's own set-up)
+
+        lap("import deepspeed")
     engine = make_engine(model, trainable, train, learning_rate=plan.learning_rate, total_steps=schedule.total_steps,
                          use_ds=use_ds, on_gpu=on_gpu, bf16=bf16, world_size=world,
                          stage_from_config=cfg.train.deepspeed.zero_stage != "auto")
@@ -304,9 +312,9 @@ class _Laps:
     def __init__(self):
         self.marks = [("start", time.time())]
 
-    def as_dict(self) -> dict[str, float]:
-        """Phase -> seconds, in order."""
-        return {name: round(t - prev, 3) for (_, prev), (name, t) in zip(self.marks, self.marks[1:])}
+    def as_list(self) -> list[list]:
+        """[phase, seconds] in order."""
+        return [[name, round(t - prev, 3)] for (_, prev), (name, t) in zip(self.marks, self.marks[1:])]
 
     def __call__(self, name: str) -> None:
         self.marks.append((name, time.time()))
@@ -341,7 +349,7 @@ class _StepClock:
         peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_initialized() else None
         write_json_atomic(self.path, {
             "process_started": self.process_started, "setup_started": self.laps.marks[0][1],
-            "setup": self.laps.as_dict(), "step_ends": self.step_ends, "peak_allocated_gb": peak})
+            "setup": self.laps.as_list(), "step_ends": self.step_ends, "peak_allocated_gb": peak})
 
 
 def _seed_all(seed: int) -> None:
