@@ -13,13 +13,14 @@ each Ray Data batch:
 3. loads each model batch's images (a missing or corrupt image makes that item an error row);
 4. answers: POPE in ``score`` mode with one forward pass (answer = the higher of the "Yes"/"No"
    logits at the last prompt position, p_yes = softmax over the two), everything else with greedy
-   ``generate``; left padding with attention mask and position ids keeps answers independent of
-   the batch. A batch that raises is retried item by item; an item that still raises becomes an
+   ``generate`` (each row stops at its own EOS, the batch when all have); left padding with attention
+   mask and position ids keeps answers independent of the batch. A batch that raises is retried item by item; an item that still raises becomes an
    error row. The run always finishes.
 
-With ``settings.prefix_reuse`` (score mode, llava-hf models), POPE items are instead grouped by
-image: the image + system prefix is computed once per image and its KV cache reused by all the
-image's questions (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
+With ``settings.prefix_reuse`` (llava-hf models), POPE items are instead grouped by image, in
+both modes: the image + system prefix is computed once per image and its KV cache reused by all the
+image's questions, in score mode for the one forward, in generate mode in the prefill and in every
+greedy decode step (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
 (default ``batch_size``) images with all their questions, and a batch that raises is retried image by
 image. Feed the rows grouped by image (`run_eval` does) so that a block holds whole images. `predict` then
 puts a CPU stage before the actors (`add_pixels`: Ray Data tasks on the CPUs the actors leave free)
@@ -145,6 +146,7 @@ class PredictorSettings:
     template: str = "llava_v1"
     answer_suffix: str = ""
     max_new_tokens: int = 128
+    min_new_tokens: int = 0              # EOS barred before this many new tokens (throughput runs, random weights)
     batch_size: int = 16
     image_budget: int = 24
     token_budget: int = 2048
@@ -152,7 +154,7 @@ class PredictorSettings:
     attn_implementation: str = "sdpa"
     model_adapter: Any = None            # None (LlavaModel), a class, or "module:Class"
     image_cache: int = 256               # decoded images kept per actor (POPE asks 6 questions per image)
-    prefix_reuse: bool = False           # score mode: image prefix computed once per image (prefix_cache.py)
+    prefix_reuse: bool = False           # POPE: image prefix computed once per image (prefix_cache.py), both modes
     prefix_images: int = 0               # images per prefix-reuse model batch (0: batch_size)
     prefix_cache_images: int = 4         # prefix KV caches kept per actor across blocks (LRU)
     answers_dir: str = ""                # when set, each answered block is written here by the actor
@@ -162,17 +164,21 @@ class PredictorSettings:
     def decoding(self) -> dict:
         """The settings that can change an answer (recorded with every row and hashed into run_id)."""
         return decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
-                                 self.token_budget, self.dtype, prefix_reuse=self.prefix_reuse)
+                                 self.token_budget, self.dtype, prefix_reuse=self.prefix_reuse,
+                                 min_new_tokens=self.min_new_tokens)
 
 
 def decoding_settings(mode: str, template: str, answer_suffix: str, max_new_tokens: int,
-                      token_budget: int, dtype: str, prefix_reuse: bool = False) -> dict:
+                      token_budget: int, dtype: str, prefix_reuse: bool = False, min_new_tokens: int = 0) -> dict:
     settings = {"mode": mode, "template": template, "answer_suffix": answer_suffix, "greedy": True,
                 "max_new_tokens": int(max_new_tokens), "milebench_token_budget": int(token_budget),
                 "dtype": dtype}
-    if prefix_reuse and mode == "score":
-        # same answers in exact arithmetic, different kernels in bf16: recorded (and hashed into run_id)
+    if prefix_reuse:
+        # same answers in exact arithmetic, different kernels in bf16: recorded (and hashed into run_id);
+        # in generate mode the POPE answers were decoded with the shared prefix (prefix_cache.generate)
         settings["prefix_reuse"] = True
+    if min_new_tokens:
+        settings["min_new_tokens"] = int(min_new_tokens)
     return settings
 
 
@@ -220,14 +226,16 @@ class Predictor:
         })
         self.decoding_json = json.dumps(settings.decoding(), sort_keys=True)
         self.gen_kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
+        if settings.min_new_tokens:
+            self.gen_kwargs["min_new_tokens"] = settings.min_new_tokens
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
         self.prefix = None
-        if settings.prefix_reuse and settings.mode == "score":
-            from orchestrator.eval.prefix_cache import PrefixScorer
+        if settings.prefix_reuse:
+            from orchestrator.eval.prefix_cache import PrefixReuse
 
-            if PrefixScorer.supports(self.model):
-                self.prefix = PrefixScorer(self.model, cache_images=settings.prefix_cache_images)
+            if PrefixReuse.supports(self.model, settings.mode):
+                self.prefix = PrefixReuse(self.model, cache_images=settings.prefix_cache_images)
             else:
                 log.warning("predictor %s: %s cannot reuse the image prefix; scoring whole prompts",
                             settings.run_id, type(self.model).__name__)
@@ -284,9 +292,11 @@ class Predictor:
         pending = [i for i, out in enumerate(outputs) if not out["error"]]
         score = [i for i in pending if outputs[i]["mode"] == "score"]
         generate = [i for i in pending if outputs[i]["mode"] == "generate"]
-        if self.prefix is not None:
-            self._answer_by_image([i for i in score if outputs[i]["benchmark"] == "pope"], outputs, given_pixels)
+        if self.prefix is not None:  # POPE items of the actor's mode, by image (MileBench: plain generate)
+            mode = score if self.settings.mode == "score" else generate
+            self._answer_by_image([i for i in mode if outputs[i]["benchmark"] == "pope"], outputs, given_pixels)
             score = [i for i in score if outputs[i]["benchmark"] != "pope"]
+            generate = [i for i in generate if outputs[i]["benchmark"] != "pope"]
         for indices, by_images in ((score, False), (generate, True)):
             for group in self._model_batches(indices, outputs, by_images):
                 self._answer(group, outputs)
@@ -406,7 +416,7 @@ class Predictor:
                 except Exception as item_error:
                     outputs[i]["error"] = f"model failed: {type(item_error).__name__}: {item_error}"
 
-    # -- score mode with the image prefix reused ------------------------------------------------
+    # -- POPE with the image prefix reused (score or generate) ----------------------------------
     def _answer_by_image(self, indices: list[int], outputs: list[dict], given_pixels: dict[str, bytes]) -> None:
         """POPE items grouped by image, ``prefix_images`` images per model batch (see prefix_cache);
         an image whose pixels the decode stage made (`add_pixels`) is not decoded again here."""
@@ -441,9 +451,17 @@ class Predictor:
                             outputs[i]["error"] = f"model failed: {type(image_error).__name__}: {image_error}"
 
     def _run_by_image(self, ready: list[tuple[str, Any, list[int]]], outputs: list[dict]) -> None:
-        p_yes = self.prefix.score([(path, image, [outputs[i]["_prompt"] for i in group])
-                                   for path, image, group in ready])
+        groups = [(path, image, [outputs[i]["_prompt"] for i in group]) for path, image, group in ready]
         n = sum(len(group) for _, _, group in ready)
+        if self.settings.mode == "generate":
+            s = self.settings
+            new_tokens = self.prefix.generate(groups, max_new_tokens=s.max_new_tokens,
+                                              min_new_tokens=s.min_new_tokens)
+            for (_, _, group), answers in zip(ready, new_tokens):
+                for i, text in zip(group, self.model.decode_answers(answers)):
+                    outputs[i].update(raw_answer=text, answer=parse_yes_no(text), batch_size=n)
+            return
+        p_yes = self.prefix.score(groups)
         for (_, _, group), values in zip(ready, p_yes):
             for i, p in zip(group, values):
                 answer = "Yes" if p >= 0.5 else "No"
@@ -623,7 +641,7 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
             batch_size = _largest_block_rows(ds)
     if max_restarts is not None:
         kwargs.update(max_restarts=max_restarts, max_task_retries=max_restarts)
-    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.prefix_reuse and settings.mode == "score" else 0
+    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.prefix_reuse else 0
     if free_cpus > 0:
         # decode + preprocess the images on the CPUs the actors leave free, ahead of the GPU: one task
         # per block, at most 2 at a time per actor (a task preprocesses ~100 images/s, an H100 answers

@@ -48,11 +48,11 @@ def plain_answers(tiny_model_dir, all_pope_items):
 
 
 def test_prompt_split_concatenates_to_the_full_prompt(tiny_model_dir, all_pope_items):
-    from orchestrator.eval.prefix_cache import PrefixScorer
+    from orchestrator.eval.prefix_cache import PrefixReuse
 
     predictor = Predictor(settings(tiny_model_dir, prefix_reuse=True))
     scorer = predictor.prefix
-    assert isinstance(scorer, PrefixScorer)
+    assert isinstance(scorer, PrefixReuse)
     prefixes = set()
     for item in all_pope_items:
         full = predictor.model.prompt_ids(item["question"], 1)
