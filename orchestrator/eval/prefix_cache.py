@@ -73,6 +73,11 @@ def build_cache(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     return cache
 
 
+def _base_model(net):
+    """The llava-hf model under a peft wrapper (its LoRA layers are in place in it), else `net` itself."""
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+
 @dataclass
 class _Unit:
     """One image (and prefix) with its distinct question suffixes."""
@@ -173,8 +178,9 @@ class PrefixReuse:
     def __init__(self, model, cache_images: int = 4):
         self.adapter = model
         self.net = model.model
-        self.body = getattr(self.net, "model", None)           # LlavaModel: vision + projector + LM
-        self.head = self.net.get_output_embeddings()           # lm_head
+        base = _base_model(self.net)
+        self.body = getattr(base, "model", None)               # LlavaModel: vision + projector + LM
+        self.head = base.get_output_embeddings()               # lm_head
         self.image_token_id = int(model.loaded.image_token_id)
         self.cache_images = max(int(cache_images), 0)
         self._lru: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
@@ -184,7 +190,7 @@ class PrefixReuse:
     @staticmethod
     def supports(model, mode: str = "score") -> bool:
         """Whether `model` is a llava-hf adapter this class can drive in `mode` (else: the plain path)."""
-        net = getattr(model, "model", None)
+        net = _base_model(getattr(model, "model", None))
         needed = ("prompt_ids", "loaded", "pad_id") + (("yes_no_ids",) if mode == "score" else ("tokenizer",))
         return (all(hasattr(model, name) for name in needed)
                 and net is not None and getattr(net, "model", None) is not None
