@@ -535,6 +535,12 @@ def end_to_end_phases(timings_dir: Path, started: float, first_at: float | None,
         phases["steady_actor_busy_s"] = actor["busy_s"] - (actor["first_call_done"] - actor["first_call_started"])
     phases["model_steps"] = actor.get("model_steps", {})
     phases["prefix_stats"] = actor.get("prefix_stats", {})
+    # side threads of the actor's start-up, seconds after its __init__ began (see Predictor.__init__)
+    phases["side_threads"] = {name: actor[key] - actor["init_started"] for name, key in
+                              (("CUDA context ready", "cuda_ready"), ("cuBLAS/cuDNN/SDPA loaded", "device_warm"),
+                               ("model warm-up joined", "warm_up_joined")) if actor.get(key)}
+    if actor.get("warm_up_s") is not None:
+        phases["side_threads"]["model warm-up took"] = actor["warm_up_s"]
     return phases
 
 
@@ -590,7 +596,8 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
 
 def format_phases(phases: dict, ray_init_s: float | None, title: str = "prefix reuse") -> str:
     """A run's end-to-end seconds, phase by phase (see `end_to_end_phases`)."""
-    names = [("actor_start_s", "actor start (process, Ray, class)"), ("imports_s", "imports (torch, transformers)"),
+    names = [("actor_start_s", "actor start (process, Ray, class)"),
+             ("imports_s", "imports (torch, transformers, LLaVA modeling)"),
              ("model_s", "model build/load"), ("wait_first_block_s", "wait for the first block"),
              ("first_block_s", "first block (warm-up)"), ("to_driver_s", "first block to the driver"),
              ("steady_s", "steady state")]
@@ -609,6 +616,8 @@ def format_phases(phases: dict, ray_init_s: float | None, title: str = "prefix r
     if "actor_process_started_s" in phases:
         lines.append(f"  actor process started {phases['actor_process_started_s']:+.2f} s after predict "
                      "(negative: Ray reused a worker)")
+    for name, seconds in (phases.get("side_threads") or {}).items():
+        lines.append(f"  side thread: {name:<31} {seconds:>7.2f}")
     stats = phases.get("prefix_stats") or {}
     if stats:
         lines.append("  prefix stats: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))

@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.eval.milebench import (build_milebench_question, image_budget_batches,
+from orchestrator.eval.milebench import (LlavaModel, build_milebench_question, image_budget_batches,
                                          load_model_adapter, open_image)
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
 from orchestrator.eval.results import (ANSWER_COLUMNS, block_name, to_answer_table, write_answers,
@@ -157,6 +157,8 @@ class PredictorSettings:
     prefix_reuse: bool = False           # POPE: image prefix computed once per image (prefix_cache.py), both modes
     prefix_images: int = 0               # images per prefix-reuse model batch (0: batch_size)
     prefix_cache_images: int = 4         # prefix KV caches kept per actor across blocks (LRU)
+    warm_up: bool | None = None          # a tiny prefix-path answer at start-up, overlapping the first hand-over
+                                         # (None: only on a GPU)
     answers_dir: str = ""                # when set, each answered block is written here by the actor
     timings_dir: str = ""                # when set, each actor writes its start-up and call timings here
     fault: dict = field(default_factory=dict)  # tests: {"exit_on_call": N, "marker": path}, see _maybe_fail
@@ -211,14 +213,22 @@ class Predictor:
         # start-up phases (epoch seconds), written to settings.timings_dir for the benchmarks
         self.timings: dict[str, Any] = {"pid": os.getpid(), "process_started": _process_start_time(),
                                         "module_imported": MODULE_IMPORTED_AT, "init_started": time.time()}
+        # the kernel reads the weight files while we import (a cold 7B checkpoint is ~14 GB)
+        self.timings["prefetched_bytes"] = prefetch_files(weight_files(settings.model_path, settings.adapter_path))
         import torch  # noqa: F401  (the model adapters import these lazily: timed here as their own phase)
 
-        # the CUDA context is created while transformers and the model's code import (torch releases the GIL)
-        threading.Thread(target=_create_cuda_context, name="cuda-init", daemon=True).start()
+        # CUDA context, cuBLAS, cuDNN and attention kernels loaded by tiny ops while the modeling code
+        # imports (the ops release the GIL); the thread's cuBLAS handle returns to torch's pool for the model
+        threading.Thread(target=_warm_device, args=(settings.dtype, self.timings), name="device-warm-up",
+                         daemon=True).start()
         import transformers  # noqa: F401
 
-        self.timings["imports_done"] = started = time.time()
         cls = load_model_adapter(settings.model_adapter)
+        if issubclass(cls, LlavaModel):
+            # the LLaVA modeling import (it pulls in torch._dynamo, torch.distributed.tensor and sympy
+            # through transformers: ~2 s on a CPU, 8.9 s measured on a GPU host), timed as an import
+            import transformers.models.llava.modeling_llava  # noqa: F401
+        self.timings["imports_done"] = started = time.time()
         self.model = cls({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None,
             "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
@@ -242,8 +252,51 @@ class Predictor:
         self.timings["model_ready"] = time.time()
         # an adapter may say what its start-up was made of (seconds per step), e.g. the benchmark's
         self.timings["model_steps"] = dict(getattr(self.model, "load_timings", None) or {})
+        self._warming: threading.Thread | None = None
+        on_gpu = str(getattr(self.model, "device", "cpu")).startswith("cuda")
+        if self.prefix is not None and (settings.warm_up if settings.warm_up is not None else on_gpu):
+            # answered while Ray hands over the first block and its rows are prepared; joined before the
+            # model runs. Tokenized here: fast tokenizers are not safe to share between threads.
+            question = "Is there a cat in the image?" + settings.answer_suffix
+            self.prefix.split(question)
+            if settings.mode == "score":
+                self.model.yes_no_ids()
+            self._warming = threading.Thread(target=self._warm_up, args=(question,), name="model-warm-up",
+                                             daemon=True)
+            self._warming.start()
         self._write_timings()
         log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
+
+    def _warm_up(self, question: str) -> None:
+        """One tiny answer through the prefix path (a blank image, `question`, two new tokens), so the
+        first block does not pay for loading the kernels of the vision tower, prefill and decoding.
+        Only model compute runs here (`__init__` tokenized the question); the statistics and the
+        prefix LRU are left as they were."""
+        started = time.time()
+        try:
+            import torch
+
+            size = getattr(self.model.loaded, "image_size", 336)
+            image = torch.zeros((3, size, size))
+            stats = dict(self.prefix.stats)
+            if self.settings.mode == "score":
+                self.prefix.score([("<warm-up>", image, [question])])
+            else:
+                self.prefix.generate([("<warm-up>", image, [question])], max_new_tokens=2)
+            if getattr(self.model, "device", None) is not None and str(self.model.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            self.prefix.stats.clear()
+            self.prefix.stats.update(stats)
+            self.prefix.clear()
+            self.timings["warm_up_s"] = time.time() - started
+        except Exception as error:  # the first block then pays for it; a real problem surfaces there
+            log.warning("predictor %s: warm-up failed (%s: %s)", self.settings.run_id, type(error).__name__, error)
+
+    def _join_warm_up(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+            self.timings["warm_up_joined"] = time.time()
 
     def _record_call(self, started: float, rows: int) -> None:
         """Add one answered call to the timings (first and last call, busy seconds) and write them."""
@@ -289,6 +342,7 @@ class Predictor:
         rows = _records(batch)
         given_pixels = _given_pixels(rows)
         outputs = [self._prepare(row) for row in rows]
+        self._join_warm_up()
         pending = [i for i, out in enumerate(outputs) if not out["error"]]
         score = [i for i in pending if outputs[i]["mode"] == "score"]
         generate = [i for i in pending if outputs[i]["mode"] == "generate"]
@@ -523,15 +577,63 @@ def _process_start_time() -> float | None:
         return None
 
 
-def _create_cuda_context() -> None:
-    """Initialise CUDA if there is a GPU (the model's first CUDA call waits for it); errors surface there."""
+def _warm_device(dtype_name: str, timings: dict) -> None:
+    """With a GPU: create the CUDA context, then load cuBLAS, cuDNN and SDPA's kernels with tiny ops in
+    the model's dtype (the model's first calls would wait for them); errors surface in the model load."""
     try:
         import torch
 
-        if torch.cuda.is_available():
-            torch.zeros(1, device="cuda")
+        if not torch.cuda.is_available():
+            return
+        torch.zeros(1, device="cuda")
+        timings["cuda_ready"] = time.time()
+        dtype = torch.bfloat16 if dtype_name in ("auto", "bfloat16") else getattr(torch, dtype_name)
+        a = torch.randn(128, 128, device="cuda", dtype=dtype)
+        a @ a                                                                   # cuBLAS / cuBLASLt
+        torch.nn.functional.conv2d(torch.randn(1, 3, 28, 28, device="cuda", dtype=dtype),
+                                   torch.randn(8, 3, 14, 14, device="cuda", dtype=dtype), stride=14)  # cuDNN
+        q = torch.randn(1, 2, 16, 64, device="cuda", dtype=dtype)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)           # flash
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 1, 16, 16, device="cuda",
+                                                                                        dtype=dtype))  # masked
+        torch.cuda.synchronize()
+        timings["device_warm"] = time.time()
     except Exception:  # the model load reports any CUDA problem itself
         pass
+
+
+def weight_files(*folders: str | None) -> list[Path]:
+    """The weight files (*.safetensors, *.bin) of model / adapter folders, and of folders one level below
+    (an adapter saved inside a checkpoint folder)."""
+    files: list[Path] = []
+    for folder in folders:
+        if not folder or not Path(folder).is_dir():
+            continue
+        for pattern in ("*.safetensors", "*.bin", "*/*.safetensors", "*/*.bin"):
+            files += sorted(Path(folder).glob(pattern))
+    return files
+
+
+def prefetch_files(paths: Sequence[Path]) -> int:
+    """Ask the kernel to read `paths` into the page cache in the background (``posix_fadvise``
+    WILLNEED: asynchronous readahead, no thread of ours, nothing read into Python); the bytes asked
+    for (0 where unsupported). A hint: a file already cached, or a kernel that declines, costs nothing."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    total = 0
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+            total += os.fstat(descriptor).st_size
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
+    return total
 
 
 # -- the decode stage before the actors (prefix reuse) ----------------------------------------------

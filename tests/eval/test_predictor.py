@@ -190,3 +190,29 @@ def test_one_actor_answers_pope_by_image_and_milebench_in_length_sorted_batches(
     assert len({n for call in calls for n in call}) > 1                     # prompts of different lengths
     # batches of similar length: each batch's prompts are no longer than the next batch's
     assert all(max(a) <= min(b) for a, b in zip(calls, calls[1:]))
+
+
+def test_warm_up_at_start_leaves_answers_and_statistics_as_without_it(tiny_model_dir, pope_rows):
+    items = varied_pope_items(pope_rows, n=4)
+    common = dict(mode="generate", max_new_tokens=3, prefix_reuse=True)
+    cold = Predictor(settings(tiny_model_dir, warm_up=False, **common))
+    assert cold._warming is None                                          # default on a CPU: no warm-up
+    warm = Predictor(settings(tiny_model_dir, warm_up=True, **common))
+    assert warm._warming is not None
+    rows = answer(warm, items)
+    assert warm._warming is None and warm.timings["warm_up_s"] > 0 and "warm_up_joined" in warm.timings
+    assert [r["raw_answer"] for r in rows] == [r["raw_answer"] for r in answer(cold, items)]
+    assert warm.prefix.stats == cold.prefix.stats                          # the warm-up is not counted
+    assert not any(key[0] == "<warm-up>" for key in warm.prefix._lru)
+
+
+def test_weight_files_are_found_and_prefetched(tiny_model_dir, tmp_path):
+    from orchestrator.eval.predictor import prefetch_files, weight_files
+
+    adapter = tmp_path / "checkpoint" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    files = weight_files(str(tiny_model_dir), str(tmp_path / "checkpoint"), "", None, str(tmp_path / "missing"))
+    assert [f.name for f in files] == ["model.safetensors", "adapter_model.safetensors"]
+    expected = sum(f.stat().st_size for f in files)
+    assert prefetch_files(files + [tmp_path / "missing.safetensors"]) == expected
