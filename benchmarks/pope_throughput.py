@@ -1,4 +1,4 @@
-"""POPE throughput: our Ray Data predictor (prefix reuse, plain score, generate) vs the batch-1 generate loop.
+"""POPE throughput: our Ray Data predictor (score and generate, with and without prefix reuse) vs the batch-1 loop.
 
 Everything runs in ONE process and one run, on the same model and the same questions:
 
@@ -15,10 +15,30 @@ Everything runs in ONE process and one run, on the same model and the same quest
   actor start, imports, model build, first block, steady state) from the actor's own timings;
 * **ours, plain score**: the same actors, whole prompts, length-sorted batches of ``--batch-size``,
   one forward per batch reading the "Yes"/"No" logits at the last position;
-* **ours, generate**: the same actors with batched greedy ``generate`` (3 new tokens).
+* **ours, generate** (plain batched, the baseline of generation): the same actors with length-sorted
+  batches of whole prompts and transformers' greedy ``generate`` (left padding, each row stops at its EOS);
+* **ours, generate + prefix reuse** (``eval.prefix_reuse`` in generate mode): rows grouped by image as
+  for prefix-reused scoring; the image prefix KV is computed once per image and read once per image
+  in the suffix prefill and in every decode step, every distinct question of the image decoding in
+  the image's row (`PrefixReuse.generate`);
+* **ours, MileBench** (``milebench``, not in the default modes): plain batched generate on synthetic
+  multi-image MileBench items (``--milebench-samples`` per task, 2 tasks, 2-4 images each).
 
-The plain score and generate modes run on the questions of ``--compare-images`` images (default
-100, i.e. 1,800 questions), their seconds for all questions are extrapolated (marked ``*``).
+Generate modes run under two protocols, each with and without prefix reuse:
+
+* ``generate`` / ``prefix-generate``: LLaVA's short-answer protocol, the question +
+  "\nAnswer the question using a single word or phrase.", at most 3 new tokens;
+* ``generate-hadpo`` / ``prefix-generate-hadpo``: HA-DPO's ``pope_eval.py``, the bare question,
+  greedy up to 512 new tokens, stop at ``</s>``. Random weights never say ``</s>``, so by default
+  exactly ``--hadpo-new-tokens`` (16, about LLaVA-1.5's sentence answers) are forced
+  (``min_new_tokens = max_new_tokens``); ``--hadpo-new-tokens 0`` runs the protocol as published.
+
+The prefix modes answer ALL questions; the plain score and generate modes the questions of
+``--compare-images`` images (default 100, i.e. 1,800 questions), their seconds for all questions
+extrapolated (marked ``*``). On the questions both answered, the benchmark prints the share of
+identical answers between prefix-reused and plain batched generate of each protocol (text and parsed
+yes/no), and the share of questions where score mode (prefix reuse) and each generate mode disagree
+(parsed yes/no; `pope.answer_agreement`).
 
 The model is the real LLaVA-1.5-7B shape (CLIP ViT-L/14-336: 576 image tokens, Vicuna-7B, 32064
 vocab, bf16, SDPA) with RANDOM weights (no download: answers are meaningless, throughput is real).
@@ -39,12 +59,13 @@ batched scoring; achieved TFLOP/s against the 793 TFLOP/s bf16 ceiling GPU.md me
     FLOPs = 2 * params_LM * (LM tokens computed) + 2 * params_vision * 577 * (images encoded)
 
 (params_LM = language model with embeddings and LM head, as GPU.md's 8.5 TFLOP per question;
-tokens computed: the whole prompt per question for the plain modes, plus ``max_new_tokens - 1``
-decode steps for generate; for prefix reuse, one prefix per image plus each distinct question
-suffix); and peak GPU memory in use on the device (sampled every 0.1 s, all processes).
+tokens computed: the whole prompt per question for the plain modes, plus ``new tokens - 1`` decode
+steps for generate; for prefix reuse, one prefix per image plus each distinct question suffix, plus
+``new tokens - 1`` decode steps per distinct suffix in generate mode; not counted where the number of
+new tokens is not fixed); and peak GPU memory in use on the device (sampled every 0.1 s, all processes).
 
-    python benchmarks/pope_throughput.py --tiny                        # CPU smoke test, ~1-2 minutes
-    python benchmarks/pope_throughput.py --images 500                  # one H100: 9,000 questions, ~5 minutes
+    python benchmarks/pope_throughput.py --tiny                        # CPU smoke test, ~3 minutes
+    python benchmarks/pope_throughput.py --images 500                  # one H200: 9,000 questions, ~6 minutes
 """
 
 from __future__ import annotations
@@ -64,7 +85,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
+
 from orchestrator.eval.milebench import LlavaModel  # noqa: E402
+from orchestrator.eval.pope import answer_agreement  # noqa: E402
 
 # Figures from shared/docs/GPU.md (H100 80GB, transformers 5.17, 2026-11-25), questions/s.
 GPU_MD_REFERENCE = {
@@ -73,6 +97,20 @@ GPU_MD_REFERENCE = {
     "one forward yes/no scoring, batch 16-64": 50.7,
 }
 CEILING_TFLOPS = 793.0   # bf16 8192^3 matmul measured on the H100 (GPU.md)
+
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."   # LLaVA's POPE test file
+# mode -> (label, answering mode, prefix reuse, protocol); "baseline" is the batch-1 loop
+MODES = {
+    "baseline": ("batch-1 generate loop (HA-DPO / LLaVA)", "generate", False, None),
+    "prefix": ("ours: Ray Data, score, prefix reuse", "score", True, None),
+    "score": ("ours: Ray Data, plain score (1 forward)", "score", False, None),
+    "generate": ("ours: generate, plain batched, LLaVA short", "generate", False, "short"),
+    "prefix-generate": ("ours: generate, prefix reuse, LLaVA short", "generate", True, "short"),
+    "generate-hadpo": ("ours: generate, plain batched, HA-DPO", "generate", False, "hadpo"),
+    "prefix-generate-hadpo": ("ours: generate, prefix reuse, HA-DPO", "generate", True, "hadpo"),
+    "milebench": ("ours: MileBench, plain batched generate", "generate", False, "milebench"),
+}
+DEFAULT_MODES = [mode for mode in MODES if mode != "milebench"]
 
 log = logging.getLogger("pope_throughput")
 
@@ -91,14 +129,18 @@ def parse_args(argv=None):
                         help="plain score / generate model batch (default 32; tiny: 8)")
     parser.add_argument("--prefix-images", type=int, default=None,
                         help="images per prefix-reuse model batch and Ray Data block (default 32; tiny: 2)")
-    parser.add_argument("--modes", nargs="+", default=["baseline", "prefix", "score", "generate"],
-                        choices=["baseline", "prefix", "score", "generate"])
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--weights", choices=["random-init", "saved"], default="random-init",
                         help="build random weights in each process from the config (default), or save them "
                              "once (7B: 14 GB) and load them with load_llava")
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="default 4 with a GPU, 1 without")
-    parser.add_argument("--max-new-tokens", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=3, help="new tokens of the batch-1 loop")
+    parser.add_argument("--hadpo-new-tokens", type=int, default=16,
+                        help="HA-DPO protocol: new tokens forced per answer (0: up to 512, stop at </s>)")
+    parser.add_argument("--milebench-samples", type=int, default=None,
+                        help="MileBench samples per task, 2 tasks (default 64; tiny: 4)")
+    parser.add_argument("--milebench-new-tokens", type=int, default=16, help="new tokens forced per MileBench answer")
     parser.add_argument("--workdir", default=None, help="model, world and Ray temp files (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -263,8 +305,10 @@ def make_world_and_model(args, workdir: Path, device: str):
     from orchestrator.model.llava import build_tiny_llava
 
     size = TinyModelConfig().image_size if args.tiny else 336
-    synth = SynthConfig(seed=0, num_images=2, num_pope_images=args.images, image_size=size, milebench_tasks=0)
-    world = workdir / f"world-{args.images}-{size}"
+    mile = args.milebench_samples if "milebench" in args.modes else 0
+    synth = SynthConfig(seed=0, num_images=2, num_pope_images=args.images, image_size=size,
+                        milebench_tasks=2 if mile else 0, milebench_samples=max(mile, 1))
+    world = workdir / f"world-{args.images}-{size}-{mile}"
     if not (world / "world.json").is_file():
         generate_world(world, synth)
     texts = [" ".join(world_vocabulary(synth))]
@@ -291,6 +335,39 @@ def pope_questions(world: Path) -> list[dict]:
     return pope_items(rows)
 
 
+def milebench_questions(world: Path) -> list[dict]:
+    from orchestrator.data import formats
+    from orchestrator.eval.predictor import milebench_items
+
+    task_dirs = sorted(p for p in (world / "milebench").iterdir() if p.is_dir()) if (world / "milebench").is_dir() else []
+    return milebench_items([row for task_dir in task_dirs for row in formats.read_milebench_task(task_dir)])
+
+
+def protocol_settings(protocol: str | None, args) -> dict:
+    """answer_suffix, max_new_tokens and min_new_tokens of a generate protocol (see the module doc)."""
+    if protocol == "short":
+        return {"answer_suffix": SHORT_ANSWER_SUFFIX, "max_new_tokens": 3, "min_new_tokens": 0}
+    if protocol == "hadpo":
+        forced = args.hadpo_new_tokens
+        return {"answer_suffix": "", "max_new_tokens": forced or 512, "min_new_tokens": forced}
+    if protocol == "milebench":
+        return {"answer_suffix": "", "max_new_tokens": args.milebench_new_tokens,
+                "min_new_tokens": args.milebench_new_tokens}
+    return {"answer_suffix": "", "max_new_tokens": args.max_new_tokens, "min_new_tokens": 0}
+
+
+def fixed_new_tokens(mode: str, args) -> int | None:
+    """New tokens per answer when they are fixed (forced, or random weights that never say </s> within
+    3 tokens), else None; 0 for score modes."""
+    label, kind, prefix, protocol = MODES[mode]
+    if kind == "score":
+        return 0
+    settings = protocol_settings(protocol, args)
+    if protocol == "hadpo" and not settings["min_new_tokens"]:
+        return None
+    return settings["max_new_tokens"]
+
+
 # ----------------------------------------------------------------------------------------------
 # FLOP accounting
 
@@ -309,7 +386,7 @@ def flop_model(model_dir: Path) -> dict:
     return {"params_lm": lm, "params_vision": vision, "vision_tokens": (v.image_size // v.patch_size) ** 2 + 1}
 
 
-def token_counts(model_dir: Path, items: list[dict]) -> dict:
+def token_counts(model_dir: Path, items: list[dict], answer_suffix: str = "") -> dict:
     """Per item: prompt length; per image: prefix length and distinct suffixes (for prefix reuse)."""
     from orchestrator.model.llava import load_processor
     from orchestrator.model.templates import build_prompt, encode_prompt
@@ -323,7 +400,8 @@ def token_counts(model_dir: Path, items: list[dict]) -> dict:
     per_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     prompt_len, prefix_len, suffixes = {}, {}, {}
     for item in items:
-        ids = encode_prompt(tokenizer, build_prompt(item["question"], "llava_v1"), image_token, per_image)
+        ids = encode_prompt(tokenizer, build_prompt(item["question"] + answer_suffix, "llava_v1"), image_token,
+                            per_image)
         last = max(k for k, t in enumerate(ids) if t == image_token)
         prompt_len[(item["split"], item["item_id"])] = len(ids)
         prefix_len[item["images"][0]] = last + 1
@@ -331,15 +409,18 @@ def token_counts(model_dir: Path, items: list[dict]) -> dict:
     return {"prompt_len": prompt_len, "prefix_len": prefix_len, "suffixes": suffixes}
 
 
-def flops_per_question(mode: str, items: list[dict], counts: dict, fm: dict, max_new_tokens: int) -> float:
-    """Average FLOPs computed per question of `items` by a method (formula in the module doc)."""
+def flops_per_question(prefix: bool, items: list[dict], counts: dict, fm: dict, new_tokens: int | None) -> float:
+    """Average FLOPs computed per question of `items` by a method (formula in the module doc); `new_tokens`
+    per answer (0: score mode, None: not fixed, NaN returned)."""
+    if new_tokens is None:
+        return float("nan")
     vision = 2.0 * fm["params_vision"] * fm["vision_tokens"]
-    if mode == "prefix":
+    decode = max(new_tokens - 1, 0)
+    if prefix:
         images = {item["images"][0] for item in items}
-        tokens = sum(counts["prefix_len"][i] + sum(len(s) for s in counts["suffixes"][i]) for i in images)
+        tokens = sum(counts["prefix_len"][i] + sum(len(s) + decode for s in counts["suffixes"][i]) for i in images)
         return (2.0 * fm["params_lm"] * tokens + vision * len(images)) / len(items)
-    extra = max_new_tokens - 1 if mode in ("baseline", "generate") else 0
-    tokens = sum(counts["prompt_len"][(item["split"], item["item_id"])] + extra for item in items)
+    tokens = sum(counts["prompt_len"][(item["split"], item["item_id"])] + decode for item in items)
     return (2.0 * fm["params_lm"] * tokens + vision * len(items)) / len(items)
 
 
@@ -454,6 +535,12 @@ def end_to_end_phases(timings_dir: Path, started: float, first_at: float | None,
         phases["steady_actor_busy_s"] = actor["busy_s"] - (actor["first_call_done"] - actor["first_call_started"])
     phases["model_steps"] = actor.get("model_steps", {})
     phases["prefix_stats"] = actor.get("prefix_stats", {})
+    # side threads of the actor's start-up, seconds after its __init__ began (see Predictor.__init__)
+    phases["side_threads"] = {name: actor[key] - actor["init_started"] for name, key in
+                              (("CUDA context ready", "cuda_ready"), ("cuBLAS/cuDNN/SDPA loaded", "device_warm"),
+                               ("model warm-up joined", "warm_up_joined")) if actor.get(key)}
+    if actor.get("warm_up_s") is not None:
+        phases["side_threads"]["model warm-up took"] = actor["warm_up_s"]
     return phases
 
 
@@ -463,12 +550,11 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
 
     from orchestrator.eval.predictor import PredictorSettings, items_table, predict
 
-    prefix = mode == "prefix"
-    settings = PredictorSettings(run_id=f"bench-{mode}", model_path=str(model_dir),
-                                 mode="generate" if mode == "generate" else "score",
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype="auto",
-                                 prefix_reuse=prefix, prefix_images=args.prefix_images, model_adapter=adapter,
-                                 timings_dir=str(timings_dir))
+    _, kind, prefix, protocol = MODES[mode]
+    settings = PredictorSettings(run_id=f"bench-{mode}", model_path=str(model_dir), mode=kind,
+                                 batch_size=args.batch_size, dtype="auto", prefix_reuse=prefix,
+                                 prefix_images=args.prefix_images, model_adapter=adapter, timings_dir=str(timings_dir),
+                                 **protocol_settings(protocol, args))
     if prefix:
         # grouped by image (as run_eval feeds them): one block = whole images, all their questions
         ordered = sorted(items, key=lambda i: (i["images"][0], i["split"], i["item_id"]))
@@ -477,7 +563,8 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
     else:
         # length-sorted blocks of 4 batches; the steady state is timed from the first block's arrival
         rows_per_block = args.batch_size * 4
-        table = items_table(sorted(items, key=lambda i: (len(i["question"]), i["split"], i["item_id"])))
+        table = items_table(sorted(items, key=lambda i: (len(i["images"]), len(i["question"]) + len(i["context"]),
+                                                          i["split"], i["item_id"])))
         blocks = [table.slice(a, rows_per_block) for a in range(0, table.num_rows, rows_per_block)]
     cpus = args.cpus_per_actor or (4.0 if use_gpu else 1.0)
     # epoch clock (time.time) throughout: the actors' timings are compared with it
@@ -485,12 +572,13 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
     # one block per actor call (Ray Data needs an explicit batch size with GPUs: a block's rows)
     answered = predict(ray.data.from_arrow(blocks), settings, num_actors=args.num_actors, cpus_per_actor=cpus,
                        gpus_per_actor=1.0 if use_gpu else 0.0, batch_size=max(b.num_rows for b in blocks))
-    first_at, first_rows, rows, errors, batch_sizes = None, 0, 0, 0, []
+    first_at, first_rows, rows, errors, batch_sizes, answers = None, 0, 0, 0, [], []
     with MemorySampler(use_gpu) as memory:
         for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows += block.num_rows
             errors += sum(1 for e in block.column("error").to_pylist() if e)
             batch_sizes += block.column("batch_size").to_pylist()
+            answers.append(block.select(["split", "item_id", "raw_answer", "answer", "error"]).to_pandas())
             if first_at is None:
                 first_at, first_rows = time.time(), rows
     finished = time.time()
@@ -499,19 +587,21 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
     return {"questions": rows, "seconds": finished - started, "errors": errors,
             "qps": steady_rows / steady_seconds if steady_rows and steady_seconds >= 1.0 else float("nan"),
             "qps_wall": rows / (finished - started), "mean_batch": sum(batch_sizes) / max(len(batch_sizes), 1),
-            "peak_gib": memory.gib, "phases": end_to_end_phases(timings_dir, started, first_at, finished)}
+            "peak_gib": memory.gib, "phases": end_to_end_phases(timings_dir, started, first_at, finished),
+            "answers": pd.concat(answers, ignore_index=True) if answers else pd.DataFrame()}
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def format_phases(phases: dict, ray_init_s: float | None) -> str:
-    """The prefix-reuse run's end-to-end seconds, phase by phase (see `end_to_end_phases`)."""
-    names = [("actor_start_s", "actor start (process, Ray, class)"), ("imports_s", "imports (torch, transformers)"),
+def format_phases(phases: dict, ray_init_s: float | None, title: str = "prefix reuse") -> str:
+    """A run's end-to-end seconds, phase by phase (see `end_to_end_phases`)."""
+    names = [("actor_start_s", "actor start (process, Ray, class)"),
+             ("imports_s", "imports (torch, transformers, LLaVA modeling)"),
              ("model_s", "model build/load"), ("wait_first_block_s", "wait for the first block"),
              ("first_block_s", "first block (warm-up)"), ("to_driver_s", "first block to the driver"),
              ("steady_s", "steady state")]
-    lines = ["prefix reuse, end to end (s):"]
+    lines = [f"{title}, end to end (s):"]
     if ray_init_s is not None:
         lines.append(f"  {'ray.init (before the run, not in its total)':<44} {ray_init_s:>7.2f}")
     for key, label in names:
@@ -526,6 +616,8 @@ def format_phases(phases: dict, ray_init_s: float | None) -> str:
     if "actor_process_started_s" in phases:
         lines.append(f"  actor process started {phases['actor_process_started_s']:+.2f} s after predict "
                      "(negative: Ray reused a worker)")
+    for name, seconds in (phases.get("side_threads") or {}).items():
+        lines.append(f"  side thread: {name:<31} {seconds:>7.2f}")
     stats = phases.get("prefix_stats") or {}
     if stats:
         lines.append("  prefix stats: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
@@ -536,6 +628,24 @@ def _fmt(value, spec: str, width: int) -> str:
     if value is None or value != value:
         return f"{'-':>{width}}"
     return f"{value:>{width}{spec}}"
+
+
+def agreements(results: dict) -> dict:
+    """Prefix-reused vs plain batched generate (per protocol: shares of identical texts and yes/no), and score
+    mode (prefix reuse, else plain) vs each generate mode (share of different yes/no), on the questions both
+    answered (`pope.answer_agreement`)."""
+    found = {}
+    for plain, reused in (("generate", "prefix-generate"), ("generate-hadpo", "prefix-generate-hadpo")):
+        if plain in results and reused in results:
+            a, b = results[reused]["answers"], results[plain]["answers"]
+            text, parsed = answer_agreement(a, b, "raw_answer"), answer_agreement(a, b, "answer")
+            found[f"{reused} vs {plain}"] = {"n": text["n"], "identical_text": text["share_same"],
+                                             "identical_yes_no": parsed["share_same"]}
+    score = next((key for key in ("prefix", "score") if key in results), None)
+    for mode in ("prefix-generate", "generate", "prefix-generate-hadpo", "generate-hadpo"):
+        if score and mode in results:
+            found[f"{score} vs {mode}"] = answer_agreement(results[score]["answers"], results[mode]["answers"])
+    return found
 
 
 def main(argv=None) -> int:
@@ -556,6 +666,7 @@ def main(argv=None) -> int:
     # 32 images = ~19.5k prefix tokens per forward: half as many per-block pauses as 16 (Ray hand-over,
     # row preparation, the sync that reads the answers), a fuller suffix pass; ~14 GB more KV at peak
     args.prefix_images = args.prefix_images or (2 if args.tiny else 32)
+    args.milebench_samples = args.milebench_samples or (4 if args.tiny else 64)
     random_init = args.weights == "random-init"
     adapter = RandomInitLlava if random_init else None
     if use_gpu:
@@ -568,11 +679,12 @@ def main(argv=None) -> int:
         images = sorted({item["images"][0] for item in items})
         compare = set(images[: args.compare_images])
         compare_items = [item for item in items if item["images"][0] in compare]
+        mile_items = milebench_questions(world) if "milebench" in args.modes else []
         fm = flop_model(model_dir)
-        counts = token_counts(model_dir, items)
+        counts = {suffix: token_counts(model_dir, items, suffix) for suffix in ("", SHORT_ANSWER_SUFFIX)}
         log.info("%d POPE questions (%d images x 6 x 3 splits, %d distinct image+question pairs); "
                  "model and world ready in %.0fs", len(items), len(images),
-                 sum(len(s) for s in counts["suffixes"].values()), time.perf_counter() - t_start)
+                 sum(len(s) for s in counts[""]["suffixes"].values()), time.perf_counter() - t_start)
 
         results = {}
         if "baseline" in args.modes:
@@ -589,10 +701,10 @@ def main(argv=None) -> int:
             ray.init(num_cpus=os.cpu_count(), num_gpus=1 if use_gpu else 0, include_dashboard=False,
                      _temp_dir=str(workdir / "ray"), log_to_driver=True)
         ray_init_s = time.perf_counter() - ray_started
-        for mode in ("prefix", "score", "generate"):
-            if mode not in args.modes:
+        for mode in MODES:
+            if mode == "baseline" or mode not in args.modes:
                 continue
-            mode_items = items if mode == "prefix" else compare_items
+            mode_items = mile_items if mode == "milebench" else items if MODES[mode][2] else compare_items
             timings_dir = workdir / f"timings-{mode}-{time.time_ns()}"
             results[mode] = ours(model_dir, mode_items, mode, args, use_gpu, adapter, timings_dir)
             results[mode]["items"] = mode_items
@@ -609,29 +721,34 @@ def main(argv=None) -> int:
     shape = ("tiny LLaVA (smoke test: numbers meaningless)" if args.tiny else
              "LLaVA-1.5-7B shape, random bf16 weights, SDPA")
     n_all = len(items)
-    labels = {"baseline": "batch-1 generate loop (HA-DPO / LLaVA)",
-              "prefix": "ours: Ray Data, score, prefix reuse",
-              "score": "ours: Ray Data, plain score (1 forward)",
-              "generate": "ours: Ray Data, batched generate"}
 
     def qps(result):  # steady state where timed, else end to end
         return result["qps"] if result["qps"] == result["qps"] else (result["qps_wall"] or float("nan"))
 
     base = qps(results["baseline"]) if "baseline" in results else None
     plain = qps(results["score"]) if "score" in results else None
+    hadpo = protocol_settings("hadpo", args)
     print(f"\nPOPE throughput on {name}; {shape}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"{n_all} questions ({len(images)} images x 6 x 3 splits); plain score / generate batch {args.batch_size}, "
-          f"prefix reuse {args.prefix_images} images per batch; {args.max_new_tokens} new tokens in generate modes")
-    header = (f"{'method':<40} {'timed q':>7} {'q/s':>8} {'q/s e2e':>8} {'s, all ' + str(n_all):>11} "
+          f"prefix reuse {args.prefix_images} images per batch; batch-1 loop {args.max_new_tokens} new tokens; "
+          f"LLaVA short: suffix {SHORT_ANSWER_SUFFIX!r}, <= 3 new tokens; HA-DPO: bare question, "
+          + (f"{hadpo['max_new_tokens']} new tokens forced" if hadpo["min_new_tokens"] else "<= 512 new tokens, stop at </s>"))
+    header = (f"{'method':<44} {'timed q':>7} {'q/s':>8} {'q/s e2e':>8} {'s, all ' + str(n_all):>11} "
               f"{'x loop':>7} {'x plain':>7} {'TFLOP/q':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>8}")
     print(header)
     print("-" * len(header))
     table = {}
     for key, result in results.items():
         rate = qps(result)
-        measured_all = key == "prefix" and result["questions"] == n_all
+        label, kind, prefix, protocol = MODES[key]
+        measured_all = prefix and result["questions"] == n_all
         seconds_all = result["seconds"] if measured_all else n_all / rate
-        per_q = flops_per_question(key, result["items"], counts, fm, args.max_new_tokens)
+        if key == "milebench":
+            per_q = float("nan")
+        else:
+            new_tokens = args.max_new_tokens if key == "baseline" else fixed_new_tokens(key, args)
+            suffix = SHORT_ANSWER_SUFFIX if protocol == "short" else ""
+            per_q = flops_per_question(prefix, result["items"], counts[suffix], fm, new_tokens)
         tflops = per_q * rate / 1e12
         row = {"questions_timed": result["questions"], "qps": rate, "qps_e2e": result.get("qps_wall"),
                "seconds_all": seconds_all, "seconds_all_measured": measured_all,
@@ -642,26 +759,37 @@ def main(argv=None) -> int:
             row["phases"] = result["phases"]
         table[key] = row
         seconds_text = f"{seconds_all:.1f}" + ("" if measured_all else "*")
-        print(f"{labels[key]:<40} {result['questions']:>7} {_fmt(rate, '.2f', 8)} {_fmt(row['qps_e2e'], '.2f', 8)} "
+        if key == "milebench":
+            seconds_text = f"{result['seconds']:.1f} ({result['questions']} q)"
+        print(f"{label:<44} {result['questions']:>7} {_fmt(rate, '.2f', 8)} {_fmt(row['qps_e2e'], '.2f', 8)} "
               f"{seconds_text:>11} {_fmt(row['x_loop'], '.2f', 7)} {_fmt(row['x_plain'], '.2f', 7)} "
-              f"{per_q / 1e12:>8.3f} {_fmt(tflops, '.1f', 8)} {_fmt(row['pct_ceiling'], '.1f', 6)} "
+              f"{_fmt(per_q / 1e12, '.3f', 8)} {_fmt(tflops, '.1f', 8)} {_fmt(row['pct_ceiling'], '.1f', 6)} "
               f"{_fmt(row['peak_gib'], '.1f', 8)}")
     print("q/s: steady state (first warm-up block excluded; end to end where too short to time); "
           "* = extrapolated from the timed questions;\n"
-          "s, all: prefix reuse measured end to end on all questions (actor start + model build included); "
+          "s, all: prefix modes measured end to end on all questions (actor start + model build included); "
           f"TFLOP/s = FLOPs computed / time, FLOPs = 2 * {fm['params_lm'] / 1e9:.2f}B (LM) * LM tokens + "
           f"2 * {fm['params_vision'] / 1e9:.2f}B (vision) * {fm['vision_tokens']} * images encoded; "
           f"ceiling {CEILING_TFLOPS:.0f} TFLOP/s (GPU.md);\n"
           "peak GiB: device memory in use (sampled, all processes; batch-1 loop: torch max allocated)")
-    if "prefix" in results:
-        print(format_phases(results["prefix"]["phases"], ray_init_s))
+    for key in results:
+        if MODES[key][2]:
+            print(format_phases(results[key]["phases"], ray_init_s, title=MODES[key][0]))
     for key in table:
         if table[key]["errors"]:
             print(f"WARNING: {table[key]['errors']} error rows in {key} mode")
+    found = agreements(results)
+    for pair, value in found.items():
+        if "identical_text" in value:
+            print(f"agreement {pair}: {_fmt(100 * value['identical_text'], '.2f', 6)} % identical answers, "
+                  f"{_fmt(100 * value['identical_yes_no'], '.2f', 6)} % identical yes/no ({value['n']} questions)")
+        else:
+            print(f"disagreement {pair}: {_fmt(100 * value['share_different'], '.2f', 6)} % of yes/no answers "
+                  f"differ ({value['n']} questions)")
     if "prefix" in table and "score" in table:
         ratio = (table["score"]["tflop_per_question"] / table["prefix"]["tflop_per_question"])
         print(f"prefix reuse computes {ratio:.1f}x fewer FLOPs per question than plain scoring "
-              f"({sum(len(s) for s in counts['suffixes'].values())} distinct image+question pairs of {n_all})")
+              f"({sum(len(s) for s in counts['']['suffixes'].values())} distinct image+question pairs of {n_all})")
     print("reference, GPU.md (H100 80GB, same model shape): " +
           "; ".join(f"{k}: {v} q/s" for k, v in GPU_MD_REFERENCE.items()))
     if "baseline" in results:
@@ -669,8 +797,8 @@ def main(argv=None) -> int:
     print(f"total benchmark time {time.perf_counter() - t_start:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "shape": shape, "args": vars(args), "results": table,
-                                               "ray_init_s": ray_init_s, "reference": GPU_MD_REFERENCE},
-                                              indent=2, default=str))
+                                               "agreement": found, "ray_init_s": ray_init_s,
+                                               "reference": GPU_MD_REFERENCE}, indent=2, default=str))
     return 0
 
 

@@ -203,7 +203,10 @@ class EvalConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0.0)
     milebench_image_budget: int = Field(24, gt=0, description="images per batch")
     milebench_token_budget: int = Field(2048, gt=0)
-    prefix_reuse: bool = True  # POPE score mode: image + system prefix computed once per image, KV cache reused
+    prefix_reuse: bool = Field(True, description="POPE, score and generate mode: the image + system prefix computed "
+                               "once per image and its KV cache shared by the image's questions (prefill and decoding)")
+    prefix_images: int = Field(0, ge=0, description="images per prefix-reuse block and model batch "
+                               "(0: whole images up to 4 x batch_size questions)")
 
 
 class SearchDimension(_Section):

@@ -8,7 +8,9 @@ What it reads, for each run directory (nothing is recomputed that a stage alread
   took. Without stage records (an evaluation run by ``hadpo eval``), every ``<run_dir>/eval/*/`` is used:
   one without a LoRA adapter (``run.json``) is "before", one with an adapter is "after".
 - ``eval/<run_id>/metrics.parquet`` (one row per metric): the numbers in every table. When only the
-  answers are there, they are scored here with the same functions `run_eval` uses.
+  answers are there, they are scored here with the same functions `run_eval` uses. Where a model (+ adapter)
+  was evaluated in both score and generate mode, the answers of both give the share of POPE questions
+  whose yes/no differs (`score_generate_disagreement`).
 - ``train/<stage>_curves.parquet``: loss, reward margins and reward accuracy against the step.
 - ``tune/trials.parquet``: one row per trial (``param/<key>`` columns and the objective).
 - ``run_record.json``: config, package versions, git SHA, decoding, data-file hashes, hardware.
@@ -933,6 +935,47 @@ def _eval_table(run: RunData) -> Table:
                  left=6)
 
 
+def score_generate_disagreement(run: RunData) -> pd.DataFrame:
+    """For each model (+ adapter) evaluated in both score and generate mode: on the POPE questions both
+    answered without error, how many parsed yes/no answers differ (`pope.answer_agreement`)."""
+    from orchestrator.eval import pope
+
+    columns = ["model", "adapter", "score_run_id", "generate_run_id", "n", "n_different", "share_different"]
+    by_model: dict[tuple[str, str], dict[str, list[Evaluation]]] = {}
+    for e in run.evaluations:
+        mode = str(e.info.get("mode", ""))
+        if mode in ("score", "generate") and e.answers_dir is not None:
+            key = (str(e.info.get("model", "")), str(e.info.get("adapter", "")))
+            by_model.setdefault(key, {}).setdefault(mode, []).append(e)
+    rows, answers = [], {}
+
+    def pope_answers(e: Evaluation) -> pd.DataFrame:
+        if e.run_id not in answers:
+            frame = read_answers(e.answers_dir)
+            answers[e.run_id] = frame[frame["benchmark"] == "pope"]
+        return answers[e.run_id]
+
+    for (model, adapter), modes in by_model.items():
+        for scored in modes.get("score", []):
+            for generated in modes.get("generate", []):
+                found = pope.answer_agreement(pope_answers(scored), pope_answers(generated))
+                if found["n"]:
+                    rows.append([model, adapter, scored.run_id, generated.run_id, found["n"],
+                                 found["n"] - found["same"], found["share_different"]])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _disagreement_table(frame: pd.DataFrame) -> Table | None:
+    if not len(frame):
+        return None
+    rows = [[Path(r.model).name, r.adapter, r.score_run_id, r.generate_run_id, _num(int(r.n)), _num(int(r.n_different)),
+             pct(r.share_different)] for r in frame.itertuples(index=False)]
+    return Table(["model", "adapter", "score run id", "generate run id", "questions", "different", "different (%)"],
+                 rows, caption="POPE answered in both modes: score mode reads p(yes) vs p(no) at the last prompt "
+                 "position, generate mode parses the greedy answer with POPE's rule (its first sentence); they differ "
+                 "where the greedy answer does not say what the more likely first token says.", left=4)
+
+
 def _milebench_table(run: RunData, mile: pd.DataFrame) -> Table | None:
     mine = mile[(mile["run"] == run.label) & (mile["scope"] != "task_level")]
     if mine.empty:
@@ -1079,6 +1122,10 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, include_pu
                 doc.heading(4, "Spread over DPO seeds")
                 doc.table(seeds)
             doc.table(_eval_table(run))
+            disagreement = _disagreement_table(score_generate_disagreement(run))
+            if disagreement:
+                doc.heading(4, "Score mode vs generate mode")
+                doc.table(disagreement)
         mile_table = _milebench_table(run, mile)
         if mile_table:
             doc.heading(3, "MileBench")
@@ -1108,7 +1155,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, include_pu
 
     tables: dict[str, pd.DataFrame] = {"pope": results, "pope_summary": summary, "milebench": mile,
                                        "curves_final": pd.concat([final_curve_values(r.curves).assign(run=r.label)
-                                                                  for r in runs], ignore_index=True)}
+                                                                  for r in runs], ignore_index=True),
+                                       "score_vs_generate": pd.concat([score_generate_disagreement(r).assign(run=r.label)
+                                                                       for r in runs], ignore_index=True)}
     if len(runs) > 1:
         _comparison_section(doc, runs, summary, out_dir, tables)
 

@@ -81,13 +81,14 @@ def _milebench_answers(run_id, adapter, good):
     return rows
 
 
-def write_evaluation(run_dir: Path, tag: str, adapter: str, false_yes, false_no, mile_good: int) -> EvalResult:
+def write_evaluation(run_dir: Path, tag: str, adapter: str, false_yes, false_no, mile_good: int,
+                     mode: str = "score") -> EvalResult:
     """What `run_eval` leaves: run.json, answers, metrics.parquet; returns its EvalResult."""
-    run_id = compute_run_id("/models/tiny", adapter, "score", {"batch_size": 16}, {"pope/random": "v1"}, tag)
+    run_id = compute_run_id("/models/tiny", adapter, mode, {"batch_size": 16}, {"pope/random": "v1"}, tag)
     answers = _pope_answers(run_id, adapter, false_yes, false_no) + _milebench_answers(run_id, adapter, mile_good)
     out = eval_dir(run_dir, run_id)
     write_json_atomic(out / "run.json", {"run_id": run_id, "model": "/models/tiny", "adapter": adapter,
-                                         "mode": "score", "decoding": {"batch_size": 16, "mode": "score"},
+                                         "mode": mode, "decoding": {"batch_size": 16, "mode": mode},
                                          "versions": {"pope/random": "v1"}, "tag": tag})
     write_answers(answers[:40], out / "answers", name="a")
     write_answers(answers[40:], out / "answers", name="b")
@@ -412,3 +413,24 @@ def test_bad_arguments_are_refused_with_the_reason(tmp_path):
         build_report([run_dir, run_dir], tmp_path / "out", labels=["a"])
     with pytest.raises(ValueError, match="at least one"):
         build_report([], tmp_path / "out")
+
+
+def test_score_and_generate_evaluations_of_one_model_show_their_disagreement(tmp_path):
+    from orchestrator.report import score_generate_disagreement
+
+    run_dir = tmp_path / "modes"
+    none = {"random": 0, "popular": 0, "adversarial": 0}
+    scored = write_evaluation(run_dir, "s", "", {"random": 2, "popular": 3, "adversarial": 4}, none, 2)
+    generated = write_evaluation(run_dir, "g", "", {"random": 1, "popular": 3, "adversarial": 6},
+                                 {"random": 2, "popular": 0, "adversarial": 0}, 2, mode="generate")
+    write_evaluation(run_dir, "a", "/adapters/x", none, none, 2)      # another model: score mode only
+    frame = score_generate_disagreement(load_run(run_dir))
+    # differing answers: random 1 no-question + 2 yes-questions, popular 0, adversarial 2; the error row of
+    # each evaluation is left out: 3 x 24 questions in common
+    assert frame[["score_run_id", "generate_run_id", "n", "n_different"]].values.tolist() == \
+        [[scored.run_id, generated.run_id, 72, 5]]
+    assert frame["share_different"].iloc[0] == pytest.approx(5 / 72)
+    result = build_report([run_dir], tmp_path / "out")
+    assert "Score mode vs generate mode" in result.markdown.read_text()
+    assert find_row(md_rows(result.markdown.read_text()), "tiny", "", scored.run_id)[4:] == ["72", "5", "6.94"]
+    assert len(result.tables["score_vs_generate"]) == 1

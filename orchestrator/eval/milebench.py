@@ -734,7 +734,10 @@ class LlavaModel(MileBenchModel):
         with torch.inference_mode():
             output = self.model.generate(**inputs, pad_token_id=self.pad_id,
                                          eos_token_id=self.tokenizer.eos_token_id, **kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return self.decode_answers(output[:, inputs["input_ids"].shape[1]:])
+
+    def decode_answers(self, new_tokens) -> list[str]:
+        """Answer texts of new token ids (rows; EOS and the padding after it are special tokens, stripped)."""
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [strip_special_tokens(text) for text in texts]
 

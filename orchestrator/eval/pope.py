@@ -180,3 +180,27 @@ def mean_f1(table: pd.DataFrame) -> float:
     """Mean F1 over the splits of a `summarise` table (NaN when it has none)."""
     splits = table[table["split"] != "mean"]
     return float(splits["f1"].mean()) if len(splits) else math.nan
+
+
+def answer_agreement(left: pd.DataFrame, right: pd.DataFrame, column: str = "answer",
+                     keys: Sequence[str] = ("split", "item_id")) -> dict:
+    """How often two answer sets of the same questions agree, on the questions both answered.
+
+    Rows are joined on `keys`; error rows (non-empty ``error``) of either side are left out. Returns
+    ``n`` (questions in common), ``same`` (equal `column`: ``answer`` compares the parsed yes/no,
+    ``raw_answer`` the text), ``share_same`` and ``share_different`` (fractions of n; NaN when n is 0).
+    Used for score vs generate mode, and for prefix-reused vs plain decoding.
+    """
+    def usable(frame: pd.DataFrame) -> pd.DataFrame:
+        missing = [name for name in (*keys, column) if name not in frame.columns]
+        if missing:
+            raise ValueError(f"answers: missing column(s) {missing}")
+        ok = frame["error"].fillna("").astype(str) == "" if "error" in frame.columns else pd.Series(True, frame.index)
+        part = frame.loc[ok, [*keys, column]].astype({key: str for key in keys})
+        return part.drop_duplicates(subset=list(keys), keep="last")
+
+    merged = usable(left).merge(usable(right), on=list(keys), suffixes=("_left", "_right"))
+    n = len(merged)
+    same = int((merged[f"{column}_left"].astype(str) == merged[f"{column}_right"].astype(str)).sum())
+    return {"n": n, "same": same, "share_same": same / n if n else math.nan,
+            "share_different": (n - same) / n if n else math.nan}

@@ -13,13 +13,14 @@ each Ray Data batch:
 3. loads each model batch's images (a missing or corrupt image makes that item an error row);
 4. answers: POPE in ``score`` mode with one forward pass (answer = the higher of the "Yes"/"No"
    logits at the last prompt position, p_yes = softmax over the two), everything else with greedy
-   ``generate``; left padding with attention mask and position ids keeps answers independent of
-   the batch. A batch that raises is retried item by item; an item that still raises becomes an
+   ``generate`` (each row stops at its own EOS, the batch when all have); left padding with attention
+   mask and position ids keeps answers independent of the batch. A batch that raises is retried item by item; an item that still raises becomes an
    error row. The run always finishes.
 
-With ``settings.prefix_reuse`` (score mode, llava-hf models), POPE items are instead grouped by
-image: the image + system prefix is computed once per image and its KV cache reused by all the
-image's questions (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
+With ``settings.prefix_reuse`` (llava-hf models), POPE items are instead grouped by image, in
+both modes: the image + system prefix is computed once per image and its KV cache reused by all the
+image's questions, in score mode for the one forward, in generate mode in the prefill and in every
+greedy decode step (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
 (default ``batch_size``) images with all their questions, and a batch that raises is retried image by
 image. Feed the rows grouped by image (`run_eval` does) so that a block holds whole images. `predict` then
 puts a CPU stage before the actors (`add_pixels`: Ray Data tasks on the CPUs the actors leave free)
@@ -60,7 +61,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.eval.milebench import (build_milebench_question, image_budget_batches,
+from orchestrator.eval.milebench import (LlavaModel, build_milebench_question, image_budget_batches,
                                          load_model_adapter, open_image)
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
 from orchestrator.eval.results import (ANSWER_COLUMNS, block_name, to_answer_table, write_answers,
@@ -145,6 +146,7 @@ class PredictorSettings:
     template: str = "llava_v1"
     answer_suffix: str = ""
     max_new_tokens: int = 128
+    min_new_tokens: int = 0              # EOS barred before this many new tokens (throughput runs, random weights)
     batch_size: int = 16
     image_budget: int = 24
     token_budget: int = 2048
@@ -152,9 +154,11 @@ class PredictorSettings:
     attn_implementation: str = "sdpa"
     model_adapter: Any = None            # None (LlavaModel), a class, or "module:Class"
     image_cache: int = 256               # decoded images kept per actor (POPE asks 6 questions per image)
-    prefix_reuse: bool = False           # score mode: image prefix computed once per image (prefix_cache.py)
+    prefix_reuse: bool = False           # POPE: image prefix computed once per image (prefix_cache.py), both modes
     prefix_images: int = 0               # images per prefix-reuse model batch (0: batch_size)
     prefix_cache_images: int = 4         # prefix KV caches kept per actor across blocks (LRU)
+    warm_up: bool | None = None          # a tiny prefix-path answer at start-up, overlapping the first hand-over
+                                         # (None: only on a GPU)
     answers_dir: str = ""                # when set, each answered block is written here by the actor
     timings_dir: str = ""                # when set, each actor writes its start-up and call timings here
     fault: dict = field(default_factory=dict)  # tests: {"exit_on_call": N, "marker": path}, see _maybe_fail
@@ -162,17 +166,21 @@ class PredictorSettings:
     def decoding(self) -> dict:
         """The settings that can change an answer (recorded with every row and hashed into run_id)."""
         return decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
-                                 self.token_budget, self.dtype, prefix_reuse=self.prefix_reuse)
+                                 self.token_budget, self.dtype, prefix_reuse=self.prefix_reuse,
+                                 min_new_tokens=self.min_new_tokens)
 
 
 def decoding_settings(mode: str, template: str, answer_suffix: str, max_new_tokens: int,
-                      token_budget: int, dtype: str, prefix_reuse: bool = False) -> dict:
+                      token_budget: int, dtype: str, prefix_reuse: bool = False, min_new_tokens: int = 0) -> dict:
     settings = {"mode": mode, "template": template, "answer_suffix": answer_suffix, "greedy": True,
                 "max_new_tokens": int(max_new_tokens), "milebench_token_budget": int(token_budget),
                 "dtype": dtype}
-    if prefix_reuse and mode == "score":
-        # same answers in exact arithmetic, different kernels in bf16: recorded (and hashed into run_id)
+    if prefix_reuse:
+        # same answers in exact arithmetic, different kernels in bf16: recorded (and hashed into run_id);
+        # in generate mode the POPE answers were decoded with the shared prefix (prefix_cache.generate)
         settings["prefix_reuse"] = True
+    if min_new_tokens:
+        settings["min_new_tokens"] = int(min_new_tokens)
     return settings
 
 
@@ -205,14 +213,22 @@ class Predictor:
         # start-up phases (epoch seconds), written to settings.timings_dir for the benchmarks
         self.timings: dict[str, Any] = {"pid": os.getpid(), "process_started": _process_start_time(),
                                         "module_imported": MODULE_IMPORTED_AT, "init_started": time.time()}
+        # the kernel reads the weight files while we import (a cold 7B checkpoint is ~14 GB)
+        self.timings["prefetched_bytes"] = prefetch_files(weight_files(settings.model_path, settings.adapter_path))
         import torch  # noqa: F401  (the model adapters import these lazily: timed here as their own phase)
 
-        # the CUDA context is created while transformers and the model's code import (torch releases the GIL)
-        threading.Thread(target=_create_cuda_context, name="cuda-init", daemon=True).start()
+        # CUDA context, cuBLAS, cuDNN and attention kernels loaded by tiny ops while the modeling code
+        # imports (the ops release the GIL); the thread's cuBLAS handle returns to torch's pool for the model
+        threading.Thread(target=_warm_device, args=(settings.dtype, self.timings), name="device-warm-up",
+                         daemon=True).start()
         import transformers  # noqa: F401
 
-        self.timings["imports_done"] = started = time.time()
         cls = load_model_adapter(settings.model_adapter)
+        if issubclass(cls, LlavaModel):
+            # the LLaVA modeling import (it pulls in torch._dynamo, torch.distributed.tensor and sympy
+            # through transformers: ~2 s on a CPU, 8.9 s measured on a GPU host), timed as an import
+            import transformers.models.llava.modeling_llava  # noqa: F401
+        self.timings["imports_done"] = started = time.time()
         self.model = cls({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None,
             "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
@@ -220,22 +236,67 @@ class Predictor:
         })
         self.decoding_json = json.dumps(settings.decoding(), sort_keys=True)
         self.gen_kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
+        if settings.min_new_tokens:
+            self.gen_kwargs["min_new_tokens"] = settings.min_new_tokens
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
         self.prefix = None
-        if settings.prefix_reuse and settings.mode == "score":
-            from orchestrator.eval.prefix_cache import PrefixScorer
+        if settings.prefix_reuse:
+            from orchestrator.eval.prefix_cache import PrefixReuse
 
-            if PrefixScorer.supports(self.model):
-                self.prefix = PrefixScorer(self.model, cache_images=settings.prefix_cache_images)
+            if PrefixReuse.supports(self.model, settings.mode):
+                self.prefix = PrefixReuse(self.model, cache_images=settings.prefix_cache_images)
             else:
                 log.warning("predictor %s: %s cannot reuse the image prefix; scoring whole prompts",
                             settings.run_id, type(self.model).__name__)
         self.timings["model_ready"] = time.time()
         # an adapter may say what its start-up was made of (seconds per step), e.g. the benchmark's
         self.timings["model_steps"] = dict(getattr(self.model, "load_timings", None) or {})
+        self._warming: threading.Thread | None = None
+        on_gpu = str(getattr(self.model, "device", "cpu")).startswith("cuda")
+        if self.prefix is not None and (settings.warm_up if settings.warm_up is not None else on_gpu):
+            # answered while Ray hands over the first block and its rows are prepared; joined before the
+            # model runs. Tokenized here: fast tokenizers are not safe to share between threads.
+            question = "Is there a cat in the image?" + settings.answer_suffix
+            self.prefix.split(question)
+            if settings.mode == "score":
+                self.model.yes_no_ids()
+            self._warming = threading.Thread(target=self._warm_up, args=(question,), name="model-warm-up",
+                                             daemon=True)
+            self._warming.start()
         self._write_timings()
         log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
+
+    def _warm_up(self, question: str) -> None:
+        """One tiny answer through the prefix path (a blank image, `question`, two new tokens), so the
+        first block does not pay for loading the kernels of the vision tower, prefill and decoding.
+        Only model compute runs here (`__init__` tokenized the question); the statistics and the
+        prefix LRU are left as they were."""
+        started = time.time()
+        try:
+            import torch
+
+            size = getattr(self.model.loaded, "image_size", 336)
+            image = torch.zeros((3, size, size))
+            stats = dict(self.prefix.stats)
+            if self.settings.mode == "score":
+                self.prefix.score([("<warm-up>", image, [question])])
+            else:
+                self.prefix.generate([("<warm-up>", image, [question])], max_new_tokens=2)
+            if getattr(self.model, "device", None) is not None and str(self.model.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            self.prefix.stats.clear()
+            self.prefix.stats.update(stats)
+            self.prefix.clear()
+            self.timings["warm_up_s"] = time.time() - started
+        except Exception as error:  # the first block then pays for it; a real problem surfaces there
+            log.warning("predictor %s: warm-up failed (%s: %s)", self.settings.run_id, type(error).__name__, error)
+
+    def _join_warm_up(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+            self.timings["warm_up_joined"] = time.time()
 
     def _record_call(self, started: float, rows: int) -> None:
         """Add one answered call to the timings (first and last call, busy seconds) and write them."""
@@ -281,12 +342,15 @@ class Predictor:
         rows = _records(batch)
         given_pixels = _given_pixels(rows)
         outputs = [self._prepare(row) for row in rows]
+        self._join_warm_up()
         pending = [i for i, out in enumerate(outputs) if not out["error"]]
         score = [i for i in pending if outputs[i]["mode"] == "score"]
         generate = [i for i in pending if outputs[i]["mode"] == "generate"]
-        if self.prefix is not None:
-            self._answer_by_image([i for i in score if outputs[i]["benchmark"] == "pope"], outputs, given_pixels)
+        if self.prefix is not None:  # POPE items of the actor's mode, by image (MileBench: plain generate)
+            mode = score if self.settings.mode == "score" else generate
+            self._answer_by_image([i for i in mode if outputs[i]["benchmark"] == "pope"], outputs, given_pixels)
             score = [i for i in score if outputs[i]["benchmark"] != "pope"]
+            generate = [i for i in generate if outputs[i]["benchmark"] != "pope"]
         for indices, by_images in ((score, False), (generate, True)):
             for group in self._model_batches(indices, outputs, by_images):
                 self._answer(group, outputs)
@@ -406,7 +470,7 @@ class Predictor:
                 except Exception as item_error:
                     outputs[i]["error"] = f"model failed: {type(item_error).__name__}: {item_error}"
 
-    # -- score mode with the image prefix reused ------------------------------------------------
+    # -- POPE with the image prefix reused (score or generate) ----------------------------------
     def _answer_by_image(self, indices: list[int], outputs: list[dict], given_pixels: dict[str, bytes]) -> None:
         """POPE items grouped by image, ``prefix_images`` images per model batch (see prefix_cache);
         an image whose pixels the decode stage made (`add_pixels`) is not decoded again here."""
@@ -441,9 +505,17 @@ class Predictor:
                             outputs[i]["error"] = f"model failed: {type(image_error).__name__}: {image_error}"
 
     def _run_by_image(self, ready: list[tuple[str, Any, list[int]]], outputs: list[dict]) -> None:
-        p_yes = self.prefix.score([(path, image, [outputs[i]["_prompt"] for i in group])
-                                   for path, image, group in ready])
+        groups = [(path, image, [outputs[i]["_prompt"] for i in group]) for path, image, group in ready]
         n = sum(len(group) for _, _, group in ready)
+        if self.settings.mode == "generate":
+            s = self.settings
+            new_tokens = self.prefix.generate(groups, max_new_tokens=s.max_new_tokens,
+                                              min_new_tokens=s.min_new_tokens)
+            for (_, _, group), answers in zip(ready, new_tokens):
+                for i, text in zip(group, self.model.decode_answers(answers)):
+                    outputs[i].update(raw_answer=text, answer=parse_yes_no(text), batch_size=n)
+            return
+        p_yes = self.prefix.score(groups)
         for (_, _, group), values in zip(ready, p_yes):
             for i, p in zip(group, values):
                 answer = "Yes" if p >= 0.5 else "No"
@@ -505,15 +577,63 @@ def _process_start_time() -> float | None:
         return None
 
 
-def _create_cuda_context() -> None:
-    """Initialise CUDA if there is a GPU (the model's first CUDA call waits for it); errors surface there."""
+def _warm_device(dtype_name: str, timings: dict) -> None:
+    """With a GPU: create the CUDA context, then load cuBLAS, cuDNN and SDPA's kernels with tiny ops in
+    the model's dtype (the model's first calls would wait for them); errors surface in the model load."""
     try:
         import torch
 
-        if torch.cuda.is_available():
-            torch.zeros(1, device="cuda")
+        if not torch.cuda.is_available():
+            return
+        torch.zeros(1, device="cuda")
+        timings["cuda_ready"] = time.time()
+        dtype = torch.bfloat16 if dtype_name in ("auto", "bfloat16") else getattr(torch, dtype_name)
+        a = torch.randn(128, 128, device="cuda", dtype=dtype)
+        a @ a                                                                   # cuBLAS / cuBLASLt
+        torch.nn.functional.conv2d(torch.randn(1, 3, 28, 28, device="cuda", dtype=dtype),
+                                   torch.randn(8, 3, 14, 14, device="cuda", dtype=dtype), stride=14)  # cuDNN
+        q = torch.randn(1, 2, 16, 64, device="cuda", dtype=dtype)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)           # flash
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 1, 16, 16, device="cuda",
+                                                                                        dtype=dtype))  # masked
+        torch.cuda.synchronize()
+        timings["device_warm"] = time.time()
     except Exception:  # the model load reports any CUDA problem itself
         pass
+
+
+def weight_files(*folders: str | None) -> list[Path]:
+    """The weight files (*.safetensors, *.bin) of model / adapter folders, and of folders one level below
+    (an adapter saved inside a checkpoint folder)."""
+    files: list[Path] = []
+    for folder in folders:
+        if not folder or not Path(folder).is_dir():
+            continue
+        for pattern in ("*.safetensors", "*.bin", "*/*.safetensors", "*/*.bin"):
+            files += sorted(Path(folder).glob(pattern))
+    return files
+
+
+def prefetch_files(paths: Sequence[Path]) -> int:
+    """Ask the kernel to read `paths` into the page cache in the background (``posix_fadvise``
+    WILLNEED: asynchronous readahead, no thread of ours, nothing read into Python); the bytes asked
+    for (0 where unsupported). A hint: a file already cached, or a kernel that declines, costs nothing."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    total = 0
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+            total += os.fstat(descriptor).st_size
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
+    return total
 
 
 # -- the decode stage before the actors (prefix reuse) ----------------------------------------------
@@ -623,7 +743,7 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
             batch_size = _largest_block_rows(ds)
     if max_restarts is not None:
         kwargs.update(max_restarts=max_restarts, max_task_retries=max_restarts)
-    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.prefix_reuse and settings.mode == "score" else 0
+    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.prefix_reuse else 0
     if free_cpus > 0:
         # decode + preprocess the images on the CPUs the actors leave free, ahead of the GPU: one task
         # per block, at most 2 at a time per actor (a task preprocesses ~100 images/s, an H100 answers

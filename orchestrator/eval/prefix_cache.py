@@ -1,8 +1,8 @@
-"""POPE score mode with the image prefix computed once per image and its KV cache reused.
+"""POPE with the image prefix computed once per image and its KV cache reused: score AND greedy generate.
 
 A POPE prompt is ``{system} USER: <image>\\n{question} ASSISTANT:``. Everything up to and including
 the last image token (BOS, system prompt, ``USER:``, the 576 image tokens of LLaVA-1.5) is the same
-for every question on an image: about 611 of ~630 tokens. `PrefixScorer` therefore
+for every question on an image: about 611 of ~630 tokens. `PrefixReuse` therefore
 
 1. splits each prompt's token ids right after the last image token: the full prompt is tokenized
    once, as the plain path does, and cut there, so ``prefix + suffix == full prompt ids`` holds by
@@ -17,15 +17,31 @@ for every question on an image: about 611 of ~630 tokens. `PrefixScorer` therefo
    suffix only, and position ids restart at the prefix length for each suffix, so every suffix is
    computed exactly as at the end of its full prompt. No KV is copied per question (the cache is
    not repeated along the batch: questions share their image's row);
-4. reads the "Yes"/"No" logits at each suffix's last token: p(yes) = softmax over the two, as the
-   plain path does.
+4. **score** (`score`): reads the "Yes"/"No" logits at each suffix's last token: p(yes) = softmax
+   over the two, as the plain path does;
+5. **greedy generate** (`generate`): the argmax at each suffix's last token is its first new token;
+   then every decode step feeds, in each image's row, one token per question (the row's keys grow
+   by its number of question slots per step). The mask lets a new token see the prefix, its own
+   suffix and its own earlier new tokens only, at position ``prefix + len(own suffix) + t``, so
+   each question decodes exactly as alone with its full prompt, while the image's prefix KV is
+   stored once and read once per step for all its questions. A question stops at its own EOS (the
+   tokenizer's, as `LlavaModel.forward`) or at ``max_new_tokens``; finished questions are ignored
+   (their slots keep computing until their whole row is done: a row whose questions have all
+   finished is dropped from the batch and its cache); the loop ends when all are done. Everything
+   stays on the device; the only host sync per step is the stop check. ``min_new_tokens`` forbids
+   EOS before that many new tokens, as transformers' `MinNewTokensLengthLogitsProcessor` (with
+   ``min_new_tokens == max_new_tokens`` every question gets exactly that many: throughput runs
+   with random weights).
 
 Identical (image, question) pairs, e.g. POPE's yes-questions, which the three splits share, are
 computed once. A small LRU keeps the prefix KV of the last images of a call (``cache_images``), so
 an image whose questions are split across two Ray Data blocks still reuses its prefix.
 
-Only public transformers APIs are used (`DynamicCache.update`, ``past_key_values``,
-``use_cache``, ``position_ids``, a 4-D ``attention_mask``), so it runs with transformers 5.17 and 5.23.
+Only public transformers APIs are used (`DynamicCache.update` / ``batch_select_indices``,
+``past_key_values``, ``use_cache``, ``position_ids``, a 4-D ``attention_mask``), with SDPA or eager
+attention, so it runs with transformers 5.17 and 5.23. Memory of a generate batch: the prefixes,
+plus ``rows x question slots x steps`` generated keys (a row of 12 distinct questions decoding 16
+tokens adds 192 keys to its ~611); the caller bounds it with the number of images per call.
 """
 
 from __future__ import annotations
@@ -57,6 +73,11 @@ def build_cache(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     return cache
 
 
+def _base_model(net):
+    """The llava-hf model under a peft wrapper (its LoRA layers are in place in it), else `net` itself."""
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+
 @dataclass
 class _Unit:
     """One image (and prefix) with its distinct question suffixes."""
@@ -67,21 +88,99 @@ class _Unit:
     suffixes: dict[tuple[int, ...], int] = field(default_factory=dict)   # suffix ids -> index
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None            # per layer, [1, H, L, D]
     p_yes: list[float] = field(default_factory=list)
+    new_tokens: list[list[int]] = field(default_factory=list)            # per suffix, EOS included
 
 
-class PrefixScorer:
-    """p(yes) for POPE questions, the image prefix computed once per image (see the module doc).
+@dataclass
+class SuffixLayout:
+    """Where each suffix of each row sits in the packed suffix pass, and the masks that keep them apart.
+
+    Rows are units (images), slots are a row's suffixes (``slots`` = the most any row has). All
+    tensors are on the CPU; `allowed` and `decode_allowed` are boolean ("query may see key").
+    """
+
+    input_ids: torch.Tensor        # [rows, width] packed suffixes, right-padded
+    position_ids: torch.Tensor     # [rows, width] prefix length + offset within the own suffix
+    allowed: torch.Tensor          # [rows, width, prefix + width] the suffix pass's mask
+    lengths: torch.Tensor          # [rows, slots] suffix lengths (0: no suffix in that slot)
+    last: torch.Tensor             # [rows, slots] column of each suffix's last token (0 for empty slots)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.lengths > 0
+
+    def decode_allowed(self, prefix: int, steps: int, pad_to: int = 16) -> torch.Tensor:
+        """[rows, slots, keys] mask of all decode steps: slot j of a row sees the prefix, its own
+        suffix, and its own new token of every step so far (keys of step s at prefix + width + slots * s + j).
+
+        The key axis is padded to a multiple of `pad_to` (step k uses ``[..., :prefix + width + slots * k]``,
+        a view whose strides stay aligned, so SDPA's memory-efficient kernel takes it without a copy).
+        """
+        rows, slots = self.lengths.shape
+        width = self.input_ids.shape[1]
+        keys = prefix + width + slots * steps
+        keys += -keys % pad_to
+        allowed = torch.zeros((rows, slots, keys), dtype=torch.bool)
+        allowed[:, :, :prefix] = True
+        columns = torch.arange(width)
+        start = self.last - self.lengths + 1
+        allowed[:, :, prefix:prefix + width] = ((columns >= start[..., None]) & (columns <= self.last[..., None])
+                                                & self.valid[..., None])
+        own = torch.eye(slots, dtype=torch.bool).repeat(1, steps)           # [slots, slots * steps]
+        allowed[:, :, prefix + width:prefix + width + slots * steps] = own
+        return allowed
+
+
+def suffix_layout(suffixes: Sequence[Sequence[Sequence[int]]], prefix: int, pad_id: int) -> SuffixLayout:
+    """The packed layout of each row's suffixes after a prefix of `prefix` tokens (see `SuffixLayout`)."""
+    rows = len(suffixes)
+    slots = max(len(row) for row in suffixes)
+    width = max(sum(len(suffix) for suffix in row) for row in suffixes)
+    input_ids = torch.full((rows, width), int(pad_id), dtype=torch.long)
+    position_ids = torch.full((rows, width), prefix, dtype=torch.long)
+    allowed = torch.zeros((rows, width, prefix + width), dtype=torch.bool)
+    allowed[:, :, :prefix] = True
+    lengths = torch.zeros((rows, slots), dtype=torch.long)
+    last = torch.zeros((rows, slots), dtype=torch.long)
+    for b, row in enumerate(suffixes):
+        start = 0
+        for j, suffix in enumerate(row):
+            if not suffix:
+                raise ValueError("an empty question suffix")
+            end = start + len(suffix)
+            input_ids[b, start:end] = torch.tensor(list(suffix), dtype=torch.long)
+            position_ids[b, start:end] = torch.arange(prefix, prefix + len(suffix))
+            allowed[b, start:end, prefix + start:prefix + end] = torch.ones((len(suffix), len(suffix)),
+                                                                            dtype=torch.bool).tril()
+            lengths[b, j], last[b, j] = len(suffix), end - 1
+            start = end
+    return SuffixLayout(input_ids, position_ids, allowed, lengths, last)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean "may see" mask [rows, queries, keys] as the additive [rows, 1, queries, keys] mask
+    transformers passes to eager and SDPA attention (0 where allowed, the dtype's minimum elsewhere)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+class PrefixReuse:
+    """POPE answers with the image prefix computed once per image (see the module doc): p(yes) by
+    `score`, greedy answers by `generate`.
 
     `model` is a `LlavaModel` (``orchestrator.eval.milebench``): it provides ``prompt_ids``,
-    ``yes_no_ids``, ``loaded`` (processor, image token id), ``model`` (a llava-hf
-    `LlavaForConditionalGeneration`), ``pad_id`` and ``device``.
+    ``loaded`` (processor, image token id), ``model`` (a llava-hf `LlavaForConditionalGeneration`,
+    LoRA merged or a peft wrapper around one), ``pad_id``, ``device``, and for scoring ``yes_no_ids``,
+    for generating ``tokenizer`` (its EOS).
     """
 
     def __init__(self, model, cache_images: int = 4):
         self.adapter = model
         self.net = model.model
-        self.body = getattr(self.net, "model", None)           # LlavaModel: vision + projector + LM
-        self.head = self.net.get_output_embeddings()           # lm_head
+        base = _base_model(self.net)
+        self.body = getattr(base, "model", None)               # LlavaModel: vision + projector + LM
+        self.head = base.get_output_embeddings()               # lm_head
         self.image_token_id = int(model.loaded.image_token_id)
         self.cache_images = max(int(cache_images), 0)
         self._lru: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
@@ -89,10 +188,11 @@ class PrefixScorer:
         self.stats: Counter = Counter()
 
     @staticmethod
-    def supports(model) -> bool:
-        """Whether `model` is a llava-hf adapter this scorer can drive (else: the plain path)."""
-        net = getattr(model, "model", None)
-        return (all(hasattr(model, name) for name in ("prompt_ids", "yes_no_ids", "loaded", "pad_id"))
+    def supports(model, mode: str = "score") -> bool:
+        """Whether `model` is a llava-hf adapter this class can drive in `mode` (else: the plain path)."""
+        net = _base_model(getattr(model, "model", None))
+        needed = ("prompt_ids", "loaded", "pad_id") + (("yes_no_ids",) if mode == "score" else ("tokenizer",))
+        return (all(hasattr(model, name) for name in needed)
                 and net is not None and getattr(net, "model", None) is not None
                 and hasattr(net, "get_output_embeddings") and net.get_output_embeddings() is not None)
 
@@ -115,7 +215,7 @@ class PrefixScorer:
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
-    # -- scoring --------------------------------------------------------------------------------
+    # -- the two ways of answering --------------------------------------------------------------
     def score(self, groups: Sequence[tuple[str, Any, Sequence[str]]]) -> list[list[float]]:
         """p(yes) per question for groups (image key, image, questions on that image).
 
@@ -125,6 +225,29 @@ class PrefixScorer:
         The prefixes of all images not in the LRU are computed in one batch, then every suffix in
         one more; the caller decides how many images go together (GPU memory grows with it).
         """
+        where = self._run(groups, self._suffixes)
+        return [[unit.p_yes[index] for unit, index in placed] for placed in where]
+
+    def generate(self, groups: Sequence[tuple[str, Any, Sequence[str]]], max_new_tokens: int,
+                 min_new_tokens: int = 0, eos_token_id: int | None = None) -> list[list[list[int]]]:
+        """Greedy new token ids per question (EOS included when reached) for groups as in `score`.
+
+        `eos_token_id` defaults to the tokenizer's. The images of one call decode together, as one
+        batch (see the module doc).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        eos = self.adapter.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+
+        def decode(units, cache):
+            self._decode(units, cache, int(max_new_tokens), int(min_new_tokens), None if eos is None else int(eos))
+
+        where = self._run(groups, decode)
+        return [[list(unit.new_tokens[index]) for unit, index in placed] for placed in where]
+
+    def _run(self, groups, answer) -> list[list[tuple[_Unit, int]]]:
+        """Group questions into units (image + prefix, distinct suffixes), compute the prefixes of each
+        same-length part in one batch and `answer(units, cache)` them; where each question landed."""
         units: dict[tuple, _Unit] = {}
         where: list[list[tuple[_Unit, int]]] = []
         for image_key, image, questions in groups:
@@ -138,21 +261,26 @@ class PrefixScorer:
                 index = unit.suffixes.setdefault(suffix, len(unit.suffixes))
                 placed.append((unit, index))
             where.append(placed)
-        todo = list(units.values())
         self.stats["questions"] += sum(len(placed) for placed in where)
         # same-length prefixes go together (no padding anywhere); in practice there is one length
         by_length: dict[int, list[_Unit]] = {}
-        for unit in todo:
+        for unit in units.values():
             by_length.setdefault(len(unit.prefix), []).append(unit)
         with torch.inference_mode():
             for part in by_length.values():
                 cache = self._prefixes(part)
                 self._remember(part)
-                self._suffixes(part, cache)
+                if cache is None:  # some prefixes came from the LRU: one cache row per unit, stacked
+                    cache = build_cache([(torch.cat([unit.kv[layer][0] for unit in part]),
+                                          torch.cat([unit.kv[layer][1] for unit in part]))
+                                         for layer in range(len(part[0].kv))])
                 for unit in part:
                     unit.kv = None
-        return [[unit.p_yes[index] for unit, index in placed] for placed in where]
+                answer(part, cache)
+                del cache
+        return where
 
+    # -- prefixes -------------------------------------------------------------------------------
     def _prefixes(self, units: list[_Unit]):
         """Fill each unit's prefix KV: from the LRU, or from one batched forward of the missing images.
 
@@ -194,51 +322,88 @@ class PrefixScorer:
         self.stats["pixels_given"] += len(images) - len(raw)
         return torch.stack([image if isinstance(image, torch.Tensor) else next(made) for image in images])
 
-    def _suffixes(self, units: list[_Unit], cache=None) -> None:
-        """One forward of every unit's packed suffixes against its cached prefix; p(yes) per suffix."""
+    # -- suffixes -------------------------------------------------------------------------------
+    def _suffix_pass(self, units: list[_Unit], cache) -> tuple[SuffixLayout, torch.Tensor]:
+        """One forward of every unit's packed suffixes against its cached prefix (the cache grows by
+        the packed width); the layout and the last hidden state at each suffix's last token [rows, slots, hidden]."""
         device = self.adapter.device
-        dtype = self.dtype
+        prefix = len(units[0].prefix)
+        layout = suffix_layout([list(unit.suffixes) for unit in units], prefix, self.adapter.pad_id)
+        out = self.body(input_ids=layout.input_ids.to(device),
+                        attention_mask=additive_mask(layout.allowed.to(device), self.dtype),
+                        position_ids=layout.position_ids.to(device), past_key_values=cache, use_cache=True)
+        rows = torch.arange(len(units), device=device)[:, None]
+        hidden = out.last_hidden_state[rows, layout.last.to(device)]
+        self.stats["suffixes"] += int(layout.valid.sum())
+        self.stats["suffix_tokens"] += int(layout.lengths.sum())
+        self.stats["forwards"] += 1
+        return layout, hidden
+
+    def _suffixes(self, units: list[_Unit], cache) -> None:
+        """p(yes) per suffix: softmax over the "Yes"/"No" logits at its last token."""
         yes, no = self.adapter.yes_no_ids()
-        length = len(units[0].prefix)
-        packed = [[token for suffix in unit.suffixes for token in suffix] for unit in units]
-        width = max(len(row) for row in packed)
-        n = len(units)
-        input_ids = torch.full((n, width), int(self.adapter.pad_id), dtype=torch.long)
-        position_ids = torch.full((n, width), length, dtype=torch.long)
-        # allowed[b, q, k]: query q of row b may see key k (k < length: the prefix)
-        allowed = torch.zeros((n, width, length + width), dtype=torch.bool)
-        allowed[:, :, :length] = True
-        rows, cols = [], []
-        for b, unit in enumerate(units):
-            start = 0
-            input_ids[b, :len(packed[b])] = torch.tensor(packed[b], dtype=torch.long)
-            for suffix in unit.suffixes:
-                end = start + len(suffix)
-                position_ids[b, start:end] = torch.arange(length, length + len(suffix))
-                block = torch.ones((len(suffix), len(suffix)), dtype=torch.bool).tril()
-                allowed[b, start:end, length + start:length + end] = block
-                rows.append(b)
-                cols.append(end - 1)
-                start = end
-        mask = torch.zeros(allowed.shape, dtype=dtype)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        if cache is None:  # some prefixes came from the LRU: one cache row per unit, stacked
-            cache = build_cache([(torch.cat([unit.kv[layer][0] for unit in units]),
-                                  torch.cat([unit.kv[layer][1] for unit in units]))
-                                 for layer in range(len(units[0].kv))])
-        out = self.body(input_ids=input_ids.to(device), attention_mask=mask[:, None].to(device),
-                        position_ids=position_ids.to(device), past_key_values=cache, use_cache=True)
-        del cache
-        hidden = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-        logits = self.head(hidden)[:, [yes, no]].float()
+        layout, hidden = self._suffix_pass(units, cache)
+        logits = self.head(hidden[layout.valid.to(hidden.device)])[:, [yes, no]].float()
         p_yes = torch.softmax(logits, dim=-1)[:, 0].tolist()
         k = 0
         for unit in units:
             unit.p_yes = p_yes[k:k + len(unit.suffixes)]
             k += len(unit.suffixes)
-        self.stats["suffixes"] += len(p_yes)
-        self.stats["suffix_tokens"] += sum(len(row) for row in packed)
-        self.stats["forwards"] += 1
+
+    def _decode(self, units: list[_Unit], cache, max_new_tokens: int, min_new_tokens: int, eos: int | None) -> None:
+        """Greedy decoding of every suffix of `units` (see the module doc, step 5); fills `unit.new_tokens`."""
+        device = self.adapter.device
+        prefix = len(units[0].prefix)
+        pad = int(self.adapter.pad_id)
+        layout, hidden = self._suffix_pass(units, cache)
+        rows, slots = layout.lengths.shape
+        width = layout.input_ids.shape[1]
+        steps = max_new_tokens - 1                    # forwards after the suffix pass
+        mask = additive_mask(layout.decode_allowed(prefix, steps).to(device), self.dtype) if steps else None
+        positions = (prefix + layout.lengths).to(device)          # of each slot's first new token
+        finished = ~layout.valid.to(device)                       # empty slots count as finished
+        tokens = self._next_tokens(hidden, 0, min_new_tokens, eos)
+        new = torch.full((rows, slots, max_new_tokens), pad, dtype=torch.long, device=device)
+        new[:, :, 0] = tokens.masked_fill(finished, pad)
+        if eos is not None:
+            finished |= tokens == eos
+        row_ids = torch.arange(rows, device=device)               # rows still in the batch -> their unit
+        for step in range(1, max_new_tokens):
+            alive = (~finished).any(dim=1).cpu()                  # the one host sync of the step
+            if not alive.any():
+                break
+            if not alive.all():                                   # drop finished rows from the batch and cache
+                keep = alive.nonzero().squeeze(1).to(device)
+                cache.batch_select_indices(keep)
+                row_ids, tokens, finished, positions, mask = (row_ids[keep], tokens[keep], finished[keep],
+                                                              positions[keep], mask[keep])
+            keys = prefix + width + slots * step
+            out = self.body(input_ids=tokens, attention_mask=mask[..., :keys], position_ids=positions + step - 1,
+                            past_key_values=cache, use_cache=True)
+            tokens = self._next_tokens(out.last_hidden_state, step, min_new_tokens, eos)
+            new[row_ids, :, step] = tokens.masked_fill(finished, pad)
+            if eos is not None:
+                finished |= tokens == eos
+            self.stats["decode_steps"] += 1
+            self.stats["decode_slots"] += int(row_ids.numel()) * slots
+        # to the host once: each suffix's tokens up to its EOS (included) or max_new_tokens
+        values = new.tolist()
+        for b, unit in enumerate(units):
+            unit.new_tokens = []
+            for j in range(len(unit.suffixes)):
+                answer = values[b][j]
+                if eos is not None and eos in answer:
+                    answer = answer[:answer.index(eos) + 1]
+                unit.new_tokens.append(answer)
+                self.stats["new_tokens"] += len(answer)
+
+    def _next_tokens(self, hidden: torch.Tensor, generated: int, min_new_tokens: int, eos: int | None) -> torch.Tensor:
+        """Greedy next tokens [rows, slots] from the hidden states at the slots; EOS barred before
+        `min_new_tokens` new tokens (`generated` = new tokens so far)."""
+        logits = self.head(hidden)
+        if eos is not None and generated < min_new_tokens:
+            logits[..., eos] = torch.finfo(logits.dtype).min
+        return logits.argmax(dim=-1)
 
     def _remember(self, units: list[_Unit]) -> None:
         """Keep the prefix KV of the last `cache_images` images (copied, so a batch's tensors are freed)."""
@@ -255,4 +420,4 @@ class PrefixScorer:
         self._lru.clear()
 
 
-__all__ = ["PrefixScorer", "cache_tensors", "build_cache"]
+__all__ = ["PrefixReuse", "SuffixLayout", "suffix_layout", "additive_mask", "cache_tensors", "build_cache"]

@@ -9,8 +9,8 @@ Read top to bottom, a run is:
    versions); results go to ``<run_dir>/eval/<run_id>/``;
 3. **resume**: items that already have an answer there are skipped (anti-join on benchmark,
    split, item id);
-4. **inference**: the rest go, sorted by length (POPE in score mode with ``eval.prefix_reuse``:
-   grouped by image, whole images per block) and cut into blocks, through a pool of
+4. **inference**: the rest go, sorted by length (POPE with ``eval.prefix_reuse``, in score and
+   generate mode: grouped by image, whole images per block) and cut into blocks, through a pool of
    `Predictor` actors (`cfg.eval.num_actors`, each with `cpus_per_actor` / `gpus_per_actor`);
    each actor writes every block it finishes atomically as a parquet file (named by the block's
    keys, so a retried block replaces its file); the driver logs progress and ETA;
@@ -157,36 +157,36 @@ def _sort_key(item: dict) -> tuple:
 
 
 def _by_image(cfg: ExperimentConfig) -> bool:
-    """POPE items grouped by image (score mode with the image prefix reused)."""
-    return cfg.eval.mode == "score" and cfg.eval.prefix_reuse
+    """POPE items grouped by image (the image prefix reused, in score and generate mode)."""
+    return cfg.eval.prefix_reuse
 
 
 def _image_sort_key(item: dict) -> tuple:
     return (item["benchmark"], tuple(item["images"]), item["split"], item["item_id"])
 
 
-def _image_block_end(items: list[dict], start: int, max_rows: int) -> int:
-    """End of a block of whole images (all their questions) from `start`: as many images as fit
-    `max_rows` rows, at least one. `items` are sorted by image."""
-    end = start
-    while end < len(items) and items[end]["benchmark"] == items[start]["benchmark"]:
+def _image_block_end(items: list[dict], start: int, max_rows: int, images: int = 0) -> int:
+    """End of a block of whole images (all their questions) from `start`: `images` images if given,
+    else as many images as fit `max_rows` rows; at least one. `items` are sorted by image."""
+    end, taken = start, 0
+    while end < len(items) and items[end]["benchmark"] == items[start]["benchmark"] and (not images or taken < images):
         image, stop = items[end]["images"], end
         while stop < len(items) and items[stop]["benchmark"] == items[start]["benchmark"] \
                 and items[stop]["images"] == image:
             stop += 1
-        if end > start and stop - start > max_rows:
+        if not images and end > start and stop - start > max_rows:
             break
-        end = stop
+        end, taken = stop, taken + 1
     return end
 
 
 def _items_dataset(items: list[dict], cfg: ExperimentConfig):
     """Items sorted by size and cut into blocks (the unit of work and of writing).
 
-    With prefix reuse (score mode), POPE items are sorted by image instead, and a block holds whole
-    images with all their questions (from all three splits; about ``4 * eval.batch_size`` rows, as
-    without it), so each image's prefix is computed once, in one model batch with the block's other
-    images.
+    With prefix reuse, POPE items are sorted by image instead, and a block holds whole images with
+    all their questions (from all three splits; ``eval.prefix_images`` images, or without it about
+    ``4 * eval.batch_size`` rows, as without prefix reuse), so each image's prefix is computed once,
+    in one model batch with the block's other images.
     """
     import ray
 
@@ -198,7 +198,7 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig):
     start = 0
     while start < len(items):
         if by_image and items[start]["benchmark"] == "pope":
-            end = _image_block_end(items, start, rows_per_block["pope"])
+            end = _image_block_end(items, start, rows_per_block["pope"], cfg.eval.prefix_images)
             tables.append(table.slice(start, end - start))
             start = end
             continue
@@ -284,7 +284,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     settings = PredictorSettings(
         run_id="", model_path=model, adapter_path=adapter_path, mode=cfg.eval.mode,
         template=cfg.model.eval_template, answer_suffix=cfg.eval.answer_suffix,
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, prefix_images=cfg.eval.prefix_images,
         image_budget=cfg.eval.milebench_image_budget, token_budget=cfg.eval.milebench_token_budget,
         dtype=resolved_dtype(cfg.model.dtype, cfg.eval.gpus_per_actor),
         attn_implementation=cfg.model.attn_implementation, model_adapter=model_adapter, fault=dict(fault or {}),

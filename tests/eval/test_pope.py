@@ -116,3 +116,23 @@ def test_summarise_per_split_with_mean_row_and_error_counts():
 def test_summarise_of_nothing_is_empty():
     assert len(summarise(pd.DataFrame())) == 0
     assert math.isnan(mean_f1(summarise(pd.DataFrame())))
+
+
+def test_answer_agreement_counts_the_shared_error_free_questions_worked_by_hand():
+    from orchestrator.eval.pope import answer_agreement
+
+    score = pd.DataFrame({"split": ["random", "random", "popular", "popular", "adversarial"],
+                          "item_id": ["1", "2", "1", "2", "9"], "answer": ["yes", "no", "no", "yes", "yes"],
+                          "raw_answer": ["Yes", "No", "No", "Yes", "Yes"], "error": ["", "", "", "", ""]})
+    generate = pd.DataFrame({"split": ["random", "random", "popular", "popular", "random"],
+                             "item_id": [1, 2, 1, 2, 3], "answer": ["yes", "yes", "no", "yes", "no"],
+                             "raw_answer": ["Yes, there is.", "Yes", "No", "Yes", "No"],
+                             "error": ["", "", "", "model failed", ""]})
+    # in common and error-free: random/1 (same), random/2 (differs), popular/1 (same); popular/2 is an error
+    found = answer_agreement(score, generate)
+    assert found == {"n": 3, "same": 2, "share_same": 2 / 3, "share_different": 1 / 3}
+    raw = answer_agreement(score, generate, column="raw_answer")
+    assert (raw["n"], raw["same"]) == (3, 1)
+    assert math.isnan(answer_agreement(score.iloc[:0], generate)["share_same"])
+    with pytest.raises(ValueError, match="missing column"):
+        answer_agreement(score.drop(columns="answer"), generate)

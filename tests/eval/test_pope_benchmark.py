@@ -53,9 +53,11 @@ def test_tiny_run_answers_every_question_and_breaks_the_seconds_down(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "pope.json"
+    modes = ["prefix", "generate", "prefix-generate", "generate-hadpo", "prefix-generate-hadpo", "milebench"]
     try:
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--modes", "prefix", "--workdir", workdir,
-                               "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--modes", *modes, "--hadpo-new-tokens", "6",
+                               "--workdir", workdir, "--json", str(out)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -70,3 +72,22 @@ def test_tiny_run_answers_every_question_and_breaks_the_seconds_down(tmp_path):
     assert prefix["seconds_all"] == pytest.approx(phases["total_s"]) and results["ray_init_s"] > 0
     assert {"modeling_import_s", "weights_s", "processor_s"} <= set(phases["model_steps"])
     assert phases["prefix_stats"]["pixels_given"] == phases["prefix_stats"]["prefix_computed"] == 4
+
+    # generate with prefix reuse under both protocols: all questions, the decode stage made the pixels,
+    # HA-DPO's answers forced to 6 new tokens each distinct question, LLaVA's short answers at most 3
+    for mode, most in (("prefix-generate", 3), ("prefix-generate-hadpo", 6)):
+        row = results["results"][mode]
+        assert row["questions_timed"] == 72 and row["errors"] == 0 and row["seconds_all_measured"]
+        stats = row["phases"]["prefix_stats"]
+        assert stats["pixels_given"] == stats["prefix_computed"] == 4 and stats["questions"] == 72
+        assert stats["new_tokens"] <= most * stats["suffixes"]
+    hadpo = results["results"]["prefix-generate-hadpo"]["phases"]["prefix_stats"]
+    assert hadpo["new_tokens"] == 6 * hadpo["suffixes"] and hadpo["suffixes"] < 72   # shared questions once
+    # fp32 on the CPU: the prefix-reused answers are the plain batched ones, word for word
+    agreement = results["agreement"]
+    for pair in ("prefix-generate vs generate", "prefix-generate-hadpo vs generate-hadpo"):
+        assert agreement[pair] == {"n": 72, "identical_text": 1.0, "identical_yes_no": 1.0}
+    assert agreement["prefix vs prefix-generate"]["n"] == 72 and "prefix vs generate-hadpo" in agreement
+    assert "agreement prefix-generate vs generate: 100.00 % identical answers" in proc.stdout
+    mile = results["results"]["milebench"]
+    assert mile["questions_timed"] == 2 * 4 and mile["errors"] == 0

@@ -164,3 +164,55 @@ def test_another_model_plugs_in_through_the_adapter_interface(pope_rows, mile_ro
     # score mode with a model that cannot score: each item reports it instead of crashing the run
     scored = answer(Predictor(settings("/unused", mode="score", model_adapter=EchoModel)), pope_items(pope_rows[:2]))
     assert all("cannot score" in r["error"] for r in scored)
+
+
+def test_one_actor_answers_pope_by_image_and_milebench_in_length_sorted_batches(tiny_model_dir, pope_rows, mile_rows):
+    """Generate mode with prefix reuse: POPE through the shared image prefix, MileBench through batched
+    `generate` (sorted by prompt length, left-padded); both as each item answered alone."""
+    items = milebench_items(mile_rows[:8]) + varied_pope_items(pope_rows, n=6)
+    items = items[::2] + items[1::2]                                       # interleaved, as blocks may be
+    alone = answer(Predictor(settings(tiny_model_dir, mode="generate", batch_size=1)), items)
+    predictor = Predictor(settings(tiny_model_dir, mode="generate", batch_size=16, image_budget=12,
+                                   prefix_reuse=True))
+    calls = []                                                             # prompt lengths of each model batch
+    forward = predictor.model.forward
+
+    def recording_forward(questions, image_paths, **kwargs):
+        calls.append([predictor.model.prompt_length(q, len(p)) for q, p in zip(questions, image_paths)])
+        return forward(questions, image_paths, **kwargs)
+
+    predictor.model.forward = recording_forward
+    together = answer(predictor, items)
+    for a, b in zip(alone, together):
+        assert a["error"] == b["error"] == "" and a["raw_answer"] == b["raw_answer"]
+    assert predictor.prefix.stats["questions"] == 6                         # POPE by image, not through forward
+    assert sum(len(call) for call in calls) == 8 and len(calls) > 1 and max(len(call) for call in calls) > 1
+    assert len({n for call in calls for n in call}) > 1                     # prompts of different lengths
+    # batches of similar length: each batch's prompts are no longer than the next batch's
+    assert all(max(a) <= min(b) for a, b in zip(calls, calls[1:]))
+
+
+def test_warm_up_at_start_leaves_answers_and_statistics_as_without_it(tiny_model_dir, pope_rows):
+    items = varied_pope_items(pope_rows, n=4)
+    common = dict(mode="generate", max_new_tokens=3, prefix_reuse=True)
+    cold = Predictor(settings(tiny_model_dir, warm_up=False, **common))
+    assert cold._warming is None                                          # default on a CPU: no warm-up
+    warm = Predictor(settings(tiny_model_dir, warm_up=True, **common))
+    assert warm._warming is not None
+    rows = answer(warm, items)
+    assert warm._warming is None and warm.timings["warm_up_s"] > 0 and "warm_up_joined" in warm.timings
+    assert [r["raw_answer"] for r in rows] == [r["raw_answer"] for r in answer(cold, items)]
+    assert warm.prefix.stats == cold.prefix.stats                          # the warm-up is not counted
+    assert not any(key[0] == "<warm-up>" for key in warm.prefix._lru)
+
+
+def test_weight_files_are_found_and_prefetched(tiny_model_dir, tmp_path):
+    from orchestrator.eval.predictor import prefetch_files, weight_files
+
+    adapter = tmp_path / "checkpoint" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    files = weight_files(str(tiny_model_dir), str(tmp_path / "checkpoint"), "", None, str(tmp_path / "missing"))
+    assert [f.name for f in files] == ["model.safetensors", "adapter_model.safetensors"]
+    expected = sum(f.stat().st_size for f in files)
+    assert prefetch_files(files + [tmp_path / "missing.safetensors"]) == expected
