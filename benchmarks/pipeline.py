@@ -227,6 +227,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool) -> dict[str, Any]:
     import torch
 
     from orchestrator.data import datasets
+    from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
     from orchestrator.model.llava import load_llava
     from orchestrator.plan import use_gradient_checkpointing, with_gpu_memory
     from orchestrator.train.pairs import longest_row_tokens
@@ -245,6 +246,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool) -> dict[str, Any]:
     cached = open_reference_cache(caches[-1]).load() if caches else None
     loaded = load_llava(cfg.model.path, dtype="bfloat16" if cuda else "float32", device=device,
                         attn_implementation=cfg.model.attn_implementation)
+    kernels = apply_fused_kernels(loaded.model, resolve_fused_kernels(cfg.train.fused_kernels, cuda))  # as the recipe
     freeze_vision(loaded.model)
     pairs = cfg.train.batch_size_per_worker
     order = epoch_order(len(rows), cfg.train.seed, 0)
@@ -276,6 +278,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool) -> dict[str, Any]:
     timed = times[warmup:]
     return {"pairs": pairs, "timed_steps": len(timed), "steady_pairs_per_s": pairs * len(timed) / sum(timed),
             "gradient_checkpointing": checkpointing, "reference": "cached" if cached else "in the loop",
+            "fused_kernels": kernels,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
             "step_seconds_first": [round(t, 3) for t in times[:6]]}
 
@@ -313,7 +316,7 @@ def print_table(results: dict) -> None:
     if loop:
         print(f"{'plain loop':<16}{'':>8}{'':>12}{_f(loop['steady_pairs_per_s'], '.2f') + ' pairs/s':>22}"
               f"{_f(loop.get('peak_allocated_gb')):>10}  same rows, torch + peft only, checkpointing "
-              f"{'on' if loop['gradient_checkpointing'] else 'off'}")
+              f"{'on' if loop['gradient_checkpointing'] else 'off'}, fused kernels {loop['fused_kernels']}")
         if dpo.get("steady_pairs_per_s"):
             print(f"product path / plain loop: {dpo['steady_pairs_per_s'] / loop['steady_pairs_per_s']:.2f}x pairs/s")
     if dpo.get("first_step_after_fit_start_s") is not None:

@@ -170,6 +170,9 @@ class TrainConfig(_Section):
         True, description="DPO: reference log-probs computed once in a Ray Data pass and cached in parquet "
         "(keyed by sample id and reference-model hash) instead of a reference forward every step")
     bf16: bool = Field(True, description="bf16 on GPU; CPU runs always use float32")
+    fused_kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="fused RMSNorm / SwiGLU / RoPE kernels for the language model (orchestrator/model/"
+        "kernels.py); auto: liger-kernel on a GPU where it is installed (the [gpu] extra), none elsewhere")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint_every_steps: int = Field(100, gt=0)

@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.config import ExperimentConfig, TrainConfig
+from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
 from orchestrator.model.llava import LoadedLlava, load_llava
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
 from orchestrator.train.engine import Engine, make_engine
@@ -177,6 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rows = pending_rows.result()
     model = loaded.model
     model.config.use_cache = False
+    kernels = apply_fused_kernels(model, resolve_fused_kernels(train.fused_kernels, on_gpu))
     if not (plan.stage == "sft" and train.sft.train_vision):
         freeze_vision(model)
     schedule = plan_schedule(len(rows), world, train, plan)
@@ -231,7 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "gradient checkpointing %s%s", plan.stage, len(rows), world, train.batch_size_per_worker,
                  train.gradient_accumulation, schedule.steps_per_epoch, schedule.total_steps, start_step,
                  engine.describe() + ("" if zero_reason == "set in the config" else f" ({zero_reason})"),
-                 "on" if checkpointing else "off",
+                 ("on" if checkpointing else "off") + f", fused kernels {kernels}",
                  "" if plan.stage != "dpo" else f", {'packed' if train.prefix_sharing else 'plain'} pairs, "
                  f"reference {'cached' if cached_reference else 'in the loop'}")
         log.info("setup %s", lap)
