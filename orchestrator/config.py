@@ -169,6 +169,10 @@ class TrainConfig(_Section):
     reference_cache: bool = Field(
         True, description="DPO: reference log-probs computed once in a Ray Data pass and cached in parquet "
         "(keyed by sample id and reference-model hash) instead of a reference forward every step")
+    pad_to_multiple_of: int = Field(
+        64, gt=0, description="packed DPO rows padded to a multiple of this many tokens: few distinct shapes, so "
+        "the GPU sets its kernels up for each once (rows of new lengths made the first steps slow; the padding "
+        "is masked)")
     bf16: bool = Field(True, description="bf16 on GPU; CPU runs always use float32")
     fused_kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="fused RMSNorm / SwiGLU / RoPE kernels for the language model (orchestrator/model/"

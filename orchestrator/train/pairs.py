@@ -118,20 +118,27 @@ def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, t
 
 
 def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
-                   max_length: int = 2048) -> PackedPairs | None:
+                   max_length: int = 2048, pad_to_multiple_of: int = 1) -> PackedPairs | None:
     """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped."""
     kept, skipped = encode_pairs(batch, loaded, template, max_length)
     if not kept:
         return None
     return pack_pairs([(prompt, chosen, rejected) for _, _, prompt, chosen, rejected in kept],
                       pixel_values(loaded, [image for _, image, *_ in kept]), loaded.tokenizer.pad_token_id,
-                      sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped)
+                      sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped,
+                      pad_to_multiple_of=pad_to_multiple_of)
 
 
 def pack_pairs(token_pairs: Sequence[tuple[list[int], list[int], list[int]]], pixels: torch.Tensor, pad_id: int,
-               sample_ids: list[str] | None = None, skipped: list[dict[str, str]] | None = None) -> PackedPairs:
-    """(prompt ids, chosen answer ids, rejected answer ids) per pair -> right-padded packed rows."""
-    width = max(len(p) + len(c) + len(r) for p, c, r in token_pairs)
+               sample_ids: list[str] | None = None, skipped: list[dict[str, str]] | None = None,
+               pad_to_multiple_of: int = 1) -> PackedPairs:
+    """(prompt ids, chosen answer ids, rejected answer ids) per pair -> right-padded packed rows.
+
+    `pad_to_multiple_of` rounds the row width up (`train.pad_to_multiple_of`): fewer distinct shapes for the
+    GPU kernels to set up (the padding is masked; no log-prob changes).
+    """
+    longest = max(len(p) + len(c) + len(r) for p, c, r in token_pairs)
+    width = -(-longest // max(pad_to_multiple_of, 1)) * max(pad_to_multiple_of, 1)
     count = len(token_pairs)
     input_ids = torch.full((count, width), pad_id, dtype=torch.long)
     segments = torch.full((count, width), PAD, dtype=torch.uint8)
@@ -163,10 +170,11 @@ def pack_pairs(token_pairs: Sequence[tuple[list[int], list[int], list[int]]], pi
 
 
 def collate_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
-                  max_length: int = 2048, packed: bool = True) -> PackedPairs | Collated | None:
+                  max_length: int = 2048, packed: bool = True, pad_to_multiple_of: int = 1
+                  ) -> PackedPairs | Collated | None:
     """Preference rows in the packed or the plain layout (`train.prefix_sharing`)."""
     if packed:
-        return collate_packed(batch, loaded, template, max_length)
+        return collate_packed(batch, loaded, template, max_length, pad_to_multiple_of)
     return collate_preference(batch, loaded, template, max_length)
 
 

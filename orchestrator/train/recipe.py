@@ -436,7 +436,8 @@ def collate_stage(batch: dict[str, list], loaded: LoadedLlava, stage: str, cfg: 
     train = cfg.train
     if stage == "sft":
         return collate_sft(batch, loaded, cfg.model.train_template, train.max_length)
-    inputs = collate_pairs(batch, loaded, cfg.model.train_template, train.max_length, packed=train.prefix_sharing)
+    inputs = collate_pairs(batch, loaded, cfg.model.train_template, train.max_length, packed=train.prefix_sharing,
+                           pad_to_multiple_of=train.pad_to_multiple_of)
     if inputs is not None and cached_reference is not None:
         values = torch.tensor([cached_reference[sample_id] for sample_id in inputs.sample_ids], dtype=torch.float32)
         inputs.reference = (values[:, 0], values[:, 1])

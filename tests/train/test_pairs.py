@@ -41,6 +41,19 @@ def test_packed_log_probs_equal_the_plain_layout(loaded, rows):
     assert not torch.allclose(packed_chosen, packed_rejected)
 
 
+def test_rows_padded_to_a_multiple_score_the_same(loaded, rows):
+    """train.pad_to_multiple_of: wider rows (fewer distinct shapes), the same log-probs."""
+    model = loaded.model.eval()
+    batch = as_batch(rows)
+    exact = collate_packed(batch, loaded, "v1", 512)
+    padded = collate_packed(batch, loaded, "v1", 512, pad_to_multiple_of=64)
+    assert padded.input_ids.shape[1] % 64 == 0 and padded.input_ids.shape[1] >= exact.input_ids.shape[1]
+    assert padded.num_tokens == exact.num_tokens
+    with torch.no_grad():
+        for got, want in zip(score_pairs(model, padded, "cpu"), score_pairs(model, exact, "cpu")):
+            assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
 def test_packed_gradients_equal_the_plain_layout(loaded, rows):
     """The DPO loss's gradient flows through the shared prompt once: same gradients as two rows."""
     model = loaded.model.train()
