@@ -261,13 +261,14 @@ class Predictor:
             self.prefix.split(question)
             if settings.mode == "score":
                 self.model.yes_no_ids()
-            self._warming = threading.Thread(target=self._warm_up, args=(question,), name="model-warm-up",
+            eos = getattr(getattr(self.model, "tokenizer", None), "eos_token_id", None)
+            self._warming = threading.Thread(target=self._warm_up, args=(question, eos), name="model-warm-up",
                                              daemon=True)
             self._warming.start()
         self._write_timings()
         log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
 
-    def _warm_up(self, question: str) -> None:
+    def _warm_up(self, question: str, eos_token_id: int | None) -> None:
         """One tiny answer through the prefix path (a blank image, `question`, two new tokens), so the
         first block does not pay for loading the kernels of the vision tower, prefill and decoding.
         Only model compute runs here (`__init__` tokenized the question); the statistics and the
@@ -282,7 +283,7 @@ class Predictor:
             if self.settings.mode == "score":
                 self.prefix.score([("<warm-up>", image, [question])])
             else:
-                self.prefix.generate([("<warm-up>", image, [question])], max_new_tokens=2)
+                self.prefix.generate([("<warm-up>", image, [question])], max_new_tokens=2, eos_token_id=eos_token_id)
             if getattr(self.model, "device", None) is not None and str(self.model.device).startswith("cuda"):
                 torch.cuda.synchronize()
             self.prefix.stats.clear()
