@@ -470,8 +470,11 @@ def build_data_section(args, out: Path, model_dir: Path) -> tuple[dict, list[dic
 
 def make_config(args, name: str, *, workers: int, lora: bool = True, steps: int, log_every: int,
                 checkpoint_every: int, max_failures: int = 0, offload_optimizer: bool = False,
-                pope: dict | None = None, actors: int = 1):
+                pope: dict | None = None, actors: int = 1, zero_stage: int | str | None = None):
     from orchestrator.config import config_from_dict
+
+    if zero_stage is None:
+        zero_stage = args.zero_stage if args.zero_stage == "auto" else int(args.zero_stage)
 
     raw = {
         "name": name,
@@ -486,14 +489,14 @@ def make_config(args, name: str, *, workers: int, lora: bool = True, steps: int,
             "prefix_sharing": not args.plain_pairs, "reference_cache": not args.plain_pairs,
             "bf16": args.use_gpu,
             "lora": {"enabled": lora, "rank": args.lora_rank, "alpha": 2 * args.lora_rank, "dropout": 0.05},
-            "deepspeed": {"enabled": True, "zero_stage": args.zero_stage, "offload_optimizer": offload_optimizer,
+            "deepspeed": {"enabled": True, "zero_stage": zero_stage, "offload_optimizer": offload_optimizer,
                           "offload_params": False, "torch_adam": True},
             "checkpoint_every_steps": checkpoint_every, "keep_checkpoints": 2, "max_failures": max_failures,
             "log_every_steps": log_every, "seed": 42,
         },
         "scaling": {"num_workers": workers, "use_gpu": args.use_gpu, "gpu_memory_gb": args.gpu_memory_gb,
                     "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": 1.0 if args.use_gpu else 0.0},
-        "eval": {"mode": "score", "batch_size": args.eval_batch, "num_actors": actors,
+        "eval": {"mode": args.eval_mode, "max_new_tokens": 3, "batch_size": args.eval_batch, "num_actors": actors,
                  "cpus_per_actor": args.cpus_per_worker, "gpus_per_actor": 1.0 if args.use_gpu else 0.0,
                  "prefix_reuse": True},
         "wandb": {"mode": "disabled"},
@@ -514,7 +517,8 @@ def timing_plan(steps: int, warmup: int | None) -> tuple[int, int]:
 
 def train_run(args, name: str, dataset, *, workers: int, lora: bool = True, steps: int, warmup: int,
               log_every: int, stop_early: bool, offload_optimizer: bool = False, deadline: float | None = None,
-              checkpoint_every: int | None = None, max_failures: int = 0, kill: dict | None = None) -> dict:
+              checkpoint_every: int | None = None, max_failures: int = 0, kill: dict | None = None,
+              zero_stage: int | str | None = None) -> dict:
     """One run_training call with a StepProbe; returns timings, memory and what the run reported."""
     import pyarrow.parquet as pq
 
@@ -523,7 +527,7 @@ def train_run(args, name: str, dataset, *, workers: int, lora: bool = True, step
     max_steps = steps + 1 if stop_early else steps
     cfg = make_config(args, name, workers=workers, lora=lora, steps=max_steps, log_every=log_every,
                       checkpoint_every=checkpoint_every or 10 ** 6, max_failures=max_failures,
-                      offload_optimizer=offload_optimizer)
+                      offload_optimizer=offload_optimizer, zero_stage=zero_stage)
     probe_dir = args.out / "probe"
     probe_dir.mkdir(parents=True, exist_ok=True)
     for old in probe_dir.glob(f"{name}.rank*.jsonl"):
@@ -531,7 +535,7 @@ def train_run(args, name: str, dataset, *, workers: int, lora: bool = True, step
     hook = StepProbe(str(probe_dir), name, stop_at=max_steps if stop_early else None, deadline=deadline,
                      **(kill or {}))
     entry: dict[str, Any] = {"workers": workers, "steps": steps, "warmup_steps": warmup, "lora": lora,
-                             "zero_stage": 3, "offload_optimizer": offload_optimizer,
+                             "zero_stage": cfg.train.deepspeed.zero_stage, "offload_optimizer": offload_optimizer,
                              "pairs_per_worker": args.pairs}
     started = time.time()
     error = None
@@ -542,6 +546,12 @@ def train_run(args, name: str, dataset, *, workers: int, lora: bool = True, step
     except Exception as exc:  # a planned stop surfaces as a failed run; anything else is reported
         error = exc
     entry["wall_s"] = time.time() - started
+    from orchestrator.train.tracking import timings_path
+
+    clock = timings_path(cfg, "dpo")  # rank 0's record: the engine the recipe resolved ("auto" stage) and why
+    if clock.is_file():
+        recorded = json.loads(clock.read_text())
+        entry.update(engine=recorded.get("engine"), engine_reason=recorded.get("engine_reason"))
     records = read_probe(probe_dir, name)
     planned = error is not None and STOP_MESSAGE in _error_text(error)
     if error is not None and not planned:
@@ -610,11 +620,10 @@ def full_section(args, dataset, workers: int, deadline: float, seq_len: int) -> 
     steps = args.full_steps
     warmup = 1
     name = "mg-full"
-    base = make_config(args, name, workers=workers, lora=False, steps=steps, log_every=1, checkpoint_every=10 ** 6)
+    base = make_config(args, name, workers=workers, lora=False, steps=steps, log_every=1, checkpoint_every=10 ** 6,
+                       zero_stage=3)
     plan = plan_for(base, seq_len)
-    reference = plan.components.get("reference model", 0.0)
-    # The recipe's frozen reference is an unsharded deep copy on every rank (the plan shards it under ZeRO-3).
-    corrected = plan.total_gb - reference + reference * workers
+    corrected = plan.total_gb  # the planner counts the frozen reference as the recipe keeps it (none with the cache)
     capacity = base.scaling.gpu_memory_gb * 0.95
     if args.full_offload == "auto":
         offload = args.use_gpu and (not fits(plan) or corrected > capacity)
@@ -624,19 +633,19 @@ def full_section(args, dataset, workers: int, deadline: float, seq_len: int) -> 
                              "plan_components": {k: round(v, 2) for k, v in plan.components.items()}}
     if offload:
         off = plan_for(make_config(args, name, workers=workers, lora=False, steps=steps, log_every=1,
-                                   checkpoint_every=10 ** 6, offload_optimizer=True), seq_len)
-        entry["plan_gb_offload_corrected"] = off.total_gb - reference + reference * workers
+                                   checkpoint_every=10 ** 6, offload_optimizer=True, zero_stage=3), seq_len)
+        entry["plan_gb_offload_corrected"] = off.total_gb
     say(f"{name}: full-parameter DPO, ZeRO-3 over {workers} worker(s), {steps} steps; plan {plan.total_gb:.1f} GB/GPU, "
         f"{corrected:.1f} with the unsharded reference -> optimizer offload {'ON' if offload else 'off'}")
     attempts = []
     run = train_run(args, name, dataset, workers=workers, lora=False, steps=steps, warmup=warmup, log_every=1,
-                    stop_early=True, offload_optimizer=offload, deadline=deadline)
+                    stop_early=True, offload_optimizer=offload, deadline=deadline, zero_stage=3)
     attempts.append(run)
     oom = "error" in run and run["error"].startswith("OOM")
     if oom and not offload and args.full_offload == "auto" and time.time() < deadline - SECTION_SECONDS["full"] * 0.6:
         say(f"{name}: out of GPU memory without offload; retrying with the optimizer offloaded to CPU")
         run = train_run(args, name, dataset, workers=workers, lora=False, steps=steps, warmup=warmup, log_every=1,
-                        stop_early=True, offload_optimizer=True, deadline=deadline)
+                        stop_early=True, offload_optimizer=True, deadline=deadline, zero_stage=3)
         attempts.append(run)
     for attempt in attempts:
         attempt.pop("_records", None)
@@ -704,7 +713,7 @@ class _EvalProgress(logging.Handler):
 def pope_section(args, pope: dict, workers: int) -> dict:
     from orchestrator.eval.runner import run_eval
 
-    entry: dict[str, Any] = {"actors_n": workers, "pope_images": args.pope_images, "mode": "score",
+    entry: dict[str, Any] = {"actors_n": workers, "pope_images": args.pope_images, "mode": args.eval_mode,
                              "prefix_reuse": True, "batch_size": args.eval_batch}
     runner_log = logging.getLogger("orchestrator.eval.runner")
     for actors in dict.fromkeys([1, workers]):
@@ -790,8 +799,11 @@ def parse_args(argv=None):
                         help="let the LoRA throughput runs write their final checkpoint (default: stop before it)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model folder even if it is there")
     parser.add_argument("--ray-temp", default=None, help="Ray's temp dir (default /tmp/ray-mg-<uid>)")
-    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=3, help="DeepSpeed ZeRO stage")
-    parser.add_argument("--checkpointing", choices=["true", "false", "auto"], default="true",
+    parser.add_argument("--zero-stage", choices=["auto", "0", "1", "2", "3"], default="auto",
+                        help="train.deepspeed.zero_stage (auto, the default: the planner's choice, logged by the recipe)")
+    parser.add_argument("--eval-mode", choices=["generate", "score"], default="generate",
+                        help="eval.mode of the POPE section (prefix reuse either way)")
+    parser.add_argument("--checkpointing", choices=["true", "false", "auto"], default="auto",
                         help="train.gradient_checkpointing (auto: the planner decides)")
     parser.add_argument("--plain-pairs", action="store_true",
                         help="2B plain rows with the reference in the loop (train.prefix_sharing and "
@@ -851,8 +863,6 @@ def main(argv=None) -> int:
     args.use_gpu = not args.tiny
     args.gpu_memory_gb = 80.0  # the planner's GiB per GPU (checkpointing "auto"): the card's own where there is one
     if args.use_gpu:
-        import torch
-
         args.gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     if args.use_gpu and not torch.cuda.is_available():
         print("no GPU visible: the 7B shape needs GPUs; use --tiny for the CPU check", file=sys.stderr)

@@ -237,7 +237,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "" if plan.stage != "dpo" else f", {'packed' if train.prefix_sharing else 'plain'} pairs, "
                  f"reference {'cached' if cached_reference else 'in the loop'}")
         log.info("setup %s", lap)
-    clock = _StepClock(timings_path(cfg, plan.stage), lap, enabled=rank == 0)
+    clock = _StepClock(timings_path(cfg, plan.stage), lap, enabled=rank == 0,
+                       engine=engine.describe(), engine_reason=zero_reason)
 
     # 5. The loop: micro-batches from the resume position; an optimizer step every `accumulation`.
     step = start_step
@@ -331,8 +332,9 @@ class _StepClock:
     worker process started, the setup phases, when each optimizer step ended, the peak GPU memory.
     `hadpo run` keeps it with the run; benchmarks/pipeline.py reads start-up and steady speed from it."""
 
-    def __init__(self, path: Path, laps: _Laps, enabled: bool):
+    def __init__(self, path: Path, laps: _Laps, enabled: bool, engine: str = "", engine_reason: str = ""):
         self.path, self.laps, self.enabled = path, laps, enabled
+        self.engine, self.engine_reason = engine, engine_reason
         self.process_started = process_start_time()
         self.step_ends: list[tuple[int, float]] = []
 
@@ -351,7 +353,8 @@ class _StepClock:
         peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_initialized() else None
         write_json_atomic(self.path, {
             "process_started": self.process_started, "setup_started": self.laps.marks[0][1],
-            "setup": self.laps.as_list(), "step_ends": self.step_ends, "peak_allocated_gb": peak})
+            "setup": self.laps.as_list(), "step_ends": self.step_ends, "peak_allocated_gb": peak,
+            "engine": self.engine, "engine_reason": self.engine_reason})
 
 
 def _seed_all(seed: int) -> None:
