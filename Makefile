@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export RAY_TRAIN_V2_ENABLED := 1
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the fast lane: no test that starts Ray or trains (those are marked slow; starting Ray here is an error)
+test-fast: $(STAMP)
+	HADPO_FORBID_RAY=1 $(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf runs .pytest_cache .torch_extensions

@@ -51,6 +51,9 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
 
     if ray.is_initialized():
         return ray
+    if os.environ.get("HADPO_FORBID_RAY"):  # `make test-fast`: a test that starts Ray must be marked slow
+        raise RuntimeError("HADPO_FORBID_RAY is set (make test-fast): this code path starts Ray; mark its test "
+                           "@pytest.mark.slow")
     for key, value in project_env_defaults(Path(config.output_root)).items():
         os.environ.setdefault(key, value)
     kwargs = dict(runtime_env=config.runtime_env(), log_to_driver=True, include_dashboard=False)

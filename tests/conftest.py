@@ -18,6 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the shared Ray session is slow, marked or not (`make test-fast` leaves it out)."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A local Ray with 2 CPUs shared by every test that needs one."""
