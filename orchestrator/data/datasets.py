@@ -127,17 +127,21 @@ def _vg_paths(paths: DataPaths, what: str) -> dict[str, str]:
 # Row builders: plain lists of dicts, cheap to test without Ray.
 
 def preference_rows(config: ExperimentConfig, stats: dict | None = None) -> list[dict]:
-    """The recipe's training list: usable pope records plus each description pair `desc_repeats` times."""
+    """The recipe's training list, in HA-DPO's order: the usable pope records, then each description pair
+    `desc_repeats` times (``pope_data_dict + desc_data_dict*2`` in upstream's `LazySupervisedDataset`);
+    ``list_index`` numbers the rows in that order."""
     paths = resolve_data_paths(config)
     if not (paths.hadpo_desc or paths.hadpo_pope):
         raise ValueError("no preference data: set data.hadpo_desc and/or data.hadpo_pope")
     images = _vg_paths(paths, "HA-DPO preference data")
     rows: list[dict] = []
-    if paths.hadpo_desc:
-        rows += formats.read_hadpo_desc(paths.hadpo_desc, images, seed=config.data.seed,
-                                        repeats=config.data.desc_repeats)
     if paths.hadpo_pope:
         rows += formats.read_hadpo_pope(paths.hadpo_pope, images, stats=stats)
+    if paths.hadpo_desc:
+        desc = formats.read_hadpo_desc(paths.hadpo_desc, images, seed=config.data.seed,
+                                       repeats=config.data.desc_repeats,
+                                       string_answers=config.data.desc_string_answers, stats=stats)
+        rows += [{**row, "list_index": len(rows) + row["list_index"]} for row in desc]
     return rows
 
 
@@ -252,7 +256,17 @@ def preference_dataset(config: ExperimentConfig) -> CheckedDataset:
     stats: dict = {}
     result = checked_dataset(preference_rows(config, stats), "preference", config)
     if stats.get("skipped_correct"):
-        log.info("preference: %d pope records skipped because correct == true", stats["skipped_correct"])
+        log.info("preference: %d pope records skipped because `correct` is true", stats["skipped_correct"])
+    if stats.get("correct_not_boolean"):
+        log.warning("preference: %d pope records have a `correct` that is not true/false; read by truth as "
+                    "HA-DPO does (1 and any non-empty string, \"false\" too, count as true: the record is skipped)",
+                    stats["correct_not_boolean"])
+    if stats.get("desc_string_answers"):
+        what = ("one CHARACTER was drawn from each, as HA-DPO's random.choice(str) does; "
+                "data.desc_string_answers=whole keeps the whole string" if config.data.desc_string_answers ==
+                "character" else "the whole string is used (data.desc_string_answers=whole, a deviation from HA-DPO)")
+        log.warning("preference: %d chosen/rejected values of %s are a single string, not a list: %s",
+                    stats["desc_string_answers"], resolve_data_paths(config).hadpo_desc, what)
     return result
 
 

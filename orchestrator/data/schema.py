@@ -13,7 +13,9 @@ from typing import Any
 # A preference pair for DPO. `prompt` is the user's text without the "<image>\n" prefix (the
 # conversation template adds it). `source` is "desc" or "pope"; `sample_id` is unique in a dataset
 # (description pairs used twice get distinct ids, e.g. "desc-<image_id>-0" and "desc-<image_id>-1").
-PREFERENCE_COLUMNS = ("sample_id", "source", "image_id", "image", "prompt", "chosen", "rejected")
+# `list_index` is the pair's position in HA-DPO's training list (pope pairs, then the description pairs
+# twice): the order the recipe's seeded permutation is applied to.
+PREFERENCE_COLUMNS = ("sample_id", "source", "image_id", "image", "prompt", "chosen", "rejected", "list_index")
 
 # A supervised example (warm-up stage): one image, one prompt, one target response.
 SFT_COLUMNS = ("sample_id", "image_id", "image", "prompt", "response")

@@ -29,8 +29,8 @@ Supports
 
 Assumptions and limits (stated, not hidden)
 - Data: the preference list is small text (16K pairs for HA-DPO), so each worker reads all rows of
-  the (unsplit) dataset, sorts them by sample_id and takes its share of a seeded per-epoch permutation,
-  as torch's DistributedSampler does. The order therefore depends only on (seed, epoch, world size),
+  the (unsplit) dataset, puts them in HA-DPO's list order (`list_index`; sft rows by sample_id) and
+  takes its share of a seeded per-epoch permutation, as torch's DistributedSampler does. The order therefore depends only on (seed, epoch, world size),
   and a resumed run continues with exactly the batch after its checkpoint. Images are decoded in the
   loop, one micro-batch ahead on a background thread. Rows that do not fill a whole optimizer step on
   every rank are dropped at the end of each epoch.
@@ -518,7 +518,9 @@ def _read_rows(shard) -> list[dict[str, Any]]:
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one short read per worker
     rows = [dict(row) for row in shard.iter_rows()]
-    rows.sort(key=lambda row: str(row["sample_id"]))
+    # HA-DPO's list order (pope pairs, then description pairs twice: `list_index`): which pairs a seeded
+    # permutation puts in one batch depends on it; rows without it (sft) by sample id
+    rows.sort(key=lambda row: (row.get("list_index", -1), str(row["sample_id"])))
     return rows
 
 

@@ -51,6 +51,19 @@ def test_preference_rows_follow_the_recipe(synth_world, tmp_path):
     assert rows == datasets.preference_rows(config)  # the draw is seeded
 
 
+def test_preference_rows_are_in_ha_dpo_list_order(synth_world, tmp_path):
+    """Upstream `LazySupervisedDataset.__init__` (ha_dpo/models/llava-v1_5/train_dpo.py):
+    ``list_data_dict = pope_data_dict + desc_data_dict*2``: pope pairs first, then all descriptions, twice."""
+    world, _ = synth_world
+    rows = datasets.preference_rows(synthetic_config(world, tmp_path))
+    pope_records = json.loads((world / "hadpo/pope_data.json").read_text())
+    desc_ids = list(json.loads((world / "hadpo/desc_data.json").read_text()))
+    usable = [f"pope-{i}" for i, r in enumerate(pope_records) if not r["correct"]]
+    expected = usable + [f"desc-{i}-0" for i in desc_ids] + [f"desc-{i}-1" for i in desc_ids]
+    assert [row["sample_id"] for row in rows] == expected
+    assert [row["list_index"] for row in rows] == list(range(len(rows)))
+
+
 def test_real_paths_and_synthetic_default_read_the_same_rows(synth_world, tmp_path):
     world, _ = synth_world
     assert datasets.preference_rows(real_config(world, tmp_path)) == \
