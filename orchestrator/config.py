@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
+
 
 class ConfigError(ValueError):
     """An experiment config that cannot be used; the message names the file and key path."""
@@ -40,11 +42,6 @@ class SyntheticWorldConfig(_Section):
     sft_cooccurrence_noise: float = Field(0.3, ge=0.0, le=1.0)
 
 
-# The name of the dataset the single form `data.pope: {questions, image_root}` configures: POPE's own COCO
-# set (the one LLaVA-1.5 and HA-DPO report). Its splits keep their bare names (random, popular, adversarial)
-# in answers, metrics and sweep objectives (`pope/adversarial/f1`); any other dataset's split is named
-# "<dataset>/<split>" (`pope/gqa/adversarial/f1`); `orchestrator.eval.pope.qualified_split` owns the rule.
-POPE_DEFAULT_DATASET = "coco"
 _POPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # no "/": it separates dataset and split in names
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.data import formats
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ def image_error(path: str) -> str:
 
 
 @dataclass
+class PopeFiles:
+    """One POPE dataset's question files (split -> file) and the folder its image names are joined onto."""
+
+    questions: dict[str, str]
+    image_root: str = ""
+
+
+@dataclass
 class DataPaths:
     """The concrete files a run reads, whether real or synthetic."""
 
@@ -69,8 +78,7 @@ class DataPaths:
     vg_image_data: str | None = None
     vg_root: str | None = None
     sft: str | None = None
-    pope_questions: dict[str, str] = field(default_factory=dict)
-    pope_image_root: str | None = None
+    pope: dict[str, PopeFiles] = field(default_factory=dict)  # dataset name -> its question files and image root
     milebench_root: str | None = None
     milebench_tasks: list[str] = field(default_factory=list)
     synthetic: bool = False
@@ -104,16 +112,18 @@ def resolve_data_paths(config: ExperimentConfig) -> DataPaths:
             vg_image_data=str(world / "VG" / "image_data.json"),
             vg_root=str(world / "VG"),
             sft=str(world / "sft" / "sft_data.json"),
-            pope_questions={split: str(world / "pope" / f"coco_pope_{split}.json") for split in POPE_SPLITS},
-            pope_image_root=str(world / "coco" / "val2014"),
+            pope={POPE_DEFAULT_DATASET: PopeFiles(
+                {split: str(world / "pope" / f"coco_pope_{split}.json") for split in POPE_SPLITS},
+                str(world / "coco" / "val2014"))},
             milebench_root=str(milebench) if milebench.is_dir() else None,
             milebench_tasks=list(data.milebench_tasks),
             synthetic=True,
         )
     return DataPaths(
         hadpo_desc=data.hadpo_desc, hadpo_pope=data.hadpo_pope, vg_image_data=data.vg_image_data,
-        vg_root=data.vg_root, sft=data.sft, pope_questions=dict(data.pope.questions),
-        pope_image_root=data.pope.image_root, milebench_root=data.milebench_root,
+        vg_root=data.vg_root, sft=data.sft,
+        pope={name: PopeFiles(dict(files.questions), files.image_root) for name, files in data.pope.by_name().items()},
+        milebench_root=data.milebench_root,
         milebench_tasks=list(data.milebench_tasks),
     )
 
@@ -153,10 +163,12 @@ def sft_rows(config: ExperimentConfig) -> list[dict]:
 
 
 def pope_rows(config: ExperimentConfig) -> list[dict]:
-    paths = resolve_data_paths(config)
+    """The questions of every POPE dataset and split, each row tagged with its dataset's name."""
     rows: list[dict] = []
-    for split, question_file in paths.pope_questions.items():
-        rows += formats.read_pope_questions(question_file, split=split, image_root=paths.pope_image_root or "")
+    for name, files in resolve_data_paths(config).pope.items():
+        for split, question_file in files.questions.items():
+            rows += formats.read_pope_questions(question_file, split=split, image_root=files.image_root,
+                                                dataset=name)
     return rows
 
 

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from orchestrator.data.schema import DataFormatError
+from orchestrator.data.schema import POPE_DEFAULT_DATASET, DataFormatError
 
 # The four description prompts of the HA-DPO LLaVA-1.5 recipe, exactly as its train_dpo.py has them
 # (without the "<image>\n" prefix, which the conversation template adds).
@@ -390,8 +390,12 @@ def _pope_records(path: Any, text: str) -> list[tuple[int, Any]]:
 
 
 def read_pope_questions(path: str | os.PathLike, split: str | None = None,
-                        image_root: str | os.PathLike = "") -> list[dict]:
+                        image_root: str | os.PathLike = "", dataset: str = POPE_DEFAULT_DATASET) -> list[dict]:
     """POPE questions, from JSON lines (COCO sets) or a pretty-printed JSON array (A-OKVQA, GQA).
+
+    The POPE repository (AoiDragon/POPE) ships ``output/coco/coco_pope_{split}.json`` as JSON lines and
+    ``output/seem/{aokvqa,gqa}/{aokvqa,gqa}_pope_seem_{split}.json`` as arrays; GQA's image names are
+    GQA ids (``2405722.jpg``), so each dataset has its own `image_root`. Rows carry `dataset`.
 
     Each record: ``{"question_id": int, "image": "COCO_val2014_....jpg", "text": str,
     "label": "yes" | "no"}``; the layout is told by content (first non-space character ``[`` means
@@ -420,7 +424,7 @@ def read_pope_questions(path: str | os.PathLike, split: str | None = None,
                        lambda v: isinstance(v, str) and v.strip().lower() in POPE_LABELS,
                        '"yes" or "no"')
         rows.append({
-            "question_id": question_id, "split": split,
+            "dataset": dataset, "question_id": question_id, "split": split,
             "image": _resolve(image_root, _text(path, record, obj, "image")),
             "question": _text(path, record, obj, "text"),
             "label": label.strip().lower(), "version": "",

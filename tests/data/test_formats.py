@@ -421,12 +421,12 @@ QUESTIONS = [
 ]
 
 
-def expected_questions(split, version, root=""):
+def expected_questions(split, version, root="", dataset="coco"):
     images = [os.path.join(root, q["image"]) if root else q["image"] for q in QUESTIONS]
     return [
-        {"question_id": 1, "split": split, "image": images[0],
+        {"dataset": dataset, "question_id": 1, "split": split, "image": images[0],
          "question": "Is there a snowboard in the image?", "label": "yes", "version": version},
-        {"question_id": 2, "split": split, "image": images[1],
+        {"dataset": dataset, "question_id": 2, "split": split, "image": images[1],
          "question": "Is there a dog in the image?", "label": "no", "version": version},
     ]
 
@@ -448,8 +448,8 @@ def test_read_pope_questions_json_lines(tmp_path):
 def test_read_pope_questions_json_array(tmp_path):
     path = write_json(tmp_path / "aokvqa_pope_seem_popular.json", QUESTIONS, indent=4)
     root = tmp_path / "coco" / "val2014"
-    rows = read_pope_questions(path, image_root=root)
-    assert rows == expected_questions("popular", sha_version(path, 2), str(root))
+    rows = read_pope_questions(path, image_root=root, dataset="aokvqa")
+    assert rows == expected_questions("popular", sha_version(path, 2), str(root), dataset="aokvqa")
     assert read_pope_questions(path, split="custom")[0]["split"] == "custom"
 
 
