@@ -96,7 +96,8 @@ class PopeFilesConfig(_Section):
             return dict(self.datasets)
         if not self.questions:
             return {}
-        return {POPE_DEFAULT_DATASET: PopeDatasetConfig(questions=dict(self.questions), image_root=self.image_root or "")}
+        single = PopeDatasetConfig(questions=dict(self.questions), image_root=self.image_root or "")
+        return {POPE_DEFAULT_DATASET: single}
 
 
 class DataConfig(_Section):

@@ -156,8 +156,8 @@ def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) ->
 
 
 # Keys of the train section that only the DPO stage reads: changing them must not redo the warm-up.
-DPO_ONLY_TRAIN_KEYS = ("loss", "beta", "sft_gamma", "learning_rate", "epochs", "max_steps", "lora",
-                       "checkpoint_every_steps", "keep_checkpoints", "log_every_steps")
+DPO_ONLY_TRAIN_KEYS = ("loss", "label_smoothing", "beta", "sft_gamma", "learning_rate", "epochs", "max_steps",
+                       "lora", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps")
 
 
 def warmup_train_settings(config: ExperimentConfig) -> dict[str, Any]:

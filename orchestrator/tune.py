@@ -85,7 +85,8 @@ def pope_objectives(config: ExperimentConfig) -> list[str]:
     from orchestrator.data.datasets import resolve_data_paths
     from orchestrator.eval import pope
 
-    return pope.objective_names({name: list(files.questions) for name, files in resolve_data_paths(config).pope.items()})
+    datasets = resolve_data_paths(config).pope
+    return pope.objective_names({name: list(files.questions) for name, files in datasets.items()})
 
 
 def check_objective(config: ExperimentConfig) -> None:

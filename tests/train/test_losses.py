@@ -41,7 +41,8 @@ SOFTPLUS_MINUS_1, SOFTPLUS_1 = math.log(1 + math.exp(-1)), math.log(1 + math.exp
     ("sigmoid", 0.1, [0.41326169, 1.21326169]),
     # robust DPO (Chowdhury et al. 2024, eq. 4; TRL): ((1-e) softplus(-z) - e softplus(z)) / (1 - 2e)
     # = softplus(-z) - e z / (1 - 2e): 0.31326 - 0.125 and 1.31326 + 0.125.
-    ("robust", 0.1, [(0.9 * SOFTPLUS_MINUS_1 - 0.1 * SOFTPLUS_1) / 0.8, (0.9 * SOFTPLUS_1 - 0.1 * SOFTPLUS_MINUS_1) / 0.8]),
+    ("robust", 0.1, [(0.9 * SOFTPLUS_MINUS_1 - 0.1 * SOFTPLUS_1) / 0.8,
+                     (0.9 * SOFTPLUS_1 - 0.1 * SOFTPLUS_MINUS_1) / 0.8]),
     ("robust", 0.1, [0.18826169, 1.43826169]),
     ("robust", 0.0, [SOFTPLUS_MINUS_1, SOFTPLUS_1]),  # no flipped labels: plain DPO
 ])
