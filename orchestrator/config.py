@@ -212,7 +212,8 @@ class TrainConfig(_Section):
         "the same as sigmoid at label_smoothing 0)")
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="probability that a preference label is flipped: sigmoid -> cDPO "
-        "(TRL's formula), robust -> robust DPO; must be 0 for ipo and hinge")
+        "(TRL's formula up to 0.28; later TRL keeps it for robust only), robust -> robust DPO; must be 0 for "
+        "ipo and hinge")
     beta: float = Field(0.1, gt=0.0)
     sft_gamma: float = Field(0.0, ge=0.0, description="weight of an auxiliary LM loss on chosen answers")
     learning_rate: float = Field(2e-6, gt=0.0)

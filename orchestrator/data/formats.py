@@ -215,12 +215,14 @@ def coco_image_id(name: str) -> int:
 #   keeps the whole string instead, and the draw is still made so that every other record's draws stay
 #   the same).
 #
-# Deviations, all on input upstream cannot read: a pope record may spell its rejected answer
-# ``rejected`` (upstream reads ``reject`` only: KeyError); desc_data.json may be a list of
-# ``{image_id, chosen, rejected}`` (the layout of HA-DPO's other model variants; upstream's LLaVA-1.5 code
-# reads only the object keyed by image id); a record with a missing or malformed field, or an image id
-# not in image_data.json, fails with file, record and field (upstream fails with a KeyError, or trains
-# on what it got); images that do not open are set aside and counted (datasets.py) where upstream stops.
+# Deviations (none touches well-formed LLaVA-1.5 files with the default settings): a pope record may spell
+# its rejected answer ``rejected`` (upstream reads ``reject`` only: KeyError); desc_data.json may be a list
+# of ``{image_id, chosen, rejected}`` (the layout of HA-DPO's other model variants; upstream's LLaVA-1.5
+# code reads only the object keyed by image id); a record with a missing or malformed field (an empty or
+# non-string question/answer, a list image id, an image id listed twice or not in image_data.json) fails
+# with file, record and field, where upstream raises a KeyError or trains on what it got; images that do
+# not open are set aside and counted (datasets.py) where upstream stops; `data.desc_repeats` (default 2,
+# upstream's ``*2``) and `data.desc_string_answers` (default "character", upstream's) are configurable.
 
 
 def _desc_records(path: Any, data: Any) -> list[tuple[Any, dict]]:

@@ -218,26 +218,35 @@ def mean_f1(table: pd.DataFrame, dataset: str | None = None) -> float:
 
 
 def objective_name(dataset: str, split: str, metric: str) -> str:
-    """A sweep objective's name: ``pope/adversarial/f1`` (coco), ``pope/gqa/adversarial/f1``; a
-    dataset's mean F1 is ``pope/mean_f1`` (coco) or ``pope/gqa/mean_f1`` (split "mean", metric "f1")."""
-    if split == "mean" and metric == "f1":
-        return f"pope/{qualified_split(dataset, 'mean_f1')}"
+    """A sweep objective's name: ``pope/adversarial/f1`` (coco), ``pope/gqa/adversarial/f1`` (split "mean":
+    the dataset's mean row)."""
     return f"pope/{qualified_split(dataset, split)}/{metric}"
+
+
+def mean_f1_name(dataset: str) -> str:
+    """The objective holding a dataset's mean F1: ``pope/mean_f1`` (coco), ``pope/gqa/mean_f1``."""
+    return "pope/mean_f1" if dataset == POPE_DEFAULT_DATASET else f"pope/{dataset}/mean_f1"
 
 
 def objective_names(splits_by_dataset: dict[str, Sequence[str]]) -> list[str]:
     """Every objective name a run of these datasets and splits reports (`objective_values`' keys)."""
-    return [objective_name(dataset, split, metric) for dataset, splits in splits_by_dataset.items()
-            for split in [*splits, "mean"] for metric in (METRIC_COLUMNS if split != "mean" else ("f1",))]
+    names = []
+    for dataset, splits in splits_by_dataset.items():
+        names += [objective_name(dataset, split, metric) for split in [*splits, "mean"] for metric in METRIC_COLUMNS]
+        names.append(mean_f1_name(dataset))
+    return names
 
 
 def objective_values(table: pd.DataFrame) -> dict[str, float]:
-    """A `summarise` table as sweep objectives: every split's five metrics and each dataset's mean F1."""
+    """A `summarise` table as sweep objectives: the five metrics of every split and mean row, and each
+    dataset's mean F1 under `mean_f1_name` too."""
     values = {}
     for record in table.to_dict("records"):
         dataset = record.get("dataset", POPE_DEFAULT_DATASET)
-        for metric in (METRIC_COLUMNS if record["split"] != "mean" else ("f1",)):
+        for metric in METRIC_COLUMNS:
             values[objective_name(dataset, record["split"], metric)] = float(record[metric])
+        if record["split"] == "mean":
+            values[mean_f1_name(dataset)] = float(record["f1"])
     return values
 
 

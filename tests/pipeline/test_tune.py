@@ -48,7 +48,7 @@ def test_the_objective_must_be_a_pope_name_the_configs_datasets_report():
     gqa = {"questions": {"adversarial": "/pope/gqa_pope_seem_adversarial.json"}, "image_root": "/gqa/images"}
     single = config_from_dict({"data": {"pope": coco}, "tune": {"metric": "pope/adversarial/f1"}})
     check_objective(single)  # the single form is COCO: the name it always had
-    assert "pope/mean_f1" in pope_objectives(single) and len(pope_objectives(single)) == 3 * 5 + 1
+    assert "pope/mean_f1" in pope_objectives(single) and len(pope_objectives(single)) == 4 * 5 + 1
     both = config_from_dict({"data": {"pope": {"datasets": {"coco": coco, "gqa": gqa}}},
                              "tune": {"metric": "pope/gqa/adversarial/f1"}})
     check_objective(both)
