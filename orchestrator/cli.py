@@ -48,7 +48,7 @@ def cmd_data_check(args) -> int:
     print(f"data: {'synthetic world at ' + str(config.world_dir) if paths.synthetic else 'files from the config'}")
     builders = [("preference", datasets.preference_dataset, paths.hadpo_desc or paths.hadpo_pope),
                 ("sft", datasets.sft_dataset, paths.sft),
-                ("pope", datasets.pope_dataset, paths.pope_questions),
+                ("pope", datasets.pope_dataset, paths.pope),
                 ("milebench", datasets.milebench_dataset, paths.milebench_root)]
     failed = 0
     for name, build, present in builders:
@@ -175,40 +175,54 @@ def demo_table(run_dir: Path) -> tuple[str, bool]:
     """The seed's POPE table (HA-DPO x = baseline, v = mean over DPO seeds +- std) and the verdict.
 
     HA-DPO passes when it lowers the adversarial yes-ratio and raises adversarial F1 by more than the
-    spread (max - min) of the DPO seeds.
+    spread (max - min) of the DPO seeds, on every POPE dataset evaluated (another dataset than COCO shows
+    its splits as <dataset>/<split>).
     """
-    from orchestrator.report import load_run, pope_results, pope_summary
+    from orchestrator.data.schema import POPE_DEFAULT_DATASET
+    from orchestrator.eval.pope import qualified_split
+    from orchestrator.report import load_run, pope_datasets, pope_results, pope_summary
 
     results = pope_results([load_run(run_dir)])
-    summary = pope_summary(results).set_index(["role", "split"])
-    lines = [f"{'model':<12} {'split':<12} {'HA-DPO':<6} {'accuracy':>14} {'precision':>14} {'recall':>14} "
+    summary = pope_summary(results).set_index(["role", "dataset", "split"])
+    datasets = pope_datasets(results)
+    width = max([12] + [len(qualified_split(dataset, "adversarial")) for dataset in datasets])
+    lines = [f"{'model':<12} {'split':<{width}} {'HA-DPO':<6} {'accuracy':>14} {'precision':>14} {'recall':>14} "
              f"{'F1':>14} {'yes-ratio':>14}"]
     lines.append("-" * len(lines[0]))
-    for split in ["random", "popular", "adversarial", "mean"]:
-        for role, mark in (("before", "x"), ("after", "v")):
-            if (role, split) not in summary.index:
-                continue
-            row = summary.loc[(role, split)]
-            cells = []
-            for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-                spread = f" ±{100 * row[f'{metric}_std']:.2f}" if row["evaluations"] > 1 else ""
-                cells.append(f"{100 * row[f'{metric}_mean']:.2f}{spread}".rjust(14))
-            lines.append(f"{'tiny LLaVA':<12} {split:<12} {mark:<6} " + " ".join(cells))
-    adversarial = results[results["split"] == "adversarial"]
-    before = adversarial[adversarial["role"] == "before"]
-    after = adversarial[adversarial["role"] == "after"]
-    if before.empty or after.empty:
+    for dataset in datasets:
+        for split in ["random", "popular", "adversarial", "mean"]:
+            for role, mark in (("before", "x"), ("after", "v")):
+                if (role, dataset, split) not in summary.index:
+                    continue
+                row = summary.loc[(role, dataset, split)]
+                cells = []
+                for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+                    spread = f" ±{100 * row[f'{metric}_std']:.2f}" if row["evaluations"] > 1 else ""
+                    cells.append(f"{100 * row[f'{metric}_mean']:.2f}{spread}".rjust(14))
+                lines.append(f"{'tiny LLaVA':<12} {qualified_split(dataset, split):<{width}} {mark:<6} "
+                             + " ".join(cells))
+    verdicts = []
+    for dataset in datasets:
+        adversarial = results[(results["dataset"] == dataset) & (results["split"] == "adversarial")]
+        before = adversarial[adversarial["role"] == "before"]
+        after = adversarial[adversarial["role"] == "after"]
+        if before.empty or after.empty:
+            continue
+        f1_gain = 100 * (after["f1"].mean() - before["f1"].mean())
+        yes_drop = 100 * (before["yes_ratio"].mean() - after["yes_ratio"].mean())
+        f1_spread = 100 * (after["f1"].max() - after["f1"].min())
+        yes_spread = 100 * (after["yes_ratio"].max() - after["yes_ratio"].min())
+        passed = f1_gain > f1_spread and yes_drop > yes_spread
+        where = "Adversarial" if datasets == [POPE_DEFAULT_DATASET] else f"{dataset} adversarial"
+        verdicts.append((f"v = mean ± std over {after['stage'].nunique()} DPO seeds. {where}: F1 {f1_gain:+.2f} pp "
+                         f"(seed spread {f1_spread:.2f}), yes-ratio {-yes_drop:+.2f} pp (seed spread "
+                         f"{yes_spread:.2f}): " + ("HA-DPO beats the seed spread." if passed else
+                                                   "NOT beyond the seed spread."), passed))
+    if not verdicts:
         return "\n".join(lines), False
-    f1_gain = 100 * (after["f1"].mean() - before["f1"].mean())
-    yes_drop = 100 * (before["yes_ratio"].mean() - after["yes_ratio"].mean())
-    f1_spread = 100 * (after["f1"].max() - after["f1"].min())
-    yes_spread = 100 * (after["yes_ratio"].max() - after["yes_ratio"].min())
-    passed = f1_gain > f1_spread and yes_drop > yes_spread
     lines.append("")
-    lines.append(f"v = mean ± std over {after['stage'].nunique()} DPO seeds. Adversarial: F1 {f1_gain:+.2f} pp "
-                 f"(seed spread {f1_spread:.2f}), yes-ratio {-yes_drop:+.2f} pp (seed spread {yes_spread:.2f}): "
-                 + ("HA-DPO beats the seed spread." if passed else "NOT beyond the seed spread."))
-    return "\n".join(lines), passed
+    lines += [line for line, _ in verdicts]
+    return "\n".join(lines), all(passed for _, passed in verdicts)
 
 
 def cmd_demo(args) -> int:

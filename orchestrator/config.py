@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
 
 
 class ConfigError(ValueError):
@@ -39,11 +42,62 @@ class SyntheticWorldConfig(_Section):
     sft_cooccurrence_noise: float = Field(0.3, ge=0.0, le=1.0)
 
 
-class PopeFilesConfig(_Section):
-    """POPE question files (JSON lines or JSON array) and the folder holding their images."""
+_POPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # no "/": it separates dataset and split in names
 
-    questions: dict[str, str] = Field(default_factory=dict, description="split name -> question file")
-    image_root: str | None = None
+
+def _check_pope_names(names, what: str) -> None:
+    for name in names:
+        if not re.match(_POPE_NAME, name) or name == "mean":
+            raise ValueError(f"{what} {name!r} must be letters, digits, '_', '.' or '-' (no '/'), and not 'mean'")
+
+
+class PopeDatasetConfig(_Section):
+    """One POPE dataset (e.g. COCO, A-OKVQA or GQA as the POPE repository ships them): its question files
+    (JSON lines, or a pretty-printed JSON array) per split, and the folder holding its images."""
+
+    questions: dict[str, str] = Field(description="split name -> question file, e.g. random: gqa_pope_seem_random.json")
+    image_root: str = Field(description="folder the question files' image names are joined onto")
+
+    @field_validator("questions")
+    @classmethod
+    def _splits(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("name at least one split -> question file")
+        _check_pope_names(value, "split name")
+        return value
+
+
+class PopeFilesConfig(_Section):
+    """POPE question files. Either the single form (`questions` + `image_root`: the dataset named "coco") or
+    `datasets` (name -> {questions, image_root}: any number of POPE datasets, each with its own image root,
+    evaluated and reported per dataset and split)."""
+
+    questions: dict[str, str] = Field(
+        default_factory=dict, description=f"single form: split name -> question file (the dataset named "
+        f"{POPE_DEFAULT_DATASET!r})")
+    image_root: str | None = Field(None, description="single form: the folder holding the images")
+    datasets: dict[str, PopeDatasetConfig] = Field(
+        default_factory=dict, description=f"several datasets: name -> {{questions, image_root}}; the one named "
+        f"{POPE_DEFAULT_DATASET!r} keeps bare split names (pope/adversarial/f1), others are <name>/<split> "
+        "(pope/gqa/adversarial/f1)")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "PopeFilesConfig":
+        if self.datasets and (self.questions or self.image_root):
+            raise ValueError("give either questions + image_root (one dataset) or datasets (several), not both")
+        _check_pope_names(self.datasets, "dataset name")
+        if self.questions:
+            _check_pope_names(self.questions, "split name")
+        return self
+
+    def by_name(self) -> dict[str, PopeDatasetConfig]:
+        """Dataset name -> its question files and image root (the single form is the dataset "coco")."""
+        if self.datasets:
+            return dict(self.datasets)
+        if not self.questions:
+            return {}
+        single = PopeDatasetConfig(questions=dict(self.questions), image_root=self.image_root or "")
+        return {POPE_DEFAULT_DATASET: single}
 
 
 class DataConfig(_Section):
@@ -58,13 +112,17 @@ class DataConfig(_Section):
     milebench_root: str | None = None
     milebench_tasks: list[str] = Field(default_factory=list, description="task folder names; [] = all")
     desc_repeats: int = Field(2, ge=1, description="the recipe uses each description pair twice")
+    desc_string_answers: Literal["character", "whole"] = Field(
+        "character", description="a desc_data.json chosen/rejected given as one string, not a list: 'character' "
+        "draws one character of it, as HA-DPO's random.choice(str) does (reproduces upstream; logged as a "
+        "warning); 'whole' uses the whole string, a deliberate deviation that leaves every other draw unchanged")
     seed: int = 42
     synthetic: SyntheticWorldConfig = Field(default_factory=SyntheticWorldConfig)
     synthetic_dir: str | None = Field(None, description="default: <output_root>/world")
 
     @property
     def uses_synthetic_world(self) -> bool:
-        return not any([self.hadpo_desc, self.hadpo_pope, self.pope.questions, self.milebench_root])
+        return not any([self.hadpo_desc, self.hadpo_pope, self.pope.by_name(), self.milebench_root])
 
 
 class TinyModelConfig(_Section):
@@ -148,7 +206,14 @@ class SftStageConfig(_Section):
 class TrainConfig(_Section):
     """DPO (or supervised warm-up) hyper-parameters; defaults are the HA-DPO LLaVA recipe's."""
 
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid: DPO (HA-DPO's); ipo: IPO as TRL computes it, on log-probs AVERAGED over "
+        "each answer's tokens, (logits - 1/(2 beta))^2; hinge: SLiC; robust: robust DPO (TRL's formula; "
+        "the same as sigmoid at label_smoothing 0)")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="probability that a preference label is flipped: sigmoid -> cDPO "
+        "(TRL's formula up to 0.28; later TRL keeps it for robust only), robust -> robust DPO; must be 0 for "
+        "ipo and hinge")
     beta: float = Field(0.1, gt=0.0)
     sft_gamma: float = Field(0.0, ge=0.0, description="weight of an auxiliary LM loss on chosen answers")
     learning_rate: float = Field(2e-6, gt=0.0)
@@ -187,6 +252,13 @@ class TrainConfig(_Section):
     sft: SftStageConfig = Field(default_factory=SftStageConfig)
     storage_path: str | None = Field(
         None, description="Ray Train checkpoint storage; default <run_dir>/train; a cloud URI (s3://...) is passed on")
+
+    @model_validator(mode="after")
+    def _smoothing_applies(self) -> "TrainConfig":
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing {self.label_smoothing} applies to the sigmoid and robust losses, "
+                             f"not {self.loss!r} (TRL ignores it there with a warning; set it to 0)")
+        return self
 
 
 class ScalingSection(_Section):

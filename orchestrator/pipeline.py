@@ -34,11 +34,13 @@ RECORDED_PACKAGES = ("torch", "ray", "transformers", "peft", "deepspeed", "pyarr
 def data_file_hashes(config: ExperimentConfig) -> dict[str, str]:
     """sha256 of every annotation/question file the run reads (images are counted, not hashed)."""
     from orchestrator.data.datasets import milebench_task_dirs, resolve_data_paths
+    from orchestrator.eval.pope import qualified_split
 
     paths = resolve_data_paths(config)
     files = {"hadpo_desc": paths.hadpo_desc, "hadpo_pope": paths.hadpo_pope,
              "vg_image_data": paths.vg_image_data, "sft": paths.sft}
-    files.update({f"pope_{split}": path for split, path in paths.pope_questions.items()})
+    files.update({f"pope_{qualified_split(dataset, split)}": path for dataset, pope in paths.pope.items()
+                  for split, path in pope.questions.items()})
     files.update({f"milebench_{d.name}": str(d / f"{d.name}.json") for d in milebench_task_dirs(paths)})
     return {name: file_sha256(path) for name, path in sorted(files.items()) if path and Path(path).is_file()}
 
@@ -154,8 +156,8 @@ def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) ->
 
 
 # Keys of the train section that only the DPO stage reads: changing them must not redo the warm-up.
-DPO_ONLY_TRAIN_KEYS = ("loss", "beta", "sft_gamma", "learning_rate", "epochs", "max_steps", "lora",
-                       "checkpoint_every_steps", "keep_checkpoints", "log_every_steps")
+DPO_ONLY_TRAIN_KEYS = ("loss", "label_smoothing", "beta", "sft_gamma", "learning_rate", "epochs", "max_steps",
+                       "lora", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps")
 
 
 def warmup_train_settings(config: ExperimentConfig) -> dict[str, Any]:
@@ -167,10 +169,16 @@ def warmup_train_settings(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _pope_summary(evaluated) -> dict[str, Any]:
+    """An evaluation stage's record: where its answers and metrics are, its POPE rows (one per dataset and
+    split, with the question file's version, and a mean per dataset), each dataset's mean F1, its counts."""
+    from orchestrator.eval.pope import mean_f1
+
     table = evaluated.pope_table
+    records = table.to_dict("records") if table is not None else []
     return {"run_id": evaluated.run_id, "answers_dir": str(evaluated.answers_dir),
-            "metrics_path": str(evaluated.metrics_path),
-            "pope": table.to_dict("records") if table is not None else [], "counts": evaluated.counts}
+            "metrics_path": str(evaluated.metrics_path), "pope": records,
+            "pope_mean_f1": {dataset: mean_f1(table, dataset) for dataset in dict.fromkeys(table["dataset"])}
+            if table is not None else {}, "counts": evaluated.counts}
 
 
 def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,

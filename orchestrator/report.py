@@ -20,7 +20,10 @@ be mailed or attached), ``report.md`` (the same tables, PNG links) and the PNGs.
 percent with two decimals, deltas in percentage points; they are the parquet's values times 100, rounded,
 nothing else. With several DPO seeds, "after" is the mean ± sample standard deviation (ddof=1) over the
 seeds and "spread" is max − min. The published HA-DPO numbers (LLaVA-1.5-7B, from the HA-DPO README) are
-shown as labelled reference rows, never mixed into our numbers.
+shown as labelled reference rows, never mixed into our numbers, and only beside the COCO set they were
+measured on. Several POPE datasets (``data.pope.datasets``) get a table, a figure and a seed table each;
+the metric names say which dataset a split belongs to (`orchestrator.eval.pope.dataset_split`: "random"
+is COCO's, "gqa/random" GQA's), and each table names its question files' versions (``run.json``).
 
 Limits, stated: evaluations found without stage records that have an adapter are all treated as
 replicates of one "after" (the report lists them); a run directory that was moved is still found
@@ -43,6 +46,8 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import yaml
 
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.eval.pope import dataset_sort_key, dataset_split, qualified_split
 from orchestrator.eval.results import read_answers, read_metrics
 
 SPLIT_ORDER = ("random", "popular", "adversarial")
@@ -285,21 +290,41 @@ def _seed_sort(name: str) -> tuple:
 
 
 def pope_frame(metrics: pd.DataFrame) -> pd.DataFrame:
-    """The POPE rows of a metrics parquet as one row per split (+ "mean"): n, TP..FN, the five metrics."""
+    """The POPE rows of a metrics parquet as one row per dataset and split (+ a "mean" per dataset): n,
+    TP..FN, the five metrics. The dataset is read from the metric's name (`dataset_split`)."""
     rows = metrics[metrics["benchmark"] == "pope"]
-    columns = ["split", "n", *POPE_METRICS, "TP", "FP", "TN", "FN", "n_errors", "n_unparsable"]
+    columns = ["dataset", "split", "n", *POPE_METRICS, "TP", "FP", "TN", "FN", "n_errors", "n_unparsable"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     rows = rows.drop_duplicates(["name", "metric"], keep="last")
     wide = rows.pivot(index="name", columns="metric", values="value")
     wide["n"] = rows.groupby("name")["n"].first()
-    wide = wide.reset_index().rename(columns={"name": "split"})
-    wide["split"] = wide["split"].astype(str)
-    wide = wide.iloc[sorted(range(len(wide)), key=lambda i: _split_key(wide["split"].iloc[i]))]
+    wide = wide.reset_index()
+    parts = [dataset_split(name) for name in wide["name"].astype(str)]
+    wide["dataset"], wide["split"] = [d for d, _ in parts], [s for _, s in parts]
+    wide = wide.iloc[sorted(range(len(wide)), key=lambda i: (dataset_sort_key(wide["dataset"].iloc[i]),
+                                                            _split_key(wide["split"].iloc[i])))]
     for column in columns:
         if column not in wide.columns:
             wide[column] = math.nan
     return wide[columns].reset_index(drop=True)
+
+
+def pope_datasets(frame: pd.DataFrame) -> list[str]:
+    """The POPE datasets of a results or summary frame, "coco" first."""
+    return sorted(frame["dataset"].unique(), key=dataset_sort_key) if len(frame) else []
+
+
+def question_versions(run: RunData, dataset: str) -> dict[str, list[str]]:
+    """Split -> the question-file versions (sha256 prefix / count) the run's evaluations recorded for `dataset`."""
+    versions: dict[str, list[str]] = {}
+    for evaluation in run.evaluations:
+        for key, version in (evaluation.info.get("versions") or {}).items():
+            benchmark, _, name = key.partition("/")
+            split_dataset, split = dataset_split(name)
+            if benchmark == "pope" and split_dataset == dataset and version not in versions.setdefault(split, []):
+                versions[split].append(version)
+    return dict(sorted(versions.items(), key=lambda item: _split_key(item[0])))
 
 
 def _split_key(split: str) -> tuple:
@@ -328,16 +353,16 @@ def _per_evaluation(runs: Sequence[RunData], frame_of, columns: list[str], with_
 
 
 def pope_results(runs: Sequence[RunData]) -> pd.DataFrame:
-    """Tidy POPE results: one row per (run, evaluation, split), values as in the parquet."""
-    return _per_evaluation(runs, pope_frame, ["run", "stage", "role", "seed", "run_id", "split", "n", *POPE_METRICS],
-                           with_run_id=True)
+    """Tidy POPE results: one row per (run, evaluation, dataset, split), values as in the parquet."""
+    return _per_evaluation(runs, pope_frame, ["run", "stage", "role", "seed", "run_id", "dataset", "split", "n",
+                                              *POPE_METRICS], with_run_id=True)
 
 
 def pope_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, role, split): mean, sample std (ddof=1; NaN for one evaluation), min, max and count."""
+    """Per (run, role, dataset, split): mean, sample std (ddof=1; NaN for one evaluation), min, max and count."""
     if results.empty:
-        return pd.DataFrame(columns=["run", "role", "split", "evaluations"])
-    grouped = results.groupby(["run", "role", "split"], sort=False)[list(POPE_METRICS)]
+        return pd.DataFrame(columns=["run", "role", "dataset", "split", "evaluations"])
+    grouped = results.groupby(["run", "role", "dataset", "split"], sort=False)[list(POPE_METRICS)]
     summary = grouped.agg(["mean", "std", "min", "max"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
     summary["evaluations"] = grouped.size()
@@ -590,13 +615,16 @@ def _rc():
     return matplotlib.rc_context(RC)
 
 
-def plot_pope_bars(run: RunData, summary: pd.DataFrame, path: Path, include_published: bool) -> Path | None:
-    """Accuracy, F1 and yes-ratio per split, before vs after HA-DPO (error bars: std over seeds)."""
+def plot_pope_bars(run: RunData, summary: pd.DataFrame, path: Path, include_published: bool,
+                   dataset: str = POPE_DEFAULT_DATASET) -> Path | None:
+    """Accuracy, F1 and yes-ratio per split of one POPE dataset, before vs after HA-DPO (error bars: std over
+    seeds); the published HA-DPO numbers only beside COCO, the set they were measured on."""
     import numpy as np
 
-    mine = summary[(summary["run"] == run.label) & (summary["split"] != "mean")]
+    mine = summary[(summary["run"] == run.label) & (summary["dataset"] == dataset) & (summary["split"] != "mean")]
     if mine.empty:
         return None
+    include_published = include_published and dataset == POPE_DEFAULT_DATASET
     splits = sorted(mine["split"].unique(), key=_split_key)
     n_after = int(mine[mine["role"] == "after"]["evaluations"].max()) if (mine["role"] == "after").any() else 0
     seeds = f", mean ± std over {n_after} seeds" if n_after > 1 else ""
@@ -642,10 +670,10 @@ def plot_pope_bars(run: RunData, summary: pd.DataFrame, path: Path, include_publ
             ax.set_xticks(x, splits)
             ax.set_ylim(0, 108)
             ax.set_title(title)
-            ax.set_xlabel("POPE split")
+            ax.set_xlabel(f"POPE {dataset} split")
             ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
             ax.grid(axis="y", alpha=0.3)
-        figure.suptitle(f"{run.label}: POPE before (✗) and after (✓) HA-DPO")
+        figure.suptitle(f"{run.label}: POPE {dataset} before (✗) and after (✓) HA-DPO")
         figure.legend(handles=handles, loc="outside lower center", ncol=min(len(series), 2), frameon=False)
         return _save(figure, path)
 
@@ -782,8 +810,9 @@ def plot_comparison(runs: Sequence[RunData], summary: pd.DataFrame, path: Path) 
     """F1 per split, one bar per run after HA-DPO (std over seeds), the run's baseline as a tick."""
     import numpy as np
 
-    data = summary[summary["split"] != "mean"]
-    splits = sorted(data["split"].unique(), key=_split_key)
+    data = summary[summary["split"] != "mean"].copy()
+    data["split"] = [qualified_split(d, s) for d, s in zip(data["dataset"], data["split"])]
+    splits = [qualified_split(d, s) for d, s in _dataset_splits(data)]
     if not splits:
         return None
     x = np.arange(len(splits))
@@ -812,7 +841,7 @@ def plot_comparison(runs: Sequence[RunData], summary: pd.DataFrame, path: Path) 
                        label="baseline ✗ (each run's own)" if k == 0 else None)
         ax.set_xticks(x, splits)
         ax.set_ylim(0, 108)
-        ax.set_xlabel("POPE split")
+        ax.set_xlabel("POPE split (another dataset's as <dataset>/<split>)")
         ax.set_ylabel("F1 (%)")
         ax.set_title("POPE F1 after HA-DPO, runs side by side")
         ax.grid(axis="y", alpha=0.3)
@@ -824,10 +853,18 @@ def plot_comparison(runs: Sequence[RunData], summary: pd.DataFrame, path: Path) 
 # Sections
 
 
-def _pope_table(run: RunData, summary: pd.DataFrame, include_published: bool) -> Table | None:
-    mine = summary[summary["run"] == run.label]
+def _dataset_splits(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(dataset, split) pairs of a frame, "coco" first, each dataset's splits in POPE's order, "mean" last."""
+    pairs = set(zip(frame["dataset"], frame["split"]))
+    return sorted(pairs, key=lambda pair: (dataset_sort_key(pair[0]), _split_key(pair[1])))
+
+
+def _pope_table(run: RunData, summary: pd.DataFrame, include_published: bool,
+                dataset: str = POPE_DEFAULT_DATASET) -> Table | None:
+    mine = summary[(summary["run"] == run.label) & (summary["dataset"] == dataset)]
     if mine.empty:
         return None
+    include_published = include_published and dataset == POPE_DEFAULT_DATASET
     splits = sorted(mine["split"].unique(), key=_split_key)
     headers = ["model", "split", "HA-DPO", "accuracy (%)", "precision (%)", "recall (%)", "F1 (%)",
                "yes-ratio (%)", "mean F1 (%)"]
@@ -876,8 +913,12 @@ def _pope_table(run: RunData, summary: pd.DataFrame, include_published: bool) ->
                          *["" if published["before"][m] is None else f"{published['after'][m] - published['before'][m]:+.2f}"
                            for m in POPE_METRICS], ""])
             classes.append("published")
-    caption = ("All values in %; Δ in percentage points. Ours: the metrics parquet of each evaluation "
-               "(`eval_baseline` = ✗, `eval_hadpo*` = ✓).")
+    caption = (f"POPE {dataset}. All values in %; Δ in percentage points. Ours: the metrics parquet of each "
+               "evaluation (`eval_baseline` = ✗, `eval_hadpo*` = ✓).")
+    versions = question_versions(run, dataset)
+    if versions:
+        caption += " Question files (sha256 prefix / questions): " + "; ".join(
+            f"{split} {', '.join(found)}" for split, found in versions.items()) + "."
     if n_after > 1:
         caption += f" ✓ rows: mean ± sample std over {n_after} DPO seeds; spread = max − min over the seeds."
     if include_published:
@@ -891,8 +932,8 @@ def _published_mean_f1(role: str) -> float:
     return sum(PUBLISHED_POPE[s][role]["f1"] for s in SPLIT_ORDER) / len(SPLIT_ORDER)
 
 
-def _seed_table(run: RunData, results: pd.DataFrame) -> Table | None:
-    after = results[(results["run"] == run.label) & (results["role"] == "after")]
+def _seed_table(run: RunData, results: pd.DataFrame, dataset: str = POPE_DEFAULT_DATASET) -> Table | None:
+    after = results[(results["run"] == run.label) & (results["role"] == "after") & (results["dataset"] == dataset)]
     stages = list(dict.fromkeys(after["stage"]))
     if len(stages) < 2:
         return None
@@ -917,7 +958,7 @@ def _seed_table(run: RunData, results: pd.DataFrame) -> Table | None:
         rows.append([name, "", *[f"{agg(wide_f1, s):.2f}" for s in splits],
                      *[f"{agg(wide_yes, s):.2f}" for s in splits if s != "mean"]])
     return Table(headers, rows, [""] * len(stages) + ["delta"] * 3,
-                 "Each DPO seed's evaluation, from its metrics parquet (values in %).", left=2)
+                 f"POPE {dataset}: each DPO seed's evaluation, from its metrics parquet (values in %).", left=2)
 
 
 def _eval_table(run: RunData) -> Table:
@@ -1108,19 +1149,25 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, include_pu
                  f"{len(run.curves)} training curve(s)" + ("; sweep trials" if run.trials is not None else "") + ".")
         for note in run.notes:
             doc.para(f"Note: {note}")
-        table = _pope_table(run, summary, include_published)
-        doc.heading(3, "POPE before / after HA-DPO")
-        if table is None:
+        datasets = pope_datasets(summary[summary["run"] == run.label])
+        if not datasets:
+            doc.heading(3, "POPE before / after HA-DPO")
             doc.para("No POPE results.")
-        else:
-            doc.table(table)
-            image = plot_pope_bars(run, summary, out_dir / f"{prefix(run)}pope_bars.png", include_published)
+        for dataset in datasets:
+            # COCO keeps the file names and heading it always had; another dataset's carry its name
+            named = "" if dataset == POPE_DEFAULT_DATASET else f"_{_slug(dataset)}"
+            which = "" if datasets == [POPE_DEFAULT_DATASET] else f" {dataset}"
+            doc.heading(3, f"POPE{which} before / after HA-DPO")
+            doc.table(_pope_table(run, summary, include_published, dataset))
+            image = plot_pope_bars(run, summary, out_dir / f"{prefix(run)}pope_bars{named}.png", include_published,
+                                   dataset)
             if image:
-                doc.image(image, f"{run.label}: POPE accuracy, F1 and yes-ratio per split, before vs after")
-            seeds = _seed_table(run, results)
+                doc.image(image, f"{run.label}: POPE {dataset} accuracy, F1 and yes-ratio per split, before vs after")
+            seeds = _seed_table(run, results, dataset)
             if seeds:
-                doc.heading(4, "Spread over DPO seeds")
+                doc.heading(4, f"Spread over DPO seeds{f' (POPE {dataset})' if which else ''}")
                 doc.table(seeds)
+        if datasets:
             doc.table(_eval_table(run))
             disagreement = _disagreement_table(score_generate_disagreement(run))
             if disagreement:
@@ -1198,14 +1245,15 @@ def _default_labels(run_dirs: Sequence[Path]) -> list[str]:
 
 
 def comparison_table(runs: Sequence[RunData], summary: pd.DataFrame) -> pd.DataFrame:
-    """Rows (split, metric); per run columns `<label>/before`, `/after` (means), `/after_std`, `/seeds`, `/delta`."""
-    splits = sorted(summary["split"].unique(), key=_split_key)
+    """Rows (dataset, split, metric), `split` named as in the metrics ("random" for COCO, "gqa/random");
+    per run columns `<label>/before`, `/after` (means), `/after_std`, `/seeds`, `/delta`."""
     rows = []
-    for split in splits:
+    for dataset, split in _dataset_splits(summary):
         for metric in POPE_METRICS:
-            row: dict[str, Any] = {"split": split, "metric": metric}
+            row: dict[str, Any] = {"dataset": dataset, "split": qualified_split(dataset, split), "metric": metric}
             for run in runs:
-                mine = summary[(summary["run"] == run.label) & (summary["split"] == split)]
+                mine = summary[(summary["run"] == run.label) & (summary["dataset"] == dataset)
+                               & (summary["split"] == split)]
                 before = mine[mine["role"] == "before"]
                 after = mine[mine["role"] == "after"]
                 b = float(before[f"{metric}_mean"].iloc[0]) if len(before) else math.nan
@@ -1251,7 +1299,8 @@ def _comparison_section(doc: _Doc, runs: Sequence[RunData], summary: pd.DataFram
         classes.append("group-start" if record["metric"] == POPE_METRICS[0] else "")
     doc.heading(3, "POPE, one column group per run")
     doc.table(Table(headers, rows, classes, caption="Values in %, Δ in percentage points (✓ − ✗ of the same run); "
-                    "split `mean` is the mean over the splits (its F1 is the mean F1). ✓ with several seeds: mean ± std.",
+                    "split `mean` is the mean over the splits (its F1 is the mean F1); another POPE dataset's splits "
+                    "are `<dataset>/<split>`. ✓ with several seeds: mean ± std.",
                     left=2))
     image = plot_comparison(runs, summary, out_dir / "compare_pope_f1.png")
     if image:

@@ -3,7 +3,8 @@
 This is the Tune *driver-function* pattern of Ray 2.60 (Train V2): a trial is a small function that
 launches its own `TorchTrainer` (through `run_training`), forwards the workers' training metrics to Tune
 with `TuneReportCallback` (so ASHA can stop weak trials early on, e.g., the DPO loss), then evaluates
-the trained adapter and reports the objective (e.g. adversarial POPE F1) as its final result. Each
+the trained adapter and reports the objective (e.g. adversarial POPE F1: `pope/adversarial/f1` for COCO,
+`pope/gqa/adversarial/f1` for a POPE dataset named gqa) as its final result. Each
 trial's config is the base config with the sampled values set at their dotted keys and its own name,
 so its checkpoints and answers land under its own run folder. All trial results go to one parquet.
 """
@@ -72,13 +73,30 @@ def run_trial(params: dict[str, Any], base_raw: dict, base_model: str | None) ->
     config = trial_config(base, params)
     trained = run_training(config, stage="dpo", base_model=base_model, callbacks=[TuneReportCallback()])
     evaluated = run_eval(config, model_path=base_model, adapter=trained.checkpoint_path, benchmarks=("pope",))
-    final = {f"pope/{row['split']}/{metric}": float(row[metric])
-             for row in evaluated.pope_table.to_dict("records")
-             for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-    final["pope/mean_f1"] = float(pope.mean_f1(evaluated.pope_table))
+    final: dict[str, Any] = pope.objective_values(evaluated.pope_table)
     final.update({"adapter": trained.checkpoint_path, "eval_run_id": evaluated.run_id, "done": True})
     final.update({k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))})
     tune.report(final)
+
+
+def pope_objectives(config: ExperimentConfig) -> list[str]:
+    """The POPE objectives a trial of this config reports: per dataset and split its five metrics, per dataset
+    its mean F1 (`pope/adversarial/f1`, `pope/mean_f1` for COCO; `pope/gqa/adversarial/f1`, `pope/gqa/mean_f1`)."""
+    from orchestrator.data.datasets import resolve_data_paths
+    from orchestrator.eval import pope
+
+    datasets = resolve_data_paths(config).pope
+    return pope.objective_names({name: list(files.questions) for name, files in datasets.items()})
+
+
+def check_objective(config: ExperimentConfig) -> None:
+    """Fail before any trial trains when `tune.metric` is a POPE name no trial will report."""
+    metric = config.tune.metric
+    if metric.startswith("pope/"):
+        names = pope_objectives(config)
+        if metric not in names:
+            raise ValueError(f"tune.metric {metric!r} is not reported by this config's POPE datasets; one of: "
+                             + ", ".join(names))
 
 
 @dataclass
@@ -97,6 +115,7 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
 
     from orchestrator.ray_session import init_ray
 
+    check_objective(config)
     if not ray.is_initialized():
         init_ray(config)
     settings = config.tune

@@ -63,3 +63,22 @@ def test_data_check_reports_a_malformed_file_and_fails(tmp_path):
     assert result.returncode == 1
     assert "preference: ERROR" in result.stdout and "desc_data.json" in result.stdout
     assert "pope:" in result.stdout  # the other datasets are still checked
+
+
+def test_demo_table_shows_each_pope_dataset_and_judges_each_adversarial_split(tmp_path):
+    from orchestrator.cli import demo_table
+    from orchestrator.report import load_run, pope_results
+    from tests.test_report import make_run
+
+    single, passed_single = demo_table(make_run(tmp_path, "one", seeds=(1, 2), trials=False))
+    assert "gqa" not in single and single.count("Adversarial: F1") == 1 and passed_single
+    run_dir = make_run(tmp_path, "two", seeds=(1, 2), trials=False, gqa=True)
+    table, passed = demo_table(run_dir)
+    lines = table.splitlines()
+    assert any(line.split()[2:4] == ["gqa/adversarial", "x"] for line in lines)
+    assert any(line.split()[2:4] == ["adversarial", "v"] for line in lines)
+    results = pope_results([load_run(run_dir)])
+    gqa = results[(results["dataset"] == "gqa") & (results["split"] == "adversarial")]
+    gain = 100 * (gqa[gqa["role"] == "after"]["f1"].mean() - gqa[gqa["role"] == "before"]["f1"].mean())
+    assert f"gqa adversarial: F1 {gain:+.2f} pp" in table and "coco adversarial: F1" in table
+    assert passed == all("HA-DPO beats the seed spread." in line for line in lines if "adversarial: F1" in line)

@@ -100,3 +100,40 @@ def test_tune_search_space_keys_must_be_config_values():
         config_from_dict({"tune": {"search_space": {"train.lora": {"kind": "choice", "values": [1]}}}})
     with pytest.raises(ConfigError, match="tune.search_space.train.beta: .*needs low < high"):
         config_from_dict({"tune": {"search_space": {"train.beta": {"kind": "uniform", "low": 1, "high": 0}}}})
+
+
+def test_pope_single_form_is_the_dataset_named_coco_and_several_datasets_are_named():
+    single = config_from_dict({"data": {"pope": {"questions": {"random": "r.json"}, "image_root": "/coco"}}})
+    (name, files), = single.data.pope.by_name().items()
+    assert name == "coco" and files.questions == {"random": "r.json"} and files.image_root == "/coco"
+    several = config_from_dict({"data": {"pope": {"datasets": {
+        "coco": {"questions": {"random": "c.json"}, "image_root": "/coco"},
+        "gqa": {"questions": {"adversarial": "g.json"}, "image_root": "/gqa/images"}}}}})
+    assert {k: v.image_root for k, v in several.data.pope.by_name().items()} == {"coco": "/coco", "gqa": "/gqa/images"}
+    assert not several.data.uses_synthetic_world and ExperimentConfig().data.pope.by_name() == {}
+
+
+@pytest.mark.parametrize("pope, message", [
+    ({"datasets": {"gqa": {"questions": {"random": "g.json"}}}}, "data.pope.datasets.gqa.image_root: Field required"),
+    ({"datasets": {"gqa": {"image_root": "/gqa"}}}, "data.pope.datasets.gqa.questions: Field required"),
+    ({"datasets": {"gqa": {"questions": {"random": "g.json"}, "image_root": "/g", "imageroot": "/g"}}},
+     "data.pope.datasets.gqa.imageroot: Extra inputs are not permitted"),
+    ({"datasets": {"gqa": {"questions": {}, "image_root": "/g"}}}, "data.pope.datasets.gqa.questions: Value error"),
+    ({"dataset": {}}, "data.pope.dataset: Extra inputs are not permitted"),
+    ({"datasets": {"g/qa": {"questions": {"random": "g.json"}, "image_root": "/g"}}}, "dataset name 'g/qa'"),
+    ({"questions": {"random": "r.json"}, "datasets": {"gqa": {"questions": {"random": "g.json"}, "image_root": "/g"}}},
+     "either questions + image_root"),
+])
+def test_pope_dataset_errors_name_their_key_path(pope, message):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"data": {"pope": pope}})
+    assert message in str(error.value)
+
+
+def test_label_smoothing_applies_to_the_sigmoid_and_robust_losses_only():
+    assert config_from_dict({"train": {"loss": "robust", "label_smoothing": 0.1}}).train.label_smoothing == 0.1
+    assert config_from_dict({"train": {"label_smoothing": 0.1}}).train.loss == "sigmoid"
+    with pytest.raises(ConfigError, match="train: Value error, label_smoothing 0.1 applies to the sigmoid"):
+        config_from_dict({"train": {"loss": "ipo", "label_smoothing": 0.1}})
+    with pytest.raises(ConfigError, match="train.label_smoothing: Input should be less than 0.5"):
+        config_from_dict({"train": {"loss": "robust", "label_smoothing": 0.5}})

@@ -68,6 +68,21 @@ def _pope_answers(run_id, adapter, false_yes, false_no):
     return rows
 
 
+GQA_SPLITS = ("random", "adversarial")
+
+
+def _gqa_answers(run_id, adapter, false_yes):
+    """A second POPE dataset's answers (split names "gqa/<split>"): `false_yes[split]` no-questions answered yes."""
+    rows = []
+    for s, split in enumerate(GQA_SPLITS):
+        for i in range(12):
+            label = "yes" if i % 2 == 0 else "no"
+            raw = "Yes" if label == "yes" or i // 2 < false_yes[split] else "No"
+            rows.append(_answer_row(run_id, adapter, "pope", f"gqa/{split}", 5000 + 100 * s + i, label, raw,
+                                    version=f"sha256:gqa-{split}/n12"))
+    return rows
+
+
 def _milebench_answers(run_id, adapter, good):
     rows = []
     for k in range(6):
@@ -82,21 +97,28 @@ def _milebench_answers(run_id, adapter, good):
 
 
 def write_evaluation(run_dir: Path, tag: str, adapter: str, false_yes, false_no, mile_good: int,
-                     mode: str = "score") -> EvalResult:
-    """What `run_eval` leaves: run.json, answers, metrics.parquet; returns its EvalResult."""
-    run_id = compute_run_id("/models/tiny", adapter, mode, {"batch_size": 16}, {"pope/random": "v1"}, tag)
+                     mode: str = "score", gqa_false_yes: dict | None = None) -> EvalResult:
+    """What `run_eval` leaves: run.json, answers, metrics.parquet; returns its EvalResult.
+    `gqa_false_yes`: also answers of a second POPE dataset, "gqa"."""
+    versions = {"pope/random": "v1"}
+    if gqa_false_yes:
+        versions.update({f"pope/gqa/{split}": f"sha256:gqa-{split}/n12" for split in GQA_SPLITS})
+    run_id = compute_run_id("/models/tiny", adapter, mode, {"batch_size": 16}, versions, tag)
     answers = _pope_answers(run_id, adapter, false_yes, false_no) + _milebench_answers(run_id, adapter, mile_good)
+    if gqa_false_yes:
+        answers += _gqa_answers(run_id, adapter, gqa_false_yes)
     out = eval_dir(run_dir, run_id)
     write_json_atomic(out / "run.json", {"run_id": run_id, "model": "/models/tiny", "adapter": adapter,
                                          "mode": mode, "decoding": {"batch_size": 16, "mode": mode},
-                                         "versions": {"pope/random": "v1"}, "tag": tag})
+                                         "versions": versions, "tag": tag})
     write_answers(answers[:40], out / "answers", name="a")
     write_answers(answers[40:], out / "answers", name="b")
     frame = pd.DataFrame(answers)
     pope_table = pope.summarise(frame[frame["benchmark"] == "pope"])
     mile_table = mb.summarise(mb.score_answers(frame[frame["benchmark"] == "milebench"]))
     counts = {"items": len(answers), "answered": len(answers), "computed": len(answers), "skipped": 0,
-              "rejected": 1, "errors": 1, "unparsable": int(pope_table["n_unparsable"].iloc[-1])}
+              "rejected": 1, "errors": 1,
+              "unparsable": int(pope_table.loc[pope_table["split"] == "mean", "n_unparsable"].sum())}
     rows = _pope_metric_rows(run_id, pope_table) + _milebench_metric_rows(run_id, mile_table)
     rows += [{"run_id": run_id, "benchmark": "all", "scope": "counts", "name": k, "metric": k, "value": float(v),
               "n": int(v)} for k, v in counts.items()]
@@ -127,14 +149,17 @@ def write_curves(path: Path, kind: str, steps: int, shift: float) -> None:
 
 
 def make_run(root: Path, name: str = "demo", seeds: tuple[int, ...] = (1, 2), beta: float = 0.1,
-             improvement: int = 2, trials: bool = True) -> Path:
-    """A run directory (`root/name`) as `run_pipeline(config, dpo_seeds=seeds)` writes it, with curves and a sweep."""
+             improvement: int = 2, trials: bool = True, gqa: bool = False) -> Path:
+    """A run directory (`root/name`) as `run_pipeline(config, dpo_seeds=seeds)` writes it, with curves and a sweep
+    (`gqa`: evaluated on a second POPE dataset too)."""
     cfg = config_from_dict({"name": name, "output_root": str(root), "train": {"beta": beta},
                             "tune": {"search_space": {"train.beta": {"kind": "grid", "values": [0.1, 0.5]}}}})
     run_dir = cfg.run_dir
     base_fy = {"random": 3, "popular": 5, "adversarial": 8}
     base_fn = {"random": 1, "popular": 1, "adversarial": 2}
-    baseline = write_evaluation(run_dir, "baseline", "", base_fy, base_fn, mile_good=2)
+    gqa_fy = {"random": 4, "adversarial": 6}
+    baseline = write_evaluation(run_dir, "baseline", "", base_fy, base_fn, mile_good=2,
+                                gqa_false_yes=gqa_fy if gqa else None)
     write_stage(run_dir, "data", {"pope": {"total": 72, "usable": 72, "rejected": 0}})
     write_curves(run_dir / "train" / "sft_curves.parquet", "sft", 12, 0.0)
     write_stage(run_dir, "warmup", {"model": str(run_dir / "train" / "sft" / "final"),
@@ -150,7 +175,8 @@ def make_run(root: Path, name: str = "demo", seeds: tuple[int, ...] = (1, 2), be
         write_stage(run_dir, f"dpo{suffix}", {"adapter": adapter, "curves": str(curves), "metrics": {"loss": 0.4}})
         fy = {split: max(0, v - improvement - k) for split, v in base_fy.items()}
         fn = {split: v + (k % 2) for split, v in base_fn.items()}
-        after = write_evaluation(seed_dir, "hadpo", adapter, fy, fn, mile_good=3 + k)
+        after = write_evaluation(seed_dir, "hadpo", adapter, fy, fn, mile_good=3 + k,
+                                 gqa_false_yes={split: v - 2 - k for split, v in gqa_fy.items()} if gqa else None)
         write_stage(run_dir, f"eval_hadpo{suffix}", _pope_summary(after))
         stages[f"eval_hadpo{suffix}"] = _pope_summary(after)
     if trials:
@@ -274,6 +300,46 @@ def test_single_seed_run_shows_plain_after_values(tmp_path):
     assert not any("spread" in " ".join(row) for row in rows)
     assert PUBLISHED_LABEL not in result.markdown.read_text()
     assert PUBLISHED_LABEL not in result.html.read_text()
+
+
+def md_section(markdown: str, heading: str) -> str:
+    """The markdown from `heading` to the next heading of the same or a higher level."""
+    level = heading.split(" ")[0]
+    start = markdown.index(heading + "\n")
+    rest = markdown[start + len(heading):]
+    ends = [m.start() for m in re.finditer(r"^#{1,%d} " % len(level), rest, flags=re.MULTILINE)]
+    return markdown[start:start + len(heading) + (ends[0] if ends else len(rest))]
+
+
+def test_each_pope_dataset_gets_its_own_table_figure_and_versions(tmp_path):
+    run_dir = make_run(tmp_path, "two", seeds=(1, 2), trials=False, gqa=True)
+    result = build_report([run_dir], tmp_path / "out")
+    markdown = result.markdown.read_text()
+    coco = md_section(markdown, "### POPE coco before / after HA-DPO")
+    gqa = md_section(markdown, "### POPE gqa before / after HA-DPO")
+    paths = hadpo_metric_paths(run_dir)
+    baseline = pope_values(paths["eval_baseline"])
+    seeds = [pope_values(paths["eval_hadpo_seed1"]), pope_values(paths["eval_hadpo_seed2"])]
+    gqa_rows = md_rows(gqa)
+    for split in GQA_SPLITS + ("mean",):
+        name = f"gqa/{split}"
+        before = find_row(gqa_rows, "tiny LLaVA (built-in)", split, "✗")
+        assert before[3:8] == [f"{100 * baseline.loc[name, m]:.2f}" for m in METRIC_ORDER]
+        after = find_row(gqa_rows, "tiny LLaVA (built-in) (mean ± std, 2 seeds)", split, "✓")
+        values = pd.Series([s.loc[name, "f1"] for s in seeds])
+        assert after[6] == f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
+    assert not any(row[1] == "popular" for row in gqa_rows)          # GQA has only its own splits
+    assert find_row(md_rows(coco), "tiny LLaVA (built-in)", "popular", "✗")[3:8] == \
+        [f"{100 * baseline.loc['popular', m]:.2f}" for m in METRIC_ORDER]
+    # published HA-DPO numbers are COCO's: beside COCO only
+    assert PUBLISHED_LABEL in coco and PUBLISHED_LABEL not in gqa
+    assert "random sha256:gqa-random/n12" in gqa and "adversarial sha256:gqa-adversarial/n12" in gqa
+    assert "random v1" in coco
+    assert "#### Spread over DPO seeds (POPE coco)" in coco and "#### Spread over DPO seeds (POPE gqa)" in gqa
+    assert {"pope_bars.png", "pope_bars_gqa.png"} <= {p.name for p in result.images}
+    tidy = result.tables["pope"]
+    assert set(zip(tidy["dataset"], tidy["split"])) == {
+        ("coco", s) for s in SPLITS + ("mean",)} | {("gqa", s) for s in GQA_SPLITS + ("mean",)}
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.data import formats
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ def image_error(path: str) -> str:
 
 
 @dataclass
+class PopeFiles:
+    """One POPE dataset's question files (split -> file) and the folder its image names are joined onto."""
+
+    questions: dict[str, str]
+    image_root: str = ""
+
+
+@dataclass
 class DataPaths:
     """The concrete files a run reads, whether real or synthetic."""
 
@@ -69,8 +78,7 @@ class DataPaths:
     vg_image_data: str | None = None
     vg_root: str | None = None
     sft: str | None = None
-    pope_questions: dict[str, str] = field(default_factory=dict)
-    pope_image_root: str | None = None
+    pope: dict[str, PopeFiles] = field(default_factory=dict)  # dataset name -> its question files and image root
     milebench_root: str | None = None
     milebench_tasks: list[str] = field(default_factory=list)
     synthetic: bool = False
@@ -104,16 +112,18 @@ def resolve_data_paths(config: ExperimentConfig) -> DataPaths:
             vg_image_data=str(world / "VG" / "image_data.json"),
             vg_root=str(world / "VG"),
             sft=str(world / "sft" / "sft_data.json"),
-            pope_questions={split: str(world / "pope" / f"coco_pope_{split}.json") for split in POPE_SPLITS},
-            pope_image_root=str(world / "coco" / "val2014"),
+            pope={POPE_DEFAULT_DATASET: PopeFiles(
+                {split: str(world / "pope" / f"coco_pope_{split}.json") for split in POPE_SPLITS},
+                str(world / "coco" / "val2014"))},
             milebench_root=str(milebench) if milebench.is_dir() else None,
             milebench_tasks=list(data.milebench_tasks),
             synthetic=True,
         )
     return DataPaths(
         hadpo_desc=data.hadpo_desc, hadpo_pope=data.hadpo_pope, vg_image_data=data.vg_image_data,
-        vg_root=data.vg_root, sft=data.sft, pope_questions=dict(data.pope.questions),
-        pope_image_root=data.pope.image_root, milebench_root=data.milebench_root,
+        vg_root=data.vg_root, sft=data.sft,
+        pope={name: PopeFiles(dict(files.questions), files.image_root) for name, files in data.pope.by_name().items()},
+        milebench_root=data.milebench_root,
         milebench_tasks=list(data.milebench_tasks),
     )
 
@@ -127,17 +137,21 @@ def _vg_paths(paths: DataPaths, what: str) -> dict[str, str]:
 # Row builders: plain lists of dicts, cheap to test without Ray.
 
 def preference_rows(config: ExperimentConfig, stats: dict | None = None) -> list[dict]:
-    """The recipe's training list: usable pope records plus each description pair `desc_repeats` times."""
+    """The recipe's training list, in HA-DPO's order: the usable pope records, then each description pair
+    `desc_repeats` times (``pope_data_dict + desc_data_dict*2`` in upstream's `LazySupervisedDataset`);
+    ``list_index`` numbers the rows in that order."""
     paths = resolve_data_paths(config)
     if not (paths.hadpo_desc or paths.hadpo_pope):
         raise ValueError("no preference data: set data.hadpo_desc and/or data.hadpo_pope")
     images = _vg_paths(paths, "HA-DPO preference data")
     rows: list[dict] = []
-    if paths.hadpo_desc:
-        rows += formats.read_hadpo_desc(paths.hadpo_desc, images, seed=config.data.seed,
-                                        repeats=config.data.desc_repeats)
     if paths.hadpo_pope:
         rows += formats.read_hadpo_pope(paths.hadpo_pope, images, stats=stats)
+    if paths.hadpo_desc:
+        desc = formats.read_hadpo_desc(paths.hadpo_desc, images, seed=config.data.seed,
+                                       repeats=config.data.desc_repeats,
+                                       string_answers=config.data.desc_string_answers, stats=stats)
+        rows += [{**row, "list_index": len(rows) + row["list_index"]} for row in desc]
     return rows
 
 
@@ -149,10 +163,12 @@ def sft_rows(config: ExperimentConfig) -> list[dict]:
 
 
 def pope_rows(config: ExperimentConfig) -> list[dict]:
-    paths = resolve_data_paths(config)
+    """The questions of every POPE dataset and split, each row tagged with its dataset's name."""
     rows: list[dict] = []
-    for split, question_file in paths.pope_questions.items():
-        rows += formats.read_pope_questions(question_file, split=split, image_root=paths.pope_image_root or "")
+    for name, files in resolve_data_paths(config).pope.items():
+        for split, question_file in files.questions.items():
+            rows += formats.read_pope_questions(question_file, split=split, image_root=files.image_root,
+                                                dataset=name)
     return rows
 
 
@@ -252,7 +268,17 @@ def preference_dataset(config: ExperimentConfig) -> CheckedDataset:
     stats: dict = {}
     result = checked_dataset(preference_rows(config, stats), "preference", config)
     if stats.get("skipped_correct"):
-        log.info("preference: %d pope records skipped because correct == true", stats["skipped_correct"])
+        log.info("preference: %d pope records skipped because `correct` is true", stats["skipped_correct"])
+    if stats.get("correct_not_boolean"):
+        log.warning("preference: %d pope records have a `correct` that is not true/false; read by truth as "
+                    "HA-DPO does (1 and any non-empty string, \"false\" too, count as true: the record is skipped)",
+                    stats["correct_not_boolean"])
+    if stats.get("desc_string_answers"):
+        what = ("one CHARACTER was drawn from each, as HA-DPO's random.choice(str) does; "
+                "data.desc_string_answers=whole keeps the whole string" if config.data.desc_string_answers ==
+                "character" else "the whole string is used (data.desc_string_answers=whole, a deviation from HA-DPO)")
+        log.warning("preference: %d chosen/rejected values of %s are a single string, not a list: %s",
+                    stats["desc_string_answers"], resolve_data_paths(config).hadpo_desc, what)
     return result
 
 

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from orchestrator.data.schema import DataFormatError
+from orchestrator.data.schema import POPE_DEFAULT_DATASET, DataFormatError
 
 # The four description prompts of the HA-DPO LLaVA-1.5 recipe, exactly as its train_dpo.py has them
 # (without the "<image>\n" prefix, which the conversation template adds).
@@ -197,6 +197,32 @@ def coco_image_id(name: str) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # HA-DPO training data
+#
+# Upstream: opendatalab/HA-DPO, ha_dpo/models/llava-v1_5/train_dpo.py, `LazySupervisedDataset.__init__`
+# (random.seed(seed), desc_process, pope_process, ``pope_data_dict + desc_data_dict*2``), `desc_process`
+# (sample_strategy "offline") and `pope_process`. What we compute the same, by default:
+#
+# - the training list is the usable pope pairs in file order, THEN the description pairs, twice
+#   (`preference_rows` in datasets.py builds it in that order and numbers it in ``list_index``; the
+#   recipe applies its seeded permutation to rows in that order, so for a fixed seed the order decides
+#   which pairs share a batch; the sampler itself is the recipe's, DistributedSampler-like, not
+#   necessarily the one transformers' Trainer built for upstream);
+# - a pope record is skipped when ``correct`` is truthy (Python truth, as ``if pope_data[idx]['correct']``:
+#   true, 1, a non-empty string, "false" included, are skipped; false, 0, null, "" are kept);
+# - per description image, in file order, one generator seeded with `seed` (42) draws the chosen, then
+#   the rejected, then the prompt with ``random.choice`` on the value as stored: on a list it draws an
+#   item; on a plain string it draws ONE CHARACTER (upstream's behaviour; `desc_string_answers="whole"`
+#   keeps the whole string instead, and the draw is still made so that every other record's draws stay
+#   the same).
+#
+# Deviations (none touches well-formed LLaVA-1.5 files with the default settings): a pope record may spell
+# its rejected answer ``rejected`` (upstream reads ``reject`` only: KeyError); desc_data.json may be a list
+# of ``{image_id, chosen, rejected}`` (the layout of HA-DPO's other model variants; upstream's LLaVA-1.5
+# code reads only the object keyed by image id); a record with a missing or malformed field (an empty or
+# non-string question/answer, a list image id, an image id listed twice or not in image_data.json) fails
+# with file, record and field, where upstream raises a KeyError or trains on what it got; images that do
+# not open are set aside and counted (datasets.py) where upstream stops; `data.desc_repeats` (default 2,
+# upstream's ``*2``) and `data.desc_string_answers` (default "character", upstream's) are configurable.
 
 
 def _desc_records(path: Any, data: Any) -> list[tuple[Any, dict]]:
@@ -209,18 +235,36 @@ def _desc_records(path: Any, data: Any) -> list[tuple[Any, dict]]:
                           _describe(data))
 
 
+DESC_STRING_ANSWERS = ("character", "whole")
+
+
+def draw_answer(rng: random.Random, value: str | list[str], string_answers: str = "character") -> str:
+    """One answer drawn from a desc_data.json chosen/rejected value, as HA-DPO's ``random.choice(value)``.
+
+    A list gives one of its items. A plain string gives one of its characters ("character", upstream's
+    behaviour), or the whole string ("whole"); both consume the generator the same way.
+    """
+    if string_answers not in DESC_STRING_ANSWERS:
+        raise ValueError(f"string_answers must be one of {DESC_STRING_ANSWERS}, got {string_answers!r}")
+    drawn = rng.choice(value)
+    return value if isinstance(value, str) and string_answers == "whole" else drawn
+
+
 def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, str], seed: int = 42,
-                    prompts: Sequence[str] = DESC_PROMPTS, repeats: int = 2) -> list[dict]:
-    """Description preference pairs from HA-DPO's `desc_data.json`.
+                    prompts: Sequence[str] = DESC_PROMPTS, repeats: int = 2, string_answers: str = "character",
+                    stats: dict | None = None) -> list[dict]:
+    """Description preference pairs from HA-DPO's `desc_data.json` (upstream `desc_process`).
 
     Two layouts: an object keyed by image id, ``{"<id>": {"chosen": [...], "rejected": [...]}}``
     (LLaVA-1.5), or a list ``[{"image_id": ..., "chosen": [...], "rejected": [...]}]`` (other
     variants); chosen/rejected is a list of strings or a single string.
 
     Like the recipe, one `random.Random(seed)` draws, per image in file order, one chosen, then one
-    rejected, then one prompt; so the seed-42 draw matches HA-DPO's own. Each pair is emitted
-    `repeats` times (the recipe uses it twice), all images once per pass, with sample ids
-    ``desc-<image_id>-<k>``.
+    rejected, then one prompt (`draw_answer`: from a single string upstream draws one character; see
+    `string_answers`); so the seed-42 draw matches HA-DPO's own. Each pair is emitted `repeats` times
+    (the recipe uses it twice), all images once per pass, with sample ids ``desc-<image_id>-<k>`` and
+    ``list_index`` their position in this list. If `stats` is given, it gets ``stats["desc_string_answers"]``:
+    how many chosen/rejected values were a single string.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -229,6 +273,7 @@ def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, str], seed: 
     rng = random.Random(seed)
     drawn: list[dict] = []
     seen: set[str] = set()
+    strings = 0
     for record, obj in _desc_records(path, _load_json(path)):
         if isinstance(record, str):
             obj = {**obj, "image_id": record}
@@ -240,17 +285,19 @@ def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, str], seed: 
             _field(path, record, obj, name, _is_texts,
                    "a non-empty string or a non-empty list of non-empty strings")
             for name in ("chosen", "rejected"))
-        # A single string is a one-item list, so both spellings consume the generator alike.
-        chosen = rng.choice([chosen] if isinstance(chosen, str) else chosen)
-        rejected = rng.choice([rejected] if isinstance(rejected, str) else rejected)
+        strings += isinstance(chosen, str) + isinstance(rejected, str)
+        chosen = draw_answer(rng, chosen, string_answers)
+        rejected = draw_answer(rng, rejected, string_answers)
         prompt = rng.choice(list(prompts))
         drawn.append({"image_id": image_id, "image": image, "prompt": prompt,
                       "chosen": chosen, "rejected": rejected})
+    if stats is not None:
+        stats["desc_string_answers"] = strings
     return [
         {"sample_id": f"desc-{d['image_id']}-{k}", "source": "desc", "image_id": d["image_id"],
          "image": d["image"], "prompt": d["prompt"], "chosen": d["chosen"],
-         "rejected": d["rejected"]}
-        for k in range(repeats) for d in drawn
+         "rejected": d["rejected"], "list_index": k * len(drawn) + position}
+        for k in range(repeats) for position, d in enumerate(drawn)
     ]
 
 
@@ -268,20 +315,24 @@ def _pope_rejected(path: Any, index: int, obj: dict) -> str:
 
 def read_hadpo_pope(path: str | os.PathLike, image_paths: dict[str, str],
                     stats: dict | None = None) -> list[dict]:
-    """Question-answer preference pairs from HA-DPO's `pope_data.json`.
+    """Question-answer preference pairs from HA-DPO's `pope_data.json` (upstream `pope_process`).
 
     Format: a JSON list of ``{"image_id", "question", "answer", "chosen", "reject" | "rejected",
-    "correct"}``. Records with ``correct == true`` (the model already answered right) are skipped,
-    and only their `correct` is checked, since they carry no usable pair. The prompt is the
-    question; sample ids are ``pope-<list index>``. If `stats` is given, it gets
-    ``stats["records"]`` (all records) and ``stats["skipped_correct"]``.
+    "correct"}``. A record whose ``correct`` is truthy (the model already answered right; Python truth,
+    as upstream tests it: 1 and "false" too) is skipped, and only its `correct` is checked, since it
+    carries no usable pair; a missing ``correct`` is an error. The prompt is the question; sample ids are
+    ``pope-<list index>``, ``list_index`` the pair's position in this list. If `stats` is given, it gets
+    ``stats["records"]`` (all records), ``stats["skipped_correct"]`` and ``stats["correct_not_boolean"]``
+    (records whose ``correct`` is not true/false, read by truthiness).
     """
     data = _as_list(path, _load_json(path), "a JSON list of records")
     rows: list[dict] = []
-    skipped = 0
+    skipped = not_boolean = 0
     for index, item in enumerate(data):
         obj = _as_object(path, index, item)
-        if _field(path, index, obj, "correct", lambda v: isinstance(v, bool), "true or false"):
+        correct = _field(path, index, obj, "correct", lambda v: True, "a value (tested for truth, as HA-DPO does)")
+        not_boolean += not isinstance(correct, bool)
+        if correct:
             skipped += 1
             continue
         image_id, image = _image_for(path, index, obj, image_paths)
@@ -289,11 +340,12 @@ def read_hadpo_pope(path: str | os.PathLike, image_paths: dict[str, str],
             "sample_id": f"pope-{index}", "source": "pope", "image_id": image_id, "image": image,
             "prompt": _text(path, index, obj, "question"),
             "chosen": _text(path, index, obj, "chosen"),
-            "rejected": _pope_rejected(path, index, obj),
+            "rejected": _pope_rejected(path, index, obj), "list_index": len(rows),
         })
     if stats is not None:
         stats["records"] = len(data)
         stats["skipped_correct"] = skipped
+        stats["correct_not_boolean"] = not_boolean
     return rows
 
 
@@ -340,8 +392,12 @@ def _pope_records(path: Any, text: str) -> list[tuple[int, Any]]:
 
 
 def read_pope_questions(path: str | os.PathLike, split: str | None = None,
-                        image_root: str | os.PathLike = "") -> list[dict]:
+                        image_root: str | os.PathLike = "", dataset: str = POPE_DEFAULT_DATASET) -> list[dict]:
     """POPE questions, from JSON lines (COCO sets) or a pretty-printed JSON array (A-OKVQA, GQA).
+
+    The POPE repository (AoiDragon/POPE) ships ``output/coco/coco_pope_{split}.json`` as JSON lines and
+    ``output/seem/{aokvqa,gqa}/{aokvqa,gqa}_pope_seem_{split}.json`` as arrays; GQA's image names are
+    GQA ids (``2405722.jpg``), so each dataset has its own `image_root`. Rows carry `dataset`.
 
     Each record: ``{"question_id": int, "image": "COCO_val2014_....jpg", "text": str,
     "label": "yes" | "no"}``; the layout is told by content (first non-space character ``[`` means
@@ -370,7 +426,7 @@ def read_pope_questions(path: str | os.PathLike, split: str | None = None,
                        lambda v: isinstance(v, str) and v.strip().lower() in POPE_LABELS,
                        '"yes" or "no"')
         rows.append({
-            "question_id": question_id, "split": split,
+            "dataset": dataset, "question_id": question_id, "split": split,
             "image": _resolve(image_root, _text(path, record, obj, "image")),
             "question": _text(path, record, obj, "text"),
             "label": label.strip().lower(), "version": "",

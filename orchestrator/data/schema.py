@@ -13,14 +13,24 @@ from typing import Any
 # A preference pair for DPO. `prompt` is the user's text without the "<image>\n" prefix (the
 # conversation template adds it). `source` is "desc" or "pope"; `sample_id` is unique in a dataset
 # (description pairs used twice get distinct ids, e.g. "desc-<image_id>-0" and "desc-<image_id>-1").
-PREFERENCE_COLUMNS = ("sample_id", "source", "image_id", "image", "prompt", "chosen", "rejected")
+# `list_index` is the pair's position in HA-DPO's training list (pope pairs, then the description pairs
+# twice): the order the recipe's seeded permutation is applied to.
+PREFERENCE_COLUMNS = ("sample_id", "source", "image_id", "image", "prompt", "chosen", "rejected", "list_index")
 
 # A supervised example (warm-up stage): one image, one prompt, one target response.
 SFT_COLUMNS = ("sample_id", "image_id", "image", "prompt", "response")
 
-# A POPE question. `label` is "yes" or "no"; `split` is random / popular / adversarial (or the
-# question file's stem for other sets); `version` records which question file it came from.
-POPE_COLUMNS = ("question_id", "split", "image", "question", "label", "version")
+# The name of the POPE dataset the single form `data.pope: {questions, image_root}` configures: POPE's own
+# COCO set (the one LLaVA-1.5 and HA-DPO report). Its splits keep their bare names (random, popular,
+# adversarial) in answers, metrics and sweep objectives (`pope/adversarial/f1`); any other dataset's split
+# is named "<dataset>/<split>" (`pope/gqa/adversarial/f1`); `orchestrator.eval.pope.qualified_split` owns
+# the rule.
+POPE_DEFAULT_DATASET = "coco"
+
+# A POPE question. `dataset` names the POPE set (e.g. coco, aokvqa, gqa: `data.pope.datasets`); `label`
+# is "yes" or "no"; `split` is random / popular / adversarial (or the question file's stem for other
+# sets); `version` records which question file it came from.
+POPE_COLUMNS = ("dataset", "question_id", "split", "image", "question", "label", "version")
 
 # A MileBench sample. `images` is images_path's list of paths, in the file's order; `choice_list`
 # is [] when the sample has none, and `has_choice_list` says whether the sample has the key at all

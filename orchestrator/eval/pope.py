@@ -14,6 +14,11 @@ neither word ("There is a cat.") is "yes". `has_yes_no_word` lets a report count
 
 Metrics take "yes" as the positive class: precision TP/(TP+FP), recall TP/(TP+FN), F1 2PR/(P+R),
 accuracy (TP+TN)/N, and yes-ratio = share of *predicted* yes. Divisions by zero give 0.0.
+
+Several POPE datasets (COCO, A-OKVQA, GQA, ...: ``data.pope.datasets``) are scored apart, each split of
+each dataset on its own and each dataset with its own mean row. A split's name in answers, metrics and
+sweep objectives is `qualified_split`: the bare split for the dataset named "coco" (the single form of
+``data.pope``, as before), ``<dataset>/<split>`` for any other; `dataset_split` reads it back.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import re
 from typing import Iterable, Sequence
 
 import pandas as pd
+
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
 
 LABELS = ("yes", "no")
 SPLIT_ORDER = ("random", "popular", "adversarial")
@@ -134,20 +141,41 @@ def join_labels(answers: pd.DataFrame, questions: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
-def _split_key(split: str) -> tuple[int, str]:
+def qualified_split(dataset: str, split: str) -> str:
+    """A POPE split's name in answers, metrics and sweep objectives: ``random`` for the dataset named
+    "coco" (POPE_DEFAULT_DATASET), ``gqa/random`` for any other dataset."""
+    return split if dataset == POPE_DEFAULT_DATASET else f"{dataset}/{split}"
+
+
+def dataset_split(name: str) -> tuple[str, str]:
+    """`qualified_split` read back: "gqa/random" -> ("gqa", "random"), "random" -> ("coco", "random")."""
+    dataset, sep, split = str(name).partition("/")
+    return (dataset, split) if sep else (POPE_DEFAULT_DATASET, str(name))
+
+
+def split_sort_key(split: str) -> tuple[int, str]:
+    """random, popular, adversarial first (POPE's order), other splits by name."""
     return (SPLIT_ORDER.index(split), split) if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
 
 
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Per-split metrics of answered POPE rows, plus a ``mean`` row averaging the splits.
+def dataset_sort_key(dataset: str) -> tuple[bool, str]:
+    """The dataset named "coco" first, the others by name."""
+    return (dataset != POPE_DEFAULT_DATASET, dataset)
 
-    `df` needs ``split``, ``label`` and either ``answer`` (parsed "yes"/"no") or ``raw_answer``
-    (parsed here). Optional ``error`` (non-empty = the item failed: excluded from the metrics and
-    counted in ``n_errors``) and ``raw_answer`` (used for ``n_unparsable``: answers with neither a
-    yes nor a no word). The mean row averages each metric over splits (its f1 is the "mean F1" that
-    LLaVA-1.5 and HA-DPO report); its counts are sums.
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-dataset, per-split metrics of answered POPE rows, with a ``mean`` row per dataset.
+
+    `df` needs ``split`` (a `qualified_split` name: the dataset is read from it), ``label`` and either
+    ``answer`` (parsed "yes"/"no") or ``raw_answer`` (parsed here). Optional ``error`` (non-empty = the
+    item failed: excluded from the metrics and counted in ``n_errors``), ``raw_answer`` (used for
+    ``n_unparsable``: answers with neither a yes nor a no word) and ``version`` (the question file's
+    version, carried into the table). Rows come out with ``dataset`` and the bare ``split``; each
+    dataset's mean row averages each metric over its splits (its f1 is the "mean F1" that LLaVA-1.5 and
+    HA-DPO report) and sums its counts.
     """
-    columns = ["split", "n", "TP", "FP", "TN", "FN", *METRIC_COLUMNS, "n_errors", "n_unparsable"]
+    columns = ["dataset", "split", "n", "TP", "FP", "TN", "FN", *METRIC_COLUMNS, "n_errors", "n_unparsable",
+               "version"]
     if df is None or len(df) == 0:
         return pd.DataFrame(columns=columns)
     frame = df.copy()
@@ -158,28 +186,68 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         frame["answer"] = [parse_yes_no(text) for text in frame["raw_answer"]]
     raw = frame["raw_answer"] if "raw_answer" in frame.columns else frame["answer"]
     frame["_unparsable"] = [not has_yes_no_word(text) for text in raw]
-    rows = []
-    for split in sorted(frame["split"].astype(str).unique(), key=_split_key):
-        part = frame[frame["split"].astype(str) == split]
-        ok = part[part["error"] == ""]
-        metrics = pope_metrics(list(ok["label"]), list(ok["answer"]))
-        rows.append({"split": split, **metrics, "n_errors": int((part["error"] != "").sum()),
-                     "n_unparsable": int(ok["_unparsable"].sum())})
-    table = pd.DataFrame(rows)
-    mean = {"split": "mean"}
-    for column in columns[1:]:
-        if column in METRIC_COLUMNS:
-            mean[column] = float(table[column].mean())
-        else:
-            mean[column] = int(table[column].sum())
-    table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
-    return table[columns]
+    frame["_dataset"], frame["_split"] = zip(*(dataset_split(name) for name in frame["split"]))
+    if "version" not in frame.columns:
+        frame["version"] = ""
+    tables = []
+    for dataset in sorted(frame["_dataset"].unique(), key=dataset_sort_key):
+        mine = frame[frame["_dataset"] == dataset]
+        rows = []
+        for split in sorted(mine["_split"].unique(), key=split_sort_key):
+            part = mine[mine["_split"] == split]
+            ok = part[part["error"] == ""]
+            metrics = pope_metrics(list(ok["label"]), list(ok["answer"]))
+            versions = sorted({str(v) for v in part["version"].fillna("") if str(v)})
+            rows.append({"dataset": dataset, "split": split, **metrics, "n_errors": int((part["error"] != "").sum()),
+                         "n_unparsable": int(ok["_unparsable"].sum()), "version": ", ".join(versions)})
+        table = pd.DataFrame(rows)
+        mean = {"dataset": dataset, "split": "mean", "version": ""}
+        for column in columns[2:-1]:
+            mean[column] = float(table[column].mean()) if column in METRIC_COLUMNS else int(table[column].sum())
+        tables += [table, pd.DataFrame([mean])]
+    return pd.concat(tables, ignore_index=True)[columns]
 
 
-def mean_f1(table: pd.DataFrame) -> float:
-    """Mean F1 over the splits of a `summarise` table (NaN when it has none)."""
+def mean_f1(table: pd.DataFrame, dataset: str | None = None) -> float:
+    """Mean F1 over the splits of `dataset` in a `summarise` table (None: over every split row of every
+    dataset, which is the dataset's own mean F1 when there is one); NaN when there is none."""
     splits = table[table["split"] != "mean"]
+    if dataset is not None and "dataset" in splits.columns:
+        splits = splits[splits["dataset"] == dataset]
     return float(splits["f1"].mean()) if len(splits) else math.nan
+
+
+def objective_name(dataset: str, split: str, metric: str) -> str:
+    """A sweep objective's name: ``pope/adversarial/f1`` (coco), ``pope/gqa/adversarial/f1`` (split "mean":
+    the dataset's mean row)."""
+    return f"pope/{qualified_split(dataset, split)}/{metric}"
+
+
+def mean_f1_name(dataset: str) -> str:
+    """The objective holding a dataset's mean F1: ``pope/mean_f1`` (coco), ``pope/gqa/mean_f1``."""
+    return "pope/mean_f1" if dataset == POPE_DEFAULT_DATASET else f"pope/{dataset}/mean_f1"
+
+
+def objective_names(splits_by_dataset: dict[str, Sequence[str]]) -> list[str]:
+    """Every objective name a run of these datasets and splits reports (`objective_values`' keys)."""
+    names = []
+    for dataset, splits in splits_by_dataset.items():
+        names += [objective_name(dataset, split, metric) for split in [*splits, "mean"] for metric in METRIC_COLUMNS]
+        names.append(mean_f1_name(dataset))
+    return names
+
+
+def objective_values(table: pd.DataFrame) -> dict[str, float]:
+    """A `summarise` table as sweep objectives: the five metrics of every split and mean row, and each
+    dataset's mean F1 under `mean_f1_name` too."""
+    values = {}
+    for record in table.to_dict("records"):
+        dataset = record.get("dataset", POPE_DEFAULT_DATASET)
+        for metric in METRIC_COLUMNS:
+            values[objective_name(dataset, record["split"], metric)] = float(record[metric])
+        if record["split"] == "mean":
+            values[mean_f1_name(dataset)] = float(record["f1"])
+    return values
 
 
 def answer_agreement(left: pd.DataFrame, right: pd.DataFrame, column: str = "answer",

@@ -15,8 +15,12 @@ Read top to bottom, a run is:
    each actor writes every block it finishes atomically as a parquet file (named by the block's
    keys, so a retried block replaces its file); the driver logs progress and ETA;
 5. **metrics**: all answers of the run are read back (deduplicated on the key) and scored:
-   POPE per split and mean F1, MileBench per task, image-quantity level and task group; one row
-   per metric goes to ``metrics.parquet``.
+   POPE per dataset and split and each dataset's mean F1, MileBench per task, image-quantity level and
+   task group; one row per metric goes to ``metrics.parquet``.
+
+POPE datasets (``data.pope.datasets``: COCO, A-OKVQA, GQA, ...) each have their own image root; an
+item's split names its dataset (`pope.qualified_split`: "adversarial" for coco, "gqa/adversarial"), so
+answers, resume keys, question-file versions (``run.json``) and metric names keep them apart.
 
 Assumptions, stated: the actors write the answers, so the run directory must be reachable from
 every node (a local disk on one machine, a shared file system on a cluster); the question rows (text, no pixels) are small enough to hold on the driver (POPE 9k, MileBench 6.4k);
@@ -37,6 +41,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from orchestrator.config import ExperimentConfig
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
 from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
@@ -56,7 +61,7 @@ class EvalResult:
     eval_dir: Path
     answers_dir: Path
     metrics_path: Path
-    pope_table: pd.DataFrame | None          # `pope.summarise`: per split + mean
+    pope_table: pd.DataFrame | None          # `pope.summarise`: per dataset and split, + a mean per dataset
     milebench_table: pd.DataFrame | None     # `milebench.summarise`: long table
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -118,12 +123,13 @@ def load_questions(cfg: ExperimentConfig, benchmarks: Sequence[str]) -> _Questio
     versions: dict[str, str] = {}
     paths = datasets.resolve_data_paths(cfg)
     if "pope" in benchmarks:
-        if not paths.pope_questions:
-            raise ValueError("POPE needs data.pope.questions (split -> question file) in the config")
+        if not paths.pope:
+            raise ValueError("POPE needs data.pope.questions (split -> question file) or data.pope.datasets "
+                             "(name -> {questions, image_root}) in the config")
         rows, bad = _checked(datasets.pope_dataset, cfg)
-        items += pope_items(rows)
+        items += _pope_items(rows)
         for row in bad:
-            reject = pope_items([row])[0]
+            reject = _pope_items([row])[0]
             reject["error"] = f"image could not be loaded: {row.get('error', '')}"
             rejects.append(reject)
         for item in items + rejects:
@@ -149,6 +155,13 @@ def load_questions(cfg: ExperimentConfig, benchmarks: Sequence[str]) -> _Questio
                 reject["error"] = f"image could not be loaded: {row.get('error', '')}"
                 rejects.append(reject)
     return _Questions(items, rejects, dict(sorted(versions.items())))
+
+
+def _pope_items(rows: Sequence[dict]) -> list[dict]:
+    """POPE rows as items whose split names the dataset too (`pope.qualified_split`: "random" for coco,
+    "gqa/random" for a dataset named gqa), so answers, resume keys and versions keep datasets apart."""
+    return pope_items([{**row, "split": pope.qualified_split(str(row.get("dataset") or POPE_DEFAULT_DATASET),
+                                                             str(row["split"]))} for row in rows])
 
 
 def _sort_key(item: dict) -> tuple:
@@ -220,12 +233,15 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig):
 
 
 def _pope_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
+    """One row per metric of each split (scope "split") and each dataset's mean (scope "overall"), named by
+    `pope.qualified_split` ("adversarial", "mean"; "gqa/adversarial", "gqa/mean")."""
     rows = []
     for record in table.to_dict("records"):
+        name = pope.qualified_split(str(record.get("dataset", POPE_DEFAULT_DATASET)), str(record["split"]))
         for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio", "TP", "FP", "TN", "FN",
                        "n_errors", "n_unparsable"):
             rows.append({"run_id": run_id, "benchmark": "pope", "scope": "split" if record["split"] != "mean"
-                         else "overall", "name": record["split"], "metric": metric,
+                         else "overall", "name": name, "metric": metric,
                          "value": float(record[metric]), "n": int(record["n"])})
     return rows
 
@@ -352,13 +368,15 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         milebench_table = mb.summarise(mb.score_answers(mile_answers))
         metric_rows += _milebench_metric_rows(run_id, milebench_table)
     n_errors = int((answers["error"].fillna("") != "").sum())
-    n_unparsable = int(pope_table["n_unparsable"].iloc[-1]) if pope_table is not None else 0
+    n_unparsable = int(pope_table.loc[pope_table["split"] == "mean", "n_unparsable"].sum()) \
+        if pope_table is not None else 0
     counts = {"items": total, "answered": len(answers), "computed": computed, "skipped": skipped,
               "rejected": len(questions.rejects), "errors": n_errors, "unparsable": n_unparsable}
     metric_rows += [{"run_id": run_id, "benchmark": "all", "scope": "counts", "name": name, "metric": name,
                      "value": float(value), "n": int(value)} for name, value in counts.items()]
     write_metrics(metric_rows, met_path)
-    summary = f"mean F1 {100 * pope.mean_f1(pope_table):.2f}" if pope_table is not None else "no POPE"
+    summary = ", ".join(f"{dataset} mean F1 {100 * pope.mean_f1(pope_table, dataset):.2f}"
+                        for dataset in dict.fromkeys(pope_table["dataset"])) if pope_table is not None else "no POPE"
     if milebench_table is not None:
         overall = milebench_table[milebench_table["scope"] == "overall"]["value"]
         summary += f", MileBench {100 * float(overall.iloc[0]):.2f}" if len(overall) else ""
@@ -373,20 +391,23 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
 
 
 def format_pope_table(df: pd.DataFrame) -> str:
-    """The seed-style POPE table (percent): split, accuracy, precision, recall, F1, yes-ratio; mean row last."""
-    header = f"{'split':<12} {'accuracy':>9} {'precision':>9} {'recall':>9} {'F1':>9} {'yes-ratio':>9} {'n':>6}"
-    lines = [header, "-" * len(header)]
-    for record in df.to_dict("records"):
-        name = "mean" if record["split"] == "mean" else str(record["split"])
-        if name == "mean":
-            lines.append("-" * len(header))
-        lines.append(f"{name:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}" for m in
-                                                ("accuracy", "precision", "recall", "f1", "yes_ratio"))
-                     + f" {int(record['n']):>6}")
-    errors = int(df["n_errors"].iloc[-1]) if len(df) and "n_errors" in df else 0
-    unparsable = int(df["n_unparsable"].iloc[-1]) if len(df) and "n_unparsable" in df else 0
-    if len(df):
-        lines.append(f"mean F1 {100 * pope.mean_f1(df):.2f}; {errors} errors, {unparsable} answers without yes/no")
+    """The seed-style POPE table (percent), one block per dataset: split, accuracy, precision, recall, F1,
+    yes-ratio, n and the question file's version (sha256 prefix / question count); each block's mean row last."""
+    header = (f"{'split':<12} {'accuracy':>9} {'precision':>9} {'recall':>9} {'F1':>9} {'yes-ratio':>9} {'n':>6}"
+              f"  question file")
+    lines: list[str] = []
+    for dataset in dict.fromkeys(df["dataset"]) if len(df) else []:
+        block = df[df["dataset"] == dataset]
+        lines += ([""] if lines else []) + [f"POPE {dataset}", header, "-" * len(header)]
+        for record in block.to_dict("records"):
+            if record["split"] == "mean":
+                lines.append("-" * len(header))
+            lines.append(f"{record['split']:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}" for m in
+                                                              ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+                         + f" {int(record['n']):>6}  {record.get('version') or ''}".rstrip())
+        mean = block[block["split"] == "mean"].iloc[0]
+        lines.append(f"{dataset} mean F1 {100 * pope.mean_f1(block):.2f}; {int(mean['n_errors'])} errors, "
+                     f"{int(mean['n_unparsable'])} answers without yes/no")
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ Conventions (CONTEXT.md section 3):
   positions labelled -100 (system prompt, question, image tokens, padding) are excluded and the
   answer's ``</s>`` is included;
 - logits at position t predict the token at t + 1, so logits[:, :-1] are scored against labels[:, 1:];
-- DPO's implicit reward of a sequence is ``beta * (log p_policy - log p_reference)``.
+- DPO's implicit reward of a sequence is ``beta * (log p_policy - log p_reference)``;
+- the one exception to summed log-probs is IPO, which TRL (and the IPO authors' results) compute on
+  log-probs averaged over each answer's tokens: `dpo_loss` takes the token counts for it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,26 +65,56 @@ def masked_nll(logps: torch.Tensor, mask: torch.Tensor, first_token_weight: floa
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
-             beta: float, loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO losses and the implicit rewards, from sequence log-probs (all [B]).
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards, from summed sequence log-probs (all [B]).
 
-    logits = (pi_c - pi_r) - (ref_c - ref_r)
-    sigmoid (DPO):  -log sigmoid(beta * logits)
-    ipo:            (logits - 1 / (2 * beta)) ** 2
-    hinge (SLiC):   relu(1 - beta * logits)
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards carry no gradient.
+    With logits x = (pi_c - pi_r) - (ref_c - ref_r) and label smoothing e (the probability that a
+    preference label is flipped), as TRL's ``DPOTrainer`` computes them:
+
+    sigmoid (DPO, HA-DPO's; cDPO when e > 0, TRL <= 0.28):
+                    -(1 - e) log sigmoid(beta x) - e log sigmoid(-beta x)
+    robust (robust DPO, Chowdhury et al. 2024; TRL):
+                    (-(1 - e) log sigmoid(beta x) + e log sigmoid(-beta x)) / (1 - 2e)
+    hinge (SLiC):   relu(1 - beta x)
+    ipo (IPO, Azar et al. 2023, eq. 17, length-normalised as in TRL):
+                    (x_avg - 1 / (2 beta))^2, x_avg = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r,
+                    i.e. x on log-probs averaged over each answer's tokens (n_c = `chosen_tokens`,
+                    n_r = `rejected_tokens`, each at least 1); summed log-probs would make the squared
+                    loss grow with the answer's length.
+
+    label_smoothing applies to sigmoid and robust only (0 <= e < 0.5); TRL ignores it for the others
+    with a warning, here it is an error. Rewards are ``beta * (pi - ref)`` of the summed log-probs for
+    every loss (as TRL logs them), carry no gradient, and feed `dpo_metrics`.
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
     """
-    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type!r}")
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    logits = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * logits)
-    elif loss_type == "ipo":
-        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+        losses = (-(1.0 - label_smoothing) * F.logsigmoid(beta * logits)
+                  - label_smoothing * F.logsigmoid(-beta * logits))
+    elif loss_type == "robust":
+        losses = ((-(1.0 - label_smoothing) * F.logsigmoid(beta * logits)
+                   + label_smoothing * F.logsigmoid(-beta * logits)) / (1.0 - 2.0 * label_smoothing))
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * logits)
     else:
-        raise ValueError(f"unknown DPO loss type {loss_type!r}; expected one of {LOSS_TYPES}")
-    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss averages log-probs over each answer's tokens: pass chosen_tokens and "
+                             "rejected_tokens (PairLogps.token_counts())")
+        averaged = (chosen_ratio / chosen_tokens.to(chosen_ratio).clamp(min=1.0)
+                    - rejected_ratio / rejected_tokens.to(rejected_ratio).clamp(min=1.0))
+        losses = (averaged - 1.0 / (2.0 * beta)) ** 2
+    chosen_rewards = beta * chosen_ratio.detach()
+    rejected_rewards = beta * rejected_ratio.detach()
     return losses, chosen_rewards, rejected_rewards
 
 

@@ -50,6 +50,10 @@ class PairLogps:
         """Sequence log-probs (sum over each answer's tokens): ([B], [B]) float32."""
         return self.chosen.sum(-1), self.rejected.sum(-1)
 
+    def token_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """How many tokens each answer has (its scored positions): ([B], [B]) float32; IPO averages over them."""
+        return self.chosen_mask.sum(-1).float(), self.rejected_mask.sum(-1).float()
+
 
 @dataclass
 class PackedPairs:

@@ -10,8 +10,8 @@ this file only does the training:
            -> log (rank 0) -> checkpoint (all ranks report)
 
 Supports
-- stage "dpo": DPO with the sigmoid (HA-DPO), IPO or hinge loss, optional `sft_gamma` LM term on the
-  chosen answers; stage "sft": supervised warm-up (full fine-tune by default, see `train.sft`).
+- stage "dpo": DPO with the sigmoid (HA-DPO; cDPO with `label_smoothing`), robust DPO, IPO
+  (length-normalised, as TRL) or hinge loss, optional `sft_gamma` LM term on the chosen answers; stage "sft": supervised warm-up (full fine-tune by default, see `train.sft`).
 - LoRA (peft) on the language model's linear layers only, chosen by a regex on module names, so the
   vision tower's own q/k/v projections, the projector and lm_head are never adapted. The vision tower
   and projector are frozen in every mode.
@@ -29,8 +29,8 @@ Supports
 
 Assumptions and limits (stated, not hidden)
 - Data: the preference list is small text (16K pairs for HA-DPO), so each worker reads all rows of
-  the (unsplit) dataset, sorts them by sample_id and takes its share of a seeded per-epoch permutation,
-  as torch's DistributedSampler does. The order therefore depends only on (seed, epoch, world size),
+  the (unsplit) dataset, puts them in HA-DPO's list order (`list_index`; sft rows by sample_id) and
+  takes its share of a seeded per-epoch permutation, as torch's DistributedSampler does. The order therefore depends only on (seed, epoch, world size),
   and a resumed run continues with exactly the batch after its checkpoint. Images are decoded in the
   loop, one micro-batch ahead on a background thread. Rows that do not fill a whole optimizer step on
   every rank are dropped at the end of each epoch.
@@ -479,8 +479,12 @@ def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stag
         reference_chosen, reference_rejected = (values.to(device) for values in inputs.reference)
     else:
         reference_chosen, reference_rejected = reference_logps(engine, reference, inputs, model_inputs, autocast)
+    # IPO's token counts come from this batch's own answers: the same tokens whose log-probs the cached
+    # reference summed (the cache key fixes template and max_length), so the cache needs no counts.
+    chosen_tokens, rejected_tokens = policy.token_counts()
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected, train.beta, train.loss)
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, train.beta, train.loss,
+        train.label_smoothing, chosen_tokens, rejected_tokens)
     loss = losses.mean()
     metrics = dpo_metrics(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                           chosen_rewards, rejected_rewards)
@@ -514,7 +518,9 @@ def _read_rows(shard) -> list[dict[str, Any]]:
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one short read per worker
     rows = [dict(row) for row in shard.iter_rows()]
-    rows.sort(key=lambda row: str(row["sample_id"]))
+    # HA-DPO's list order (pope pairs, then description pairs twice: `list_index`): which pairs a seeded
+    # permutation puts in one batch depends on it; rows without it (sft) by sample id
+    rows.sort(key=lambda row: (row.get("list_index", -1), str(row["sample_id"])))
     return rows
 
 

@@ -13,6 +13,10 @@ experiment, seed and sweep trial under that root: the key says which reference t
     <key>/part-00000.parquet   REFERENCE_SCHEMA rows: sample_id, ref_chosen, ref_rejected, error
     <key>/part-00001.parquet   ...
 
+The cached values are sums over each answer's tokens. The IPO loss averages over the tokens instead; it
+takes the token counts from the training batch itself (`PairLogps.token_counts`), which holds exactly the
+tokens the cached sums were taken over (the key fixes template and max_length), so none are stored.
+
 `key` (`reference_key`) is a hash of everything the cached numbers depend on, so a changed model,
 template, max_length or compute dtype lands in a new folder and can never be read by mistake. Parts
 are written by the driver as results stream back (one part per ``rows_per_part`` rows), each

@@ -51,6 +51,42 @@ def test_preference_rows_follow_the_recipe(synth_world, tmp_path):
     assert rows == datasets.preference_rows(config)  # the draw is seeded
 
 
+def test_preference_rows_are_in_ha_dpo_list_order(synth_world, tmp_path):
+    """Upstream `LazySupervisedDataset.__init__` (ha_dpo/models/llava-v1_5/train_dpo.py):
+    ``list_data_dict = pope_data_dict + desc_data_dict*2``: pope pairs first, then all descriptions, twice."""
+    world, _ = synth_world
+    rows = datasets.preference_rows(synthetic_config(world, tmp_path))
+    pope_records = json.loads((world / "hadpo/pope_data.json").read_text())
+    desc_ids = list(json.loads((world / "hadpo/desc_data.json").read_text()))
+    usable = [f"pope-{i}" for i, r in enumerate(pope_records) if not r["correct"]]
+    expected = usable + [f"desc-{i}-0" for i in desc_ids] + [f"desc-{i}-1" for i in desc_ids]
+    assert [row["sample_id"] for row in rows] == expected
+    assert [row["list_index"] for row in rows] == list(range(len(rows)))
+
+
+def test_several_pope_datasets_each_read_with_their_own_image_root(synth_world, tmp_path):
+    from tests.pope_datasets import coco_entry, write_gqa_like_pope
+
+    world, _ = synth_world
+    gqa = write_gqa_like_pope(world, tmp_path)
+    config = config_from_dict({"name": "t", "output_root": str(tmp_path / "runs"),
+                               "data": {"pope": {"datasets": {"coco": coco_entry(world), "gqa": gqa}}}})
+    paths = datasets.resolve_data_paths(config)
+    assert not paths.synthetic and set(paths.pope) == {"coco", "gqa"}
+    rows = datasets.pope_rows(config)
+    assert all(tuple(row) == POPE_COLUMNS for row in rows)
+    by_dataset = {name: [r for r in rows if r["dataset"] == name] for name in ("coco", "gqa")}
+    assert {r["split"] for r in by_dataset["coco"]} == set(datasets.POPE_SPLITS)
+    assert {r["split"] for r in by_dataset["gqa"]} == {"random", "adversarial"}
+    assert all(r["image"].startswith(gqa["image_root"]) and os.path.isfile(r["image"]) for r in by_dataset["gqa"])
+    assert not any(r["image"].startswith(gqa["image_root"]) for r in by_dataset["coco"])
+    # each file has its own version; the single form reads the same COCO rows as the dataset named coco
+    versions = {(r["dataset"], r["split"]): r["version"] for r in rows}
+    assert len(set(versions.values())) == len(versions) == 5
+    single = config_from_dict({"name": "t", "output_root": str(tmp_path / "runs"), "data": {"pope": coco_entry(world)}})
+    assert datasets.pope_rows(single) == by_dataset["coco"]
+
+
 def test_real_paths_and_synthetic_default_read_the_same_rows(synth_world, tmp_path):
     world, _ = synth_world
     assert datasets.preference_rows(real_config(world, tmp_path)) == \
@@ -64,7 +100,7 @@ def test_synthetic_world_is_generated_on_first_use(tmp_path):
     assert not (tmp_path / "world").exists()
     paths = datasets.resolve_data_paths(config)
     assert paths.synthetic and (tmp_path / "world" / "world.json").is_file()
-    assert set(paths.pope_questions) == {"random", "popular", "adversarial"}
+    assert set(paths.pope) == {"coco"} and set(paths.pope["coco"].questions) == {"random", "popular", "adversarial"}
 
 
 def test_checked_dataset_counts_and_writes_rejects(ray_session, world_copy, tmp_path):

@@ -132,17 +132,17 @@ DESC = {
 
 
 def expected_desc_rows(seed=42):
-    """The draw the recipe makes: per image in file order, chosen, rejected, then prompt."""
+    """The draw the recipe makes: per image in file order, chosen, rejected, then prompt, each with
+    random.choice on the value as stored (a string gives one character)."""
     rng = random.Random(seed)
     drawn = []
     for image_id, pair in DESC.items():
-        chosen = pair["chosen"] if isinstance(pair["chosen"], list) else [pair["chosen"]]
-        c, r = rng.choice(chosen), rng.choice(pair["rejected"])
+        c, r = rng.choice(pair["chosen"]), rng.choice(pair["rejected"])
         drawn.append((image_id, c, r, rng.choice(DESC_PROMPTS)))
     return [
         {"sample_id": f"desc-{i}-{k}", "source": "desc", "image_id": i, "image": IMAGES[i],
-         "prompt": p, "chosen": c, "rejected": r}
-        for k in range(2) for i, c, r, p in drawn
+         "prompt": p, "chosen": c, "rejected": r, "list_index": k * len(drawn) + position}
+        for k in range(2) for position, (i, c, r, p) in enumerate(drawn)
     ]
 
 
@@ -168,17 +168,54 @@ def test_read_hadpo_desc_list_layout_draws_the_same(tmp_path):
     assert read_hadpo_desc(path, IMAGES) == expected_desc_rows()
 
 
-def test_read_hadpo_desc_matches_ha_dpo_global_random(tmp_path):
-    """HA-DPO calls random.seed(42) then random.choice in the same order; our draw equals it."""
+def upstream_desc_process(desc_data, seed=42):
+    """HA-DPO's ha_dpo/models/llava-v1_5/train_dpo.py, `LazySupervisedDataset.__init__` (random.seed(seed))
+    and `desc_process` with sample_strategy "offline", as upstream writes it: (image id, chosen, rejected,
+    question) in list order."""
+    desc_data = json.loads(json.dumps(desc_data))
+    random.seed(seed)
+    out = []
+    for image_id in desc_data.keys():
+        desc_data[image_id]["chosen"] = [random.choice(desc_data[image_id]["chosen"])]
+        desc_data[image_id]["rejected"] = [random.choice(desc_data[image_id]["rejected"])]
+        for chosen in desc_data[image_id]["chosen"]:
+            for rejected in desc_data[image_id]["rejected"]:
+                question = random.choice(list(DESC_PROMPTS))
+                out.append((image_id, chosen, rejected, question))
+    return out
+
+
+def test_read_hadpo_desc_matches_ha_dpo_desc_process(tmp_path):
+    """Upstream `desc_process`: random.seed(42), then random.choice on chosen, rejected, question per image."""
     path = write_json(tmp_path / "desc_data.json", DESC)
-    random.seed(42)
-    reference = []
-    for pair in DESC.values():
-        chosen = pair["chosen"] if isinstance(pair["chosen"], list) else [pair["chosen"]]
-        reference.append((random.choice(chosen), random.choice(pair["rejected"]),
-                          random.choice(list(DESC_PROMPTS))))
     rows = read_hadpo_desc(path, IMAGES)[:3]
-    assert [(r["chosen"], r["rejected"], r["prompt"]) for r in rows] == reference
+    reference = upstream_desc_process(DESC)
+    assert [(r["image_id"], r["chosen"], r["rejected"], r["prompt"]) for r in rows] == reference
+    # image "2" stores its chosen as the string "c2": upstream's random.choice draws one character of it
+    assert reference[2][1] in ("c", "2")
+
+
+def test_string_answers_whole_keeps_the_string_and_every_other_draw(tmp_path):
+    """The deviation `data.desc_string_answers: whole`: the whole string, the generator consumed alike."""
+    many = {str(i): {"chosen": f"chosen sentence {i}." if i % 3 == 0 else [f"c{i}-{j}" for j in range(4)],
+                     "rejected": [f"r{i}-{j}" for j in range(3)]} for i in range(12)}
+    images = {str(i): f"/vg/{i}.jpg" for i in range(12)}
+    path = write_json(tmp_path / "desc_data.json", many)
+    stats = {}
+    upstream = read_hadpo_desc(path, images, stats=stats)
+    whole = read_hadpo_desc(path, images, string_answers="whole")
+    assert stats == {"desc_string_answers": 4}
+    reference = upstream_desc_process(many)
+    assert [(r["chosen"], r["rejected"], r["prompt"]) for r in upstream[:12]] == [t[1:] for t in reference]
+    for a, b in zip(upstream, whole):
+        if isinstance(many[a["image_id"]]["chosen"], str):
+            assert len(a["chosen"]) == 1 and a["chosen"] in many[a["image_id"]]["chosen"]
+            assert b["chosen"] == many[a["image_id"]]["chosen"]
+        else:
+            assert b["chosen"] == a["chosen"]
+        assert (b["rejected"], b["prompt"]) == (a["rejected"], a["prompt"])
+    with pytest.raises(ValueError, match="string_answers"):
+        read_hadpo_desc(path, images, string_answers="first")
 
 
 def test_read_hadpo_desc_seed_determinism_and_two_copies(tmp_path):
@@ -264,12 +301,12 @@ def test_read_hadpo_pope_rows_skipping_and_stats(tmp_path):
     rows = read_hadpo_pope(path, IMAGES, stats)
     assert rows == [
         {"sample_id": "pope-0", "source": "pope", "image_id": "1", "image": IMAGES["1"],
-         "prompt": "Is there a dog?", "chosen": "No.", "rejected": "Yes."},
+         "prompt": "Is there a dog?", "chosen": "No.", "rejected": "Yes.", "list_index": 0},
         {"sample_id": "pope-2", "source": "pope", "image_id": "3", "image": IMAGES["3"],
-         "prompt": "Is there a car?", "chosen": "Yes, a car.", "rejected": "No."},
+         "prompt": "Is there a car?", "chosen": "Yes, a car.", "rejected": "No.", "list_index": 1},
     ]
     assert all(tuple(row) == PREFERENCE_COLUMNS for row in rows)
-    assert stats == {"records": 3, "skipped_correct": 1}
+    assert stats == {"records": 3, "skipped_correct": 1, "correct_not_boolean": 0}
     assert read_hadpo_pope(path, IMAGES) == rows  # stats is optional
 
 
@@ -280,13 +317,28 @@ def test_read_hadpo_pope_reject_and_rejected_spellings(tmp_path):
         assert read_hadpo_pope(path, IMAGES)[0]["rejected"] == "Yes."
 
 
+@pytest.mark.parametrize("correct, skipped", [
+    (True, True), (False, False), (1, True), (0, False), (None, False), ("", False),
+    ("false", True),  # a non-empty string is true in Python: upstream skips it, and so do we
+    ([], False), ([0], True), (0.5, True),
+])
+def test_read_hadpo_pope_tests_correct_by_truth_as_upstream(tmp_path, correct, skipped):
+    """Upstream `pope_process` (ha_dpo/models/llava-v1_5/train_dpo.py): ``if pope_data[idx]['correct']: continue``."""
+    record = {**POPE_DATA[0], "correct": correct}
+    path = write_json(tmp_path / "pope_data.json", [record, POPE_DATA[0]])
+    stats = {}
+    rows = read_hadpo_pope(path, IMAGES, stats)
+    assert [row["sample_id"] for row in rows] == (["pope-1"] if skipped else ["pope-0", "pope-1"])
+    assert [row["list_index"] for row in rows] == list(range(len(rows)))
+    assert stats["skipped_correct"] == int(skipped)
+    assert stats["correct_not_boolean"] == int(not isinstance(correct, bool))
+
+
 @pytest.mark.parametrize("change, field", [
     ({"reject": None}, "reject"),
     ({"reject": "A", "rejected": "B"}, "reject"),
     ({"question": ""}, "question"),
     ({"chosen": 3}, "chosen"),
-    ({"correct": "no"}, "correct"),
-    ({"correct": None}, "correct"),
     ({"image_id": 99}, "image_id"),
 ])
 def test_read_hadpo_pope_bad_records(tmp_path, change, field):
@@ -369,12 +421,12 @@ QUESTIONS = [
 ]
 
 
-def expected_questions(split, version, root=""):
+def expected_questions(split, version, root="", dataset="coco"):
     images = [os.path.join(root, q["image"]) if root else q["image"] for q in QUESTIONS]
     return [
-        {"question_id": 1, "split": split, "image": images[0],
+        {"dataset": dataset, "question_id": 1, "split": split, "image": images[0],
          "question": "Is there a snowboard in the image?", "label": "yes", "version": version},
-        {"question_id": 2, "split": split, "image": images[1],
+        {"dataset": dataset, "question_id": 2, "split": split, "image": images[1],
          "question": "Is there a dog in the image?", "label": "no", "version": version},
     ]
 
@@ -396,8 +448,8 @@ def test_read_pope_questions_json_lines(tmp_path):
 def test_read_pope_questions_json_array(tmp_path):
     path = write_json(tmp_path / "aokvqa_pope_seem_popular.json", QUESTIONS, indent=4)
     root = tmp_path / "coco" / "val2014"
-    rows = read_pope_questions(path, image_root=root)
-    assert rows == expected_questions("popular", sha_version(path, 2), str(root))
+    rows = read_pope_questions(path, image_root=root, dataset="aokvqa")
+    assert rows == expected_questions("popular", sha_version(path, 2), str(root), dataset="aokvqa")
     assert read_pope_questions(path, split="custom")[0]["split"] == "custom"
 
 

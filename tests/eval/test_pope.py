@@ -5,7 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from orchestrator.eval.pope import (has_yes_no_word, join_labels, mean_f1, parse_yes_no, pope_metrics,
+from orchestrator.eval.pope import (dataset_split, has_yes_no_word, join_labels, mean_f1, objective_names,
+                                    objective_values, parse_yes_no, pope_metrics, qualified_split,
                                     strip_special_tokens, summarise)
 
 
@@ -136,3 +137,32 @@ def test_answer_agreement_counts_the_shared_error_free_questions_worked_by_hand(
     assert math.isnan(answer_agreement(score.iloc[:0], generate)["share_same"])
     with pytest.raises(ValueError, match="missing column"):
         answer_agreement(score.drop(columns="answer"), generate)
+
+
+def test_split_names_carry_the_dataset_except_cocos():
+    assert qualified_split("coco", "adversarial") == "adversarial"
+    assert qualified_split("gqa", "adversarial") == "gqa/adversarial"
+    for dataset, split in [("coco", "random"), ("gqa", "random"), ("aokvqa", "popular"), ("gqa", "mean")]:
+        assert dataset_split(qualified_split(dataset, split)) == (dataset, split)
+
+
+def test_summarise_scores_each_dataset_apart_with_its_own_mean_row():
+    rows = []
+    # coco random: TP 1, TN 1 -> F1 1; gqa random: TP 1, FP 1 -> P 0.5, R 1, F1 2/3; gqa adversarial: FN 1, TN 1 -> F1 0
+    for split, label, raw in [("random", "yes", "Yes"), ("random", "no", "No"),
+                              ("gqa/random", "yes", "Yes"), ("gqa/random", "no", "Yes"),
+                              ("gqa/adversarial", "yes", "No"), ("gqa/adversarial", "no", "No")]:
+        rows.append({"split": split, "label": label, "raw_answer": raw, "version": f"v-{split}"})
+    table = summarise(pd.DataFrame(rows))
+    assert list(zip(table["dataset"], table["split"])) == [
+        ("coco", "random"), ("coco", "mean"), ("gqa", "random"), ("gqa", "adversarial"), ("gqa", "mean")]
+    by = table.set_index(["dataset", "split"])
+    assert by.loc[("coco", "mean"), "f1"] == pytest.approx(1.0) == mean_f1(table, "coco")
+    assert by.loc[("gqa", "random"), "f1"] == pytest.approx(2 / 3) and by.loc[("gqa", "adversarial"), "f1"] == 0.0
+    assert by.loc[("gqa", "mean"), "f1"] == pytest.approx(1 / 3) == mean_f1(table, "gqa")
+    assert by.loc[("gqa", "mean"), "n"] == 4 and by.loc[("gqa", "random"), "version"] == "v-gqa/random"
+    objectives = objective_values(table)
+    assert objectives["pope/random/f1"] == 1.0 and objectives["pope/mean_f1"] == 1.0
+    assert objectives["pope/gqa/random/f1"] == pytest.approx(2 / 3)
+    assert objectives["pope/gqa/mean_f1"] == pytest.approx(1 / 3)
+    assert sorted(objectives) == sorted(objective_names({"coco": ["random"], "gqa": ["random", "adversarial"]}))

@@ -1,5 +1,7 @@
 """`run_eval` end to end on the synthetic world with the tiny model: tables, resume, interruption, actor kill."""
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -123,3 +125,52 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_session, synth_world, tin
     assert_complete_once(result.answers_dir, keys)
     answers = read_answers(result.answers_dir)
     assert set(answers["mode"]) == {"generate"} and answers["p_yes"].isna().all()
+
+
+def test_two_pope_datasets_are_evaluated_and_reported_apart(ray_session, synth_world, tiny_model_dir, tmp_path):
+    """COCO (JSON lines) and a GQA-style set (JSON arrays, own image root): per dataset and split, with versions."""
+    from orchestrator.data import formats
+    from orchestrator.eval import pope
+    from tests.pope_datasets import write_gqa_like_pope, write_pope_copy
+
+    world, _ = synth_world
+    coco = write_pope_copy(world, tmp_path, "coco", images=2)
+    gqa = write_gqa_like_pope(world, tmp_path, images=2)
+    cfg = config_from_dict({"name": "two", "output_root": str(tmp_path / "runs"),
+                            "data": {"pope": {"datasets": {"coco": coco, "gqa": gqa}}},
+                            "eval": {"mode": "score", "batch_size": 16, "cpus_per_actor": 1}})
+    result = run_eval(cfg, model_path=str(tiny_model_dir), benchmarks=("pope",), tag="two")
+    expected = {}
+    for name, entry in (("coco", coco), ("gqa", gqa)):
+        for split, path in entry["questions"].items():
+            expected[pope.qualified_split(name, split)] = formats.read_pope_questions(path, split, entry["image_root"])
+    answers = read_answers(result.answers_dir)
+    assert sorted(keys_of(answers)) == sorted(("pope", name, str(row["question_id"]))
+                                              for name, rows in expected.items() for row in rows)
+    assert set(answers["split"]) == {"random", "popular", "adversarial", "gqa/random", "gqa/adversarial"}
+    assert (answers["error"] == "").all()
+    gqa_images = answers[answers["split"].str.startswith("gqa/")]["images"].map(lambda images: images[0])
+    assert gqa_images.str.startswith(gqa["image_root"]).all()
+
+    table = result.pope_table
+    assert list(zip(table["dataset"], table["split"])) == [
+        ("coco", "random"), ("coco", "popular"), ("coco", "adversarial"), ("coco", "mean"),
+        ("gqa", "random"), ("gqa", "adversarial"), ("gqa", "mean")]
+    for record in table[table["split"] != "mean"].to_dict("records"):
+        rows = expected[pope.qualified_split(record["dataset"], record["split"])]
+        assert record["n"] == len(rows) and record["version"] == rows[0]["version"]
+    assert table.set_index(["dataset", "split"]).loc[("gqa", "mean"), "f1"] == pytest.approx(
+        pope.mean_f1(table, "gqa"))
+
+    run = json.loads((result.answers_dir.parent / "run.json").read_text())
+    assert run["versions"] == {f"pope/{name}": rows[0]["version"] for name, rows in sorted(expected.items())}
+    metrics = pq.read_table(result.metrics_path).to_pandas()
+    names = set(metrics[metrics["benchmark"] == "pope"]["name"])
+    assert names == {"random", "popular", "adversarial", "mean", "gqa/random", "gqa/adversarial", "gqa/mean"}
+    printed = format_pope_table(table)
+    assert "POPE coco" in printed and "POPE gqa" in printed and expected["gqa/random"][0]["version"] in printed
+    objectives = pope.objective_values(table)
+    assert objectives["pope/adversarial/f1"] == table.set_index(["dataset", "split"]).loc[("coco", "adversarial"), "f1"]
+    assert "pope/gqa/adversarial/f1" in objectives and "pope/gqa/mean_f1" in objectives
+    assert set(objectives) == set(pope.objective_names({"coco": ["random", "popular", "adversarial"],
+                                                        "gqa": ["random", "adversarial"]}))

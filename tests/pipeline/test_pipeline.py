@@ -47,3 +47,12 @@ def test_pipeline_runs_every_stage_then_resumes_and_redoes_only_what_changed(ray
     assert changed.ran == ["dpo", "eval_hadpo"]  # the warm-up and baseline do not depend on beta
     assert changed.outputs["dpo"]["adapter"] != first.outputs["dpo"]["adapter"] or \
         changed.outputs["dpo"]["metrics"]["step"] == 2  # started over, not resumed past the old run
+
+
+def test_dpo_only_settings_leave_the_warm_up_current(tmp_path):
+    from orchestrator.pipeline import warmup_train_settings
+
+    base = warmup_train_settings(config(tmp_path))
+    for change in ({"loss": "robust", "label_smoothing": 0.2}, {"beta": 0.3}):
+        assert warmup_train_settings(config(tmp_path, **change)) == base
+    assert warmup_train_settings(config(tmp_path, max_length=128)) != base

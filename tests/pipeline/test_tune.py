@@ -38,3 +38,21 @@ def test_sweep_over_beta_trains_and_evaluates_each_trial(ray_session, tiny_model
     assert len(finished) >= 1 and finished["pope/adversarial/f1"].between(0, 1).all()
     assert result.best_params["train.beta"] in (0.1, 0.5)
     assert (tmp_path / f"sweep-beta{result.best_params['train.beta']}").is_dir()  # each trial has its own run
+
+
+def test_the_objective_must_be_a_pope_name_the_configs_datasets_report():
+    from orchestrator.tune import check_objective, pope_objectives
+
+    coco = {"questions": {s: f"/pope/coco_pope_{s}.json" for s in ("random", "popular", "adversarial")},
+            "image_root": "/coco/val2014"}
+    gqa = {"questions": {"adversarial": "/pope/gqa_pope_seem_adversarial.json"}, "image_root": "/gqa/images"}
+    single = config_from_dict({"data": {"pope": coco}, "tune": {"metric": "pope/adversarial/f1"}})
+    check_objective(single)  # the single form is COCO: the name it always had
+    assert "pope/mean_f1" in pope_objectives(single) and len(pope_objectives(single)) == 4 * 5 + 1
+    both = config_from_dict({"data": {"pope": {"datasets": {"coco": coco, "gqa": gqa}}},
+                             "tune": {"metric": "pope/gqa/adversarial/f1"}})
+    check_objective(both)
+    assert {"pope/adversarial/f1", "pope/gqa/adversarial/f1", "pope/gqa/mean_f1"} <= set(pope_objectives(both))
+    only_gqa = config_from_dict({"data": {"pope": {"datasets": {"gqa": gqa}}}})
+    with pytest.raises(ValueError, match="tune.metric 'pope/adversarial/f1' is not reported.*pope/gqa/adversarial/f1"):
+        check_objective(only_gqa)

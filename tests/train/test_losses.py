@@ -18,15 +18,77 @@ BETA = 0.5
 
 @pytest.mark.parametrize("loss_type, expected", [
     ("sigmoid", [math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))]),  # -log sigmoid(beta * logits)
-    ("ipo", [(2 - 1) ** 2, (-2 - 1) ** 2]),                                # (logits - 1/(2 beta))^2
+    ("ipo", [(2 - 1) ** 2, (-2 - 1) ** 2]),                                # (logits - 1/(2 beta))^2, 1 token each
     ("hinge", [0.0, 2.0]),                                                 # relu(1 - beta * logits)
 ])
 def test_dpo_loss_matches_hand_computed_values(loss_type, expected):
+    one_token = torch.ones(2)
     losses, chosen, rejected = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED,
-                                        BETA, loss_type)
+                                        BETA, loss_type, chosen_tokens=one_token, rejected_tokens=one_token)
     assert losses.tolist() == pytest.approx(expected, abs=1e-6)
     assert chosen.tolist() == pytest.approx([0.5, -0.5])    # beta * (pi_c - ref_c)
     assert rejected.tolist() == pytest.approx([-0.5, 0.5])  # beta * (pi_r - ref_r)
+
+
+# softplus(t) = log(1 + e^t): at beta * logits = +1 and -1.
+SOFTPLUS_MINUS_1, SOFTPLUS_1 = math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))
+
+
+@pytest.mark.parametrize("loss_type, smoothing, expected", [
+    # cDPO (Mitchell's note; TRL <= 0.28 `dpo_loss`): -(1-e) log sig(z) - e log sig(-z), z = beta * logits.
+    # Since log sig(z) - log sig(-z) = z, it equals softplus(-z) + e z: 0.31326 + 0.1 and 1.31326 - 0.1.
+    ("sigmoid", 0.1, [0.9 * SOFTPLUS_MINUS_1 + 0.1 * SOFTPLUS_1, 0.9 * SOFTPLUS_1 + 0.1 * SOFTPLUS_MINUS_1]),
+    ("sigmoid", 0.1, [0.41326169, 1.21326169]),
+    # robust DPO (Chowdhury et al. 2024, eq. 4; TRL): ((1-e) softplus(-z) - e softplus(z)) / (1 - 2e)
+    # = softplus(-z) - e z / (1 - 2e): 0.31326 - 0.125 and 1.31326 + 0.125.
+    ("robust", 0.1, [(0.9 * SOFTPLUS_MINUS_1 - 0.1 * SOFTPLUS_1) / 0.8,
+                     (0.9 * SOFTPLUS_1 - 0.1 * SOFTPLUS_MINUS_1) / 0.8]),
+    ("robust", 0.1, [0.18826169, 1.43826169]),
+    ("robust", 0.0, [SOFTPLUS_MINUS_1, SOFTPLUS_1]),  # no flipped labels: plain DPO
+])
+def test_label_smoothing_matches_the_cdpo_and_robust_dpo_formulas(loss_type, smoothing, expected):
+    losses, chosen, rejected = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED,
+                                        BETA, loss_type, label_smoothing=smoothing)
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert chosen.tolist() == pytest.approx([0.5, -0.5]) and rejected.tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_ipo_averages_log_probs_over_each_answers_tokens():
+    # TRL's ipo: x = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r; loss = (x - 1/(2 beta))^2 (IPO eq. 17).
+    # Pair 1, n = (2, 3): x = (-1 + 2)/2 - (-3 + 2)/3 = 1/2 + 1/3 = 5/6; loss = (5/6 - 1)^2 = 1/36.
+    # Pair 2, n = (4, 1): x = (-4 + 3)/4 - (-2 + 3)/1 = -5/4; loss = (-5/4 - 1)^2 = 81/16.
+    losses, chosen, rejected = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA,
+                                        "ipo", chosen_tokens=torch.tensor([2, 4]),
+                                        rejected_tokens=torch.tensor([3, 1]))
+    assert losses.tolist() == pytest.approx([1 / 36, 81 / 16], abs=1e-6)
+    # the rewards stay on summed log-probs, as TRL logs them
+    assert chosen.tolist() == pytest.approx([0.5, -0.5]) and rejected.tolist() == pytest.approx([-0.5, 0.5])
+    # TRL <= 0.28 averaged all four log-probs before forming the logits: the same number
+    old_style = ((POLICY_CHOSEN / torch.tensor([2, 4]) - POLICY_REJECTED / torch.tensor([3, 1]))
+                 - (REFERENCE_CHOSEN / torch.tensor([2, 4]) - REFERENCE_REJECTED / torch.tensor([3, 1])))
+    assert losses.tolist() == pytest.approx(((old_style - 1 / (2 * BETA)) ** 2).tolist(), abs=1e-6)
+
+
+def test_ipo_does_not_grow_with_the_answers_length():
+    # the same per-token log-probs over answers ten times as long: summed log-probs are ten times larger,
+    # the loss is not
+    short, _, _ = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "ipo",
+                           chosen_tokens=torch.tensor([1, 1]), rejected_tokens=torch.tensor([1, 1]))
+    long, _, _ = dpo_loss(10 * POLICY_CHOSEN, 10 * POLICY_REJECTED, 10 * REFERENCE_CHOSEN, 10 * REFERENCE_REJECTED,
+                          BETA, "ipo", chosen_tokens=torch.tensor([10, 10]), rejected_tokens=torch.tensor([10, 10]))
+    assert long.tolist() == pytest.approx(short.tolist())
+
+
+def test_ipo_needs_token_counts_and_smoothing_only_fits_sigmoid_and_robust():
+    with pytest.raises(ValueError, match="chosen_tokens and rejected_tokens"):
+        dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "ipo")
+    for loss_type in ("ipo", "hinge"):
+        with pytest.raises(ValueError, match="applies to the sigmoid and robust losses"):
+            dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, loss_type,
+                     label_smoothing=0.1, chosen_tokens=torch.tensor([1, 1]), rejected_tokens=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "robust",
+                 label_smoothing=0.5)
 
 
 def test_dpo_loss_rejects_an_unknown_type():

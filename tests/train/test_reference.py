@@ -11,6 +11,7 @@ from orchestrator.model.llava import load_llava
 from orchestrator.train.collate import collate_preference
 from orchestrator.train.recipe import add_lora, freeze_vision, lora_target_regex, reference_logps
 from orchestrator.train.losses import sequence_logps
+from orchestrator.train.pairs import score_pairs
 from tests.train import tiny_config
 
 
@@ -75,3 +76,46 @@ def test_reference_with_adapters_disabled_equals_a_frozen_deep_copy(setup):
     with torch.no_grad():
         policy_logps = sequence_logps(policy(**model_inputs).logits, inputs.labels)
     assert (policy_logps - copy_logps).abs().max() > 1e-2  # the adapters really change the policy
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_ipo_loss_is_the_same_with_the_cached_reference_and_averages_over_answer_tokens(setup, synth_world,
+                                                                                      tmp_path, packed):
+    """IPO works with the reference cache: the cache holds sums, the token counts come from the batch."""
+    from orchestrator.model.templates import encode_answer
+    from orchestrator.train.pairs import collate_pairs, model_inputs_for
+    from orchestrator.train.recipe import compute_loss
+    from tests.train import as_batch, sample_preference_rows
+
+    cfg, loaded, _ = setup
+    train = cfg.train.model_copy(update={"loss": "ipo", "beta": 0.5})
+    policy = add_lora(copy.deepcopy(loaded.model), cfg.train)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    policy.eval()
+    engine = SimpleNamespace(module=policy, forward=policy, ds=None)
+    rows = sample_preference_rows(tmp_path, synth_world[0], per_source=2)
+    batch = as_batch(rows)
+    in_loop = collate_pairs(batch, loaded, "v1", 256, packed=packed)
+    cached = collate_pairs(batch, loaded, "v1", 256, packed=packed)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    cached.reference = reference_logps(engine, None, cached, model_inputs_for(cached, "cpu", None, "sdpa"),
+                                       no_autocast)
+    with torch.no_grad():
+        loss_in_loop, metrics = compute_loss(engine, None, in_loop, "dpo", train, torch.device("cpu"), False)
+        loss_cached, _ = compute_loss(engine, None, cached, "dpo", train, torch.device("cpu"), False)
+    torch.testing.assert_close(loss_cached, loss_in_loop, atol=1e-5, rtol=0)
+
+    # by hand: x = (pi_c - ref_c)/n_c - (pi_r - ref_r)/n_r with n = the answer's tokens (and its </s>)
+    with torch.no_grad():
+        policy_chosen, policy_rejected = score_pairs(policy, in_loop, "cpu")
+    reference_chosen, reference_rejected = cached.reference
+    n_chosen = torch.tensor([float(len(encode_answer(loaded.tokenizer, r["chosen"]))) for r in rows])
+    n_rejected = torch.tensor([float(len(encode_answer(loaded.tokenizer, r["rejected"]))) for r in rows])
+    x = (policy_chosen - reference_chosen) / n_chosen - (policy_rejected - reference_rejected) / n_rejected
+    expected = ((x - 1 / (2 * 0.5)) ** 2).mean()
+    torch.testing.assert_close(loss_in_loop, expected, atol=1e-5, rtol=0)
+    assert metrics["loss"] == pytest.approx(expected.item(), abs=1e-5)
