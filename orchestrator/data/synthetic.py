@@ -120,8 +120,9 @@ MILEBENCH_TASKS: dict[str, dict[str, Any]] = {
 MILEBENCH_IMAGE_LABEL = "Image {}:"
 
 # Texts that other parts of the pipeline wrap around ours: the LLaVA v1 / llava_v1 conversation
-# templates, LLaVA's POPE answer-format suffix and MileBench's choice-list suffix. They are part of
-# the vocabulary so a word-level tokenizer covers every prompt the pipeline builds.
+# templates, LLaVA's POPE answer-format suffix, MileBench's choice-list suffix and its LLaVA worker's
+# llava_llama_2 template (orchestrator.eval.milebench.llava_worker_prompt). They are part of the
+# vocabulary so a word-level tokenizer covers every prompt the pipeline builds.
 TEMPLATE_TEXTS = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions.",
@@ -130,6 +131,9 @@ TEMPLATE_TEXTS = (
     "USER: ASSISTANT: Human: Assistant:",
     "Answer the question using a single word or phrase.",
     "Choice list: A. B. C. D. E. F. Your answer is:",
+    "[INST] <<SYS>> <</SYS>> [/INST]",
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language.",
 )
 
 _WORD_RE = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
