@@ -350,9 +350,10 @@ def protocol_settings(protocol: str | None, args) -> dict:
     if protocol == "hadpo":
         forced = args.hadpo_new_tokens
         return {"answer_suffix": "", "max_new_tokens": forced or 512, "min_new_tokens": forced}
-    if protocol == "milebench":
-        return {"answer_suffix": "", "max_new_tokens": args.milebench_new_tokens,
-                "min_new_tokens": args.milebench_new_tokens}
+    if protocol == "milebench":   # MileBench items use the milebench_* settings, POPE's are unused
+        forced = args.milebench_new_tokens
+        return {"answer_suffix": "", "max_new_tokens": forced, "min_new_tokens": forced,
+                "milebench_max_new_tokens": forced, "milebench_min_new_tokens": forced}
     return {"answer_suffix": "", "max_new_tokens": args.max_new_tokens, "min_new_tokens": 0}
 
 

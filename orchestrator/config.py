@@ -275,13 +275,28 @@ class ScalingSection(_Section):
 class EvalConfig(_Section):
     mode: Literal["score", "generate"] = "score"
     batch_size: int = Field(16, gt=0)
-    max_new_tokens: int = Field(128, gt=0)
+    max_new_tokens: int = Field(128, gt=0, description="POPE in generate mode (MileBench: milebench_max_new_tokens)")
     answer_suffix: str = Field("", description='e.g. "\\nAnswer the question using a single word or phrase."')
     num_actors: int = Field(1, gt=0)
     cpus_per_actor: float = Field(0.5, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
-    milebench_image_budget: int = Field(24, gt=0, description="images per batch")
-    milebench_token_budget: int = Field(2048, gt=0)
+    # MileBench, as MileBench's own code (generate.py, utils.py, its LLaVA worker) runs LLaVA-1.5; docs/milebench.md
+    milebench_image_budget: int = Field(
+        24, gt=0, description="images per MileBench model batch (eval.sh's --batch-image 24: floor(24 / images) "
+        "samples); a sample with more is answered alone; 1 answers one sample at a time, as MileBench's worker does")
+    milebench_token_budget: int = Field(
+        4096, gt=0, description="MileBench's max_context_len: tokens the instruction + context may take, each kept "
+        "image counted at the model's tokens per image (576 for LLaVA-1.5); the context is left-truncated to it. "
+        "MileBench's repository gives no value for llava-v1.5-7b; 4096 is LLaVA-1.5's context ('Maximum number "
+        "of tokens the model can handle', utils.py). The template and the answer are not counted, as upstream")
+    milebench_fit_context: bool = Field(
+        False, description="not MileBench's: lower the token budget so that template + context + "
+        "milebench_max_new_tokens fit the model's positions (upstream generates past them)")
+    milebench_template: Literal["llava_llama_2", "v1", "llava_v1"] = Field(
+        "llava_llama_2", description="MileBench's conversation template: llava_llama_2 is MileBench's LLaVA worker; "
+        "v1 / llava_v1 (LLaVA's own) are not MileBench's")
+    milebench_max_new_tokens: int = Field(512, gt=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 512")
+    milebench_min_new_tokens: int = Field(1, ge=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 1")
     prefix_reuse: bool = Field(True, description="POPE, score and generate mode: the image + system prefix computed "
                                "once per image and its KV cache shared by the image's questions (prefill and decoding)")
     prefix_images: int = Field(0, ge=0, description="images per prefix-reuse block and model batch "

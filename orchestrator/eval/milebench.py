@@ -11,8 +11,8 @@ around these functions; the functions themselves have none.
    suffix when the sample has a ``choice_list``), the context left-truncated to a token budget
    walked fragment by fragment from its end, images handed to placeholders from the end of
    ``images_path`` whatever their ``{image#k}`` number. `llava_worker_prompt` and
-   `LLAVA_WORKER_GEN_KWARGS` are the worker's conversation template and generation settings, for
-   a model adapter to use.
+   `LLAVA_WORKER_GEN_KWARGS` are the worker's conversation template and generation settings,
+   which `LlavaModel` uses for MileBench.
 
 2. **Scores** (pure). `score_sample` is ``evaluate.py``'s ``Eval``: answers normalised by
    `normalize_answer` (``Eval.process``), open-ended tasks scored by ROUGE-L F (`rouge_l`, the
@@ -24,10 +24,13 @@ around these functions; the functions themselves have none.
 
 3. **The model adapter.** `MileBenchModel` has the reference harness's interface,
    ``forward(questions, image_paths, device, gen_kwargs) -> list[str]``, plus what our predictor
-   needs to build prompts (token counting, left truncation) and, optionally, ``score_yes_no`` for
-   POPE's one-forward scoring. `LlavaModel` implements it for any llava-hf folder (plus an
-   optional LoRA adapter, merged). To evaluate another model, subclass `MileBenchModel` and pass
-   the class (or ``"module:Class"``) as ``run_eval(..., model_adapter=...)``.
+   needs to build prompts (token counting, left truncation), ``answer(benchmark, ...)`` (the
+   predictor's call: a model whose prompt depends on the benchmark overrides it) and, optionally,
+   ``score_yes_no`` for POPE's one-forward scoring. `LlavaModel` implements it for any llava-hf
+   folder (plus an optional LoRA adapter, merged): MileBench questions go through the LLaVA
+   worker's template (`llava_worker_prompt`), POPE questions through the configured one
+   (``llava_v1``). To evaluate another model, subclass `MileBenchModel` and pass the class (or
+   ``"module:Class"``) as ``run_eval(..., model_adapter=...)``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import pandas as pd
 
 from orchestrator.eval.pope import strip_special_tokens
 from orchestrator.model.adapter import find_adapter
+from orchestrator.model.templates import TEMPLATES, build_prompt, encode_prompt
 
 # ----------------------------------------------------------------------------------------------
 # Task taxonomy (score.py's dataset_list); names are matched case- and punctuation-insensitively,
@@ -197,7 +201,7 @@ def build_milebench_question(
 
 
 # The LLaVA worker's conversation (LLaVA's conv_templates["llava_llama_2"], SeparatorStyle.LLAMA_2)
-# and generation settings (configs/model_configs.yaml, llava-v1.5-7b), for a model adapter to use.
+# and generation settings (configs/model_configs.yaml, llava-v1.5-7b), used by LlavaModel for MileBench.
 LLAVA_WORKER_TEMPLATE = "llava_llama_2"
 LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. "
                         "You are able to understand the visual content that the user provides, "
@@ -605,7 +609,9 @@ class MileBenchModel:
     """The reference harness's model interface: ``init_components(config)`` and ``forward``.
 
     Subclasses set `tokens_per_image`, `image_token` and `max_length` in `init_components` and
-    implement `forward`; `score_yes_no` is optional (POPE's score mode needs it). The default
+    implement `forward`; `score_yes_no` is optional (POPE's score mode needs it). The predictor
+    calls `answer` with the benchmark's name, which by default is `forward`: a model whose prompt
+    or template depends on the benchmark overrides `answer` and `prompt_length`. The default
     token counting splits on whitespace; override `count_tokens` / `keep_last_tokens` with the
     model's tokenizer for exact budgets.
     """
@@ -629,8 +635,8 @@ class MileBenchModel:
     def keep_last_tokens(self, text: str, n: int) -> str:
         return " ".join(text.split()[-n:]) if n > 0 else ""
 
-    def prompt_length(self, question: str, n_images: int) -> int:
-        """Tokens of the full prompt the model will see (images expanded)."""
+    def prompt_length(self, question: str, n_images: int, benchmark: str = "milebench") -> int:
+        """Tokens of the full prompt the model will see for `benchmark` (images expanded)."""
         return self.count_tokens(question) + n_images * self.tokens_per_image
 
     def load_images(self, paths: Sequence[str]):
@@ -640,21 +646,35 @@ class MileBenchModel:
                 gen_kwargs: dict | None = None, images: list[list] | None = None) -> list[str]:
         raise NotImplementedError
 
+    def answer(self, benchmark: str, questions: list[str], image_paths: list[list[str]],
+               gen_kwargs: dict | None = None, images: list[list] | None = None) -> list[str]:
+        """Generated answers to one benchmark's batch ("milebench" or "pope"): `forward` by default."""
+        return self.forward(questions, image_paths, device=self.device, gen_kwargs=gen_kwargs, images=images)
+
     def score_yes_no(self, questions: list[str], image_paths: list[list[str]],
                      images: list[list] | None = None) -> list[float]:
         raise NotImplementedError(f"{type(self).__name__} cannot score yes/no; use eval.mode=generate")
+
+
+MILEBENCH_TEMPLATES = (LLAVA_WORKER_TEMPLATE, *TEMPLATES)   # what LlavaModel's milebench_template may name
 
 
 class LlavaModel(MileBenchModel):
     """Any llava-hf folder (tiny or LLaVA-1.5-7B), optionally with a LoRA adapter merged in.
 
     config: ``model_path``, ``adapter_path`` (optional), ``dtype`` ("auto" = bf16 on GPU, fp32 on
-    CPU), ``attn_implementation``, ``template`` (``llava_v1`` for evaluation), ``device``.
+    CPU), ``attn_implementation``, ``device``, and the conversation templates: ``template`` for
+    POPE (``llava_v1``, as HA-DPO evaluates it) and ``milebench_template`` for MileBench
+    (``llava_llama_2``, MileBench's LLaVA worker: `llava_worker_prompt`; ``v1`` / ``llava_v1``
+    are not MileBench's). `forward`, the reference harness's call, answers MileBench questions.
     Batches are left-padded with an attention mask and real-token position ids, so an answer does
-    not depend on what else is in its batch.
+    not depend on what else is in its batch (exactly in fp32; in bf16 a GPU's kernels may round
+    differently for another batch shape).
     """
 
     name = "llava"
+    template = "llava_v1"
+    milebench_template = LLAVA_WORKER_TEMPLATE
 
     def init_components(self, config: dict) -> None:
         import torch
@@ -664,6 +684,9 @@ class LlavaModel(MileBenchModel):
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         self.template = config.get("template", "llava_v1")
+        self.milebench_template = config.get("milebench_template") or LLAVA_WORKER_TEMPLATE
+        if self.milebench_template not in MILEBENCH_TEMPLATES:
+            raise ValueError(f"milebench_template {self.milebench_template!r}: expected one of {MILEBENCH_TEMPLATES}")
         self.loaded = load_llava(config["model_path"], dtype=config.get("dtype", "auto"), device=self.device,
                                  attn_implementation=config.get("attn_implementation", "sdpa"))
         model = self.loaded.model
@@ -689,15 +712,26 @@ class LlavaModel(MileBenchModel):
         return len(self._ids(text)) if text else 0
 
     def keep_last_tokens(self, text: str, n: int) -> str:
+        """``decode(encode(text)[-n:])``, also when all of `text` fits: MileBench's utils.py decodes
+        every kept fragment, and a decode need not give the text back (spaces, unknown words)."""
         if n <= 0:
             return ""
-        ids = self._ids(text)
-        return text if len(ids) <= n else self.tokenizer.decode(ids[-n:], skip_special_tokens=False)
+        return self.tokenizer.decode(self._ids(text)[-n:], skip_special_tokens=False)
 
-    def prompt_ids(self, question: str, n_images: int) -> list[int]:
-        from orchestrator.model.templates import build_prompt, encode_prompt
+    def template_for(self, benchmark: str) -> str:
+        return self.milebench_template if benchmark == "milebench" else self.template
 
-        prompt = build_prompt(question, self.template, num_images=n_images)
+    def prompt_ids(self, question: str, n_images: int, template: str | None = None) -> list[int]:
+        """Token ids (BOS first, image tokens expanded) of `question` in `template` (None: `self.template`).
+
+        ``llava_llama_2`` is MileBench's LLaVA worker (`llava_worker_prompt`): `question` must hold
+        its images' tokens, as MileBench's questions do; the other templates put missing ones first.
+        """
+        template = template or self.template
+        if template == LLAVA_WORKER_TEMPLATE:
+            prompt = llava_worker_prompt(question)
+        else:
+            prompt = build_prompt(question, template, num_images=n_images)
         ids = encode_prompt(self.tokenizer, prompt, self.loaded.image_token_id, self.tokens_per_image)
         found = sum(1 for token in ids if token == self.loaded.image_token_id)
         if found != n_images * self.tokens_per_image:
@@ -705,15 +739,16 @@ class LlavaModel(MileBenchModel):
                              f"but {n_images} images were given")
         return ids
 
-    def prompt_length(self, question: str, n_images: int) -> int:
-        return len(self.prompt_ids(question, n_images))
+    def prompt_length(self, question: str, n_images: int, benchmark: str = "milebench") -> int:
+        return len(self.prompt_ids(question, n_images, self.template_for(benchmark)))
 
-    def _inputs(self, questions, image_paths, images):
+    def _inputs(self, questions, image_paths, images, template: str | None = None):
         from orchestrator.model.llava import pixel_values
 
         if images is None:
             images = [self.load_images(paths) for paths in image_paths]
-        ids = [self.prompt_ids(question, len(item_images)) for question, item_images in zip(questions, images)]
+        ids = [self.prompt_ids(question, len(item_images), template)
+               for question, item_images in zip(questions, images)]
         input_ids, attention_mask, position_ids = left_pad(ids, self.pad_id)
         flat = [image for item_images in images for image in item_images]
         inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
@@ -725,12 +760,27 @@ class LlavaModel(MileBenchModel):
 
     def forward(self, questions: list[str], image_paths: list[list[str]], device=None,
                 gen_kwargs: dict | None = None, images: list[list] | None = None) -> list[str]:
+        """MileBench answers as its LLaVA worker gives them: `milebench_template`, and
+        `LLAVA_WORKER_GEN_KWARGS` unless `gen_kwargs` is given."""
+        return self.generate(questions, image_paths, dict(LLAVA_WORKER_GEN_KWARGS if gen_kwargs is None
+                                                          else gen_kwargs), images, self.milebench_template)
+
+    def answer(self, benchmark: str, questions: list[str], image_paths: list[list[str]],
+               gen_kwargs: dict | None = None, images: list[list] | None = None) -> list[str]:
+        """`generate` in the benchmark's template: MileBench's worker template, POPE's `template`."""
+        return self.generate(questions, image_paths, dict(gen_kwargs or {}), images, self.template_for(benchmark))
+
+    def generate(self, questions: list[str], image_paths: list[list[str]], gen_kwargs: dict,
+                 images: list[list] | None, template: str) -> list[str]:
         """Greedy answers (special tokens stripped) for a batch of questions with their images."""
         import torch
 
-        inputs = self._inputs(questions, image_paths, images)
-        kwargs = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1}
-        kwargs.update(gen_kwargs or {})
+        inputs = self._inputs(questions, image_paths, images, template)
+        kwargs = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1, **gen_kwargs}
+        if not kwargs["do_sample"]:
+            # MileBench's gen_kwargs carry temperature 0.0, which greedy decoding never reads
+            # (transformers would only warn that it is set)
+            kwargs.pop("temperature", None)
         with torch.inference_mode():
             output = self.model.generate(**inputs, pad_token_id=self.pad_id,
                                          eos_token_id=self.tokenizer.eos_token_id, **kwargs)

@@ -7,15 +7,24 @@ question or instruction/context/choices, label, version) so one actor pool answe
 each Ray Data batch:
 
 1. prepares every item without touching pixels: empty question -> error row; MileBench prompt
-   built and left-truncated to the token budget; prompt longer than the model's positions -> error;
+   built as MileBench's utils.py builds it (`build_milebench_question`: its choice-list rule, left
+   truncation to ``eval.milebench_token_budget``, its ``max_context_len``); a POPE prompt (or, with
+   ``eval.milebench_fit_context``, a MileBench one) that with its new tokens exceeds the model's
+   positions -> error (MileBench's own code generates past them, so by default we do too);
 2. sorts items by prompt length and cuts model batches: POPE by ``eval.batch_size``, MileBench by
-   the image budget (``eval.milebench_image_budget`` images, at most ``batch_size`` items);
+   the image budget (``eval.milebench_image_budget`` images, at most ``batch_size`` items: the
+   bound of MileBench's ``--batch-image 24`` batches, whose worker then answers one at a time);
 3. loads each model batch's images (a missing or corrupt image makes that item an error row);
 4. answers: POPE in ``score`` mode with one forward pass (answer = the higher of the "Yes"/"No"
    logits at the last prompt position, p_yes = softmax over the two), everything else with greedy
-   ``generate`` (each row stops at its own EOS, the batch when all have); left padding with attention
-   mask and position ids keeps answers independent of the batch. A batch that raises is retried item by item; an item that still raises becomes an
-   error row. The run always finishes.
+   ``generate`` through the adapter's ``answer(benchmark, ...)``: POPE in ``eval_template`` with
+   ``eval.max_new_tokens``, MileBench in MileBench's LLaVA worker template (``llava_llama_2``) with
+   its generation settings (``eval.milebench_max_new_tokens`` 512, ``milebench_min_new_tokens`` 1).
+   Each row stops at its own EOS, the batch when all have; left padding with attention mask and
+   position ids keeps answers independent of the batch (exactly in fp32; bf16 kernels may round
+   differently per batch shape: ``eval.milebench_image_budget=1`` answers one sample at a time, as
+   MileBench's worker does). A batch that raises is retried item by item; an item that still raises
+   becomes an error row. The run always finishes.
 
 With ``settings.prefix_reuse`` (llava-hf models), POPE items are instead grouped by image, in
 both modes: the image + system prefix is computed once per image and its KV cache reused by all the
@@ -61,8 +70,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.eval.milebench import (LlavaModel, build_milebench_question, image_budget_batches,
-                                         load_model_adapter, open_image)
+from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, LLAVA_WORKER_TEMPLATE, LlavaModel,
+                                         build_milebench_question, image_budget_batches, load_model_adapter,
+                                         open_image)
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
 from orchestrator.eval.results import (ANSWER_COLUMNS, block_name, to_answer_table, write_answers,
                                        write_json_atomic)
@@ -79,6 +89,7 @@ ITEM_SCHEMA = pa.schema([
     ("instruction", pa.string()),        # MileBench
     ("context", pa.string()),            # MileBench, with {image#k} placeholders
     ("choice_list", pa.list_(pa.string())),
+    ("has_choice_list", pa.bool_()),     # MileBench: the sample has a choice_list key (even an empty one)
     ("label", pa.string()),
     ("question_type", pa.string()),
     ("image_quantity_level", pa.string()),
@@ -100,6 +111,13 @@ def _listify(value) -> list[str]:
     return [str(item) for item in list(value)]
 
 
+def _flag(value, default: bool) -> bool:
+    """A boolean column's value (bool, numpy bool; None or NaN: `default`)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    return bool(value)
+
+
 def _text(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -111,19 +129,25 @@ def pope_items(rows: Sequence[dict]) -> list[dict]:
     return [{
         "benchmark": "pope", "split": _text(row["split"]), "item_id": _text(row["question_id"]),
         "images": _listify(row.get("image") or None), "question": _text(row.get("question")),
-        "instruction": "", "context": "", "choice_list": [], "label": _text(row.get("label")),
+        "instruction": "", "context": "", "choice_list": [], "has_choice_list": False,
+        "label": _text(row.get("label")),
         "question_type": "yes-no", "image_quantity_level": "few", "version": _text(row.get("version")),
     } for row in rows]
 
 
 def milebench_items(rows: Sequence[dict], versions: dict[str, str] | None = None) -> list[dict]:
-    """MileBench rows (MILEBENCH_COLUMNS) as evaluation items; `versions` maps task -> file version."""
+    """MileBench rows (MILEBENCH_COLUMNS) as evaluation items; `versions` maps task -> file version.
+
+    A row without ``has_choice_list`` (not from our reader) has a choice list when it has options.
+    """
     versions = versions or {}
     return [{
         "benchmark": "milebench", "split": _text(row["task"]), "item_id": _text(row["sample_id"]),
         "images": _listify(row.get("images")), "question": "",
         "instruction": _text(row.get("instruction")), "context": _text(row.get("context")),
-        "choice_list": _listify(row.get("choice_list")), "label": _text(row.get("response")),
+        "choice_list": _listify(row.get("choice_list")),
+        "has_choice_list": _flag(row.get("has_choice_list"), default=bool(_listify(row.get("choice_list")))),
+        "label": _text(row.get("response")),
         "question_type": _text(row.get("question_type")) or "open-ended",
         "image_quantity_level": _text(row.get("image_quantity_level")).lower(),
         "version": _text(row.get("version")) or versions.get(_text(row["task"]), ""),
@@ -143,13 +167,17 @@ class PredictorSettings:
     model_path: str
     adapter_path: str = ""
     mode: str = "score"                  # "score" | "generate" (POPE; MileBench always generates)
-    template: str = "llava_v1"
+    template: str = "llava_v1"           # POPE's conversation template
     answer_suffix: str = ""
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0              # EOS barred before this many new tokens (throughput runs, random weights)
+    max_new_tokens: int = 128            # POPE
+    min_new_tokens: int = 0              # POPE: EOS barred before this many new tokens (throughput runs, random weights)
     batch_size: int = 16
-    image_budget: int = 24
-    token_budget: int = 2048
+    image_budget: int = 24               # MileBench: images per model batch
+    token_budget: int = 4096             # MileBench's max_context_len (see EvalConfig.milebench_token_budget)
+    milebench_template: str = LLAVA_WORKER_TEMPLATE
+    milebench_max_new_tokens: int = LLAVA_WORKER_GEN_KWARGS["max_new_tokens"]
+    milebench_min_new_tokens: int = LLAVA_WORKER_GEN_KWARGS["min_new_tokens"]
+    milebench_fit_context: bool = False  # not MileBench's: budget lowered so prompt + new tokens fit the model
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     model_adapter: Any = None            # None (LlavaModel), a class, or "module:Class"
@@ -166,15 +194,28 @@ class PredictorSettings:
     def decoding(self) -> dict:
         """The settings that can change an answer (recorded with every row and hashed into run_id)."""
         return decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
-                                 self.token_budget, self.dtype, prefix_reuse=self.prefix_reuse,
-                                 min_new_tokens=self.min_new_tokens)
+                                 self.dtype, prefix_reuse=self.prefix_reuse,
+                                 min_new_tokens=self.min_new_tokens, milebench=self.milebench_generation())
+
+    def milebench_generation(self) -> dict:
+        """How MileBench answers are generated: template, generate() arguments, context budget."""
+        return {"template": self.milebench_template, "gen_kwargs": self.milebench_gen_kwargs(),
+                "token_budget": int(self.token_budget), "fit_context": bool(self.milebench_fit_context)}
+
+    def milebench_gen_kwargs(self) -> dict:
+        """MileBench's LLaVA worker's gen_kwargs (greedy, temperature 0.0) with our token counts."""
+        return {**LLAVA_WORKER_GEN_KWARGS, "max_new_tokens": int(self.milebench_max_new_tokens),
+                "min_new_tokens": int(self.milebench_min_new_tokens)}
 
 
-def decoding_settings(mode: str, template: str, answer_suffix: str, max_new_tokens: int,
-                      token_budget: int, dtype: str, prefix_reuse: bool = False, min_new_tokens: int = 0) -> dict:
+def decoding_settings(mode: str, template: str, answer_suffix: str, max_new_tokens: int, dtype: str,
+                      prefix_reuse: bool = False, min_new_tokens: int = 0, milebench: dict | None = None) -> dict:
+    """The decoding settings of a run: POPE's at the top level (`mode`, `template`, ...), MileBench's
+    as ``milebench_<key>`` (`PredictorSettings.milebench_generation`)."""
     settings = {"mode": mode, "template": template, "answer_suffix": answer_suffix, "greedy": True,
-                "max_new_tokens": int(max_new_tokens), "milebench_token_budget": int(token_budget),
-                "dtype": dtype}
+                "max_new_tokens": int(max_new_tokens), "dtype": dtype}
+    for key, value in (milebench or {}).items():
+        settings[f"milebench_{key}"] = value
     if prefix_reuse:
         # same answers in exact arithmetic, different kernels in bf16: recorded (and hashed into run_id);
         # in generate mode the POPE answers were decoded with the shared prefix (prefix_cache.generate)
@@ -232,12 +273,13 @@ class Predictor:
         self.model = cls({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None,
             "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
-            "template": settings.template,
+            "template": settings.template, "milebench_template": settings.milebench_template,
         })
         self.decoding_json = json.dumps(settings.decoding(), sort_keys=True)
-        self.gen_kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
+        pope_kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
         if settings.min_new_tokens:
-            self.gen_kwargs["min_new_tokens"] = settings.min_new_tokens
+            pope_kwargs["min_new_tokens"] = settings.min_new_tokens
+        self.gen_kwargs = {"pope": pope_kwargs, "milebench": settings.milebench_gen_kwargs()}
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
         self.prefix = None
@@ -384,6 +426,7 @@ class Predictor:
                     count_tokens=self.model.count_tokens, keep_last_tokens=self.model.keep_last_tokens,
                     tokens_per_image=self.model.tokens_per_image, token_budget=self._token_budget(),
                     image_token=self.model.image_token, task=row["split"],
+                    has_choice_list=_flag(row.get("has_choice_list"), default=bool(out["choice_list"])),
                 )
                 out["images"] = prompt.images
                 out["question"] = prompt.question
@@ -392,7 +435,12 @@ class Predictor:
                 raise _ItemError(f"unknown benchmark {row['benchmark']!r}")
             out["prompt_tokens"] = self._prompt_length(out)
             limit = self.model.max_length
-            extra = self.settings.max_new_tokens if out["mode"] == "generate" else 0
+            if out["benchmark"] == "pope":
+                extra = self.settings.max_new_tokens if out["mode"] == "generate" else 0
+            else:
+                extra = self.settings.milebench_max_new_tokens
+                if not self.settings.milebench_fit_context:
+                    limit = None   # MileBench's code generates past the model's positions; so do we
             if limit and out["prompt_tokens"] + extra > limit:
                 raise _ItemError(f"prompt of {out['prompt_tokens']} tokens (+{extra} new) exceeds the model's "
                                  f"{limit} positions")
@@ -404,20 +452,23 @@ class Predictor:
 
     def _prompt_length(self, out: dict) -> int:
         if out["benchmark"] != "pope":
-            return self.model.prompt_length(out["_prompt"], len(out["images"]))
+            return self.model.prompt_length(out["_prompt"], len(out["images"]), "milebench")
         length = self._pope_lengths.get(out["_prompt"])
         if length is None:
             if len(self._pope_lengths) >= 100_000:
                 self._pope_lengths.clear()
-            length = self._pope_lengths[out["_prompt"]] = self.model.prompt_length(out["_prompt"], 1)
+            length = self._pope_lengths[out["_prompt"]] = self.model.prompt_length(out["_prompt"], 1, "pope")
         return length
 
     def _token_budget(self) -> int:
-        """The MileBench context budget, capped so that template + answer fit the model."""
+        """MileBench's ``max_context_len``: `settings.token_budget`, for instruction + context only, as
+        upstream. With ``milebench_fit_context`` (not upstream) it is lowered so that the template
+        around the question and ``milebench_max_new_tokens`` fit the model's positions too."""
         budget = self.settings.token_budget
-        if self.model.max_length:
-            overhead = self.model.prompt_length("", 0) + self.settings.max_new_tokens
-            budget = min(budget, self.model.max_length - overhead)
+        if self.settings.milebench_fit_context and self.model.max_length:
+            # what the template adds: a MileBench question always starts with instruction + "\n"
+            template = self.model.prompt_length("\n", 0, "milebench") - self.model.count_tokens("\n")
+            budget = min(budget, self.model.max_length - template - self.settings.milebench_max_new_tokens)
         return max(budget, 0)
 
     def _model_batches(self, indices: list[int], outputs: list[dict], by_images: bool) -> list[list[int]]:
@@ -531,11 +582,12 @@ class Predictor:
                 answer = "Yes" if p >= 0.5 else "No"
                 outputs[i].update(raw_answer=answer, answer=answer.lower(), p_yes=float(p), batch_size=len(ready))
             return
-        answers = self.model.forward(questions, paths, device=getattr(self.model, "device", None),
-                                     gen_kwargs=dict(self.gen_kwargs), images=images)
+        benchmark = outputs[ready[0]]["benchmark"]   # a model batch holds one benchmark (_model_batches)
+        answers = self.model.answer(benchmark, questions, paths, gen_kwargs=dict(self.gen_kwargs[benchmark]),
+                                    images=images)
         for i, text in zip(ready, answers):
             text = strip_special_tokens(text)
-            parsed = parse_yes_no(text) if outputs[i]["benchmark"] == "pope" else text
+            parsed = parse_yes_no(text) if benchmark == "pope" else text
             outputs[i].update(raw_answer=text, answer=parsed, batch_size=len(ready))
 
 

@@ -302,6 +302,8 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         template=cfg.model.eval_template, answer_suffix=cfg.eval.answer_suffix,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, prefix_images=cfg.eval.prefix_images,
         image_budget=cfg.eval.milebench_image_budget, token_budget=cfg.eval.milebench_token_budget,
+        milebench_template=cfg.eval.milebench_template, milebench_max_new_tokens=cfg.eval.milebench_max_new_tokens,
+        milebench_min_new_tokens=cfg.eval.milebench_min_new_tokens, milebench_fit_context=cfg.eval.milebench_fit_context,
         dtype=resolved_dtype(cfg.model.dtype, cfg.eval.gpus_per_actor),
         attn_implementation=cfg.model.attn_implementation, model_adapter=model_adapter, fault=dict(fault or {}),
         prefix_reuse=_by_image(cfg),

@@ -158,6 +158,31 @@ def test_image_budget_batches():
     assert image_budget_batches([], 24, 2) == []
 
 
+@pytest.mark.parametrize("n_images", [1, 2, 5, 7, 12, 13, 24, 25, 60])
+def test_image_budget_batches_are_milebench_batches_for_samples_of_one_image_count(n_images):
+    """generate.py: samples grouped by len(images_path), DataLoader batch_size=max(int(batch_image / n_img), 1),
+    eval.sh --batch-image 24 (its worker then answers the batch one sample at a time)."""
+    groups = image_budget_batches([n_images] * 30, 24, max_items=1000)
+    assert [len(group) for group in groups[:-1]] == [max(24 // n_images, 1)] * (len(groups) - 1)
+    assert sum(len(group) for group in groups) == 30
+
+
+def test_the_default_settings_are_milebench_llava_workers():
+    """configs/model_configs.yaml (llava-v1.5-7b gen_kwargs), model_workers.py LLaVA (llava_llama_2), eval.sh
+    (--batch-image 24); max_context_len 4096: LLaVA-1.5's context (not in MileBench's repository)."""
+    from orchestrator.config import EvalConfig
+    from orchestrator.eval.milebench import LLAVA_WORKER_TEMPLATE
+    from orchestrator.eval.predictor import PredictorSettings
+
+    cfg = EvalConfig()
+    assert (cfg.milebench_template, cfg.milebench_max_new_tokens, cfg.milebench_min_new_tokens,
+            cfg.milebench_token_budget, cfg.milebench_image_budget, cfg.milebench_fit_context) == \
+        (LLAVA_WORKER_TEMPLATE, 512, 1, 4096, 24, False)
+    settings = PredictorSettings(run_id="t", model_path="m")
+    assert settings.milebench_gen_kwargs() == LLAVA_WORKER_GEN_KWARGS
+    assert (settings.milebench_template, settings.token_budget, settings.image_budget) == (LLAVA_WORKER_TEMPLATE, 4096, 24)
+
+
 # -- normalisation: evaluate.py Eval.process / processPunctuation -----------------------------------
 
 @pytest.mark.parametrize("text, expected", [

@@ -1,5 +1,7 @@
-"""The predictor on the tiny LLaVA: batch-size invariance, error rows, LoRA merge, plug-in models."""
+"""The predictor on the tiny LLaVA: batch-size invariance, error rows, LoRA merge, plug-in models,
+MileBench prompts and generation as MileBench's own code (utils.py, its LLaVA worker) makes them."""
 
+import json
 import math
 
 import pytest
@@ -34,7 +36,8 @@ def varied_pope_items(pope_rows, n=16):
 
 
 def settings(model_dir, **kwargs):
-    base = dict(run_id="t", model_path=str(model_dir), mode="score", max_new_tokens=5, batch_size=16)
+    base = dict(run_id="t", model_path=str(model_dir), mode="score", max_new_tokens=5, milebench_max_new_tokens=5,
+                batch_size=16)
     base.update(kwargs)
     return PredictorSettings(**base)
 
@@ -69,6 +72,7 @@ def test_generate_mode_is_batch_size_invariant(tiny_model_dir, pope_rows, mile_r
         assert "</s>" not in a["raw_answer"] and "<unk>" not in a["raw_answer"]
         assert a["mode"] == "generate" and math.isnan(a["p_yes"])
     mile = [r for r in many if r["benchmark"] == "milebench"]
+    assert max(r["batch_size"] for r in mile) > 1                          # batched by the image budget
     assert all(r["question"].count("<image>") == len(r["images"]) >= 2 for r in mile)
     assert all(r["answer"] == r["raw_answer"] for r in mile)
     pope = [r for r in many if r["benchmark"] == "pope"]
@@ -175,13 +179,13 @@ def test_one_actor_answers_pope_by_image_and_milebench_in_length_sorted_batches(
     predictor = Predictor(settings(tiny_model_dir, mode="generate", batch_size=16, image_budget=12,
                                    prefix_reuse=True))
     calls = []                                                             # prompt lengths of each model batch
-    forward = predictor.model.forward
+    answer_batch = predictor.model.answer
 
-    def recording_forward(questions, image_paths, **kwargs):
-        calls.append([predictor.model.prompt_length(q, len(p)) for q, p in zip(questions, image_paths)])
-        return forward(questions, image_paths, **kwargs)
+    def recording_answer(benchmark, questions, image_paths, **kwargs):
+        calls.append([predictor.model.prompt_length(q, len(p), benchmark) for q, p in zip(questions, image_paths)])
+        return answer_batch(benchmark, questions, image_paths, **kwargs)
 
-    predictor.model.forward = recording_forward
+    predictor.model.answer = recording_answer
     together = answer(predictor, items)
     for a, b in zip(alone, together):
         assert a["error"] == b["error"] == "" and a["raw_answer"] == b["raw_answer"]
@@ -216,3 +220,85 @@ def test_weight_files_are_found_and_prefetched(tiny_model_dir, tmp_path):
     assert [f.name for f in files] == ["model.safetensors", "adapter_model.safetensors"]
     expected = sum(f.stat().st_size for f in files)
     assert prefetch_files(files + [tmp_path / "missing.safetensors"]) == expected
+
+
+# -- MileBench end to end: what the adapter is sent, as MileBench's utils.py and LLaVA worker make it ----------
+
+
+def recording_generate(predictor):
+    """Wrap the HF model's generate: each call's decoded input and its keyword arguments."""
+    calls = []
+    generate = predictor.model.model.generate
+    tokenizer = predictor.model.tokenizer
+
+    def record(**kwargs):
+        prompts = tokenizer.batch_decode(kwargs["input_ids"], skip_special_tokens=False)
+        calls.append({"prompts": [p.replace("<unk> ", "") for p in prompts],   # left padding (pad = unk)
+                      "kwargs": {k: v for k, v in kwargs.items() if not hasattr(v, "shape")}})
+        return generate(**kwargs)
+
+    predictor.model.model.generate = record
+    return calls
+
+
+def test_a_milebench_item_is_sent_in_the_llava_workers_template_with_its_generation_settings(
+        tiny_model_dir, pope_rows, mile_rows):
+    """utils.py __getitem__: a choice_list key, even empty, adds the suffix; model_workers.py LLaVA: llava_llama_2
+    template; configs/model_configs.yaml gen_kwargs. POPE keeps eval_template (llava_v1) and eval.max_new_tokens."""
+    listed, unlisted = milebench_items(mile_rows[:2])
+    for item in (listed, unlisted):
+        item["choice_list"], item["question_type"] = [], "open-ended"
+    listed["has_choice_list"], unlisted["has_choice_list"] = True, False
+    pope = pope_items(pope_rows[:1])
+    predictor = Predictor(settings(tiny_model_dir, mode="generate", max_new_tokens=3, milebench_max_new_tokens=4))
+    calls = recording_generate(predictor)
+    rows = answer(predictor, [listed, unlisted] + pope)
+    assert all(row["error"] == "" for row in rows)
+
+    # the suffix for the empty list (after the tokenizer round trip: the word tokenizer drops the newlines)
+    assert rows[0]["question"].endswith("Choice list : Your answer is :") and "A ." not in rows[0]["question"]
+    assert "Choice list" not in rows[1]["question"]
+    (mile_call,) = [call for call in calls if len(call["prompts"]) == 2]
+    (pope_call,) = [call for call in calls if len(call["prompts"]) == 1]
+    system = "You are a helpful language and vision assistant. You are able to understand the visual content"
+    for prompt in mile_call["prompts"]:
+        assert prompt.startswith("<s> [ INST ] < < SYS > > " + system) and prompt.endswith("[ / INST ]")
+        assert "<unk>" not in prompt                                        # the tiny vocabulary knows the template
+    assert any(prompt.endswith("Your answer is : [ / INST ]") for prompt in mile_call["prompts"])
+    assert pope_call["prompts"][0].startswith("<s> A chat between a curious human")
+    assert pope_call["prompts"][0].endswith("ASSISTANT :")
+    # generate() arguments: MileBench's (temperature dropped: greedy never reads it), POPE's own
+    assert {k: mile_call["kwargs"][k] for k in ("max_new_tokens", "min_new_tokens", "do_sample")} == \
+        {"max_new_tokens": 4, "min_new_tokens": 1, "do_sample": False}
+    assert "temperature" not in mile_call["kwargs"]
+    assert pope_call["kwargs"]["max_new_tokens"] == 3 and "min_new_tokens" not in pope_call["kwargs"]
+    # and recorded with every row (hashed into the run id)
+    decoding = json.loads(rows[0]["decoding"])
+    assert decoding["milebench_template"] == "llava_llama_2" and decoding["template"] == "llava_v1"
+    assert decoding["milebench_gen_kwargs"] == {"max_new_tokens": 4, "min_new_tokens": 1, "do_sample": False,
+                                                "temperature": 0.0}
+    assert (decoding["milebench_token_budget"], decoding["milebench_fit_context"]) == (4096, False)
+
+
+def test_keep_last_tokens_decodes_a_fragment_that_fits(tiny_model_dir):
+    """utils.py __getitem__ decodes every kept chunk of ids, also one that was not cut."""
+    model = Predictor(settings(tiny_model_dir)).model
+    text = "Image 1: a tree, Image 2: the user's."
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = model.tokenizer.decode(ids)
+    assert decoded != text and "<unk>" not in decoded                     # the round trip changes the spaces
+    assert model.keep_last_tokens(text, len(ids)) == model.keep_last_tokens(text, 100) == decoded
+    assert model.keep_last_tokens(text, 2) == model.tokenizer.decode(ids[-2:]) and model.keep_last_tokens(text, 0) == ""
+
+
+def test_milebench_generates_past_the_models_positions_as_upstream_unless_told_to_fit(tiny_model_dir, mile_rows):
+    """MileBench's budget (max_context_len) counts instruction + context only and its worker generates whatever
+    the total; `milebench_fit_context` (not upstream's) cuts the context so that prompt + new tokens fit."""
+    item = milebench_items(mile_rows[:1])
+    forced = dict(mode="generate", milebench_max_new_tokens=160, milebench_min_new_tokens=160)
+    upstream = answer(Predictor(settings(tiny_model_dir, **forced)), item)[0]
+    assert upstream["error"] == "" and upstream["prompt_tokens"] + 160 > 256   # the tiny model has 256 positions
+    fitted = answer(Predictor(settings(tiny_model_dir, milebench_fit_context=True, **forced)), item)[0]
+    assert fitted["error"] == "" and fitted["prompt_tokens"] + 160 <= 256
+    assert len(fitted["question"]) < len(upstream["question"])
+    assert json.loads(fitted["decoding"])["milebench_fit_context"] is True

@@ -11,7 +11,7 @@ from orchestrator.eval.runner import format_milebench_table, format_pope_table, 
 
 
 def eval_config(world, tmp_path, **eval_section):
-    section = {"mode": "score", "batch_size": 16, "max_new_tokens": 3, "cpus_per_actor": 1}
+    section = {"mode": "score", "batch_size": 16, "max_new_tokens": 3, "milebench_max_new_tokens": 3, "cpus_per_actor": 1}
     section.update(eval_section)
     return config_from_dict({"name": "evaltest", "output_root": str(tmp_path / "runs"),
                              "data": {"synthetic_dir": str(world)}, "eval": section})

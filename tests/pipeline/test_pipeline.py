@@ -16,7 +16,7 @@ SMALL = {
               "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "deepspeed": {"enabled": False},
               "sft": {"max_steps": 2, "learning_rate": 1e-3, "train_vision": True, "batch_size_per_worker": 4}},
     "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
-    "eval": {"batch_size": 16, "cpus_per_actor": 0.5},
+    "eval": {"batch_size": 16, "cpus_per_actor": 0.5, "milebench_max_new_tokens": 4},
 }
 
 
