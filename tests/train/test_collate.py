@@ -77,8 +77,9 @@ def test_logits_to_keep_gives_the_same_sequence_logps_as_full_logits(loaded, pre
         kept = model(**inputs.model_inputs()).logits
         everything = model(**{**inputs.model_inputs(), "logits_to_keep": 0}).logits
     assert kept.shape[1] == inputs.logits_to_keep < everything.shape[1]
+    # the same float32 log-probs summed: sums of ~100 may differ by one ulp (~1.5e-5), nothing more
     torch.testing.assert_close(sequence_logps(kept, inputs.labels),
-                               sequence_logps(everything, full_labels(inputs)), atol=1e-5, rtol=0)
+                               sequence_logps(everything, full_labels(inputs)), atol=1e-5, rtol=2e-7)
 
 
 def test_a_row_whose_image_fails_to_load_is_skipped_and_counted(loaded, preference_rows, tmp_path):
