@@ -331,10 +331,21 @@ class TuneSection(_Section):
     asha: AshaConfig = Field(default_factory=AshaConfig)
 
 
+TRACKERS = ("wandb", "tensorboard", "mlflow")
+
+
 class WandbConfig(_Section):
     project: str = "hadpo"
     mode: Literal["offline", "online", "disabled"] = "offline"
     api_key_env: str = Field("WANDB_API_KEY", description="name of the env var holding the key (never the key)")
+
+
+class MlflowConfig(_Section):
+    """The MLflow file store rank 0 writes (no MLflow server, no network)."""
+
+    store: str | None = Field(
+        None, description="folder of the file store (`mlflow ui --backend-store-uri DIR`); default <run_dir>/mlruns")
+    experiment: str | None = Field(None, description="experiment name; default: the config's name")
 
 
 class ExportConfig(_Section):
@@ -364,7 +375,13 @@ class ExperimentConfig(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
+    tracking: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: list(TRACKERS),
+        description="where rank 0 logs the training metrics besides the curves parquet: wandb (in wandb.mode, "
+        "offline by default), tensorboard (event files under <run_dir>/tensorboard), mlflow (a file store, "
+        "see mlflow.store); all of them write files only")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
 
@@ -391,6 +408,16 @@ class ExperimentConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_root).expanduser().resolve() / self.name
+
+    @property
+    def mlflow_store(self) -> Path:
+        if self.mlflow.store:
+            return Path(self.mlflow.store).expanduser().resolve()
+        return self.run_dir / "mlruns"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
 
     @property
     def world_dir(self) -> Path:
