@@ -309,26 +309,76 @@ class SearchDimension(_Section):
 
 
 class AshaConfig(_Section):
-    """Early stopping of weak trials on a training metric reported every few steps."""
+    """ASHA: at each rung (grace_period x reduction_factor^k evaluations) keep the best 1/reduction_factor."""
 
-    enabled: bool = True
-    metric: str = "loss"
-    mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(2, gt=0, description="reports before a trial may be stopped")
+    grace_period: int = Field(2, gt=0, description="objective evaluations before a trial may be stopped")
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
+class MedianStoppingConfig(_Section):
+    """Median stopping: stop a trial whose best objective so far is worse than the median of the others'
+    running means at the same evaluation."""
+
+    grace_period: int = Field(2, gt=0, description="objective evaluations before a trial may be stopped")
+    min_samples_required: int = Field(2, gt=0, description="other trials needed to compute the median")
+
+
+# pope/adversarial/f1, pope/mean_f1, pope/adversarial/yes_ratio_gap; a named POPE dataset may come first
+# (pope/gqa/adversarial/f1, pope/gqa/mean_f1)
+OBJECTIVE_PATTERN = re.compile(r"^pope/(?:[\w.-]+/)?(?:mean_f1|[\w.-]+/(?:accuracy|precision|recall|f1|yes_ratio|"
+                               r"yes_ratio_gap))$")
+
+
 class TuneSection(_Section):
-    """A Ray Tune sweep: each trial = DPO training + POPE evaluation of the trained adapter."""
+    """A Ray Tune sweep: each trial = DPO training (with the objective on a POPE subset every
+    `eval_every_steps`) + POPE evaluation of the trained adapter (the final objective)."""
 
     search_space: dict[str, SearchDimension] = Field(
         default_factory=dict, description="dotted config key (e.g. train.beta) -> its range")
-    num_samples: int = Field(1, gt=0, description="samples per grid point")
-    metric: str = Field("pope/adversarial/f1", description="objective, from the trial's POPE evaluation")
+    search: Literal["random", "grid", "optuna", "hyperopt"] = Field(
+        "random", description="random: Tune's variant generator (grid dimensions expanded, the rest sampled); "
+        "grid: every combination of grid/choice values; optuna / hyperopt: Ray Tune's OptunaSearch (TPE) / "
+        "HyperOptSearch, which learn from the trials' objectives (no grid dimensions)")
+    seed: int = Field(0, description="seed of the searcher (the sampled values), apart from train.seed")
+    num_samples: int = Field(1, gt=0, description="trials (random: samples per grid point; grid: repeats)")
+    metric: str = Field(
+        "pope/adversarial/f1", description="objective: pope/<split>/<accuracy|precision|recall|f1|yes_ratio|"
+        "yes_ratio_gap> or pope/mean_f1 (yes_ratio_gap = |yes-ratio - 0.5|, with mode min)")
     mode: Literal["max", "min"] = "max"
+    eval_every_steps: int | None = Field(
+        None, gt=0, description="measure the objective on a fixed POPE subset every this many optimizer steps "
+        "of each trial (what the scheduler stops on); empty: only after training")
+    probe_questions: int = Field(100, gt=1, description="questions per POPE split in that subset (half yes)")
+    scheduler: Literal["none", "asha", "median"] = Field(
+        "asha", description="early stopping on the objective measured during training (needs eval_every_steps)")
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    median: MedianStoppingConfig = Field(default_factory=MedianStoppingConfig)
     max_concurrent_trials: int | None = Field(None, gt=0)
     cpus_per_trial_driver: float = Field(0.25, gt=0.0)
-    asha: AshaConfig = Field(default_factory=AshaConfig)
+
+    @field_validator("metric")
+    @classmethod
+    def _pope_objective(cls, value: str) -> str:
+        if not OBJECTIVE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a POPE objective: expected pope/<split>/<accuracy|precision|recall|"
+                             "f1|yes_ratio|yes_ratio_gap> (e.g. pope/adversarial/f1) or pope/mean_f1")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TuneSection":
+        if self.search_space and self.scheduler != "none" and self.eval_every_steps is None:
+            raise ValueError(f"scheduler {self.scheduler!r} stops trials on the objective measured during training: "
+                             "set tune.eval_every_steps, or tune.scheduler: none")
+        kinds = {key: dim.kind for key, dim in self.search_space.items()}
+        if self.search == "grid":
+            sampled = [key for key, kind in kinds.items() if kind not in ("grid", "choice")]
+            if sampled:
+                raise ValueError(f"search grid takes grid or choice dimensions only; {sampled} are sampled ranges")
+        if self.search in ("optuna", "hyperopt"):
+            grids = [key for key, kind in kinds.items() if kind == "grid"]
+            if grids:
+                raise ValueError(f"search {self.search} samples every dimension itself: make {grids} kind choice")
+        return self
 
 
 TRACKERS = ("wandb", "tensorboard", "mlflow")

@@ -662,17 +662,30 @@ class LlavaModel(MileBenchModel):
         from orchestrator.model.llava import load_llava
 
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
-        self.template = config.get("template", "llava_v1")
-        self.loaded = load_llava(config["model_path"], dtype=config.get("dtype", "auto"), device=self.device,
-                                 attn_implementation=config.get("attn_implementation", "sdpa"))
-        model = self.loaded.model
+        loaded = load_llava(config["model_path"], dtype=config.get("dtype", "auto"), device=torch.device(device),
+                            attn_implementation=config.get("attn_implementation", "sdpa"))
+        model = loaded.model
         if config.get("adapter_path"):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(find_adapter(config["adapter_path"])))
             model = model.merge_and_unload()
-        self.model = model.eval()
+        self._attach(loaded, model.eval(), config.get("template", "llava_v1"), torch.device(device))
+
+    @classmethod
+    def from_loaded(cls, loaded, model, template: str = "llava_v1") -> "LlavaModel":
+        """An adapter around a model already in memory, e.g. the policy a training worker is training (LoRA
+        unmerged): the same prompts and scoring as an evaluation actor. The caller sets train/eval mode."""
+        adapter = cls.__new__(cls)
+        adapter.config = {"template": template}
+        adapter._attach(loaded, model, template, next(model.parameters()).device)
+        return adapter
+
+    def _attach(self, loaded, model, template: str, device) -> None:
+        self.device = device
+        self.template = template
+        self.loaded = loaded
+        self.model = model
         self.tokenizer = self.loaded.tokenizer
         self.tokens_per_image = self.loaded.tokens_per_image
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.loaded.image_token_id)

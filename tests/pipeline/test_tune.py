@@ -1,43 +1,116 @@
-"""Ray Tune sweep: each trial trains and evaluates; results in one parquet; the best is named."""
+"""Ray Tune sweeps: searchers, schedulers that stop on the POPE objective measured during training, the
+trials' results in one parquet, and the best trial's config exported for `hadpo run`."""
 
 import pandas as pd
 import pytest
+import yaml
 
-from orchestrator.config import config_from_dict
-from orchestrator.tune import run_tune, trial_config, trial_tag
+from orchestrator.config import ConfigError, config_from_dict, load_config
+from orchestrator.eval.probe import objective_of, select_probe_questions
+from orchestrator.tune import best_config, run_tune, trial_config, trial_tag
 
 
-def test_trial_config_sets_the_sampled_values_and_its_own_name():
-    base = config_from_dict({"name": "sweep", "tune": {"search_space": {
-        "train.beta": {"kind": "grid", "values": [0.1, 0.5]}}}})
+def test_trial_config_sets_the_sampled_values_and_its_own_name_and_logs_into_the_sweeps_mlflow_store(tmp_path):
+    base = config_from_dict({"name": "sweep", "output_root": str(tmp_path), "tune": {"search_space": {
+        "train.beta": {"kind": "grid", "values": [0.1, 0.5]}}, "scheduler": "none"}})
     trial = trial_config(base, {"train.beta": 0.5, "train.lora.rank": 8})
     assert trial.train.beta == 0.5 and trial.train.lora.rank == 8
     assert trial.name == "sweep-beta0.5_rank8" and trial.tune.search_space == {}
+    assert trial.mlflow_store == base.mlflow_store and trial.mlflow.experiment == "sweep"
     assert trial_tag({"train.learning_rate": 0.000123}) == "learning_rate=0.000123"
+    best = best_config(base, {"train.beta": 0.5})
+    assert best.name == "sweep-best" and best.train.beta == 0.5 and best.tune.search_space == {}
 
 
-@pytest.mark.slow
-def test_sweep_over_beta_trains_and_evaluates_each_trial(ray_session, tiny_model_dir, tmp_path):
-    config = config_from_dict({
-        "name": "sweep", "output_root": str(tmp_path),
+def test_objective_of_reads_a_reported_value_or_a_splits_yes_ratio_gap():
+    values = {"pope/adversarial/f1": 0.8, "pope/adversarial/yes_ratio": 0.62, "pope/random/yes_ratio": 0.41,
+              "pope/mean_f1": 0.85}
+    assert objective_of(values, "pope/adversarial/f1") == 0.8
+    assert objective_of(values, "pope/adversarial/yes_ratio_gap") == pytest.approx(0.12)
+    assert objective_of(values, "pope/random/yes_ratio_gap") == pytest.approx(0.09)
+    with pytest.raises(KeyError, match="pope/popular/f1"):
+        objective_of(values, "pope/popular/f1")
+
+
+def test_probe_questions_are_a_fixed_label_balanced_subset_per_split():
+    rows = [{"question_id": i, "split": split, "label": "yes" if i % 4 == 0 else "no", "image": f"{i}.jpg"}
+            for split in ("random", "adversarial") for i in range(40)]
+    chosen = select_probe_questions(rows, 6, seed=42)
+    assert select_probe_questions(list(reversed(rows)), 6, seed=42) == chosen  # input order does not matter
+    for split in ("random", "adversarial"):
+        labels = [row["label"] for row in chosen if row["split"] == split]
+        assert len(labels) == 6 and labels.count("yes") == 3
+    assert select_probe_questions(rows, 6, seed=7) != chosen
+    few_yes = [row for row in rows if row["label"] == "no" or row["question_id"] == 0]
+    topped_up = select_probe_questions(few_yes, 6, seed=42)
+    assert len([row for row in topped_up if row["split"] == "random"]) == 6  # one yes + five no
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"scheduler": "asha"}, "set tune.eval_every_steps"),
+    ({"scheduler": "none", "search": "grid",
+      "search_space": {"train.beta": {"kind": "uniform", "low": 0.1, "high": 1.0}}}, "grid or choice dimensions"),
+    ({"scheduler": "none", "search": "optuna",
+      "search_space": {"train.beta": {"kind": "grid", "values": [0.1, 0.5]}}}, "make \\['train.beta'\\] kind choice"),
+    ({"metric": "loss"}, "not a POPE objective"),
+])
+def test_sweep_settings_that_cannot_work_fail_at_load(tune, message):
+    tune = {"search_space": {"train.beta": {"kind": "choice", "values": [0.1, 0.5]}}, **tune}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"tune": tune})
+
+
+def _sweep_config(tmp_path, tune: dict, train: dict | None = None):
+    return config_from_dict({
+        "name": "sweep", "output_root": str(tmp_path), "tracking": ["tensorboard", "mlflow"],
         "data": {"synthetic": {"num_images": 12, "num_pope_images": 4, "milebench_tasks": 0}},
         "train": {"max_steps": 3, "batch_size_per_worker": 2, "learning_rate": 1e-3, "max_length": 256,
                   "gradient_checkpointing": False, "checkpoint_every_steps": 3, "log_every_steps": 1,
-                  "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "deepspeed": {"enabled": False}},
+                  "reference_cache": False, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+                  "deepspeed": {"enabled": False}, **(train or {})},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25},
         "eval": {"batch_size": 16, "cpus_per_actor": 0.25},
-        "tune": {"search_space": {"train.beta": {"kind": "grid", "values": [0.1, 0.5]}},
-                 "metric": "pope/adversarial/f1", "mode": "max", "cpus_per_trial_driver": 0.25,
-                 "asha": {"enabled": True, "metric": "loss", "mode": "min", "grace_period": 1}},
+        "tune": {"metric": "pope/adversarial/f1", "mode": "max", "cpus_per_trial_driver": 0.25,
+                 "max_concurrent_trials": 1, "eval_every_steps": 1, "probe_questions": 8, **tune},
     })
+
+
+@pytest.mark.slow
+def test_optuna_sweep_measures_the_objective_during_training_and_exports_a_best_config_hadpo_run_loads(
+        ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    config = _sweep_config(tmp_path, {
+        "search": "optuna", "seed": 3, "num_samples": 2, "scheduler": "none",
+        "search_space": {"train.beta": {"kind": "loguniform", "low": 0.05, "high": 1.0}}})
     result = run_tune(config, base_model=str(tiny_model_dir))
     trials = pd.read_parquet(result.results_path)
-    assert sorted(trials["param/train.beta"]) == [0.1, 0.5]
-    assert trials["error"].eq("").all(), trials["error"].tolist()
-    finished = trials[~trials["stopped_early"]]
-    assert len(finished) >= 1 and finished["pope/adversarial/f1"].between(0, 1).all()
-    assert result.best_params["train.beta"] in (0.1, 0.5)
-    assert (tmp_path / f"sweep-beta{result.best_params['train.beta']}").is_dir()  # each trial has its own run
+    assert len(trials) == 2 and trials["error"].eq("").all(), trials["error"].tolist()
+    assert trials["param/train.beta"].between(0.05, 1.0).all() and trials["param/train.beta"].nunique() == 2
+    assert (~trials["stopped_early"]).all() and trials["objective"].between(0, 1).all()
+    assert (trials["objective"] == trials["pope/adversarial/f1"]).all()  # the final one: the full POPE set
+    assert (trials["evaluations"] == 4).all()  # 3 probes during the 3 steps, then the full evaluation
+
+    # each trial's training logged the subset's objective at every step to its trackers
+    trial = trial_config(config, {"train.beta": float(trials["param/train.beta"].iloc[0])})
+    curves = pd.read_parquet(trial.run_dir / "train" / "dpo_curves.parquet")
+    assert curves["step"].tolist() == [1, 2, 3] and curves["objective"].between(0, 1).all()
+    assert curves["probe/pope/adversarial/f1"].tolist() == curves["objective"].tolist()
+    assert list((trial.tensorboard_dir / "dpo").glob("events.out.tfevents.*"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.mlflow_store.as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == sorted(f"{trial_config(config, {'train.beta': float(b)}).name}-dpo"
+                                                               for b in trials["param/train.beta"])
+    assert all(0 <= run.data.metrics["final/objective"] <= 1 for run in runs)
+    # Tune's own trial folders hold TensorBoard event files of the reports
+    assert list((config.run_dir / "tune").rglob("events.out.tfevents.*"))
+
+    best = load_config(result.best_config_path)  # what `hadpo run` does first with it
+    assert best.name == "sweep-best" and best.train.beta == pytest.approx(result.best_params["train.beta"])
+    assert best.train.lora.rank == 4 and best.tune.search_space == {}
+    header = result.best_config_path.read_text().splitlines()[0]
+    assert header.startswith("# Best trial of the sweep sweep") and yaml.safe_load(result.best_config_path.read_text())
 
 
 def test_the_objective_must_be_a_pope_name_the_configs_datasets_report():
@@ -56,3 +129,5 @@ def test_the_objective_must_be_a_pope_name_the_configs_datasets_report():
     only_gqa = config_from_dict({"data": {"pope": {"datasets": {"gqa": gqa}}}})
     with pytest.raises(ValueError, match="tune.metric 'pope/adversarial/f1' is not reported.*pope/gqa/adversarial/f1"):
         check_objective(only_gqa)
+    gap = config_from_dict({"data": {"pope": coco}, "tune": {"metric": "pope/adversarial/yes_ratio_gap", "mode": "min"}})
+    check_objective(gap)  # derived from the split's yes-ratio
