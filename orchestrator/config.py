@@ -100,9 +100,27 @@ class PopeFilesConfig(_Section):
         return {POPE_DEFAULT_DATASET: single}
 
 
+class PreferenceSource(_Section):
+    """One preference data source of `data.preference`."""
+
+    format: Literal["hadpo", "trl", "rlaif_v"]
+    path: str = Field(description="hadpo: the folder holding desc_data.json and/or pope_data.json; trl: a parquet, "
+                      "JSON lines or JSON file, a folder of them, or a `datasets` save_to_disk folder; rlaif_v: its "
+                      "parquet shards (a file or a folder) or the same records as JSON lines")
+    image_root: str | None = Field(
+        None, description="folder the image paths are relative to (hadpo: the VG folder holding image_data.json, "
+        "VG_100K/ and VG_100K_2/); not needed for images embedded as bytes")
+    weight: float = Field(1.0, gt=0.0, description="times each row is used per epoch: 2 = twice, 0.5 = a seeded half")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             description="the rows' source name (sample ids <name>:...); default <format>-<position>")
+
+
 class DataConfig(_Section):
     """Where the data lives. Leave every path empty to use the synthetic world under `synthetic_dir`."""
 
+    preference: list[PreferenceSource] = Field(
+        default_factory=list, description="preference data sources, mixed by weight (empty: the HA-DPO files below, "
+        "or the synthetic world's)")
     hadpo_desc: str | None = Field(None, description="HA-DPO desc_data.json")
     hadpo_pope: str | None = Field(None, description="HA-DPO pope_data.json")
     vg_image_data: str | None = Field(None, description="Visual Genome image_data.json")
@@ -120,9 +138,28 @@ class DataConfig(_Section):
     synthetic: SyntheticWorldConfig = Field(default_factory=SyntheticWorldConfig)
     synthetic_dir: str | None = Field(None, description="default: <output_root>/world")
 
+    @model_validator(mode="after")
+    def _one_way_to_name_preference_data(self) -> "DataConfig":
+        if self.preference and (self.hadpo_desc or self.hadpo_pope):
+            raise ValueError("data.preference and data.hadpo_desc / data.hadpo_pope both name preference data: use "
+                             "one (an HA-DPO source is {format: hadpo, path: <folder>, image_root: <VG folder>})")
+        names = [source_name(source, index) for index, source in enumerate(self.preference)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"data.preference: source names must differ, {repeated} repeats")
+        for index, source in enumerate(self.preference):
+            if source.format == "hadpo" and not source.image_root:
+                raise ValueError(f"data.preference.{index}: an hadpo source needs image_root (the VG folder)")
+        return self
+
     @property
     def uses_synthetic_world(self) -> bool:
         return not any([self.hadpo_desc, self.hadpo_pope, self.pope.by_name(), self.milebench_root])
+
+
+def source_name(source: PreferenceSource, index: int) -> str:
+    """A preference source's name: its own, or <format>-<position from 1>."""
+    return source.name or f"{source.format}-{index + 1}"
 
 
 class TinyModelConfig(_Section):
