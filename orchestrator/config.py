@@ -383,8 +383,8 @@ class TuneSection(_Section):
         "yes_ratio_gap> or pope/mean_f1 (yes_ratio_gap = |yes-ratio - 0.5|, with mode min)")
     mode: Literal["max", "min"] = "max"
     eval_every_steps: int | None = Field(
-        None, gt=0, description="measure the objective on a fixed POPE subset every this many optimizer steps "
-        "of each trial (what the scheduler stops on); empty: only after training")
+        50, gt=0, description="measure the objective on a fixed POPE subset every this many optimizer steps "
+        "of each trial (what the scheduler stops on); null: only after training (then scheduler: none)")
     probe_questions: int = Field(100, gt=1, description="questions per POPE split in that subset (half yes)")
     scheduler: Literal["none", "asha", "median"] = Field(
         "asha", description="early stopping on the objective measured during training (needs eval_every_steps)")

@@ -47,7 +47,7 @@ def test_probe_questions_are_a_fixed_label_balanced_subset_per_split():
 
 
 @pytest.mark.parametrize("tune, message", [
-    ({"scheduler": "asha"}, "set tune.eval_every_steps"),
+    ({"scheduler": "asha", "eval_every_steps": None}, "set tune.eval_every_steps"),
     ({"scheduler": "none", "search": "grid",
       "search_space": {"train.beta": {"kind": "uniform", "low": 0.1, "high": 1.0}}}, "grid or choice dimensions"),
     ({"scheduler": "none", "search": "optuna",
