@@ -76,7 +76,8 @@ def search_algorithm(config: ExperimentConfig):
     if settings.search in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=settings.seed)
+        # Tune applies max_concurrent_trials to Searchers only: a variant generator is given it itself
+        return BasicVariantGenerator(random_state=settings.seed, max_concurrent=settings.max_concurrent_trials or 0)
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -149,12 +150,25 @@ def objective_report_callback():
     return ObjectiveReportCallback()
 
 
+def check_objective(config: ExperimentConfig, splits: list[str]) -> None:
+    """Fail before any trial trains when `tune.metric` is not a number these POPE splits give."""
+    from orchestrator.eval.pope import METRIC_COLUMNS
+    from orchestrator.eval.probe import objective_of
+
+    values = {f"pope/{split}/{metric}": 0.0 for split in splits for metric in METRIC_COLUMNS}
+    try:
+        objective_of({**values, "pope/mean_f1": 0.0}, config.tune.metric)
+    except KeyError as error:
+        raise ValueError(f"tune.metric: {error.args[0]}") from None
+
+
 def probe_rows(config: ExperimentConfig) -> list[dict]:
     """The fixed POPE subset every trial is measured on during training (images that open only), saved."""
     from orchestrator.data.datasets import image_error, pope_rows
     from orchestrator.eval.probe import select_probe_questions
 
     rows = pope_rows(config)
+    check_objective(config, sorted({str(row["split"]) for row in rows}))
     opens = {path: not image_error(path) for path in {row["image"] for row in rows}}  # each image once
     usable = [row for row in rows if opens[row["image"]]]
     chosen = select_probe_questions(usable, config.tune.probe_questions, config.data.seed)
@@ -249,7 +263,13 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
         init_ray(config)
     settings = config.tune
     space = search_space(config)
-    probe = probe_spec(config, probe_rows(config)) if settings.eval_every_steps else None
+    if settings.eval_every_steps:
+        probe = probe_spec(config, probe_rows(config))
+    else:
+        from orchestrator.data.datasets import pope_rows
+
+        probe = None
+        check_objective(config, sorted({str(row["split"]) for row in pope_rows(config)}))
     if config.train.reference_cache:
         # Once, before the trials: they all start from this model, so they all find its log-probs cached.
         from orchestrator.train.reference_cache import precompute_reference
@@ -264,8 +284,9 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(num_samples=settings.num_samples, search_alg=search_algorithm(config),
-                                    scheduler=scheduler(config), max_concurrent_trials=settings.max_concurrent_trials),
+        tune_config=tune.TuneConfig(
+            num_samples=settings.num_samples, search_alg=search_algorithm(config), scheduler=scheduler(config),
+            max_concurrent_trials=settings.max_concurrent_trials if settings.search in ("optuna", "hyperopt") else None),
         run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=str(storage)),
     )
     grid = tuner.fit()

@@ -46,6 +46,16 @@ def test_probe_questions_are_a_fixed_label_balanced_subset_per_split():
     assert len([row for row in topped_up if row["split"] == "random"]) == 6  # one yes + five no
 
 
+def test_an_objective_the_pope_splits_do_not_give_fails_before_training():
+    from orchestrator.tune import check_objective
+
+    config = config_from_dict({"tune": {"metric": "pope/gqa/adversarial/f1"}})
+    with pytest.raises(ValueError, match="tune.metric: .*pope/gqa/adversarial/f1"):
+        check_objective(config, ["random", "popular", "adversarial"])
+    check_objective(config_from_dict({"tune": {"metric": "pope/popular/yes_ratio_gap", "mode": "min"}}),
+                    ["random", "popular", "adversarial"])
+
+
 @pytest.mark.parametrize("tune, message", [
     ({"scheduler": "asha", "eval_every_steps": None}, "set tune.eval_every_steps"),
     ({"scheduler": "none", "search": "grid",
@@ -143,7 +153,7 @@ def test_asha_stops_the_trial_whose_objective_on_the_probe_is_worse(ray_session,
         "search": "grid", "scheduler": "asha", "asha": {"grace_period": 1, "reduction_factor": 2},
         "metric": "pope/adversarial/yes_ratio_gap", "mode": "min",
         "search_space": {"train.learning_rate": {"kind": "grid", "values": [0.5, 1e-9]}}},
-        train={"warmup_ratio": 0.0, "lr_schedule": "constant", "max_steps": 4, "checkpoint_every_steps": 4})
+        train={"warmup_ratio": 0.0, "lr_schedule": "constant", "max_steps": 2, "checkpoint_every_steps": 2})
     result = run_tune(config, base_model=str(tiny_model_dir))
     trials = pd.read_parquet(result.results_path).set_index("param/train.learning_rate")
     assert trials["error"].eq("").all(), trials["error"].tolist()
