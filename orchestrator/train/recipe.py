@@ -285,7 +285,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report.update(probe_objective(engine, loaded, probe, rank, world, bf16, step))
         if (log_now or probe_now) and rank == 0:
             tracker.log(step, report)
-            log.info(_progress_line(plan.stage, step, schedule.total_steps, report, started, start_step))
+            if log_now:
+                log.info(_progress_line(plan.stage, step, schedule.total_steps, report, started, start_step))
+            if probe_now:
+                log.info("[%s] step %d: objective %.4f on the probe subset", plan.stage, step, report["objective"])
             clock.write()
         if save_now:
             save_checkpoint(engine, loaded, plan, step, schedule, train, rank, report)
