@@ -90,7 +90,8 @@ def test_optuna_sweep_measures_the_objective_during_training_and_exports_a_best_
         ray_session, tiny_model_dir, tmp_path, monkeypatch):
     config = _sweep_config(tmp_path, {
         "search": "optuna", "seed": 3, "num_samples": 2, "scheduler": "none",
-        "search_space": {"train.beta": {"kind": "loguniform", "low": 0.05, "high": 1.0}}})
+        "search_space": {"train.beta": {"kind": "loguniform", "low": 0.05, "high": 1.0}}},
+        train={"log_every_steps": 2})  # step 1: a probe without a training log
     result = run_tune(config, base_model=str(tiny_model_dir))
     trials = pd.read_parquet(result.results_path)
     assert len(trials) == 2 and trials["error"].eq("").all(), trials["error"].tolist()
@@ -103,6 +104,7 @@ def test_optuna_sweep_measures_the_objective_during_training_and_exports_a_best_
     trial = trial_config(config, {"train.beta": float(trials["param/train.beta"].iloc[0])})
     curves = pd.read_parquet(trial.run_dir / "train" / "dpo_curves.parquet")
     assert curves["step"].tolist() == [1, 2, 3] and curves["objective"].between(0, 1).all()
+    assert pd.isna(curves["loss"].iloc[0]) and curves["loss"].iloc[1:].notna().all()
     assert curves["probe/pope/adversarial/f1"].tolist() == curves["objective"].tolist()
     assert list((trial.tensorboard_dir / "dpo").glob("events.out.tfevents.*"))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
