@@ -105,8 +105,8 @@ class PreferenceSource(_Section):
 
     format: Literal["hadpo", "trl", "rlaif_v"]
     path: str = Field(description="hadpo: the folder holding desc_data.json and/or pope_data.json; trl: a parquet, "
-                      "JSON lines or JSON file, a folder of them, or a `datasets` save_to_disk folder; rlaif_v: its "
-                      "parquet shards (a file or a folder) or the same records as JSON lines")
+                      "JSON lines or JSON file, a folder of them, a glob (data/train-*.parquet) or a `datasets` "
+                      "save_to_disk folder; rlaif_v: its parquet shards (a file, folder or glob) or JSON lines")
     image_root: str | None = Field(
         None, description="folder the image paths are relative to (hadpo: the VG folder holding image_data.json, "
         "VG_100K/ and VG_100K_2/); not needed for images embedded as bytes")

@@ -15,6 +15,7 @@ Pure Python and json only (no Ray, torch or PIL), so the readers run anywhere, i
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -541,8 +542,15 @@ def read_milebench_task(task_dir: str | os.PathLike,
 
 
 def preference_table_files(path: str | os.PathLike) -> list[Path]:
-    """The data files a TRL / RLAIF-V source names: the file itself, or a folder's parquet / JSON lines /
-    JSON / arrow files in name order (a `datasets.save_to_disk` folder: the arrow files its state.json lists)."""
+    """The data files a TRL / RLAIF-V source names: the file itself, the files a glob pattern matches
+    (``data/train-*.parquet``: one split of a hub dataset folder), or a folder's parquet / JSON lines / JSON /
+    arrow files in name order (a `datasets.save_to_disk` folder: the arrow files its state.json lists)."""
+    if any(char in str(path) for char in "*?["):
+        matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(path)), recursive=True))
+        matched = [p for p in matched if p.is_file()]
+        if not matched:
+            raise DataFormatError(path, None, None, "files matching the pattern", _Shown("none"))
+        return matched
     path = Path(path).expanduser()
     if path.is_file():
         return [path]

@@ -95,6 +95,9 @@ def test_trl_parquet_with_embedded_image_bytes_is_written_once_under_its_hash(tm
     pq.write_table(table, tmp_path / "train-00000.parquet")
     rows = formats.read_trl_preference(tmp_path, embedded_dir=tmp_path / "cache")  # a folder of shards
     assert rows[0]["image"] == rows[1]["image"] and len(list((tmp_path / "cache").rglob("*.img"))) == 1
+    pq.write_table(table.slice(0, 1), tmp_path / "test-00000.parquet")  # another split beside it
+    assert len(formats.read_trl_preference(tmp_path, embedded_dir=tmp_path / "cache")) == 3
+    assert len(formats.read_trl_preference(tmp_path / "train-*.parquet", embedded_dir=tmp_path / "cache")) == 2
     assert Image.open(rows[0]["image"]).size == (8, 8)
     with pytest.raises(DataFormatError, match="record 0: field 'images\\[0\\].path': expected embedded image bytes"):
         pq.write_table(pa.Table.from_pylist([{"images": [{"bytes": None, "path": "cat.png"}], "prompt": "Q",
