@@ -676,12 +676,20 @@ class LlavaModel(MileBenchModel):
     def from_loaded(cls, loaded, model, template: str = "llava_v1") -> "LlavaModel":
         """An adapter around a model already in memory, e.g. the policy a training worker is training (LoRA
         unmerged): the same prompts and scoring as an evaluation actor. The caller sets train/eval mode."""
+        import torch
+
         adapter = cls.__new__(cls)
         adapter.config = {"template": template}
         adapter._attach(loaded, model, template, next(model.parameters()).device)
+        # no_grad, not inference_mode: a model in training must not get inference tensors (ZeRO-3 may keep the
+        # weights it gathers for a forward and reuse them in the next training step)
+        adapter._no_grad = torch.no_grad
         return adapter
 
     def _attach(self, loaded, model, template: str, device) -> None:
+        import torch
+
+        self._no_grad = torch.inference_mode
         self.device = device
         self.template = template
         self.loaded = loaded
@@ -775,7 +783,7 @@ class LlavaModel(MileBenchModel):
 
         yes, no = self.yes_no_ids()
         inputs = self._inputs(questions, image_paths, images)
-        with torch.inference_mode():
+        with self._no_grad():
             logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
         pair = logits[:, [yes, no]].float()
         return torch.softmax(pair, dim=-1)[:, 0].tolist()
