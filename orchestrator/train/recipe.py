@@ -539,7 +539,7 @@ def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], 
         return {}
     values = probe_values(answers)
     return {"objective": objective_of(values, probe["metric"]), "evaluations": step // probe["every"],
-            **{f"probe/{key}": value for key, value in values.items()}}
+            "probe/questions": len(answers), **{f"probe/{key}": value for key, value in values.items()}}
 
 
 # ------------------------------------------------------------------------------------------------
