@@ -71,6 +71,30 @@ def test_sweep_settings_that_cannot_work_fail_at_load(tune, message):
         config_from_dict({"tune": tune})
 
 
+@pytest.mark.parametrize("search", ["random", "grid", "optuna", "hyperopt"])
+def test_each_searcher_takes_the_search_space_and_suggests_values_in_range(search):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from orchestrator.tune import OBJECTIVE, scheduler, search_algorithm, search_space
+
+    space = {"train.beta": {"kind": "choice", "values": [0.1, 0.5]}}
+    if search != "grid":
+        space["train.learning_rate"] = {"kind": "loguniform", "low": 1e-6, "high": 1e-4}
+    config = config_from_dict({"tune": {"search": search, "seed": 1, "search_space": space}})
+    searcher = search_algorithm(config)
+    if search in ("random", "grid"):
+        assert isinstance(searcher, BasicVariantGenerator)
+        return
+    assert searcher.metric == OBJECTIVE and searcher.mode == "max"
+    assert searcher.set_search_properties(None, None, search_space(config))
+    suggestion = searcher.suggest("trial-1")
+    assert suggestion["train.beta"] in (0.1, 0.5) and 1e-6 <= suggestion["train.learning_rate"] <= 1e-4
+    assert type(scheduler(config)).__name__ == "AsyncHyperBandScheduler"
+    median = config_from_dict({"tune": {"scheduler": "median", "search_space": space}})
+    assert type(scheduler(median)).__name__ == "MedianStoppingRule"
+    assert scheduler(config_from_dict({"tune": {"scheduler": "none", "search_space": space}})) is None
+
+
 def _sweep_config(tmp_path, tune: dict, train: dict | None = None):
     return config_from_dict({
         "name": "sweep", "output_root": str(tmp_path), "tracking": ["tensorboard", "mlflow"],
