@@ -44,6 +44,7 @@ log = logging.getLogger("hadpo.tune")
 OBJECTIVE = "objective"        # every report to Tune carries the objective under this key ...
 EVALUATIONS = "evaluations"    # ... numbered 1, 2, ... (the schedulers' time axis)
 FINAL = "final_evaluation"     # true on the report of the full POPE evaluation after training
+PLACEMENT_GROUP = "train_placement_group"  # the training run's placement group, named in the objective reports
 PROBE_FILE = "probe_questions.parquet"
 BEST_CONFIG = "best_config.yaml"
 
@@ -160,6 +161,41 @@ def check_objective(config: ExperimentConfig, splits: list[str]) -> None:
         objective_of({**values, "pope/mean_f1": 0.0}, config.tune.metric)
     except KeyError as error:
         raise ValueError(f"tune.metric: {error.args[0]}") from None
+
+
+def release_stopped_training(result: dict[str, Any]) -> bool:
+    """Remove the placement group of a trial's training run when the trial ended without its final evaluation.
+
+    A scheduler stops a trial by ending its actor; the Train run inside dies with it, but its placement group
+    (its workers' CPUs/GPUs) lives on until the sweep's driver exits, unless Ray Train's cleaner, which needs
+    the Ray dashboard's state API, removes it. The workers name the group in their objective reports.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    group_id = result.get(PLACEMENT_GROUP)
+    if not group_id or result.get(FINAL):
+        return False
+    group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+    if placement_group_table(group).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(group)
+    log.info("released the placement group %s of a stopped trial's training run", group_id)
+    return True
+
+
+def release_stopped_training_callback():
+    """A Tune callback that calls `release_stopped_training` on every trial that ends or fails."""
+    from ray.tune import Callback
+
+    class ReleaseStoppedTraining(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            release_stopped_training(trial.last_result or {})
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            release_stopped_training(trial.last_result or {})
+
+    return ReleaseStoppedTraining()
 
 
 def probe_rows(config: ExperimentConfig) -> list[dict]:
@@ -287,7 +323,8 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
         tune_config=tune.TuneConfig(
             num_samples=settings.num_samples, search_alg=search_algorithm(config), scheduler=scheduler(config),
             max_concurrent_trials=settings.max_concurrent_trials if settings.search in ("optuna", "hyperopt") else None),
-        run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=str(storage)),
+        run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=str(storage),
+                                  callbacks=[release_stopped_training_callback()]),
     )
     grid = tuner.fit()
     trials = trials_frame(grid)

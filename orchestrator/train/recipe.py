@@ -537,8 +537,14 @@ def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], 
         module.train(was_training)
     if answers is None:  # only rank 0's report reaches Tune
         return {}
+    import ray.util
+
     values = probe_values(answers)
+    # the worker group's placement group: a sweep releases it when its scheduler stops this trial (Ray Train
+    # leaves that to a helper that needs the Ray dashboard, which a local Ray here runs without)
+    group = ray.util.get_current_placement_group()
     return {"objective": objective_of(values, probe["metric"]), "evaluations": step // probe["every"],
+            "train_placement_group": group.id.hex() if group is not None else "",
             "probe/questions": len(answers), **{f"probe/{key}": value for key, value in values.items()}}
 
 

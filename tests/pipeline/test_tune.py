@@ -1,6 +1,8 @@
 """Ray Tune sweeps: searchers, schedulers that stop on the POPE objective measured during training, the
 trials' results in one parquet, and the best trial's config exported for `hadpo run`."""
 
+import time
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -194,6 +196,11 @@ def test_asha_stops_the_trial_whose_objective_on_the_probe_is_worse(ray_session,
     assert trials.loc[1e-9, "stopped_early"] and pd.isna(trials.loc[1e-9, "objective"])
     assert trials.loc[1e-9, "last_probe_objective"] == 0.5 and trials.loc[1e-9, "evaluations"] == 1
     assert result.best_params == {"train.learning_rate": 0.5}
+    # the stopped trial's training run gave its CPUs back (tests after this one need both)
+    deadline = time.time() + 60
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+        assert time.time() < deadline, ray_session.available_resources()
+        time.sleep(1)
 
 
 @pytest.mark.slow
