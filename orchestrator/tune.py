@@ -151,18 +151,6 @@ def objective_report_callback():
     return ObjectiveReportCallback()
 
 
-def check_objective(config: ExperimentConfig, splits: list[str]) -> None:
-    """Fail before any trial trains when `tune.metric` is not a number these POPE splits give."""
-    from orchestrator.eval.pope import METRIC_COLUMNS
-    from orchestrator.eval.probe import objective_of
-
-    values = {f"pope/{split}/{metric}": 0.0 for split in splits for metric in METRIC_COLUMNS}
-    try:
-        objective_of({**values, "pope/mean_f1": 0.0}, config.tune.metric)
-    except KeyError as error:
-        raise ValueError(f"tune.metric: {error.args[0]}") from None
-
-
 def release_stopped_training(result: dict[str, Any]) -> bool:
     """Remove the placement group of a trial's training run when the trial ended without its final evaluation.
 
@@ -204,7 +192,6 @@ def probe_rows(config: ExperimentConfig) -> list[dict]:
     from orchestrator.eval.probe import select_probe_questions
 
     rows = pope_rows(config)
-    check_objective(config, sorted({str(row["split"]) for row in rows}))
     opens = {path: not image_error(path) for path in {row["image"] for row in rows}}  # each image once
     usable = [row for row in rows if opens[row["image"]]]
     chosen = select_probe_questions(usable, config.tune.probe_questions, config.data.seed)
@@ -299,13 +286,7 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
         init_ray(config)
     settings = config.tune
     space = search_space(config)
-    if settings.eval_every_steps:
-        probe = probe_spec(config, probe_rows(config))
-    else:
-        from orchestrator.data.datasets import pope_rows
-
-        probe = None
-        check_objective(config, sorted({str(row["split"]) for row in pope_rows(config)}))
+    probe = probe_spec(config, probe_rows(config)) if settings.eval_every_steps else None
     if config.train.reference_cache:
         # Once, before the trials: they all start from this model, so they all find its log-probs cached.
         from orchestrator.train.reference_cache import precompute_reference
