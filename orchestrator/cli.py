@@ -46,7 +46,8 @@ def cmd_data_check(args) -> int:
     init_ray(config)
     paths = datasets.resolve_data_paths(config)
     print(f"data: {'synthetic world at ' + str(config.world_dir) if paths.synthetic else 'files from the config'}")
-    builders = [("preference", datasets.preference_dataset, paths.hadpo_desc or paths.hadpo_pope),
+    builders = [("preference", datasets.preference_dataset,
+                 config.data.preference or paths.hadpo_desc or paths.hadpo_pope),
                 ("sft", datasets.sft_dataset, paths.sft),
                 ("pope", datasets.pope_dataset, paths.pope),
                 ("milebench", datasets.milebench_dataset, paths.milebench_root)]
@@ -62,6 +63,8 @@ def cmd_data_check(args) -> int:
             failed += 1
             continue
         print(checked.summary())
+        for line in checked.sources:
+            print(line)
         sample = checked.dataset.take(1)
         if sample:
             shown = {k: (v if not isinstance(v, str) or len(v) < 100 else v[:97] + "...") for k, v in sample[0].items()}

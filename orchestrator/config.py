@@ -100,9 +100,27 @@ class PopeFilesConfig(_Section):
         return {POPE_DEFAULT_DATASET: single}
 
 
+class PreferenceSource(_Section):
+    """One preference data source of `data.preference`."""
+
+    format: Literal["hadpo", "trl", "rlaif_v"]
+    path: str = Field(description="hadpo: the folder holding desc_data.json and/or pope_data.json; trl: a parquet, "
+                      "JSON lines or JSON file, a folder of them, a glob (data/train-*.parquet) or a `datasets` "
+                      "save_to_disk folder; rlaif_v: its parquet shards (a file, folder or glob) or JSON lines")
+    image_root: str | None = Field(
+        None, description="folder the image paths are relative to (hadpo: the VG folder holding image_data.json, "
+        "VG_100K/ and VG_100K_2/); not needed for images embedded as bytes")
+    weight: float = Field(1.0, gt=0.0, description="times each row is used per epoch: 2 = twice, 0.5 = a seeded half")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             description="the rows' source name (sample ids <name>:...); default <format>-<position>")
+
+
 class DataConfig(_Section):
     """Where the data lives. Leave every path empty to use the synthetic world under `synthetic_dir`."""
 
+    preference: list[PreferenceSource] = Field(
+        default_factory=list, description="preference data sources, mixed by weight (empty: the HA-DPO files below, "
+        "or the synthetic world's)")
     hadpo_desc: str | None = Field(None, description="HA-DPO desc_data.json")
     hadpo_pope: str | None = Field(None, description="HA-DPO pope_data.json")
     vg_image_data: str | None = Field(None, description="Visual Genome image_data.json")
@@ -120,9 +138,28 @@ class DataConfig(_Section):
     synthetic: SyntheticWorldConfig = Field(default_factory=SyntheticWorldConfig)
     synthetic_dir: str | None = Field(None, description="default: <output_root>/world")
 
+    @model_validator(mode="after")
+    def _one_way_to_name_preference_data(self) -> "DataConfig":
+        if self.preference and (self.hadpo_desc or self.hadpo_pope):
+            raise ValueError("data.preference and data.hadpo_desc / data.hadpo_pope both name preference data: use "
+                             "one (an HA-DPO source is {format: hadpo, path: <folder>, image_root: <VG folder>})")
+        names = [source_name(source, index) for index, source in enumerate(self.preference)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"data.preference: source names must differ, {repeated} repeats")
+        for index, source in enumerate(self.preference):
+            if source.format == "hadpo" and not source.image_root:
+                raise ValueError(f"data.preference.{index}: an hadpo source needs image_root (the VG folder)")
+        return self
+
     @property
     def uses_synthetic_world(self) -> bool:
         return not any([self.hadpo_desc, self.hadpo_pope, self.pope.by_name(), self.milebench_root])
+
+
+def source_name(source: PreferenceSource, index: int) -> str:
+    """A preference source's name: its own, or <format>-<position from 1>."""
+    return source.name or f"{source.format}-{index + 1}"
 
 
 class TinyModelConfig(_Section):
@@ -324,32 +361,93 @@ class SearchDimension(_Section):
 
 
 class AshaConfig(_Section):
-    """Early stopping of weak trials on a training metric reported every few steps."""
+    """ASHA: at each rung (grace_period x reduction_factor^k evaluations) keep the best 1/reduction_factor."""
 
-    enabled: bool = True
-    metric: str = "loss"
-    mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(2, gt=0, description="reports before a trial may be stopped")
+    grace_period: int = Field(2, gt=0, description="objective evaluations before a trial may be stopped")
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
+class MedianStoppingConfig(_Section):
+    """Median stopping: stop a trial whose best objective so far is worse than the median of the others'
+    running means at the same evaluation."""
+
+    grace_period: int = Field(2, gt=0, description="objective evaluations before a trial may be stopped")
+    min_samples_required: int = Field(2, gt=0, description="other trials needed to compute the median")
+
+
+# pope/adversarial/f1, pope/mean_f1, pope/adversarial/yes_ratio_gap; a named POPE dataset may come first
+# (pope/gqa/adversarial/f1, pope/gqa/mean_f1)
+OBJECTIVE_PATTERN = re.compile(r"^pope/(?:[\w.-]+/)?(?:mean_f1|[\w.-]+/(?:accuracy|precision|recall|f1|yes_ratio|"
+                               r"yes_ratio_gap))$")
+
+
 class TuneSection(_Section):
-    """A Ray Tune sweep: each trial = DPO training + POPE evaluation of the trained adapter."""
+    """A Ray Tune sweep: each trial = DPO training (with the objective on a POPE subset every
+    `eval_every_steps`) + POPE evaluation of the trained adapter (the final objective)."""
 
     search_space: dict[str, SearchDimension] = Field(
         default_factory=dict, description="dotted config key (e.g. train.beta) -> its range")
-    num_samples: int = Field(1, gt=0, description="samples per grid point")
-    metric: str = Field("pope/adversarial/f1", description="objective, from the trial's POPE evaluation")
+    search: Literal["random", "grid", "optuna", "hyperopt"] = Field(
+        "random", description="random: Tune's variant generator (grid dimensions expanded, the rest sampled); "
+        "grid: every combination of grid/choice values; optuna / hyperopt: Ray Tune's OptunaSearch (TPE) / "
+        "HyperOptSearch, which learn from the trials' objectives (no grid dimensions)")
+    seed: int = Field(0, description="seed of the searcher (the sampled values), apart from train.seed")
+    num_samples: int = Field(1, gt=0, description="trials (random: samples per grid point; grid: repeats)")
+    metric: str = Field(
+        "pope/adversarial/f1", description="objective: pope/<split>/<accuracy|precision|recall|f1|yes_ratio|"
+        "yes_ratio_gap> or pope/mean_f1 (yes_ratio_gap = |yes-ratio - 0.5|, with mode min)")
     mode: Literal["max", "min"] = "max"
+    eval_every_steps: int | None = Field(
+        50, gt=0, description="measure the objective on a fixed POPE subset every this many optimizer steps "
+        "of each trial (what the scheduler stops on); null: only after training (then scheduler: none)")
+    probe_questions: int = Field(100, gt=1, description="questions per POPE split in that subset (half yes)")
+    scheduler: Literal["none", "asha", "median"] = Field(
+        "asha", description="early stopping on the objective measured during training (needs eval_every_steps)")
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    median: MedianStoppingConfig = Field(default_factory=MedianStoppingConfig)
     max_concurrent_trials: int | None = Field(None, gt=0)
     cpus_per_trial_driver: float = Field(0.25, gt=0.0)
-    asha: AshaConfig = Field(default_factory=AshaConfig)
+
+    @field_validator("metric")
+    @classmethod
+    def _pope_objective(cls, value: str) -> str:
+        if not OBJECTIVE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a POPE objective: expected pope/<split>/<accuracy|precision|recall|"
+                             "f1|yes_ratio|yes_ratio_gap> (e.g. pope/adversarial/f1) or pope/mean_f1")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TuneSection":
+        if self.search_space and self.scheduler != "none" and self.eval_every_steps is None:
+            raise ValueError(f"scheduler {self.scheduler!r} stops trials on the objective measured during training: "
+                             "set tune.eval_every_steps, or tune.scheduler: none")
+        kinds = {key: dim.kind for key, dim in self.search_space.items()}
+        if self.search == "grid":
+            sampled = [key for key, kind in kinds.items() if kind not in ("grid", "choice")]
+            if sampled:
+                raise ValueError(f"search grid takes grid or choice dimensions only; {sampled} are sampled ranges")
+        if self.search in ("optuna", "hyperopt"):
+            grids = [key for key, kind in kinds.items() if kind == "grid"]
+            if grids:
+                raise ValueError(f"search {self.search} samples every dimension itself: make {grids} kind choice")
+        return self
+
+
+TRACKERS = ("wandb", "tensorboard", "mlflow")
 
 
 class WandbConfig(_Section):
     project: str = "hadpo"
     mode: Literal["offline", "online", "disabled"] = "offline"
     api_key_env: str = Field("WANDB_API_KEY", description="name of the env var holding the key (never the key)")
+
+
+class MlflowConfig(_Section):
+    """The MLflow file store rank 0 writes (no MLflow server, no network)."""
+
+    store: str | None = Field(
+        None, description="folder of the file store (`mlflow ui --backend-store-uri DIR`); default <run_dir>/mlruns")
+    experiment: str | None = Field(None, description="experiment name; default: the config's name")
 
 
 class ExportConfig(_Section):
@@ -379,7 +477,13 @@ class ExperimentConfig(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
+    tracking: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: list(TRACKERS),
+        description="where rank 0 logs the training metrics besides the curves parquet: wandb (in wandb.mode, "
+        "offline by default), tensorboard (event files under <run_dir>/tensorboard), mlflow (a file store, "
+        "see mlflow.store); all of them write files only")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
 
@@ -406,6 +510,16 @@ class ExperimentConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_root).expanduser().resolve() / self.name
+
+    @property
+    def mlflow_store(self) -> Path:
+        if self.mlflow.store:
+            return Path(self.mlflow.store).expanduser().resolve()
+        return self.run_dir / "mlruns"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
 
     @property
     def world_dir(self) -> Path:

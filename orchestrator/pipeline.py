@@ -42,7 +42,25 @@ def data_file_hashes(config: ExperimentConfig) -> dict[str, str]:
     files.update({f"pope_{qualified_split(dataset, split)}": path for dataset, pope in paths.pope.items()
                   for split, path in pope.questions.items()})
     files.update({f"milebench_{d.name}": str(d / f"{d.name}.json") for d in milebench_task_dirs(paths)})
+    files.update(preference_source_files(config))
     return {name: file_sha256(path) for name, path in sorted(files.items()) if path and Path(path).is_file()}
+
+
+def preference_source_files(config: ExperimentConfig) -> dict[str, str]:
+    """The annotation files of the `data.preference` sources, as ``preference/<source>/<n>-<file name>``."""
+    from orchestrator.config import source_name
+    from orchestrator.data.formats import preference_table_files
+
+    files = {}
+    for index, source in enumerate(config.data.preference):
+        name = source_name(source, index)
+        if source.format == "hadpo":
+            found = [Path(source.path, f) for f in ("desc_data.json", "pope_data.json")]
+            found.append(Path(source.image_root, "image_data.json"))
+        else:
+            found = preference_table_files(source.path)
+        files.update({f"preference/{name}/{index}-{path.name}": str(path) for index, path in enumerate(found)})
+    return files
 
 
 def package_versions() -> dict[str, str]:
@@ -236,8 +254,10 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
             return {"adapter": trained.checkpoint_path, "curves": trained.curves_path, "metrics": trained.metrics,
                     "timings": trained.timings}
 
+        # the sources' weights and names decide the rows too (their files are in `files`)
+        sources = [dump["data"]["preference"]] if config.data.preference else []
         trained = run_stage(config, Stage(f"dpo{suffix}", inputs_hash(base_model, seeded.model_dump(mode="json")["train"],
-                                                                      files), dpo), result)
+                                                                      files, *sources), dpo), result)
 
         def after(resume: bool, adapter=trained["adapter"], seeded=seeded) -> dict[str, Any]:
             return _pope_summary(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,

@@ -12,7 +12,10 @@ What it reads, for each run directory (nothing is recomputed that a stage alread
   was evaluated in both score and generate mode, the answers of both give the share of POPE questions
   whose yes/no differs (`score_generate_disagreement`).
 - ``train/<stage>_curves.parquet``: loss, reward margins and reward accuracy against the step.
-- ``tune/trials.parquet``: one row per trial (``param/<key>`` columns and the objective).
+- ``tune/trials.parquet``: one row per trial (``param/<key>`` columns and the objective); the sweep gets a
+  scatter per hyper-parameter and a parallel-coordinates plot.
+- the trackers' folders (``tensorboard/``, ``mlruns/``, ``wandb/``, ``tune/``'s event files): the report says
+  which command opens each.
 - ``run_record.json``: config, package versions, git SHA, decoding, data-file hashes, hardware.
 
 What it writes, under `out_dir`: ``report.html`` (PNGs embedded as base64 data URIs, so the one file can
@@ -401,7 +404,8 @@ def sweep_objective(run: RunData) -> tuple[str | None, str]:
     mode = tune.get("mode", "max")
     if trials is None:
         return None, mode
-    for column in (tune.get("metric"), "pope/adversarial/f1", "pope/mean_f1"):
+    # the sweep's own objective column ("objective" holds tune.metric where it is derived, e.g. a yes-ratio gap)
+    for column in (tune.get("metric"), "objective", "pope/adversarial/f1", "pope/mean_f1"):
         if column and column in trials.columns:
             return column, mode
     others = [c for c in trials.columns if c.startswith("pope/")]
@@ -764,6 +768,91 @@ def plot_sweep(run: RunData, path: Path) -> Path | None:
         extra = f"\n{missing} trial(s) without an objective (stopped early) not shown" if missing else ""
         figure.suptitle(f"{run.label}: sweep of {len(trials)} trials, objective {objective} ({mode}){extra}")
         return _save(figure, path)
+
+
+def plot_sweep_parallel(run: RunData, path: Path) -> Path | None:
+    """Parallel coordinates: one line per trial across its swept values and the objective, coloured by the
+    objective (stopped-early trials grey and dashed, ending at their last value on the probe subset)."""
+    trials = run.trials
+    objective, mode = sweep_objective(run)
+    params = [c for c in (trials.columns if trials is not None else []) if c.startswith("param/")]
+    if trials is None or objective is None or not params or len(trials) < 2:
+        return None
+    import matplotlib
+
+    axes_values, labels, logged_axes = [], [], []
+    for param in params:
+        raw = trials[param]
+        numeric = pd.to_numeric(raw, errors="coerce")
+        if numeric.notna().all():
+            positive = numeric[numeric > 0]
+            logged = len(positive) == len(numeric) and positive.max() / positive.min() >= 20
+            values = numeric.map(math.log10) if logged else numeric
+            labels.append(param.removeprefix("param/") + (" (log)" if logged else ""))
+            logged_axes.append(logged)
+        else:
+            categories = sorted(raw.astype(str).unique())
+            values = raw.astype(str).map({c: i for i, c in enumerate(categories)}).astype(float)
+            labels.append(param.removeprefix("param/"))
+            logged_axes.append(False)
+        axes_values.append(values)
+    finished = pd.to_numeric(trials[objective], errors="coerce")
+    last_probe = pd.to_numeric(trials.get("last_probe_objective", pd.Series(math.nan, index=trials.index)),
+                               errors="coerce")
+    shown = finished.fillna(last_probe)
+    axes_values.append(shown)
+    labels.append(f"{objective} ({mode})")
+    logged_axes.append(False)
+    scaled = []
+    for values in axes_values:
+        low, high = values.min(), values.max()
+        scaled.append((values - low) / (high - low) if high > low else values * 0 + 0.5)
+    known = finished.dropna()
+    norm = matplotlib.colors.Normalize(vmin=known.min() if len(known) else 0, vmax=known.max() if len(known) else 1)
+    cmap = matplotlib.colormaps["viridis" if mode == "max" else "viridis_r"]
+    with _rc():
+        figure = _figure(max(2.2 * len(labels), 7.0), 4.8)
+        ax = figure.subplots()
+        xs = list(range(len(labels)))
+        for index in trials.index:
+            ys = [column[index] for column in scaled]
+            if pd.notna(finished[index]):
+                ax.plot(xs, ys, color=cmap(norm(finished[index])), linewidth=2.2, marker="o", zorder=3)
+            else:
+                ax.plot(xs, ys, color="#999999", linewidth=1.4, linestyle="--", marker="o", zorder=2)
+        for x, values, logged in zip(xs, axes_values, logged_axes):
+            ax.axvline(x, color="#444444", linewidth=0.8, zorder=1)
+            low, high = (10 ** values.min(), 10 ** values.max()) if logged else (values.min(), values.max())
+            ax.text(x, -0.08, f"{low:.3g}", ha="center", va="top", fontsize=9)
+            ax.text(x, 1.06, f"{high:.3g}", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(xs, labels, rotation=10)
+        ax.set_yticks([])
+        ax.set_ylim(-0.15, 1.15)
+        ax.spines["left"].set_visible(False)
+        figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"{objective} (finished)")
+        figure.suptitle(f"{run.label}: {len(trials)} trials; grey dashed = stopped early (last probe value)")
+        return _save(figure, path)
+
+
+def tracking_pointers(run: RunData) -> list[str]:
+    """Where the run's tracker files are and the command that opens each (only those that exist)."""
+    lines = []
+    tensorboard = run.run_dir / "tensorboard"
+    if tensorboard.is_dir():
+        lines.append(f"TensorBoard (training curves): `tensorboard --logdir {tensorboard}`")
+    tune_dir = run.run_dir / "tune"
+    if any(tune_dir.glob("*/*/events.out.tfevents.*")):
+        lines.append(f"TensorBoard (sweep trials' reports): `tensorboard --logdir {tune_dir}`")
+    store = Path(((run.config.get("mlflow") or {}).get("store")) or run.run_dir / "mlruns")
+    if store.is_dir():
+        lines.append(f"MLflow file store: `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {store}`")
+    wandb_dir = run.run_dir / "wandb"
+    if wandb_dir.is_dir():
+        lines.append(f"wandb (offline runs): `wandb sync {wandb_dir}/offline-run-*`")
+    best = tune_dir / "best_config.yaml"
+    if best.is_file():
+        lines.append(f"best sweep trial's config: `hadpo run {best}`")
+    return lines
 
 
 def plot_milebench(run: RunData, mile: pd.DataFrame, path: Path) -> Path | None:
@@ -1198,6 +1287,14 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, include_pu
             image = plot_sweep(run, out_dir / f"{prefix(run)}sweep.png")
             if image:
                 doc.image(image, f"{run.label}: each swept hyper-parameter against the objective")
+            image = plot_sweep_parallel(run, out_dir / f"{prefix(run)}sweep_parallel.png")
+            if image:
+                doc.image(image, f"{run.label}: parallel coordinates of the trials' values and objective")
+        pointers = tracking_pointers(run)
+        if pointers:
+            doc.heading(3, "Trackers")
+            for line in pointers:
+                doc.para(line)
         _record_section(doc, run)
 
     tables: dict[str, pd.DataFrame] = {"pope": results, "pope_summary": summary, "milebench": mile,

@@ -352,7 +352,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_pngs_exist_are_valid_and_embedded_in_the_html(seeded_report):
     run_dir, result = seeded_report
     names = {p.name for p in result.images}
-    assert {"pope_bars.png", "curves_dpo.png", "curves_warmup.png", "sweep.png", "milebench.png"} <= names
+    assert {"pope_bars.png", "curves_dpo.png", "curves_warmup.png", "sweep.png", "sweep_parallel.png",
+            "milebench.png"} <= names
     html = result.html.read_text()
     assert 'src="data:image/png;base64,' in html
     for path in result.images:
@@ -500,3 +501,18 @@ def test_score_and_generate_evaluations_of_one_model_show_their_disagreement(tmp
     assert "Score mode vs generate mode" in result.markdown.read_text()
     assert find_row(md_rows(result.markdown.read_text()), "tiny", "", scored.run_id)[4:] == ["72", "5", "6.94"]
     assert len(result.tables["score_vs_generate"]) == 1
+
+
+def test_the_report_says_how_to_open_each_trackers_files(tmp_path):
+    from orchestrator.train.tracking import Tracker
+
+    run_dir = make_run(tmp_path, "tracked", seeds=(), trials=False)
+    cfg = config_from_dict({"name": "tracked", "output_root": str(tmp_path), "tracking": ["tensorboard", "mlflow"]})
+    tracker = Tracker(cfg, "dpo")
+    tracker.log(1, {"loss": 0.5})
+    tracker.close()
+    result = build_report([run_dir], tmp_path / "report")
+    md = result.markdown.read_text()
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in md
+    assert f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {run_dir / 'mlruns'}" in md
+    assert "wandb sync" not in md  # no wandb folder, no line

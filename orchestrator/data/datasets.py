@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
 
@@ -139,7 +139,10 @@ def _vg_paths(paths: DataPaths, what: str) -> dict[str, str]:
 def preference_rows(config: ExperimentConfig, stats: dict | None = None) -> list[dict]:
     """The recipe's training list, in HA-DPO's order: the usable pope records, then each description pair
     `desc_repeats` times (``pope_data_dict + desc_data_dict*2`` in upstream's `LazySupervisedDataset`);
-    ``list_index`` numbers the rows in that order."""
+    ``list_index`` numbers the rows in that order. Or the mixed
+    `data.preference` sources (see `mixed_preference_rows`)."""
+    if config.data.preference:
+        return mixed_preference_rows(config, stats)
     paths = resolve_data_paths(config)
     if not (paths.hadpo_desc or paths.hadpo_pope):
         raise ValueError("no preference data: set data.hadpo_desc and/or data.hadpo_pope")
@@ -153,6 +156,79 @@ def preference_rows(config: ExperimentConfig, stats: dict | None = None) -> list
                                        string_answers=config.data.desc_string_answers, stats=stats)
         rows += [{**row, "list_index": len(rows) + row["list_index"]} for row in desc]
     return rows
+
+
+def embedded_images_dir(config: ExperimentConfig) -> Path:
+    """Where images embedded in data files (parquet bytes) are written once, under their content hash."""
+    return Path(config.output_root).expanduser().resolve() / "cache" / "images"
+
+
+def source_rows(config: ExperimentConfig, source: PreferenceSource, name: str, stats: dict | None = None) -> list[dict]:
+    """One `data.preference` source's rows (before weighting), every row with `images` and `source` = its name
+    (HA-DPO rows: ``<name>/desc`` or ``<name>/pope``) and sample ids ``<name>:...`` (`mixed_preference_rows`
+    appends ``@<row_digest>``)."""
+    if source.format == "trl":
+        return formats.read_trl_preference(source.path, source.image_root, name, embedded_images_dir(config))
+    if source.format == "rlaif_v":
+        return formats.read_rlaif_v(source.path, source.image_root, name, embedded_images_dir(config))
+    folder, root = Path(source.path).expanduser(), Path(source.image_root).expanduser()
+    files = {key: folder / f"{key.removeprefix('hadpo_')}_data.json" for key in ("hadpo_desc", "hadpo_pope")}
+    if not any(path.is_file() for path in files.values()):
+        raise FileNotFoundError(f"{folder}: neither desc_data.json nor pope_data.json (hadpo source {name!r})")
+    data = config.data.model_copy(update={
+        "preference": [], "vg_image_data": str(root / "image_data.json"), "vg_root": str(root),
+        **{key: str(path) if path.is_file() else None for key, path in files.items()}})
+    rows = preference_rows(config.model_copy(update={"data": data}), stats)  # the HA-DPO recipe's list
+    return [{**row, "sample_id": f"{name}:{row['sample_id']}", "source": f"{name}/{row['source']}",
+             "images": [row["image"]]} for row in rows]
+
+
+def row_digest(row: dict) -> str:
+    """A short hash of what a pair says (prompt, answers, image references): part of its sample id, so numbers
+    cached by sample id (the reference log-probs) never serve a changed row."""
+    import hashlib
+
+    blob = json.dumps([row["prompt"], row["chosen"], row["rejected"], list(row.get("images") or [row["image"]])])
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def weighted_rows(rows: list[dict], weight: float, seed: int) -> list[dict]:
+    """Each row `weight` times: the whole part as repeats (sample ids ``<id>#<k>`` from the second), the
+    fractional part as a share of the rows drawn with `random.Random(seed)` (0.5 -> half of them, once)."""
+    import random
+
+    whole = int(weight)
+    picked = round((weight - whole) * len(rows))
+    out = [row if k == 0 else {**row, "sample_id": f"{row['sample_id']}#{k}"} for k in range(whole) for row in rows]
+    for index in sorted(random.Random(seed).sample(range(len(rows)), picked)):
+        row = rows[index]
+        out.append(row if whole == 0 else {**row, "sample_id": f"{row['sample_id']}#{whole}"})
+    return out
+
+
+def mixed_preference_rows(config: ExperimentConfig, stats: dict | None = None) -> list[dict]:
+    """The `data.preference` sources, each weighted, in source order (the recipe shuffles them per epoch with
+    its seed; `list_index` numbers them in this order), sample ids ``<source>:<record>@<row_digest>[#<repeat>]``. `stats["sources"]` gets, per source:
+    format, path, rows read, weight, rows used."""
+    rows: list[dict] = []
+    summary = []
+    for index, source in enumerate(config.data.preference):
+        name = source_name(source, index)
+        read = [{**row, "sample_id": f"{row['sample_id']}@{row_digest(row)}"}
+                for row in source_rows(config, source, name, stats)]
+        used = weighted_rows(read, source.weight, seed=config.data.seed + index)
+        summary.append({"name": name, "format": source.format, "path": source.path, "read": len(read),
+                        "weight": source.weight, "used": len(used)})
+        rows += used
+    if stats is not None:
+        stats["sources"] = summary
+    # list_index: the order the recipe's seeded permutation applies to (the sources in order, as mixed)
+    return [{**row, "list_index": index} for index, row in enumerate(rows)]
+
+
+def source_of(row: dict) -> str:
+    """The `data.preference` source a row came from (its sample id's prefix)."""
+    return str(row.get("sample_id", "")).split(":", 1)[0]
 
 
 def sft_rows(config: ExperimentConfig) -> list[dict]:
@@ -201,6 +277,7 @@ class CheckedDataset:
     rejects: list[dict]
     total: int
     rejects_path: str | None = None
+    sources: list[str] = field(default_factory=list)  # one summary line per data.preference source
 
     @property
     def accepted(self) -> int:
@@ -279,7 +356,20 @@ def preference_dataset(config: ExperimentConfig) -> CheckedDataset:
                 "character" else "the whole string is used (data.desc_string_answers=whole, a deviation from HA-DPO)")
         log.warning("preference: %d chosen/rejected values of %s are a single string, not a list: %s",
                     stats["desc_string_answers"], resolve_data_paths(config).hadpo_desc, what)
+    result.sources = source_summaries(stats.get("sources", []), result.rejects)
+    for line in result.sources:
+        log.info(line)
     return result
+
+
+def source_summaries(sources: list[dict], rejects: list[dict]) -> list[str]:
+    """One line per `data.preference` source: what was read, how it was weighted, how many rows were rejected."""
+    lines = []
+    for source in sources:
+        rejected = sum(1 for row in rejects if source_of(row) == source["name"])
+        lines.append(f"  source {source['name']} ({source['format']}, {source['path']}): {source['read']} rows, "
+                     f"weight {source['weight']:g} -> {source['used']} used, {rejected} rejected")
+    return lines
 
 
 def sft_dataset(config: ExperimentConfig) -> CheckedDataset:

@@ -15,6 +15,7 @@ Pure Python and json only (no Ray, torch or PIL), so the readers run anywhere, i
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -528,4 +529,264 @@ def read_milebench_task(task_dir: str | os.PathLike,
                                   _Shown(row["sample_id"]))
         first_seen[row["sample_id"]] = index
         rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision preference data in TRL's format and in RLAIF-V's
+#
+# Both become preference rows (PREFERENCE_COLUMNS plus `images`, the list of a row's image paths, in the
+# order of the prompt's image placeholders; `image` is the first). Images come either as paths relative to
+# the source's image root (a path that leaves the root is an error) or embedded as bytes (Hugging Face's
+# image feature: {"bytes", "path"}), which are written once to `embedded_dir` under their content hash.
+
+
+def preference_table_files(path: str | os.PathLike) -> list[Path]:
+    """The data files a TRL / RLAIF-V source names: the file itself, the files a glob pattern matches
+    (``data/train-*.parquet``: one split of a hub dataset folder), or a folder's parquet / JSON lines / JSON /
+    arrow files in name order (a `datasets.save_to_disk` folder: the arrow files its state.json lists)."""
+    if any(char in str(path) for char in "*?["):
+        matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(path)), recursive=True))
+        matched = [p for p in matched if p.is_file()]
+        if not matched:
+            raise DataFormatError(path, None, None, "files matching the pattern", _Shown("none"))
+        return matched
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataFormatError(path, None, None, "a data file or a folder of them", _Shown("nothing there"))
+    state = path / "state.json"
+    if state.is_file():
+        listed = _field(state, None, _as_object(state, None, _load_json(state)), "_data_files",
+                        lambda v: isinstance(v, list) and bool(v), "a non-empty list of arrow files")
+        names = [_text(state, index, _as_object(state, index, item), "filename") for index, item in enumerate(listed)]
+        return [_contained(path, name, state, index, "_data_files.filename") for index, name in enumerate(names)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".parquet", ".jsonl", ".json", ".arrow"))
+    if not files:
+        raise DataFormatError(path, None, None, "parquet, JSON lines, JSON or arrow files", _Shown("none in the folder"))
+    return files
+
+
+def _table_records(path: Path) -> list[tuple[Any, Any]]:
+    """(record label, record) of one data file: row index for parquet / arrow / JSON arrays, line for JSON lines."""
+    suffix = path.suffix
+    if suffix in (".parquet", ".arrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            if suffix == ".parquet":
+                table = pq.read_table(path)
+            else:  # datasets writes arrow *stream* files
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataFormatError(path, None, None, f"a readable {suffix[1:]} file", _Shown(str(err))) from err
+        return list(enumerate(table.to_pylist()))
+    text = path.read_bytes().decode("utf-8-sig", errors="strict") if path.stat().st_size else ""
+    if text.lstrip().startswith("["):
+        return list(enumerate(_as_list(path, _load_json(path), "a JSON list of records")))
+    return _pope_records(path, text) if text.strip() else []
+
+
+def _contained(root: str | os.PathLike, name: str, path: Any, record: Any, field: str) -> Path:
+    """`name` joined onto `root`; a name that is absolute or climbs out of the root is an error."""
+    base = Path(root).expanduser().resolve()
+    joined = (base / name).resolve()
+    if Path(name).is_absolute() or not joined.is_relative_to(base):
+        raise DataFormatError(path, record, field, f"a path inside {base}", _Shown(name))
+    return joined
+
+
+def _image_path(value: Any, path: Any, record: Any, field: str, image_root: str | None,
+                embedded_dir: str | os.PathLike | None) -> str:
+    """One image reference (a relative path, or {"bytes", "path"}) as a local file path."""
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data:
+            if embedded_dir is None:
+                raise ValueError("embedded image bytes need a folder to be written to (embedded_dir)")
+            digest = hashlib.sha256(data).hexdigest()[:24]
+            target = Path(embedded_dir) / digest[:2] / f"{digest}.img"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(target)
+            return str(target)
+        value = value.get("path")
+        field = f"{field}.path"
+    if not _is_text(value):
+        raise DataFormatError(path, record, field, "an image path or {\"bytes\", \"path\"} with one of them",
+                              _describe(value))
+    if image_root is None:
+        raise DataFormatError(path, record, field, "embedded image bytes, or a source image_root for paths",
+                              _describe(value))
+    return str(_contained(image_root, value, path, record, field))
+
+
+_IMAGE_ENTRY = {"type": "image"}
+
+
+def _message_text(path: Any, record: Any, field: str, content: Any) -> tuple[str, int]:
+    """A message's content as text with one ``<image>`` per image entry, and the number of image entries."""
+    if isinstance(content, str):
+        return content, 0
+    if not isinstance(content, list) or not content:
+        raise DataFormatError(path, record, field, "a string or a non-empty list of {type: text|image} entries",
+                              _describe(content))
+    parts, images = [], 0
+    for index, entry in enumerate(content):
+        where = f"{field}[{index}]"
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind == "image":
+            parts.append("<image>")
+            images += 1
+        elif kind == "text":
+            parts.append(_field(path, record, entry, "text", lambda v: isinstance(v, str), "a string",
+                                f"{where}.text"))
+        else:
+            raise DataFormatError(path, record, f"{where}.type", '"text" or "image"', _describe(kind))
+    return "\n".join(parts), images
+
+
+def _turn(path: Any, record: Any, field: str, messages: Any, role: str) -> tuple[str, int]:
+    """The text of the single `role` message a conversational column holds."""
+    if not isinstance(messages, list) or len(messages) != 1:
+        raise DataFormatError(path, record, field, f"one {role} message (the LLaVA templates hold a single turn)",
+                              _describe(messages))
+    message = _as_object(path, record, messages[0])
+    if message.get("role") != role:
+        raise DataFormatError(path, record, f"{field}[0].role", f'"{role}"', _describe(message.get("role", _MISSING)))
+    return _message_text(path, record, f"{field}[0].content", message.get("content", _MISSING))
+
+
+def _answer(path: Any, record: Any, obj: dict, name: str) -> str:
+    value = obj.get(name, _MISSING)
+    if not isinstance(value, (str, list)):
+        raise DataFormatError(path, record, name, "a string or one assistant message", _describe(value))
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataFormatError(path, record, name, "a non-empty answer", _describe(value))
+        return value
+    text, images = _turn(path, record, name, value, "assistant")
+    if images or not text.strip():
+        raise DataFormatError(path, record, name, "an assistant answer of text only", _describe(value))
+    return text
+
+
+def _split_implicit_prompt(path: Any, record: Any, obj: dict) -> tuple[Any, Any, Any]:
+    """TRL's implicit prompt (conversational only): chosen and rejected both [user turn, assistant turn]."""
+    chosen, rejected = obj.get("chosen", _MISSING), obj.get("rejected", _MISSING)
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) == len(rejected) == 2):
+        raise DataFormatError(path, record, "prompt", "a prompt, or conversational chosen/rejected that start with "
+                              "the same user turn (implicit prompt)", _describe(_MISSING))
+    if chosen[0] != rejected[0]:
+        raise DataFormatError(path, record, "rejected[0]", "the same user turn as chosen[0] (implicit prompt)",
+                              _describe(rejected[0]))
+    return [chosen[0]], chosen[1:], rejected[1:]
+
+
+def _prompt_with_images(path: Any, record: Any, text: str, placeholders: int, n_images: int) -> str:
+    """The row's prompt: without placeholders when every image comes first (the template adds them, as for
+    HA-DPO), else with one ``<image>`` where each image stands. `placeholders`: the conversational prompt's
+    image entries (already written into `text` as ``<image>``)."""
+    if placeholders and placeholders != n_images:
+        raise DataFormatError(path, record, "prompt", f"one image entry per image ({n_images} images)",
+                              _Shown(f"{placeholders} image entries"))
+    found = text.count("<image>")
+    if found and found != n_images:
+        raise DataFormatError(path, record, "prompt", f"{n_images} <image> placeholders or none",
+                              _Shown(f"{found} placeholders"))
+    lead = "\n".join(["<image>"] * n_images)
+    if found and text.lstrip().startswith(lead):
+        rest = text.lstrip()[len(lead):]
+        if "<image>" not in rest:
+            return rest.strip()
+    return text.strip()
+
+
+def read_trl_preference(path: str | os.PathLike, image_root: str | None = None, source: str = "trl",
+                        embedded_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Vision preference pairs in TRL's dataset format (its docs, "Dataset formats and types": preference type,
+    vision datasets).
+
+    Each record: `images` (a list) or `image` (one), and `prompt`, `chosen`, `rejected` either *standard*
+    (strings) or *conversational* (``[{"role": "user", "content": [{"type": "image"}, {"type": "text",
+    "text": ...}]}]`` for the prompt, one assistant message for each answer); an implicit prompt (no `prompt`,
+    conversational chosen/rejected that start with the same user turn) is split off. Images: paths relative to
+    `image_root`, or Hugging Face image dicts {"bytes", "path"} (embedded bytes are written to `embedded_dir`).
+    The prompt's image entries, or ``<image>`` placeholders in a standard prompt, must match the images in
+    number. Files: parquet, JSON lines, a JSON list, or a `datasets` save_to_disk folder. Sample ids:
+    ``<source>:<file index>-<record>``.
+    """
+    rows: list[dict] = []
+    for file_index, file in enumerate(preference_table_files(path)):
+        for record, item in _table_records(file):
+            obj = _as_object(file, record, item)
+            if "images" in obj:
+                references = _field(file, record, obj, "images", lambda v: isinstance(v, list) and bool(v),
+                                    "a non-empty list of images")
+                field = "images"
+            else:
+                references = [_field(file, record, obj, "image", lambda v: v is not None, "an image")]
+                field = "image"
+            images = [_image_path(value, file, record, f"{field}[{index}]" if field == "images" else field,
+                                  image_root, embedded_dir) for index, value in enumerate(references)]
+            prompt_value, chosen_value, rejected_value = obj.get("prompt", _MISSING), obj, obj
+            if prompt_value is _MISSING:
+                prompt_value, chosen_list, rejected_list = _split_implicit_prompt(file, record, obj)
+                chosen_value, rejected_value = {"chosen": chosen_list}, {"rejected": rejected_list}
+            if isinstance(prompt_value, str):
+                text, placeholders = prompt_value, 0
+            else:
+                text, placeholders = _turn(file, record, "prompt", prompt_value, "user")
+            prompt = _prompt_with_images(file, record, text, placeholders, len(images))
+            if not prompt:
+                raise DataFormatError(file, record, "prompt", "some text besides the images", _describe(prompt_value))
+            rows.append({
+                "sample_id": f"{source}:{file_index}-{record}", "source": source, "image_id": "",
+                "image": images[0], "images": images, "prompt": prompt,
+                "chosen": _answer(file, record, chosen_value, "chosen"),
+                "rejected": _answer(file, record, rejected_value, "rejected"),
+            })
+    return rows
+
+
+def read_rlaif_v(path: str | os.PathLike, image_root: str | None = None, source: str = "rlaif_v",
+                 embedded_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Preference pairs in RLAIF-V-Dataset's layout (openbmb/RLAIF-V-Dataset's card: `ds_name`, `image`
+    {"bytes", "path"}, `question`, `chosen`, `rejected`, `origin_dataset`, `origin_split`, `idx`,
+    `image_path`), from its parquet shards (a file or a folder of them) or the same records as JSON lines.
+
+    One image per record: the embedded `image` bytes, else `image_path` (or `image.path`) under `image_root`.
+    Sample ids: ``<source>:<idx>`` (``<source>:<file index>-<record>`` without an idx); a repeated idx is an
+    error. `image_id` keeps the record's `ds_name`/`origin_dataset` for reference.
+    """
+    rows: list[dict] = []
+    seen: dict[str, Any] = {}
+    for file_index, file in enumerate(preference_table_files(path)):
+        for record, item in _table_records(file):
+            obj = _as_object(file, record, item)
+            image = obj.get("image")
+            if isinstance(image, dict) and image.get("bytes"):
+                image_file = _image_path(image, file, record, "image", image_root, embedded_dir)
+            elif _is_text(obj.get("image_path")):
+                image_file = _image_path(obj["image_path"], file, record, "image_path", image_root, embedded_dir)
+            else:
+                image_file = _image_path(image if image is not None else _MISSING, file, record, "image",
+                                         image_root, embedded_dir)
+            idx = obj.get("idx")
+            sample = f"{source}:{idx}" if _is_id(idx) else f"{source}:{file_index}-{record}"
+            if sample in seen:
+                raise DataFormatError(file, record, "idx", f"an idx used once (first at record {seen[sample]})",
+                                      _describe(idx))
+            seen[sample] = record
+            rows.append({
+                "sample_id": sample, "source": source,
+                "image_id": str(obj.get("origin_dataset") or obj.get("ds_name") or ""),
+                "image": image_file, "images": [image_file], "prompt": _text(file, record, obj, "question").strip(),
+                "chosen": _text(file, record, obj, "chosen"), "rejected": _text(file, record, obj, "rejected"),
+            })
     return rows

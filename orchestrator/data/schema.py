@@ -16,6 +16,10 @@ from typing import Any
 # `list_index` is the pair's position in HA-DPO's training list (pope pairs, then the description pairs
 # twice): the order the recipe's seeded permutation is applied to.
 PREFERENCE_COLUMNS = ("sample_id", "source", "image_id", "image", "prompt", "chosen", "rejected", "list_index")
+# Rows of `data.preference` sources also have `images`: all of the row's image paths in prompt order (`image` is
+# the first). A prompt either has no <image> placeholder (the template puts one per image before the text) or
+# exactly one per image, where the images stand.
+PREFERENCE_IMAGES = "images"
 
 # A supervised example (warm-up stage): one image, one prompt, one target response.
 SFT_COLUMNS = ("sample_id", "image_id", "image", "prompt", "response")

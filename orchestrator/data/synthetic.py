@@ -17,6 +17,7 @@ POPE-style answers) corrects it.
     VG/VG_100K/<id>.jpg, VG/VG_100K_2/<id>.jpg  training images (the url decides the folder)
     hadpo/desc_data.json                        {"<image_id>": {"chosen": [...], "rejected": [...]}}
     hadpo/pope_data.json                        [{image_id, question, answer, chosen, reject, correct}]
+    trl/preference.jsonl                        the same pairs in TRL's conversational vision format
     sft/sft_data.json                           [{image_id, prompt, response}] over the VG images
     coco/val2014/COCO_val2014_<12 digits>.jpg   evaluation images (disjoint from the VG ones)
     coco/annotations/instances_val2014.json     COCO-style instances of the evaluation images
@@ -449,6 +450,29 @@ def _pope_data(vg_scenes: dict[int, list[str]], cooc, cfg: SynthConfig) -> list[
     return records
 
 
+def _trl_preference(desc: dict[str, Any], pope_data: list[dict[str, Any]], urls: dict[int, str],
+                    cfg: SynthConfig) -> list[dict[str, Any]]:
+    """The same preference pairs in TRL's conversational vision format (one row per description image, its first
+    chosen and rejected description, then the usable pope records), images relative to the VG folder."""
+    def row(image_id, question, chosen, rejected):
+        folder, name = urls[int(image_id)].rsplit("/", 2)[-2:]
+        return {"images": [f"{folder}/{name}"],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}]}
+
+    rng = random.Random(f"{cfg.seed}:trl")
+    rows = [row(image_id, rng.choice(DESCRIPTION_PROMPTS), pairs["chosen"][0], pairs["rejected"][0])
+            for image_id, pairs in desc.items()]
+    rows += [row(r["image_id"], r["question"], r["chosen"], r["reject"]) for r in pope_data if not r["correct"]]
+    return rows
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
 def _sft_data(vg_scenes: dict[int, list[str]], cooc, cfg: SynthConfig) -> tuple[list[dict], dict[str, int]]:
     rng = random.Random(f"{cfg.seed}:sft")
     records: list[dict[str, Any]] = []
@@ -524,7 +548,7 @@ def _milebench_task(task: str, root: Path, cfg: SynthConfig,
 # ---------------------------------------------------------------------------------------------
 # The whole world.
 
-_OWNED = ("world.json", "VG", "hadpo", "sft", "coco", "pope", "milebench")
+_OWNED = ("world.json", "VG", "hadpo", "trl", "sft", "coco", "pope", "milebench")
 
 
 def _prepare_dir(root: Path) -> None:
@@ -581,6 +605,8 @@ def generate_world(out_dir: str | Path, cfg: SynthConfig | None = None) -> World
     _write_json(root / "hadpo" / "desc_data.json", desc)
     pope_data = _pope_data(vg_scenes, cooc, cfg)
     _write_json(root / "hadpo" / "pope_data.json", pope_data)
+    trl_rows = _trl_preference(desc, pope_data, {row["image_id"]: row["url"] for row in image_data}, cfg)
+    _write_jsonl(root / "trl" / "preference.jsonl", trl_rows)
     sft, sft_stats = _sft_data(vg_scenes, cooc, cfg)
     _write_json(root / "sft" / "sft_data.json", sft)
     counts.update(
@@ -589,6 +615,7 @@ def generate_world(out_dir: str | Path, cfg: SynthConfig | None = None) -> World
         desc_rejected=sum(len(v["rejected"]) for v in desc.values()),
         pope_data_records=len(pope_data),
         pope_data_usable=sum(not r["correct"] for r in pope_data),
+        trl_pairs=len(trl_rows),
         sft_records=len(sft),
         sft_descriptions=cfg.num_images,
         sft_questions=len(sft) - cfg.num_images,

@@ -682,20 +682,41 @@ class LlavaModel(MileBenchModel):
         from orchestrator.model.llava import load_llava
 
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
-        self.template = config.get("template", "llava_v1")
         self.milebench_template = config.get("milebench_template") or LLAVA_WORKER_TEMPLATE
         if self.milebench_template not in MILEBENCH_TEMPLATES:
             raise ValueError(f"milebench_template {self.milebench_template!r}: expected one of {MILEBENCH_TEMPLATES}")
-        self.loaded = load_llava(config["model_path"], dtype=config.get("dtype", "auto"), device=self.device,
-                                 attn_implementation=config.get("attn_implementation", "sdpa"))
-        model = self.loaded.model
+        loaded = load_llava(config["model_path"], dtype=config.get("dtype", "auto"), device=torch.device(device),
+                            attn_implementation=config.get("attn_implementation", "sdpa"))
+        model = loaded.model
         if config.get("adapter_path"):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(find_adapter(config["adapter_path"])))
             model = model.merge_and_unload()
-        self.model = model.eval()
+        self._attach(loaded, model.eval(), config.get("template", "llava_v1"), torch.device(device))
+
+    @classmethod
+    def from_loaded(cls, loaded, model, template: str = "llava_v1") -> "LlavaModel":
+        """An adapter around a model already in memory, e.g. the policy a training worker is training (LoRA
+        unmerged): the same prompts and scoring as an evaluation actor. The caller sets train/eval mode."""
+        import torch
+
+        adapter = cls.__new__(cls)
+        adapter.config = {"template": template}
+        adapter._attach(loaded, model, template, next(model.parameters()).device)
+        # no_grad, not inference_mode: a model in training must not get inference tensors (ZeRO-3 may keep the
+        # weights it gathers for a forward and reuse them in the next training step)
+        adapter._no_grad = torch.no_grad
+        return adapter
+
+    def _attach(self, loaded, model, template: str, device) -> None:
+        import torch
+
+        self._no_grad = torch.inference_mode
+        self.device = device
+        self.template = template
+        self.loaded = loaded
+        self.model = model
         self.tokenizer = self.loaded.tokenizer
         self.tokens_per_image = self.loaded.tokens_per_image
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.loaded.image_token_id)
@@ -812,7 +833,7 @@ class LlavaModel(MileBenchModel):
 
         yes, no = self.yes_no_ids()
         inputs = self._inputs(questions, image_paths, images)
-        with torch.inference_mode():
+        with self._no_grad():
             logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
         pair = logits[:, [yes, no]].float()
         return torch.softmax(pair, dim=-1)[:, 0].tolist()

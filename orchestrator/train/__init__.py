@@ -4,5 +4,5 @@
 - `collate`: dataset rows -> model inputs (chosen and rejected batched as 2B rows).
 - `recipe`: `train_loop_per_worker`, the recipe every Ray Train worker runs.
 - `trainer`: `run_training(cfg, stage)`, the driver that builds and runs the Ray Train job.
-- `tracking`: wandb (rank 0) and the training-curves parquet.
+- `tracking`: rank 0's training curves: a parquet, wandb, TensorBoard event files, an MLflow file store.
 """

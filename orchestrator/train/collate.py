@@ -116,32 +116,40 @@ def _load(path: str, sample_id: str, skipped: list[dict[str, str]]):
         return None
 
 
-def _prompt_ids(loaded: LoadedLlava, prompt: str, template: str) -> list[int]:
-    return encode_prompt(loaded.tokenizer, build_prompt(prompt, template), loaded.image_token_id,
+def _prompt_ids(loaded: LoadedLlava, prompt: str, template: str, num_images: int = 1) -> list[int]:
+    return encode_prompt(loaded.tokenizer, build_prompt(prompt, template, num_images), loaded.image_token_id,
                          loaded.tokens_per_image)
 
 
+def row_images(batch: Mapping[str, Sequence[Any]]) -> list[list[str]]:
+    """Each row's image paths: the `images` column (multi-image sources) or the one `image`."""
+    if "images" in batch:
+        return [[str(path) for path in paths] for paths in batch["images"]]
+    return [[path] for path in _column(batch, "image")]
+
+
 def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str, max_length: int):
-    """(sample_id, image, prompt ids, chosen answer ids, rejected answer ids) per usable row, and the skipped.
+    """(sample_id, images, prompt ids, chosen answer ids, rejected answer ids) per usable row, and the skipped.
 
     Answers are cut as `encode_example` cuts them (to max_length - prompt), so the plain and the packed
-    layout (`pairs.collate_packed`) score exactly the same tokens.
+    layout (`pairs.collate_packed`) score exactly the same tokens. A row may have several images (the
+    `images` column): the prompt gets one image placeholder per image, and the images follow in order.
     """
     tokenizer = loaded.tokenizer
     kept, skipped = [], []
-    for sample_id, path, prompt, chosen, rejected in zip(
-            _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
+    for sample_id, paths, prompt, chosen, rejected in zip(
+            _column(batch, "sample_id"), row_images(batch), _column(batch, "prompt"),
             _column(batch, "chosen"), _column(batch, "rejected")):
-        image = _load(path, str(sample_id), skipped)
-        if image is None:
+        images = [_load(path, str(sample_id), skipped) for path in paths]
+        if any(image is None for image in images):
             continue
-        prompt_ids = _prompt_ids(loaded, prompt, template)
+        prompt_ids = _prompt_ids(loaded, prompt, template, len(images))
         room = max_length - len(prompt_ids)
         if room <= 0:
             skipped.append({"sample_id": str(sample_id),
                             "reason": f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}"})
             continue
-        kept.append((str(sample_id), image, prompt_ids, encode_answer(tokenizer, chosen)[:room],
+        kept.append((str(sample_id), images, prompt_ids, encode_answer(tokenizer, chosen)[:room],
                      encode_answer(tokenizer, rejected)[:room]))
     return kept, skipped
 
@@ -158,7 +166,7 @@ def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, 
             prompt_ids, answer_ids = pair[2], pair[answer]
             ids.append(prompt_ids + answer_ids)
             labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-    images = [image for _, image, *_ in kept]
+    images = [image for _, pair_images, *_ in kept for image in pair_images]  # the rows' images, row by row
     return _finish(ids, labels, images + images, loaded, loaded.tokenizer.pad_token_id, padding_side,
                    [sample_id for sample_id, *_ in kept], skipped)
 

@@ -62,7 +62,7 @@ class PackedPairs:
     input_ids: torch.Tensor        # [B, T]
     segments: torch.Tensor         # [B, T] PAD / PROMPT / CHOSEN / REJECTED
     position_ids: torch.Tensor     # [B, T]
-    pixel_values: torch.Tensor     # [B, 3, H, W]: one image per pair
+    pixel_values: torch.Tensor     # [N, 3, H, W]: each pair's images (one for most data), pair by pair
     logits_to_keep: int            # logits are computed for the last K positions only
     chosen_source: torch.Tensor    # [B, Lc] position whose logits score chosen token j
     chosen_target: torch.Tensor    # [B, Lc] chosen token j (IGNORE_INDEX on padding)
@@ -113,11 +113,12 @@ def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, t
     longest = 0
     for row in rows:
         prompt = str(row["prompt"])
-        if prompt not in prompts:
-            prompts[prompt] = len(_prompt_ids(loaded, prompt, template))
+        images = len(row["images"]) if row.get("images") is not None else 1
+        if (prompt, images) not in prompts:
+            prompts[prompt, images] = len(_prompt_ids(loaded, prompt, template, images))
         for column in answer_columns:
             if column in row:
-                longest = max(longest, prompts[prompt] + len(encode_answer(tokenizer, str(row[column]))))
+                longest = max(longest, prompts[prompt, images] + len(encode_answer(tokenizer, str(row[column]))))
     return min(longest, max_length) if longest else max_length
 
 
@@ -128,8 +129,8 @@ def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, temp
     if not kept:
         return None
     return pack_pairs([(prompt, chosen, rejected) for _, _, prompt, chosen, rejected in kept],
-                      pixel_values(loaded, [image for _, image, *_ in kept]), loaded.tokenizer.pad_token_id,
-                      sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped,
+                      pixel_values(loaded, [image for _, images, *_ in kept for image in images]),
+                      loaded.tokenizer.pad_token_id, sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped,
                       pad_to_multiple_of=pad_to_multiple_of)
 
 

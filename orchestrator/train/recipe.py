@@ -21,6 +21,8 @@ Supports
   optimizer), or plain DDP (`ray.train.torch.prepare_model`) when `train.deepspeed.enabled` is false;
   gradient accumulation, grad-norm clipping, cosine / linear / constant schedule with warmup ratio,
   gradient checkpointing.
+- In a sweep trial, every `tune.eval_every_steps` steps: the sweep's objective on a fixed POPE subset,
+  scored by the workers with the policy in memory and reported with that step (`probe_objective`).
 - Checkpoints every `checkpoint_every_steps` and at the end, reported from all ranks. Each holds
   `adapter/` (peft `save_pretrained`, LoRA weights only, gathered under ZeRO-3) or `model/` (a full HF
   folder with the processor), `trainer_state.pt` (step, data position, and for DDP the optimizer and
@@ -228,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = Tracker(cfg, plan.stage, resume_step=start_step, enabled=rank == 0)
     lap("tracker")
     step_hook: Callable[[int, int], None] | None = config.get("step_hook")
+    probe: dict[str, Any] | None = config.get("probe")  # a sweep's objective on a POPE subset (eval/probe.py)
     if rank == 0:
         log.info("%s: %d rows, %d workers x %d x %d accumulation, %d steps/epoch, %d steps (from %d), %s, "
                  "gradient checkpointing %s%s", plan.stage, len(rows), world, train.batch_size_per_worker,
@@ -272,14 +275,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         is_last = step >= schedule.total_steps
         log_now = step % train.log_every_steps == 0 or is_last
         save_now = step % train.checkpoint_every_steps == 0 or is_last
-        if not (log_now or save_now):
+        probe_now = probe is not None and step % probe["every"] == 0
+        if not (log_now or save_now or probe_now):
             continue
-        report = window.reduce(world)  # all ranks reach here at the same steps
+        report = window.reduce(world) if (log_now or save_now) else {}  # all ranks reach here at the same steps
         report.update(step=step, epoch=step / schedule.steps_per_epoch, lr=engine.lr(), grad_norm=engine.grad_norm(),
                       resumed_from_step=start_step, time=time.time())
-        if log_now and rank == 0:
+        if probe_now:
+            report.update(probe_objective(engine, loaded, probe, rank, world, bf16, step))
+        if (log_now or probe_now) and rank == 0:
             tracker.log(step, report)
-            log.info(_progress_line(plan.stage, step, schedule.total_steps, report, started, start_step))
+            if log_now:
+                log.info(_progress_line(plan.stage, step, schedule.total_steps, report, started, start_step))
+            if probe_now:
+                log.info("[%s] step %d: objective %.4f on the probe subset", plan.stage, step, report["objective"])
             clock.write()
         if save_now:
             save_checkpoint(engine, loaded, plan, step, schedule, train, rank, report)
@@ -507,6 +516,36 @@ def reference_logps(engine: Engine, reference, inputs: Collated | PackedPairs, m
             with engine.module.disable_adapter():
                 logits = engine.module(**model_inputs, use_cache=False).logits
     return pair_token_logps(logits, inputs).sums()
+
+
+def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], rank: int, world: int, bf16: bool,
+                    step: int) -> dict[str, Any]:
+    """Score the sweep's POPE subset with the policy in memory (all ranks); rank 0 gets the objective and the
+    subset's POPE values (``probe/pope/...``), numbered by `evaluations` (see orchestrator/eval/probe.py)."""
+    from orchestrator.eval.milebench import LlavaModel
+    from orchestrator.eval.probe import objective_of, probe_values, score_probe
+
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and engine.ds is None) else nullcontext()
+    try:
+        with torch.no_grad(), autocast:
+            answers = score_probe(LlavaModel.from_loaded(loaded, module, probe["template"]), probe["rows"], rank,
+                                  world, probe["batch_size"])
+    finally:
+        module.train(was_training)
+    if answers is None:  # only rank 0's report reaches Tune
+        return {}
+    import ray.util
+
+    values = probe_values(answers)
+    # the worker group's placement group: a sweep releases it when its scheduler stops this trial (Ray Train
+    # leaves that to a helper that needs the Ray dashboard, which a local Ray here runs without)
+    group = ray.util.get_current_placement_group()
+    return {"objective": objective_of(values, probe["metric"]), "evaluations": step // probe["every"],
+            "train_placement_group": group.id.hex() if group is not None else "",
+            "probe/questions": len(answers), **{f"probe/{key}": value for key, value in values.items()}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.data.schema import PREFERENCE_COLUMNS
+from orchestrator.data.schema import PREFERENCE_COLUMNS, PREFERENCE_IMAGES
+
+ROW_COLUMNS = (*PREFERENCE_COLUMNS, PREFERENCE_IMAGES)  # what a pass reads of a row (`images`: multi-image sources)
 from orchestrator.files import atomic_write, file_sha256, write_json_atomic
 from orchestrator.timing import format_seconds
 
@@ -320,16 +322,16 @@ class ReferenceScorer:
         from orchestrator.train.pairs import collate_pairs, score_pairs
 
         s = self.settings
-        columns = {name: [row[name] for row in group] for name in PREFERENCE_COLUMNS if name in group[0]}
+        columns = {name: [row[name] for row in group] for name in ROW_COLUMNS if name in group[0]}
         inputs = collate_pairs(columns, self.loaded, template=s.template, max_length=s.max_length, packed=s.packed)
         if inputs is None:
             # every row was skipped, and collate_pairs returns no list of reasons then; it skips a row for
             # exactly two reasons: its image does not open, or its prompt does not fit max_length
             for row in group:
-                reason = image_error(str(row["image"]))
+                paths = [str(path) for path in row["images"]] if row.get("images") is not None else [str(row["image"])]
+                reasons = [f"{path}: {reason}" for path in paths if (reason := image_error(path))]
                 outputs[str(row["sample_id"])]["error"] = (  # worded as collate_pairs words its skips
-                    f"{row['image']}: {reason}" if reason else
-                    f"prompt does not fit max_length {s.max_length}")
+                    reasons[0] if reasons else f"prompt does not fit max_length {s.max_length}")
             return
         for skipped in inputs.skipped:
             outputs[str(skipped["sample_id"])]["error"] = str(skipped["reason"])
@@ -345,7 +347,7 @@ class ReferenceScorer:
 
 def _preference_rows(dataset) -> list[dict]:
     """The dataset's rows (text and image paths only: small enough for the driver)."""
-    columns = [name for name in PREFERENCE_COLUMNS if name in dataset.columns()]
+    columns = [name for name in ROW_COLUMNS if name in dataset.columns()]
     missing = {"sample_id", "image", "prompt", "chosen", "rejected"} - set(columns)
     if missing:
         raise ValueError(f"the preference dataset lacks column(s) {sorted(missing)}")

@@ -1,4 +1,5 @@
-"""Training curves: wandb (from rank 0 only) and a parquet file that every logged step is appended to.
+"""Training curves from rank 0: a parquet file that every logged step is appended to, and the trackers the
+config's `tracking` list names (wandb, TensorBoard, MLflow), all given the same metrics at the same step.
 
 - The parquet lives at ``<run_dir>/train/<stage>_curves.parquet`` (columns: step, epoch, lr, loss,
   rewards/..., samples_per_s, time, ...). It is rewritten atomically at each log call (curves are
@@ -9,15 +10,33 @@
   is used only when the environment variable *named* by `wandb.api_key_env` is set, else it falls
   back to offline with a warning; `disabled` skips wandb. The key is read from the environment of the
   process and handed to wandb in memory only: it is never logged, written or put in a config dump.
+- TensorBoard: event files under ``<run_dir>/tensorboard/<stage>/`` written by tensorboardX (it comes
+  with Ray); a resumed run writes a purge marker at its resume step, so TensorBoard hides the steps the
+  run redoes. View with ``tensorboard --logdir <run_dir>/tensorboard`` (or the output root, for all runs
+  and sweep trials at once).
+- MLflow: an MLflow *file store* (``<run_dir>/mlruns`` or `mlflow.store`), written here as files (one
+  ``metrics/<key>`` file of "timestamp value step" lines per metric, ``params/``, ``tags/``, ``meta.yaml``),
+  the layout of MLflow's own FileStore, so no MLflow package or server is needed to train. The experiment
+  and run ids are derived from the names (experiment = `mlflow.experiment` or the config's name, run =
+  ``<name>-<stage>``), so a re-run or a resume continues the same MLflow run; like the parquet, a resumed
+  run first drops the lines after its resume step. MLflow 3 reads a file store only with
+  ``MLFLOW_ALLOW_FILE_STORE=true`` (the format is frozen there, in "maintenance mode"):
+  ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <run_dir>/mlruns``, or
+  ``mlflow migrate-filestore`` into a database. Concurrent writers (sweep trials sharing one store) each
+  write their own run folder; the experiment's meta.yaml is written atomically with the same content.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,16 +96,25 @@ def _plain(value: Any) -> Any:
 
 
 class Tracker:
-    """What rank 0 uses to log: `log(step, metrics)` goes to wandb (if on) and to the curves parquet."""
+    """What rank 0 uses to log: `log(step, metrics)` goes to the curves parquet and every configured tracker."""
 
     def __init__(self, cfg: ExperimentConfig, stage: str, resume_step: int = 0, enabled: bool = True):
         self.enabled = enabled
-        self.run = None
+        self.run = None  # the wandb run, when wandb is on
         self.curves: CurveLog | None = None
+        self.tensorboard: TensorBoardLog | None = None
+        self.mlflow: MlflowFileRun | None = None
         if not enabled:
             return
         self.curves = CurveLog(curves_path(cfg, stage), resume_step)
-        mode = wandb_mode(cfg)
+        if "tensorboard" in cfg.tracking:
+            self.tensorboard = TensorBoardLog(cfg.tensorboard_dir / stage, resume_step)
+        if "mlflow" in cfg.tracking:
+            self.mlflow = MlflowFileRun(cfg.mlflow_store, cfg.mlflow.experiment or cfg.name, f"{cfg.name}-{stage}",
+                                        resume_step)
+            self.mlflow.log_params(flat_params(cfg.model_dump(mode="json")))
+            self.mlflow.set_tags({"stage": stage, "config_hash": cfg.content_hash()})
+        mode = wandb_mode(cfg) if "wandb" in cfg.tracking else "disabled"
         if mode != "disabled":
             self.run = _start_wandb(cfg, stage, mode)
 
@@ -95,6 +123,11 @@ class Tracker:
             return
         row = {"step": step, **metrics, "time": metrics.get("time", time.time())}
         self.curves.append(row)
+        scalars = numeric_metrics(row)
+        if self.tensorboard is not None:
+            self.tensorboard.log(step, scalars, row["time"])
+        if self.mlflow is not None:
+            self.mlflow.log(step, scalars, row["time"])
         if self.run is not None:
             self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
@@ -104,6 +137,12 @@ class Tracker:
                 self.run.summary[key] = value
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.mlflow is not None:
+            self.mlflow.finish()
+            self.mlflow = None
         if self.run is not None:
             self.run.finish()
             self.run = None
@@ -111,6 +150,153 @@ class Tracker:
     @property
     def wandb_dir(self) -> str | None:
         return getattr(self.run, "dir", None) if self.run is not None else None
+
+
+def numeric_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a logged row (step and wall time left out): what TensorBoard and MLflow plot."""
+    out = {}
+    for key, value in row.items():
+        value = _plain(value)
+        if key in ("step", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, values as text (lists as their YAML flow form)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+    return out
+
+
+class TensorBoardLog:
+    """Scalars into TensorBoard event files (tensorboardX), one folder per stage."""
+
+    def __init__(self, folder: Path, resume_step: int = 0):
+        from tensorboardX import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        # purge_step: TensorBoard discards the events of steps >= it from earlier files (a resumed run
+        # redoes them); a fresh run (resume_step 0) hides all of an earlier run's steps.
+        # The file name holds the second it was opened; the nanosecond suffix keeps two files opened in the
+        # same second (a quick restart) apart and in order (TensorBoard reads files in name order).
+        self.writer = SummaryWriter(logdir=str(folder), purge_step=resume_step + 1, flush_secs=30,
+                                    filename_suffix=f".{time.time_ns()}")
+
+    def log(self, step: int, scalars: dict[str, float], wall_time: float) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step=step, walltime=wall_time)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _stable_id(text: str, digits: bool = False) -> str:
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return str(int(digest[:15], 16)) if digits else digest[:32]
+
+
+class MlflowFileRun:
+    """One run in an MLflow file store, written in MLflow FileStore's layout (see the module docstring).
+
+    ``<store>/<experiment id>/meta.yaml``, ``<store>/<experiment id>/<run id>/{meta.yaml, metrics/<key>,
+    params/<key>, tags/<key>, artifacts/}``. Status: RUNNING (1) until `finish` sets FINISHED (3).
+    """
+
+    RUNNING, FINISHED = 1, 3
+
+    def __init__(self, store: Path, experiment: str, run_name: str, resume_step: int = 0):
+        self.store = Path(store)
+        self.experiment_id = _stable_id(f"experiment:{experiment}", digits=True)
+        self.run_id = _stable_id(f"run:{experiment}/{run_name}")
+        experiment_dir = self.store / self.experiment_id
+        self.run_dir = experiment_dir / self.run_id
+        now = _millis(time.time())
+        if not (self.store / "0" / "meta.yaml").is_file():  # MLflow expects its default experiment
+            self._write_yaml(self.store / "0" / "meta.yaml", self._experiment_meta("0", "Default", now))
+        if not (experiment_dir / "meta.yaml").is_file():
+            self._write_yaml(experiment_dir / "meta.yaml", self._experiment_meta(self.experiment_id, experiment, now))
+        meta_path = self.run_dir / "meta.yaml"
+        started = yaml.safe_load(meta_path.read_text()).get("start_time", now) if meta_path.is_file() else now
+        for sub in ("metrics", "params", "tags", "artifacts"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._meta = {
+            "artifact_uri": (self.run_dir / "artifacts").as_uri(), "end_time": None, "entry_point_name": "",
+            "experiment_id": self.experiment_id, "lifecycle_stage": "active", "run_id": self.run_id,
+            "run_name": run_name, "run_uuid": self.run_id, "source_name": "", "source_type": 4,
+            "source_version": "", "start_time": started, "status": self.RUNNING, "tags": [], "user_id": "hadpo",
+            "deleted_time": None,
+        }
+        self._write_yaml(meta_path, self._meta)
+        self.set_tags({"mlflow.runName": run_name})
+        self._drop_after(resume_step)
+
+    @staticmethod
+    def _experiment_meta(experiment_id: str, name: str, now: int) -> dict[str, Any]:
+        return {"artifact_location": "", "creation_time": now, "experiment_id": experiment_id,
+                "last_update_time": now, "lifecycle_stage": "active", "name": name}
+
+    @staticmethod
+    def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=True))
+        tmp.replace(path)
+
+    def _drop_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: forget the lines logged for them."""
+        for path in (self.run_dir / "metrics").rglob("*"):
+            if not path.is_file():
+                continue
+            kept = [line for line in path.read_text().splitlines() if line and int(line.split()[2]) <= step]
+            if kept:
+                path.write_text("".join(line + "\n" for line in kept))
+            else:
+                path.unlink()
+
+    def _file(self, kind: str, key: str) -> Path:
+        # MLflow keys may hold "/" (rewards/accuracies): nested files, as MLflow's FileStore writes them.
+        parts = key.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"MLflow key {key!r}: empty, '.' or '..' path parts are not allowed")
+        return self.run_dir / kind / Path(*parts)
+
+    def log(self, step: int, scalars: dict[str, float], wall_time: float) -> None:
+        stamp = _millis(wall_time)
+        for key, value in scalars.items():
+            path = self._file("metrics", key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as handle:
+                handle.write(f"{stamp} {value!r} {step}\n")
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """Params are fixed per run (MLflow refuses to change one): a resumed run rewrites the same values."""
+        for key, value in params.items():
+            path = self._file("params", key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(value))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            path = self._file("tags", key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(value))
+
+    def finish(self) -> None:
+        self._meta.update(status=self.FINISHED, end_time=_millis(time.time()))
+        self._write_yaml(self.run_dir / "meta.yaml", self._meta)
+
+
+def _millis(seconds: float) -> int:
+    return int(round(seconds * 1000))
 
 
 def _start_wandb(cfg: ExperimentConfig, stage: str, mode: str):

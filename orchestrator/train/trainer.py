@@ -94,14 +94,15 @@ def stage_dataset(cfg: ExperimentConfig, stage: str):
 
 def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | None = None, resume: bool = True,
                  dataset=None, step_hook: Callable[[int, int], None] | None = None,
-                 callbacks: list | None = None) -> TrainResult:
+                 callbacks: list | None = None, probe: dict[str, Any] | None = None) -> TrainResult:
     """Train one stage ("dpo" or "sft") on Ray Train and return where its final weights are.
 
     `dataset`: a Ray dataset of PREFERENCE_COLUMNS (dpo) or SFT_COLUMNS (sft) rows to use instead of
     the config's data. `step_hook(step, rank)` is called on every worker after each optimizer step
     (tests use it to inject a worker failure). `callbacks`: Ray Train callbacks for the run, e.g.
     `TuneReportCallback()` when a Tune trial drives the training (the workers report their metrics every
-    `log_every_steps` and at each checkpoint).
+    `log_every_steps` and at each checkpoint). `probe`: a sweep's objective measured during training
+    (`orchestrator.tune.probe_spec`: POPE rows, every, metric, template, batch_size; eval/probe.py).
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -137,7 +138,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "stage": stage, "base_model": str(base),
-                           "step_hook": step_hook, "reference_cache": reference_cache},
+                           "step_hook": step_hook, "reference_cache": reference_cache, "probe": probe},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

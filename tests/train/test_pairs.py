@@ -129,3 +129,35 @@ def test_longest_row_tokens_is_the_longest_plain_row(loaded, rows):
     longest = int(plain.attention_mask.sum(-1).max())
     assert longest_row_tokens(rows, loaded, "v1", 512) == longest
     assert longest_row_tokens(rows, loaded, "v1", longest - 5) == longest - 5  # cut at max_length, as collation cuts
+
+
+def test_multi_image_rows_put_one_image_per_placeholder_and_score_alike_in_both_layouts(loaded, rows):
+    """Rows of `data.preference` sources carry `images`: the prompt gets one image per placeholder (leading ones
+    added by the template, inner ones where they stand) and the pixels follow row by row."""
+    model = loaded.model.eval()
+    first = rows[0]
+    second = next(row for row in rows if row["image"] != first["image"])
+    multi = [
+        {**first, "sample_id": "two-leading", "images": [first["image"], second["image"]]},
+        {**second, "sample_id": "one", "images": [second["image"]]},
+        {**first, "sample_id": "two-inner", "images": [second["image"], first["image"]],
+         "prompt": f"<image>\n{first['prompt']}\n<image>"},
+    ]
+    batch = as_batch(multi)
+    plain = collate_preference(batch, loaded, "v1", 512)
+    packed = collate_packed(batch, loaded, "v1", 512)
+    assert packed.pixel_values.shape[0] == 5 and plain.pixel_values.shape[0] == 10  # plain: chosen rows, then rejected
+    image_tokens = (packed.input_ids == loaded.image_token_id).sum(1) // loaded.tokens_per_image
+    assert image_tokens.tolist() == [2, 1, 2]
+    with torch.no_grad():
+        plain_chosen, plain_rejected = score_pairs(model, plain, "cpu")
+        packed_chosen, packed_rejected = score_pairs(model, packed, "cpu")
+    assert torch.allclose(packed_chosen, plain_chosen, atol=1e-4, rtol=0)
+    assert torch.allclose(packed_rejected, plain_rejected, atol=1e-4, rtol=0)
+    # the second image is seen: swapping it changes the two-image row's score, not the one-image row's
+    swapped = as_batch([{**multi[0], "images": [first["image"], first["image"]]}, multi[1]])
+    assert not torch.equal(collate_packed(swapped, loaded, "v1", 512).pixel_values, packed.pixel_values[:3])
+    with torch.no_grad():
+        swapped_chosen, _ = score_pairs(model, collate_packed(swapped, loaded, "v1", 512), "cpu")
+    assert not torch.isclose(swapped_chosen[0], packed_chosen[0], atol=1e-5)
+    assert torch.isclose(swapped_chosen[1], packed_chosen[1], atol=1e-5)

@@ -53,3 +53,37 @@ def test_tracker_on_other_ranks_writes_nothing(tmp_path):
     tracker.log(1, {"loss": 1.0})
     tracker.close()
     assert not cfg.run_dir.exists()
+
+
+def test_tensorboard_and_mlflow_get_the_same_steps_and_a_resume_drops_the_redone_ones(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config_from_dict({"name": "tb", "output_root": str(tmp_path), "tracking": ["tensorboard", "mlflow"],
+                            "train": {"beta": 0.25}})
+    first = Tracker(cfg, "dpo")
+    for step in (1, 2, 3):
+        first.log(step, {"loss": 1.0 / step, "rewards/accuracies": 0.5 + step / 10, "note": "text is skipped"})
+    first.close()  # the run dies after step 3; its checkpoint was step 2
+    resumed = Tracker(cfg, "dpo", resume_step=2)
+    resumed.log(3, {"loss": 0.3, "rewards/accuracies": 0.9})
+    resumed.log(4, {"loss": 0.2, "rewards/accuracies": 0.95})
+    resumed.close()
+    assert not (cfg.run_dir / "wandb").exists()
+
+    # TensorBoard's own loader: the purge marker hides the first attempt's step 3
+    events = EventAccumulator(str(cfg.tensorboard_dir / "dpo"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "rewards/accuracies"]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.3), (4, 0.2)]
+
+    # MLflow's own FileStore reads the store back
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=cfg.mlflow_store.as_uri())
+    experiment = client.get_experiment_by_name("tb")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tb-dpo" and run.info.status == "FINISHED"
+    assert run.data.params["train.beta"] == "0.25" and run.data.tags["stage"] == "dpo"
+    history = client.get_metric_history(run.info.run_id, "rewards/accuracies")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(1, 0.6), (2, 0.7), (3, 0.9), (4, 0.95)]
+    assert run.data.metrics["loss"] == 0.2
