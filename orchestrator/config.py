@@ -137,6 +137,9 @@ class DataConfig(_Section):
     seed: int = 42
     synthetic: SyntheticWorldConfig = Field(default_factory=SyntheticWorldConfig)
     synthetic_dir: str | None = Field(None, description="default: <output_root>/world")
+    allow_absolute_image_paths: bool = Field(
+        False, description="accept absolute image paths in POPE / MileBench files (off: every image path read "
+        "from data must stay inside its image root; one that does not is a counted reject)")
 
     @model_validator(mode="after")
     def _one_way_to_name_preference_data(self) -> "DataConfig":
@@ -307,6 +310,9 @@ class ScalingSection(_Section):
         None, gt=0.0, description="memory of one GPU in GiB for the planner (ZeRO stage and checkpointing auto); "
         "empty: the training workers read their GPU's own memory, and `hadpo plan` reads this machine's GPU or "
         "assumes 80")
+    resource_wait_s: float = Field(
+        600.0, ge=0.0, description="how long to wait for an autoscaler to add the nodes a stage needs; work that "
+        "no node (or node type) can hold fails at once")
 
 
 class EvalConfig(_Section):
@@ -468,6 +474,47 @@ class EnvConfig(_Section):
     extra: dict[str, str] = Field(default_factory=dict)
 
 
+# Every config value that names a file or folder ("*": each value of a mapping or item of a list). They are made absolute
+# (against the current directory, "~" expanded) when the config is validated on the driver, so that a Ray
+# worker, whose working directory is somewhere else, reads and writes exactly the same places; a URI
+# (s3://...) is kept. A new path key must be listed here (tests/robustness/test_contained_paths.py checks it).
+PATH_KEYS = ("output_root", "data.preference.*.path", "data.preference.*.image_root", "data.hadpo_desc",
+             "data.hadpo_pope", "data.vg_image_data", "data.vg_root", "data.sft", "data.pope.questions.*", "data.pope.image_root", "data.pope.datasets.*.questions.*",
+             "data.pope.datasets.*.image_root", "data.milebench_root", "data.synthetic_dir",
+             "model.path", "train.storage_path", "env.hf_home")
+
+
+def _make_paths_absolute(config: "ExperimentConfig") -> None:
+    """Set every PATH_KEYS value of a validated config to its absolute form, in place.
+
+    Written straight into the models' fields (no re-validation, which would recurse): the values are
+    the same paths, only spelled absolutely.
+    """
+    from orchestrator.paths import absolute_path
+
+    def children(node: Any, part: str) -> list[tuple[Any, Any]]:
+        if part == "*":
+            if isinstance(node, list):
+                return list(enumerate(node))
+            return list(node.items()) if isinstance(node, dict) else []
+        if isinstance(node, BaseModel) and part in type(node).model_fields:
+            return [(part, getattr(node, part))]
+        return []
+
+    def visit(node: Any, parts: list[str]) -> None:
+        for key, value in children(node, parts[0]):
+            if len(parts) > 1:
+                visit(value, parts[1:])
+            elif isinstance(value, str) and value.strip():
+                if isinstance(node, (dict, list)):
+                    node[key] = absolute_path(value)
+                else:
+                    node.__dict__[key] = absolute_path(value)
+
+    for dotted in PATH_KEYS:
+        visit(config, dotted.split("."))
+
+
 class ExperimentConfig(_Section):
     name: str = Field("hadpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_root: str = "runs"
@@ -486,6 +533,11 @@ class ExperimentConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+
+    @model_validator(mode="after")
+    def _paths_absolute(self) -> "ExperimentConfig":
+        _make_paths_absolute(self)
+        return self
 
     @model_validator(mode="after")
     def _search_space_keys_exist(self) -> "ExperimentConfig":
@@ -568,9 +620,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     """Load a YAML experiment config; `overrides` are "a.b.c=value" strings (value parsed as YAML)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8-sig")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: config file not readable (permission denied)") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -592,7 +650,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        reason = str(error).replace("\n", " ")
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({reason})") from None
 
 
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:

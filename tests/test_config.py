@@ -103,9 +103,9 @@ def test_tune_search_space_keys_must_be_config_values():
 
 
 def test_pope_single_form_is_the_dataset_named_coco_and_several_datasets_are_named():
-    single = config_from_dict({"data": {"pope": {"questions": {"random": "r.json"}, "image_root": "/coco"}}})
+    single = config_from_dict({"data": {"pope": {"questions": {"random": "/r.json"}, "image_root": "/coco"}}})
     (name, files), = single.data.pope.by_name().items()
-    assert name == "coco" and files.questions == {"random": "r.json"} and files.image_root == "/coco"
+    assert name == "coco" and files.questions == {"random": "/r.json"} and files.image_root == "/coco"
     several = config_from_dict({"data": {"pope": {"datasets": {
         "coco": {"questions": {"random": "c.json"}, "image_root": "/coco"},
         "gqa": {"questions": {"adversarial": "g.json"}, "image_root": "/gqa/images"}}}}})

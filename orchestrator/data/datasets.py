@@ -3,7 +3,9 @@
 Reading happens in two steps. The readers in `formats.py` turn the files into rows and fail loudly on
 a malformed record (file, record, field). Then `checked_dataset` puts the rows on Ray Data and opens
 every image in parallel: rows whose image is missing or unreadable are split off as *rejects*, counted,
-written to ``<run_dir>/data/rejects-<name>.parquet`` and summarised in one log line. Nothing is dropped
+written to ``<run_dir>/data/rejects-<name>.parquet`` and summarised in one log line. Rows whose image
+path leaves its root (``../``, or an absolute path without ``data.allow_absolute_image_paths``) are
+rejects of the same kind, set aside by the readers before any image is opened. Nothing is dropped
 silently, and no worker ever meets a bad image deep inside training or evaluation.
 
 With no data paths in the config, the embedded synthetic world is generated (once) under
@@ -136,11 +138,13 @@ def _vg_paths(paths: DataPaths, what: str) -> dict[str, str]:
 
 # Row builders: plain lists of dicts, cheap to test without Ray.
 
-def preference_rows(config: ExperimentConfig, stats: dict | None = None) -> list[dict]:
+def preference_rows(config: ExperimentConfig, stats: dict | None = None,
+                    rejects: list[dict] | None = None) -> list[dict]:
     """The recipe's training list, in HA-DPO's order: the usable pope records, then each description pair
     `desc_repeats` times (``pope_data_dict + desc_data_dict*2`` in upstream's `LazySupervisedDataset`);
-    ``list_index`` numbers the rows in that order. Or the mixed
-    `data.preference` sources (see `mixed_preference_rows`)."""
+    ``list_index`` numbers the rows in that order. Or the mixed `data.preference` sources (see
+    `mixed_preference_rows`). `rejects` (here and in the other row builders) receives the rows whose image
+    path left its root; without it such a row raises `ImagePathRejected`."""
     if config.data.preference:
         return mixed_preference_rows(config, stats)
     paths = resolve_data_paths(config)
@@ -149,11 +153,11 @@ def preference_rows(config: ExperimentConfig, stats: dict | None = None) -> list
     images = _vg_paths(paths, "HA-DPO preference data")
     rows: list[dict] = []
     if paths.hadpo_pope:
-        rows += formats.read_hadpo_pope(paths.hadpo_pope, images, stats=stats)
+        rows += formats.read_hadpo_pope(paths.hadpo_pope, images, stats=stats, rejects=rejects)
     if paths.hadpo_desc:
         desc = formats.read_hadpo_desc(paths.hadpo_desc, images, seed=config.data.seed,
                                        repeats=config.data.desc_repeats,
-                                       string_answers=config.data.desc_string_answers, stats=stats)
+                                       string_answers=config.data.desc_string_answers, stats=stats, rejects=rejects)
         rows += [{**row, "list_index": len(rows) + row["list_index"]} for row in desc]
     return rows
 
@@ -231,20 +235,23 @@ def source_of(row: dict) -> str:
     return str(row.get("sample_id", "")).split(":", 1)[0]
 
 
-def sft_rows(config: ExperimentConfig) -> list[dict]:
+def sft_rows(config: ExperimentConfig, rejects: list[dict] | None = None) -> list[dict]:
     paths = resolve_data_paths(config)
     if not paths.sft:
         raise ValueError("no supervised warm-up data: set data.sft (the synthetic world provides one)")
-    return formats.read_sft(paths.sft, _vg_paths(paths, "the warm-up set"))
+    return formats.read_sft(paths.sft, _vg_paths(paths, "the warm-up set"), rejects=rejects)
 
 
-def pope_rows(config: ExperimentConfig) -> list[dict]:
-    """The questions of every POPE dataset and split, each row tagged with its dataset's name."""
+def pope_rows(config: ExperimentConfig, rejects: list[dict] | None = None) -> list[dict]:
+    """The questions of every POPE dataset and split, each row tagged with its dataset's name. Without an
+    image root, images are looked for next to each question file (never relative to whatever directory
+    a worker runs in)."""
     rows: list[dict] = []
     for name, files in resolve_data_paths(config).pope.items():
         for split, question_file in files.questions.items():
-            rows += formats.read_pope_questions(question_file, split=split, image_root=files.image_root,
-                                                dataset=name)
+            rows += formats.read_pope_questions(
+                question_file, split=split, image_root=files.image_root or str(Path(question_file).parent),
+                dataset=name, allow_absolute=config.data.allow_absolute_image_paths, rejects=rejects)
     return rows
 
 
@@ -259,10 +266,11 @@ def milebench_task_dirs(paths: DataPaths) -> list[Path]:
     return [root / name for name in names]
 
 
-def milebench_rows(config: ExperimentConfig) -> list[dict]:
+def milebench_rows(config: ExperimentConfig, rejects: list[dict] | None = None) -> list[dict]:
     rows: list[dict] = []
     for task_dir in milebench_task_dirs(resolve_data_paths(config)):
-        rows += formats.read_milebench_task(task_dir)
+        rows += formats.read_milebench_task(task_dir, allow_absolute=config.data.allow_absolute_image_paths,
+                                            rejects=rejects)
     return rows
 
 
@@ -321,18 +329,27 @@ def write_rejects(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig) -> CheckedDataset:
-    """Put rows on Ray Data, open every image in parallel, split off and record the rejects."""
+def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig,
+                    set_aside: list[dict] | None = None) -> CheckedDataset:
+    """Put rows on Ray Data, open every image in parallel, split off and record the rejects.
+
+    `set_aside`: rows the readers already rejected (image path outside its root, with their `error`);
+    they are counted and written with the rows whose image does not open.
+    """
     import ray
 
+    set_aside = list(set_aside or [])
     if not rows:
-        raise ValueError(f"{name}: the config's files hold no rows")
-    total = len(rows)
+        if set_aside:
+            write_rejects(set_aside, config.run_dir / "data" / f"rejects-{name}.parquet")
+        raise ValueError(f"{name}: the config's files hold no usable rows"
+                         + (f" ({len(set_aside)} rejected, e.g. {set_aside[0]['error']})" if set_aside else ""))
+    total = len(rows) + len(set_aside)
     blocks = max(1, min(64, total // 64))
     checked = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         _check_batch, batch_format="numpy", num_cpus=0.5, batch_size=64,
     ).materialize()
-    rejects = [dict(row) for row in checked.filter(lambda row: row["error"] != "").take_all()]
+    rejects = set_aside + [dict(row) for row in checked.filter(lambda row: row["error"] != "").take_all()]
     good = checked.filter(lambda row: row["error"] == "").drop_columns(["error"]).materialize()
     rejects_path = config.run_dir / "data" / f"rejects-{name}.parquet"
     write_rejects(rejects, rejects_path)
@@ -343,7 +360,8 @@ def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig) -> Ch
 
 def preference_dataset(config: ExperimentConfig) -> CheckedDataset:
     stats: dict = {}
-    result = checked_dataset(preference_rows(config, stats), "preference", config)
+    set_aside: list[dict] = []
+    result = checked_dataset(preference_rows(config, stats, set_aside), "preference", config, set_aside)
     if stats.get("skipped_correct"):
         log.info("preference: %d pope records skipped because `correct` is true", stats["skipped_correct"])
     if stats.get("correct_not_boolean"):
@@ -373,12 +391,15 @@ def source_summaries(sources: list[dict], rejects: list[dict]) -> list[str]:
 
 
 def sft_dataset(config: ExperimentConfig) -> CheckedDataset:
-    return checked_dataset(sft_rows(config), "sft", config)
+    set_aside: list[dict] = []
+    return checked_dataset(sft_rows(config, set_aside), "sft", config, set_aside)
 
 
 def pope_dataset(config: ExperimentConfig) -> CheckedDataset:
-    return checked_dataset(pope_rows(config), "pope", config)
+    set_aside: list[dict] = []
+    return checked_dataset(pope_rows(config, set_aside), "pope", config, set_aside)
 
 
 def milebench_dataset(config: ExperimentConfig) -> CheckedDataset:
-    return checked_dataset(milebench_rows(config), "milebench", config)
+    set_aside: list[dict] = []
+    return checked_dataset(milebench_rows(config, set_aside), "milebench", config, set_aside)

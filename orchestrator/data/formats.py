@@ -8,7 +8,10 @@ arrays, object key for objects) and the field. A file that is not valid JSON rai
 expected "valid JSON" and the parser's message.
 
 Image references are resolved against an image root into absolute paths (or URIs when the root is
-one) but are not checked for existence here: a missing image is counted later, when images load.
+one) but are not checked for existence here: a missing image is counted later, when images load. A
+reference that leaves its root (``../``) or is absolute is refused (`orchestrator.paths`): readers given
+a `rejects` list set that record aside there, with an ``error`` naming file, record and field, so it is
+counted like a missing image; without the list they raise `ImagePathRejected`.
 
 Pure Python and json only (no Ray, torch or PIL), so the readers run anywhere, including the driver.
 """
@@ -24,7 +27,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from orchestrator.data.schema import POPE_DEFAULT_DATASET, DataFormatError
+from orchestrator.data.schema import POPE_DEFAULT_DATASET, DataFormatError, ImagePathRejected
+from orchestrator.paths import PathOutsideRoot, contained_path
 
 # The four description prompts of the HA-DPO LLaVA-1.5 recipe, exactly as its train_dpo.py has them
 # (without the "<image>\n" prefix, which the conversation template adds).
@@ -126,41 +130,74 @@ def _as_list(path: Any, data: Any, expected: str) -> list:
     return data
 
 
-def _resolve(root: str | os.PathLike, name: str) -> str:
-    """Join an image name onto its root: absolute for local roots, kept as a URI for URI roots.
+def _contained_image(path: Any, record: Any, field: str, root: str | os.PathLike, name: str,
+                     allow_absolute: bool) -> str:
+    """`name` joined onto its image root (absolute, or a URI for URI roots), kept inside the root.
 
-    An empty root keeps the name as it is (the caller resolves it later).
+    Raises ImagePathRejected (file, record, field) when the name leaves the root or is absolute.
     """
-    root = os.fspath(root)
-    if not root:
-        return name
-    if "://" in root:
-        # os.path functions would collapse "s3://" to "s3:/", so join URIs by hand.
-        return name if "://" in name else root.rstrip("/") + "/" + name.lstrip("/")
-    return os.path.abspath(os.path.join(os.path.expanduser(root), name))
+    try:
+        return contained_path(root, name, allow_absolute)
+    except PathOutsideRoot as err:
+        raise ImagePathRejected(path, record, field, str(err)) from None
 
 
-def _image_for(path: Any, record: Any, obj: dict, image_paths: dict[str, str]) -> tuple[str, str]:
-    """The record's image id (as str) and its path looked up in `image_paths`."""
+REJECTED_PATH = "path outside the image root"
+
+
+def _set_aside(rejects: list[dict] | None, row: dict, error: ImagePathRejected) -> None:
+    """Put a row whose image path was refused into `rejects` (raise when there is no such list)."""
+    if rejects is None:
+        raise error
+    rejects.append({**row, "error": f"{REJECTED_PATH} ({error})"})
+
+
+def _keep(rows: list[dict], rejects: list[dict] | None, row: dict, refused: ImagePathRejected | None) -> None:
+    """Append `row` to `rows`, or set it aside when its image path was refused."""
+    if refused is None:
+        rows.append(row)
+    else:
+        _set_aside(rejects, row, refused)
+
+
+def _image_or_refusal(path: Any, record: Any, obj: dict, image_paths: dict[str, Any]
+                      ) -> tuple[str, str, ImagePathRejected | None]:
+    """(image id, image path, None), or (image id, "", the refusal) for an image whose path was refused."""
+    try:
+        return (*_image_for(path, record, obj, image_paths), None)
+    except ImagePathRejected as err:
+        return str(obj.get("image_id")), "", err
+
+
+def _image_for(path: Any, record: Any, obj: dict, image_paths: dict[str, Any]) -> tuple[str, str]:
+    """The record's image id (as str) and its path looked up in `image_paths`.
+
+    Raises the `ImagePathRejected` that `vg_image_paths` stored for an image whose URL left its root.
+    """
     image_id = str(_field(path, record, obj, "image_id", _is_id, "an integer or string image id"))
     if image_id not in image_paths:
         raise DataFormatError(path, record, "image_id", "an image listed in image_data.json",
                               _Shown(image_id))
-    return image_id, image_paths[image_id]
+    image = image_paths[image_id]
+    if isinstance(image, ImagePathRejected):
+        raise image
+    return image_id, image
 
 
 # ----------------------------------------------------------------------------------------------
 # Visual Genome and COCO image names
 
 
-def vg_image_paths(image_data_path: str | os.PathLike, vg_root: str | os.PathLike) -> dict[str, str]:
+def vg_image_paths(image_data_path: str | os.PathLike, vg_root: str | os.PathLike) -> dict[str, Any]:
     """Map Visual Genome image ids to image paths, from VG's `image_data.json`.
 
     Format: a JSON list of objects with `image_id` (int) and `url`, e.g.
     ``{"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg", ...}``.
     The path is ``<vg_root>/<second-to-last url part>/<last url part>``, i.e.
     ``VG/VG_100K/<id>.jpg`` or ``VG/VG_100K_2/<id>.jpg`` (vg_root is the VG folder).
-    Returns {str(image_id): absolute path}.
+    Returns {str(image_id): absolute path}; an image whose URL parts would leave `vg_root` (a ``..``
+    folder) maps to the `ImagePathRejected` naming its record, which the readers of records that use
+    the image raise or set aside.
     """
     data = _as_list(image_data_path, _load_json(image_data_path), "a JSON list of images")
     paths: dict[str, str] = {}
@@ -175,7 +212,11 @@ def vg_image_paths(image_data_path: str | os.PathLike, vg_root: str | os.PathLik
         if image_id in paths:
             raise DataFormatError(image_data_path, index, "image_id", "an image id listed once",
                                   _Shown(image_id))
-        paths[image_id] = _resolve(vg_root, f"{parts[-2]}/{parts[-1]}")
+        try:
+            paths[image_id] = _contained_image(image_data_path, index, "url", vg_root, f"{parts[-2]}/{parts[-1]}",
+                                          allow_absolute=False)
+        except ImagePathRejected as err:
+            paths[image_id] = err
     return paths
 
 
@@ -251,9 +292,9 @@ def draw_answer(rng: random.Random, value: str | list[str], string_answers: str 
     return value if isinstance(value, str) and string_answers == "whole" else drawn
 
 
-def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, str], seed: int = 42,
+def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, Any], seed: int = 42,
                     prompts: Sequence[str] = DESC_PROMPTS, repeats: int = 2, string_answers: str = "character",
-                    stats: dict | None = None) -> list[dict]:
+                    stats: dict | None = None, rejects: list[dict] | None = None) -> list[dict]:
     """Description preference pairs from HA-DPO's `desc_data.json` (upstream `desc_process`).
 
     Two layouts: an object keyed by image id, ``{"<id>": {"chosen": [...], "rejected": [...]}}``
@@ -265,7 +306,9 @@ def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, str], seed: 
     `string_answers`); so the seed-42 draw matches HA-DPO's own. Each pair is emitted `repeats` times
     (the recipe uses it twice), all images once per pass, with sample ids ``desc-<image_id>-<k>`` and
     ``list_index`` their position in this list. If `stats` is given, it gets ``stats["desc_string_answers"]``:
-    how many chosen/rejected values were a single string.
+    how many chosen/rejected values were a single string. A record whose image path was refused (see
+    `vg_image_paths`) still takes its random draws, so the other records keep the recipe's draw; its
+    pairs go to `rejects` (and ``list_index`` numbers the pairs that are kept).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -278,7 +321,7 @@ def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, str], seed: 
     for record, obj in _desc_records(path, _load_json(path)):
         if isinstance(record, str):
             obj = {**obj, "image_id": record}
-        image_id, image = _image_for(path, record, obj, image_paths)
+        image_id, image, refused = _image_or_refusal(path, record, obj, image_paths)
         if image_id in seen:
             raise DataFormatError(path, record, "image_id", "an image id listed once", _Shown(image_id))
         seen.add(image_id)
@@ -291,15 +334,16 @@ def read_hadpo_desc(path: str | os.PathLike, image_paths: dict[str, str], seed: 
         rejected = draw_answer(rng, rejected, string_answers)
         prompt = rng.choice(list(prompts))
         drawn.append({"image_id": image_id, "image": image, "prompt": prompt,
-                      "chosen": chosen, "rejected": rejected})
+                      "chosen": chosen, "rejected": rejected, "refused": refused})
     if stats is not None:
         stats["desc_string_answers"] = strings
-    return [
-        {"sample_id": f"desc-{d['image_id']}-{k}", "source": "desc", "image_id": d["image_id"],
-         "image": d["image"], "prompt": d["prompt"], "chosen": d["chosen"],
-         "rejected": d["rejected"], "list_index": k * len(drawn) + position}
-        for k in range(repeats) for position, d in enumerate(drawn)
-    ]
+    rows: list[dict] = []
+    for k in range(repeats):
+        for d in drawn:
+            _keep(rows, rejects, {"sample_id": f"desc-{d['image_id']}-{k}", "source": "desc", "image_id": d["image_id"],
+                                  "image": d["image"], "prompt": d["prompt"], "chosen": d["chosen"],
+                                  "rejected": d["rejected"], "list_index": len(rows)}, d["refused"])
+    return rows
 
 
 def _pope_rejected(path: Any, index: int, obj: dict) -> str:
@@ -314,8 +358,8 @@ def _pope_rejected(path: Any, index: int, obj: dict) -> str:
     return _text(path, index, obj, name)
 
 
-def read_hadpo_pope(path: str | os.PathLike, image_paths: dict[str, str],
-                    stats: dict | None = None) -> list[dict]:
+def read_hadpo_pope(path: str | os.PathLike, image_paths: dict[str, Any],
+                    stats: dict | None = None, rejects: list[dict] | None = None) -> list[dict]:
     """Question-answer preference pairs from HA-DPO's `pope_data.json` (upstream `pope_process`).
 
     Format: a JSON list of ``{"image_id", "question", "answer", "chosen", "reject" | "rejected",
@@ -336,13 +380,13 @@ def read_hadpo_pope(path: str | os.PathLike, image_paths: dict[str, str],
         if correct:
             skipped += 1
             continue
-        image_id, image = _image_for(path, index, obj, image_paths)
-        rows.append({
+        image_id, image, refused = _image_or_refusal(path, index, obj, image_paths)
+        _keep(rows, rejects, {
             "sample_id": f"pope-{index}", "source": "pope", "image_id": image_id, "image": image,
             "prompt": _text(path, index, obj, "question"),
             "chosen": _text(path, index, obj, "chosen"),
             "rejected": _pope_rejected(path, index, obj), "list_index": len(rows),
-        })
+        }, refused)
     if stats is not None:
         stats["records"] = len(data)
         stats["skipped_correct"] = skipped
@@ -350,7 +394,7 @@ def read_hadpo_pope(path: str | os.PathLike, image_paths: dict[str, str],
     return rows
 
 
-def read_sft(path: str | os.PathLike, image_paths: dict[str, str]) -> list[dict]:
+def read_sft(path: str | os.PathLike, image_paths: dict[str, Any], rejects: list[dict] | None = None) -> list[dict]:
     """Supervised warm-up examples from our own format.
 
     Format: a JSON list of ``{"image_id", "prompt", "response"}``; image ids are looked up in
@@ -360,12 +404,12 @@ def read_sft(path: str | os.PathLike, image_paths: dict[str, str]) -> list[dict]
     rows = []
     for index, item in enumerate(data):
         obj = _as_object(path, index, item)
-        image_id, image = _image_for(path, index, obj, image_paths)
-        rows.append({
+        image_id, image, refused = _image_or_refusal(path, index, obj, image_paths)
+        _keep(rows, rejects, {
             "sample_id": f"sft-{index}", "image_id": image_id, "image": image,
             "prompt": _text(path, index, obj, "prompt"),
             "response": _text(path, index, obj, "response"),
-        })
+        }, refused)
     return rows
 
 
@@ -393,7 +437,8 @@ def _pope_records(path: Any, text: str) -> list[tuple[int, Any]]:
 
 
 def read_pope_questions(path: str | os.PathLike, split: str | None = None,
-                        image_root: str | os.PathLike = "", dataset: str = POPE_DEFAULT_DATASET) -> list[dict]:
+                        image_root: str | os.PathLike = "", dataset: str = POPE_DEFAULT_DATASET,
+                        allow_absolute: bool = False, rejects: list[dict] | None = None) -> list[dict]:
     """POPE questions, from JSON lines (COCO sets) or a pretty-printed JSON array (A-OKVQA, GQA).
 
     The POPE repository (AoiDragon/POPE) ships ``output/coco/coco_pope_{split}.json`` as JSON lines and
@@ -405,7 +450,9 @@ def read_pope_questions(path: str | os.PathLike, split: str | None = None,
     array). `split` defaults to the last ``_`` part of the file stem (coco_pope_adversarial.json ->
     "adversarial"). `version` is ``sha256:<first 12 hex of the file's sha256>/n<questions>``, so a
     result records which question file it used (an older random split had 2910 questions).
-    Images are joined onto `image_root` (an empty root keeps the bare file name).
+    Images are joined onto `image_root` (an empty root keeps the bare file name) and must stay inside
+    it (`allow_absolute` accepts absolute names); a question whose image path is refused goes to
+    `rejects`. A file without any question is an error: a configured split never silently vanishes.
     """
     raw = Path(path).read_bytes()
     try:
@@ -414,8 +461,13 @@ def read_pope_questions(path: str | os.PathLike, split: str | None = None,
         raise DataFormatError(path, None, None, "valid JSON", _Shown(f"not UTF-8: {err}")) from err
     split = split if split is not None else Path(path).stem.rsplit("_", 1)[-1]
     rows: list[dict] = []
+    refused: list[tuple[dict, ImagePathRejected]] = []
     first_seen: dict[int, Any] = {}
-    for record, item in _pope_records(path, text):
+    records = _pope_records(path, text)
+    if not records:
+        raise DataFormatError(path, None, None, "at least one question (a configured split may not be empty)",
+                              _Shown("no records"))
+    for record, item in records:
         obj = _as_object(path, record, item)
         question_id = _field(path, record, obj, "question_id", _is_int, "an integer")
         if question_id in first_seen:
@@ -426,15 +478,19 @@ def read_pope_questions(path: str | os.PathLike, split: str | None = None,
         label = _field(path, record, obj, "label",
                        lambda v: isinstance(v, str) and v.strip().lower() in POPE_LABELS,
                        '"yes" or "no"')
-        rows.append({
-            "dataset": dataset, "question_id": question_id, "split": split,
-            "image": _resolve(image_root, _text(path, record, obj, "image")),
-            "question": _text(path, record, obj, "text"),
-            "label": label.strip().lower(), "version": "",
-        })
-    version = f"sha256:{hashlib.sha256(raw).hexdigest()[:12]}/n{len(rows)}"
+        image = _text(path, record, obj, "image")
+        row = {"dataset": dataset, "question_id": question_id, "split": split, "image": image,
+               "question": _text(path, record, obj, "text"), "label": label.strip().lower(), "version": ""}
+        try:
+            row["image"] = _contained_image(path, record, "image", image_root, image, allow_absolute)
+            rows.append(row)
+        except ImagePathRejected as err:
+            refused.append((row, err))
+    version = f"sha256:{hashlib.sha256(raw).hexdigest()[:12]}/n{len(rows) + len(refused)}"
     for row in rows:
         row["version"] = version
+    for row, err in refused:
+        _set_aside(rejects, {**row, "version": version}, err)
     return rows
 
 
@@ -470,7 +526,9 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _milebench_row(path: Any, index: int, obj: dict, task: str, question_type: str,
-                   instructions: list[str], image_root: str) -> dict:
+                   instructions: list[str], image_root: str, allow_absolute: bool = False,
+                   rejects: list[dict] | None = None) -> dict | None:
+    """The sample's row, or None when an image path was refused (the row then went to `rejects`)."""
     sample_id = _field(path, index, obj, "sample_id", _is_id, "an integer or string id")
     instruction_id = _field(path, index, obj, "task_instruction_id",
                             lambda v: _is_int(v) and 0 <= v < len(instructions),
@@ -487,28 +545,36 @@ def _milebench_row(path: Any, index: int, obj: dict, task: str, question_type: s
                               _describe(choices))
     # The reference harness compares str(response), and some tasks store numbers.
     response = _field(path, index, obj, "response", _is_scalar, "a string or number")
-    return {
+    row = {
         "sample_id": str(sample_id), "task": task, "question_type": question_type,
-        "instruction": instructions[instruction_id], "context": context,
-        "images": [_resolve(image_root, p) for p in images],
+        "instruction": instructions[instruction_id], "context": context, "images": list(images),
         # MileBench appends the choice-list suffix whenever the key exists, even for an empty list.
         "choice_list": [str(c) for c in choices], "has_choice_list": "choice_list" in instance,
         "response": str(response),
         # evaluate.py (get_image_quantity_level) counts images_path; the file's own field is not used.
         "image_quantity_level": image_quantity_level(len(images)),
     }
+    try:
+        row["images"] = [_contained_image(path, index, f"task_instance.images_path[{k}]", image_root, name,
+                                     allow_absolute) for k, name in enumerate(images)]
+    except ImagePathRejected as err:
+        _set_aside(rejects, row, err)
+        return None
+    return row
 
 
 def read_milebench_task(task_dir: str | os.PathLike,
-                        image_root: str | os.PathLike | None = None) -> list[dict]:
+                        image_root: str | os.PathLike | None = None, allow_absolute: bool = False,
+                        rejects: list[dict] | None = None) -> list[dict]:
     """MileBench samples of one task, from ``{task_dir}/{Task}.json`` (Task = the folder's name).
 
     Format: ``{"meta_data": {"task_instruction": [str, ...], "question_type": "open-ended" |
     "multi-choice", ...}, "data": [{"sample_id", "task_instruction_id", "task_instance":
     {"context", "images_path": [...], "choice_list"?}, "response", "image_quantity_level"}]}``.
     The instruction is ``task_instruction[task_instruction_id]``; image paths are joined onto
-    `image_root` (default ``task_dir/images``). As in MileBench's own code, the file's
-    ``image_quantity_level`` is not used (the level comes from the number of images), and
+    `image_root` (default ``task_dir/images``) and must stay inside it (a sample with one that does
+    not goes to `rejects`); a task without samples is an error naming its file. As in MileBench's own
+    code, the file's ``image_quantity_level`` is not used (the level comes from the number of images), and
     ``{image#k}`` placeholders are not checked against ``images_path`` here: MileBench keeps an
     out-of-range one as text and fails only when the prompt it builds has more placeholders than
     images, which `orchestrator.eval.milebench.build_milebench_question` reports per sample.
@@ -518,11 +584,16 @@ def read_milebench_task(task_dir: str | os.PathLike,
     path = task_dir / f"{task}.json"
     root = os.fspath(image_root) if image_root is not None else os.fspath(task_dir / "images")
     instructions, question_type, samples = _milebench_meta(path, _load_json(path))
+    if not samples:
+        raise DataFormatError(path, None, "data", "at least one sample (a configured task may not be empty)",
+                              _Shown("an empty list"))
     rows: list[dict] = []
     first_seen: dict[str, int] = {}
     for index, item in enumerate(samples):
-        row = _milebench_row(path, index, _as_object(path, index, item), task, question_type,
-                             instructions, root)
+        obj = _as_object(path, index, item)
+        row = _milebench_row(path, index, obj, task, question_type, instructions, root, allow_absolute, rejects)
+        if row is None:
+            continue
         if row["sample_id"] in first_seen:
             raise DataFormatError(path, index, "sample_id",
                                   f"a sample id used once (first at record {first_seen[row['sample_id']]})",
@@ -591,12 +662,13 @@ def _table_records(path: Path) -> list[tuple[Any, Any]]:
 
 
 def _contained(root: str | os.PathLike, name: str, path: Any, record: Any, field: str) -> Path:
-    """`name` joined onto `root`; a name that is absolute or climbs out of the root is an error."""
-    base = Path(root).expanduser().resolve()
-    joined = (base / name).resolve()
-    if Path(name).is_absolute() or not joined.is_relative_to(base):
-        raise DataFormatError(path, record, field, f"a path inside {base}", _Shown(name))
-    return joined
+    """`name` joined onto `root`; a name that is absolute or climbs out of the root is an error
+    (`orchestrator.paths.contained_path`, the rule every reader follows)."""
+    try:
+        return Path(contained_path(root, name))
+    except PathOutsideRoot as err:
+        raise DataFormatError(path, record, field, f"a path inside {Path(root).expanduser().absolute()}",
+                              _Shown(str(err))) from None
 
 
 def _image_path(value: Any, path: Any, record: Any, field: str, image_root: str | None,

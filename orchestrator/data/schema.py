@@ -65,3 +65,21 @@ class DataFormatError(ValueError):
             shown = repr(got)
             message += f", got {shown[:80] + '...' if len(shown) > 80 else shown}"
         super().__init__(message)
+
+
+class ImagePathRejected(DataFormatError):
+    """An image path read from a record that leaves its root (``../``) or is absolute.
+
+    The record is set aside as a reject, counted like a missing image, instead of failing the whole
+    file; a reader called without a list for rejects raises it like any other `DataFormatError`.
+    """
+
+    def __init__(self, path: Any, record: Any, field: str, reason: str):
+        super().__init__(path, record, field, "an image path inside its root", _Reason(reason))
+
+
+class _Reason(str):
+    """Shown unquoted in the message (it is a sentence, not a value)."""
+
+    def __repr__(self) -> str:
+        return str(self)
