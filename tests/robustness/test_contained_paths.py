@@ -195,3 +195,36 @@ def test_pope_rows_without_an_image_root_look_next_to_the_question_file(tmp_path
     (row,) = datasets.pope_rows(config, rejects)
     assert row["image"] == os.path.join(folder, QUESTION["image"])
     assert len(rejects) == 1 and "/etc/passwd" in rejects[0]["error"]
+
+
+def _path_like_keys(model_type, prefix=""):
+    """Config keys that name files or folders, by name or description (a heuristic that errs on the side of
+    listing too much; the test below fails for a new path key nobody added to PATH_KEYS)."""
+    import re
+    import typing
+
+    from pydantic import BaseModel
+
+    keys = []
+    for name, info in model_type.model_fields.items():
+        dotted = f"{prefix}{name}"
+        annotation = info.annotation
+        nested = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type)
+                  and issubclass(a, BaseModel)]
+        if nested:
+            keys += _path_like_keys(nested[0], dotted + ".")
+            continue
+        text = f"{name} {info.description or ''}"
+        holds_text = (typing.get_origin(annotation) is not list and str in (typing.get_args(annotation) or (annotation,))
+                      or annotation == dict[str, str])
+        if holds_text and re.search(r"(path|root|_dir|home)\b|\.json|folder|file", text):
+            keys.append(dotted + (".*" if typing.get_origin(annotation) is dict else ""))
+    return keys
+
+
+def test_every_path_like_config_key_is_made_absolute():
+    from orchestrator.config import PATH_KEYS, ExperimentConfig
+
+    keys = _path_like_keys(ExperimentConfig)
+    assert {"output_root", "data.hadpo_desc", "data.pope.questions.*", "model.path"} <= set(keys)
+    assert set(keys) <= set(PATH_KEYS), sorted(set(keys) - set(PATH_KEYS))
