@@ -10,7 +10,10 @@ What it reads, for each run directory (nothing is recomputed that a stage alread
 - ``eval/<run_id>/metrics.parquet`` (one row per metric): the numbers in every table. When only the
   answers are there, they are scored here with the same functions `run_eval` uses. Where a model (+ adapter)
   was evaluated in both score and generate mode, the answers of both give the share of POPE questions
-  whose yes/no differs (`score_generate_disagreement`).
+  whose yes/no differs (`score_generate_disagreement`). Each evaluation's answered / expected counts
+  (the expected ones are in its ``run.json``) are shown; an evaluation short of answers (stopped
+  half-way) is marked INCOMPLETE in the table and the notes, and its means over splits are left out
+  unless ``allow_partial`` (``hadpo report --allow-partial``).
 - ``train/<stage>_curves.parquet``: loss, reward margins and reward accuracy against the step.
 - ``tune/trials.parquet``: one row per trial (``param/<key>`` columns and the objective); the sweep gets a
   scatter per hyper-parameter and a parallel-coordinates plot.
@@ -50,6 +53,8 @@ import pandas as pd
 import yaml
 
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.errors import CorruptFileError
+from orchestrator.eval import completeness
 from orchestrator.eval.pope import dataset_sort_key, dataset_split, qualified_split
 from orchestrator.eval.results import read_answers, read_metrics
 
@@ -96,6 +101,11 @@ class Evaluation:
     answers_dir: Path | None
     info: dict                 # the evaluation's run.json (model, adapter, decoding, versions)
     metrics: pd.DataFrame      # METRIC_SCHEMA rows
+    coverage: pd.DataFrame | None = None  # answered / expected per split (`completeness`); None: unknown
+
+    @property
+    def complete(self) -> bool | None:
+        return None if self.coverage is None else completeness.incomplete(self.coverage).empty
 
 
 @dataclass
@@ -152,8 +162,8 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptFileError(path, f"not valid JSON ({error})") from None
 
 
 def _locate(recorded: str | None, candidates: Iterable[Path]) -> Path | None:
@@ -186,7 +196,7 @@ def _score_answers(answers: pd.DataFrame, run_id: str) -> pd.DataFrame:
 
 
 def _load_evaluation(stage: str, role: str, seed: int | None, outputs: dict, run_dir: Path,
-                     notes: list[str]) -> Evaluation | None:
+                     notes: list[str], allow_partial: bool = False) -> Evaluation | None:
     run_id = str(outputs.get("run_id", ""))
     roots = _seeded_dirs(run_dir, seed)
     metrics_file = _locate(outputs.get("metrics_path"), [root / "eval" / run_id / "metrics.parquet" for root in roots])
@@ -201,7 +211,17 @@ def _load_evaluation(stage: str, role: str, seed: int | None, outputs: dict, run
     else:
         notes.append(f"{stage}: neither {outputs.get('metrics_path')} nor the answers were found; left out")
         return None
-    return Evaluation(stage, role, seed, run_id or str(info.get("run_id", "")), metrics_file, answers, info, metrics)
+    coverage = completeness.from_metric_rows(metrics)
+    if coverage.empty and info.get("expected") and answers is not None:
+        coverage = completeness.coverage(read_answers(answers), info["expected"])
+    if not completeness.incomplete(coverage).empty:
+        notes.append(f"{stage}: INCOMPLETE, {completeness.describe(coverage)}; "
+                     + ("its means over splits are shown anyway (allow_partial)" if allow_partial
+                        else "its means over splits are left out (hadpo report --allow-partial shows them)"))
+        if not allow_partial:
+            metrics = completeness.drop_means(metrics, coverage)
+    return Evaluation(stage, role, seed, run_id or str(info.get("run_id", "")), metrics_file, answers, info, metrics,
+                      coverage if not coverage.empty else None)
 
 
 def _read_curve(path: Path) -> pd.DataFrame:
@@ -213,8 +233,11 @@ def _read_curve(path: Path) -> pd.DataFrame:
     return frame
 
 
-def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
-    """Everything the report shows about one run directory (see the module docstring for the layout)."""
+def load_run(run_dir: str | Path, label: str | None = None, allow_partial: bool = False) -> RunData:
+    """Everything the report shows about one run directory (see the module docstring for the layout).
+
+    `allow_partial`: keep the means over splits of evaluations that are short of answers.
+    """
     run_dir = Path(run_dir).expanduser().resolve()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run directory not found")
@@ -234,7 +257,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
             continue
         seed = int(match.group(2)) if match.group(2) is not None else None
         role = "before" if match.group(1) == "baseline" else "after"
-        found = _load_evaluation(name, role, seed, stages[name].get("outputs") or {}, run_dir, notes)
+        found = _load_evaluation(name, role, seed, stages[name].get("outputs") or {}, run_dir, notes, allow_partial)
         if found:
             evaluations.append(found)
     if not evaluations:
@@ -242,7 +265,8 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
         for folder in folders:
             info = _read_json(folder / "run.json")
             role = "after" if info.get("adapter") else "before"
-            found = _load_evaluation(f"eval/{folder.name}", role, None, {"run_id": folder.name}, run_dir, notes)
+            found = _load_evaluation(f"eval/{folder.name}", role, None, {"run_id": folder.name}, run_dir, notes,
+                                     allow_partial)
             if found:
                 evaluations.append(found)
         if sum(e.role == "after" for e in evaluations) > 1:
@@ -1051,17 +1075,24 @@ def _seed_table(run: RunData, results: pd.DataFrame, dataset: str = POPE_DEFAULT
 
 
 def _eval_table(run: RunData) -> Table:
-    headers = ["stage", "run id", "model", "adapter", "mode", "metrics file", "answers", "errors", "without yes/no"]
+    headers = ["stage", "run id", "model", "adapter", "mode", "metrics file", "answers", "errors", "without yes/no",
+               "answered / expected"]
     rows = []
     for e in run.evaluations:
+        if e.coverage is None:
+            coverage = "unknown"
+        else:
+            coverage = f"{_num(int(e.coverage['answered'].sum()))} / {_num(int(e.coverage['expected'].sum()))}"
+            coverage += "" if e.complete else " INCOMPLETE"
         counts = e.metrics[(e.metrics["benchmark"] == "all") & (e.metrics["scope"] == "counts")]
         counts = dict(zip(counts["name"], counts["value"]))
         rows.append([e.stage, e.run_id, Path(str(e.info.get("model", ""))).name, str(e.info.get("adapter", "")),
                      str(e.info.get("mode", "")), str(e.metrics_path) if e.metrics_path else "(scored from the answers)",
                      _num(int(counts["answered"])) if "answered" in counts else "",
                      _num(int(counts["errors"])) if "errors" in counts else "",
-                     _num(int(counts["unparsable"])) if "unparsable" in counts else ""])
-    return Table(headers, rows, caption="Where each number comes from (counts: the metrics parquet's counts rows).",
+                     _num(int(counts["unparsable"])) if "unparsable" in counts else "", coverage])
+    return Table(headers, rows, caption="Where each number comes from (counts: the metrics parquet's counts rows; "
+                 "answered / expected: rows in the answers against the questions the evaluation was given).",
                  left=6)
 
 
@@ -1206,7 +1237,7 @@ def _record_section(doc: _Doc, run: RunData) -> None:
 
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, include_published: bool = True,
-                 labels: Sequence[str] | None = None) -> ReportResult:
+                 labels: Sequence[str] | None = None, allow_partial: bool = False) -> ReportResult:
     """Write ``report.html`` (self-contained), ``report.md`` and the PNGs for one or more runs into `out_dir`."""
     run_dirs = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not run_dirs:
@@ -1219,7 +1250,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, include_pu
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    runs = [load_run(path, label) for path, label in zip(run_dirs, labels)]
+    runs = [load_run(path, label, allow_partial) for path, label in zip(run_dirs, labels)]
     results = pope_results(runs)
     summary = pope_summary(results)
     mile = milebench_results(runs)

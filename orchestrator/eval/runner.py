@@ -16,7 +16,9 @@ Read top to bottom, a run is:
    keys, so a retried block replaces its file); the driver logs progress and ETA;
 5. **metrics**: all answers of the run are read back (deduplicated on the key) and scored:
    POPE per dataset and split and each dataset's mean F1, MileBench per task, image-quantity level and
-   task group; one row per metric goes to ``metrics.parquet``.
+   task group; one row per metric goes to ``metrics.parquet``, with each split's answered / expected
+   count (`completeness`: the expected counts are in ``run.json`` from the start). A dataset or
+   benchmark with a split short of answers gets no mean over its splits unless ``allow_partial=True``.
 
 POPE datasets (``data.pope.datasets``: COCO, A-OKVQA, GQA, ...) each have their own image root; an
 item's split names its dataset (`pope.qualified_split`: "adversarial" for coco, "gqa/adversarial"), so
@@ -24,7 +26,8 @@ answers, resume keys, question-file versions (``run.json``) and metric names kee
 
 Assumptions, stated: the actors write the answers, so the run directory must be reachable from
 every node (a local disk on one machine, a shared file system on a cluster); the question rows (text, no pixels) are small enough to hold on the driver (POPE 9k, MileBench 6.4k);
-error rows count as answered on resume unless ``retry_errors=True``.
+error rows count as answered on resume unless ``retry_errors=True`` (``hadpo eval --retry-errors``; the
+pipeline passes it whenever an evaluation stage runs).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import pandas as pd
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.eval import completeness
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
 from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
@@ -49,6 +53,7 @@ from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, ite
 from orchestrator.eval.results import (answered_keys, answers_dir, anti_join, block_name, compute_run_id, eval_dir,
                                        item_key, metrics_path, read_answers, write_answers, write_json_atomic,
                                        write_metrics)
+from orchestrator.resources import eval_request, preflight
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,11 @@ class EvalResult:
     pope_table: pd.DataFrame | None          # `pope.summarise`: per dataset and split, + a mean per dataset
     milebench_table: pd.DataFrame | None     # `milebench.summarise`: long table
     counts: dict[str, int] = field(default_factory=dict)
+    coverage: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=completeness.COLUMNS))
+
+    @property
+    def complete(self) -> bool:
+        return completeness.incomplete(self.coverage).empty
 
     def answers(self) -> pd.DataFrame:
         """Every answer of the run (deduplicated)."""
@@ -269,12 +279,13 @@ def _fmt_seconds(seconds: float) -> str:
 
 def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str | None = None,
              benchmarks: Sequence[str] = BENCHMARKS, tag: str = "", *, model_adapter: Any = None,
-             retry_errors: bool = False, fault: dict | None = None) -> EvalResult:
+             retry_errors: bool = False, allow_partial: bool = False, fault: dict | None = None) -> EvalResult:
     """Evaluate a model (default: the config's) with an optional LoRA adapter on POPE / MileBench.
 
     Resumes: items already answered under the same run id are not computed again. `model_adapter`
     plugs in another model (a `MileBenchModel` subclass or "module:Class"); `retry_errors`
-    recomputes items whose earlier answer was an error; `fault` is for tests (see `Predictor`).
+    recomputes items whose earlier answer was an error; `allow_partial` keeps the means over splits
+    even when a split has fewer answers than questions; `fault` is for tests (see `Predictor`).
     """
     from orchestrator.ray_session import init_ray
 
@@ -286,10 +297,12 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
 
     if not ray.is_initialized():
         init_ray(cfg)
+    preflight(cfg, eval_request(cfg))  # an actor pool the cluster can never hold fails here, in seconds
     started = time.time()
 
     # 1. questions
     questions = load_questions(cfg, benchmarks)
+    expected = completeness.expected_counts(questions.items + questions.rejects)
     by_benchmark = {b: sum(1 for item in questions.items if item["benchmark"] == b) for b in benchmarks}
     log.info("eval [questions]: %s; %d rejected (image does not open)",
              ", ".join(f"{b} {n}" for b, n in by_benchmark.items()), len(questions.rejects))
@@ -321,7 +334,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     write_json_atomic(out_dir / "run.json", {
         "run_id": run_id, "model": model, "adapter": adapter_path, "mode": cfg.eval.mode, "decoding": decoding,
         "versions": questions.versions, "benchmarks": list(benchmarks), "tag": tag,
-        "config_hash": cfg.content_hash(),
+        "config_hash": cfg.content_hash(), "expected": expected,
     })
 
     # 3. resume
@@ -359,18 +372,21 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     # 5. metrics
     answers = read_answers(ans_dir)
     answers = answers[answers["benchmark"].isin(benchmarks)]
+    coverage = completeness.coverage(answers, expected)
     pope_table = milebench_table = None
-    metric_rows: list[dict] = []
+    metric_rows: list[dict] = completeness.metric_rows(run_id, coverage)
     pope_answers = answers[answers["benchmark"] == "pope"]
     if "pope" in benchmarks and len(pope_answers):
-        pope_table = pope.summarise(pope_answers)
+        pope_table = with_expected(pope.summarise(pope_answers), coverage, allow_partial)
         metric_rows += _pope_metric_rows(run_id, pope_table)
     mile_answers = answers[answers["benchmark"] == "milebench"]
     if "milebench" in benchmarks and len(mile_answers):
         milebench_table = mb.summarise(mb.score_answers(mile_answers))
         metric_rows += _milebench_metric_rows(run_id, milebench_table)
+    if not allow_partial:
+        metric_rows = completeness.drop_means(pd.DataFrame(metric_rows), coverage).to_dict("records")
     n_errors = int((answers["error"].fillna("") != "").sum())
-    n_unparsable = int(pope_table.loc[pope_table["split"] == "mean", "n_unparsable"].sum()) \
+    n_unparsable = int(pope_table.loc[pope_table["split"] != "mean", "n_unparsable"].sum()) \
         if pope_table is not None else 0
     counts = {"items": total, "answered": len(answers), "computed": computed, "skipped": skipped,
               "rejected": len(questions.rejects), "errors": n_errors, "unparsable": n_unparsable}
@@ -379,13 +395,39 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     write_metrics(metric_rows, met_path)
     summary = ", ".join(f"{dataset} mean F1 {100 * pope.mean_f1(pope_table, dataset):.2f}"
                         for dataset in dict.fromkeys(pope_table["dataset"])) if pope_table is not None else "no POPE"
+    if not completeness.incomplete(coverage).empty:
+        summary = f"INCOMPLETE, {completeness.describe(coverage)}" + ("" if allow_partial else "; no means")
     if milebench_table is not None:
         overall = milebench_table[milebench_table["scope"] == "overall"]["value"]
         summary += f", MileBench {100 * float(overall.iloc[0]):.2f}" if len(overall) else ""
     log.info("eval [metrics] %s: %s; %d answers, %d errors, %d without a yes/no word; %s in %.1fs",
              run_id, summary, len(answers), n_errors, n_unparsable, met_path, time.time() - started)
     return EvalResult(run_id=run_id, eval_dir=out_dir, answers_dir=ans_dir, metrics_path=met_path,
-                      pope_table=pope_table, milebench_table=milebench_table, counts=counts)
+                      pope_table=pope_table, milebench_table=milebench_table, counts=counts, coverage=coverage)
+
+
+def with_expected(table: pd.DataFrame, coverage: pd.DataFrame, allow_partial: bool) -> pd.DataFrame:
+    """A `pope.summarise` table with each split's `expected` question count (a dataset's mean row: the
+    sum); a split without a single answer still gets its row (n 0, metrics NaN), and a dataset with a
+    split short of answers loses its mean row (unless `allow_partial`)."""
+    expected = {row.split: int(row.expected) for row in coverage[coverage["benchmark"] == "pope"].itertuples()}
+    present = {pope.qualified_split(d, s) for d, s in zip(table["dataset"], table["split"]) if s != "mean"}
+    absent = [name for name in expected if name not in present]
+    if absent:
+        blank = {column: (math.nan if column in pope.METRIC_COLUMNS else 0) for column in table.columns}
+        rows = [{**blank, "version": "", **dict(zip(("dataset", "split"), pope.dataset_split(name)))} for name in absent]
+        table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+        order = sorted(range(len(table)), key=lambda i: (pope.dataset_sort_key(table["dataset"].iloc[i]),
+                                                         table["split"].iloc[i] == "mean",
+                                                         pope.split_sort_key(table["split"].iloc[i])))
+        table = table.iloc[order].reset_index(drop=True)
+    short = {pope.dataset_split(name)[0] for name in completeness.incomplete(coverage, "pope")["split"]}
+    table = table.copy()
+    table["expected"] = [sum(n for name, n in expected.items() if pope.dataset_split(name)[0] == d) if s == "mean"
+                         else expected.get(pope.qualified_split(d, s), 0) for d, s in zip(table["dataset"], table["split"])]
+    if not allow_partial:
+        table = table[~((table["split"] == "mean") & table["dataset"].isin(short))].reset_index(drop=True)
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,9 +436,11 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
 
 def format_pope_table(df: pd.DataFrame) -> str:
     """The seed-style POPE table (percent), one block per dataset: split, accuracy, precision, recall, F1,
-    yes-ratio, n and the question file's version (sha256 prefix / question count); each block's mean row last."""
+    yes-ratio, n, answered / expected (when the table has `expected`) and the question file's version
+    (sha256 prefix / question count); each block's mean row last, or a line saying why it has none."""
+    with_counts = "expected" in df.columns
     header = (f"{'split':<12} {'accuracy':>9} {'precision':>9} {'recall':>9} {'F1':>9} {'yes-ratio':>9} {'n':>6}"
-              f"  question file")
+              + (f" {'answered/expected':>17}" if with_counts else "") + "  question file")
     lines: list[str] = []
     for dataset in dict.fromkeys(df["dataset"]) if len(df) else []:
         block = df[df["dataset"] == dataset]
@@ -406,11 +450,21 @@ def format_pope_table(df: pd.DataFrame) -> str:
                 lines.append("-" * len(header))
             lines.append(f"{record['split']:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}" for m in
                                                               ("accuracy", "precision", "recall", "f1", "yes_ratio"))
-                         + f" {int(record['n']):>6}  {record.get('version') or ''}".rstrip())
-        mean = block[block["split"] == "mean"].iloc[0]
-        lines.append(f"{dataset} mean F1 {100 * pope.mean_f1(block):.2f}; {int(mean['n_errors'])} errors, "
-                     f"{int(mean['n_unparsable'])} answers without yes/no")
+                         + f" {int(record['n']):>6}" + (f" {_answered(record):>17}" if with_counts else "")
+                         + f"  {record.get('version') or ''}".rstrip())
+        splits = block[block["split"] != "mean"]
+        counts = f"{int(splits['n_errors'].sum())} errors, {int(splits['n_unparsable'].sum())} answers without yes/no"
+        if (block["split"] == "mean").any():
+            lines.append(f"{dataset} mean F1 {100 * pope.mean_f1(block):.2f}; {counts}")
+        else:
+            short = [str(r["split"]) for r in splits.to_dict("records") if with_counts
+                     and int(r["n"]) + int(r["n_errors"]) < int(r["expected"])]
+            lines.append(f"{dataset}: no mean F1, INCOMPLETE ({', '.join(short) or 'splits'} short of answers); {counts}")
     return "\n".join(lines)
+
+
+def _answered(record: dict) -> str:
+    return f"{int(record['n']) + int(record.get('n_errors', 0))}/{int(record['expected'])}"
 
 
 def format_milebench_table(df: pd.DataFrame) -> str:
