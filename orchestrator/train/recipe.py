@@ -71,6 +71,7 @@ from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
 from orchestrator.model.llava import LoadedLlava, load_llava
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
+from orchestrator.train import checkpoints
 from orchestrator.train.engine import Engine, make_engine
 from orchestrator.train.collate import Collated, collate_sft
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
@@ -218,9 +219,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          stage_from_config=cfg.train.deepspeed.zero_stage != "auto")
     lap("engine")
 
-    # 4. Resume from the checkpoint Ray Train hands over (a re-run of the same name, or a restart).
+    # 4. Resume from the checkpoint Ray Train hands over (a restart inside this run, or a re-run whose
+    # Ray record agrees with the disk), else from the newest complete folder the driver found on disk.
     start_step, last_report = 0, {}
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             start_step, last_report = restore_checkpoint(Path(folder), engine, plan, train, rank)
@@ -291,14 +295,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("[%s] step %d: objective %.4f on the probe subset", plan.stage, step, report["objective"])
             clock.write()
         if save_now:
-            save_checkpoint(engine, loaded, plan, step, schedule, train, rank, report)
+            save_checkpoint(engine, loaded, plan, step, schedule, train, rank, report, config.get("run_path"))
         else:
             ray.train.report(report)
 
     batches.close()
     if step == start_step:  # the run was already complete: report its state again as this run's result
         save_checkpoint(engine, loaded, plan, step, schedule, train, rank,
-                        {**last_report, "step": step, "resumed_from_step": start_step, "time": time.time()})
+                        {**last_report, "step": step, "resumed_from_step": start_step, "time": time.time()},
+                        config.get("run_path"))
     clock.write()
     tracker.close()
 
@@ -688,8 +693,12 @@ def _is_peft(module) -> bool:
 
 
 def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: int, schedule: Schedule,
-                    train: TrainConfig, rank: int, metrics: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint into a temp folder and report it (all ranks)."""
+                    train: TrainConfig, rank: int, metrics: dict[str, Any], run_path: str | None = None) -> None:
+    """Write this rank's part of a checkpoint into a temp folder and report it (all ranks).
+
+    The folder is named by its step (`checkpoints.checkpoint_dir_name`); once every rank has reported
+    it, rank 0 marks it complete in the run folder `run_path` (see `orchestrator.train.checkpoints`).
+    """
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="hadpo-ckpt-") as tmp:
@@ -713,7 +722,11 @@ def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: 
             if engine.ds is None:
                 state.update(optimizer=engine.optimizer.state_dict(), scheduler=engine.scheduler.state_dict())
             torch.save(state, folder / "trainer_state.pt")
-        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        name = checkpoints.checkpoint_dir_name(step)
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    if run_path:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        checkpoints.mark_complete(run_path, name, step, rank, world)
 
 
 def restore_checkpoint(folder: Path, engine: Engine, plan: StagePlan, train: TrainConfig, rank: int

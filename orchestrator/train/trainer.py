@@ -9,8 +9,12 @@ Outputs, all derived from the config:
 - the curves parquet ``<run_dir>/train/<stage>_curves.parquet`` and wandb files under ``<run_dir>/wandb``.
 
 The run name is deterministic (``<experiment name>-<stage>``), so running the same stage again with
-`resume=True` continues from its last checkpoint (Ray Train restores it; the recipe continues the step
+`resume=True` continues from the newest complete checkpoint on disk (`checkpoints.plan_resume`: Ray
+Train's own record when it agrees with the disk, else the folder itself; the recipe continues the step
 counter, schedule, optimizer, RNG and data order); `resume=False` deletes the stage's old run first.
+After the run, no more than `keep_checkpoints` complete checkpoint folders stay on disk.
+Before anything is submitted, the workers' resources are checked against the cluster
+(`orchestrator.resources`): what can never be had fails in seconds instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import ExperimentConfig
+from orchestrator.resources import preflight, reference_request, training_request
+from orchestrator.train import checkpoints
 from orchestrator.train.recipe import STAGES, stage_output_dir, stage_plan, train_loop_per_worker
 from orchestrator.train.tracking import curves_path
 
@@ -115,16 +121,21 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     timings = {"started": time.time()}
     if not ray.is_initialized():
         init_ray(cfg)
+    uses_reference_pass = stage == "dpo" and cfg.train.reference_cache
+    preflight(cfg, training_request(cfg, stage), *([reference_request(cfg)] if uses_reference_pass else []))
     plan = stage_plan(cfg.train, stage)
     if dataset is None:
         dataset = stage_dataset(cfg, stage)
     base = base_model_path(cfg, base_model)
     name, storage = run_name(cfg, stage), storage_path(cfg)
+    run_path = _join(storage, name)
     if not resume:
         _forget_run(storage, name, curves_path(cfg, stage))
+    resume_plan = checkpoints.plan_resume(run_path, cfg.train.keep_checkpoints)
+    log.info("training %s: %s", stage, resume_plan.reason)
 
     reference_cache = None
-    if stage == "dpo" and cfg.train.reference_cache:
+    if uses_reference_pass:
         from orchestrator.train.reference_cache import precompute_reference
 
         dataset = dataset.materialize()  # the pass and the trainer read the rows once (image checks included)
@@ -138,7 +149,8 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "stage": stage, "base_model": str(base),
-                           "step_hook": step_hook, "reference_cache": reference_cache, "probe": probe},
+                           "step_hook": step_hook, "reference_cache": reference_cache, "probe": probe,
+                           "run_path": run_path, "resume_from": resume_plan.resume_from},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -156,6 +168,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     timings["fit_started"] = time.time()
     result = trainer.fit()
     timings["fit_done"] = time.time()
+    checkpoints.prune(run_path, cfg.train.keep_checkpoints)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     checkpoint_dir = _join(storage, name, Path(result.checkpoint.path).name)
