@@ -2,9 +2,11 @@
 
 Each stage writes to paths derived from the config and records, in ``<run_dir>/stages/<stage>.json``,
 a hash of its inputs (the config sections it reads, the data files' hashes, the upstream outputs) and
-its outputs. A re-run skips every stage whose record matches, so a crashed or interrupted pipeline
-resumes where it stopped (training itself resumes from its last checkpoint, evaluation from its
-answered items). A run record (``run_record.json``) says exactly what ran: the resolved config,
+its outputs. A re-run skips every stage whose record matches and whose recorded outputs (the model,
+adapter, answers and metrics it made) are still on disk, so a crashed or interrupted pipeline resumes
+where it stopped (training itself resumes from its last checkpoint, evaluation from its answered items).
+An evaluation stage also records the images of the items that failed; when one of them changes (an
+image fixed), the stage runs again and recomputes its failed items (``retry_errors``). A run record (``run_record.json``) says exactly what ran: the resolved config,
 package versions, git SHA, data and POPE file hashes, decoding settings and hardware.
 """
 
@@ -129,11 +131,37 @@ def inputs_hash(*parts: Any) -> str:
 
 @dataclass
 class Stage:
-    """A pipeline stage: its name, the hash of its inputs, and the function that produces its outputs."""
+    """A pipeline stage: its name, the hash of its inputs, and the function that produces its outputs.
+
+    `products`: keys of the outputs that name files or folders the stage made; if one is gone the stage
+    is not done. An output ``watched_files`` ({path: sha256 or "missing"}) names files whose change
+    makes the stage run again.
+    """
 
     name: str
     inputs: str
     run: Callable[[bool], dict[str, Any]]  # run(resume): resume=False starts over (inputs changed)
+    products: tuple[str, ...] = ()
+
+
+WATCHED = "watched_files"
+
+
+def file_state(path: str | Path) -> str:
+    """What `watched_files` records of a file: its sha256, or "missing"."""
+    return file_sha256(path) if Path(path).is_file() else "missing"
+
+
+def stale_because(stage: Stage, outputs: dict[str, Any]) -> str:
+    """Why a stage recorded as done on the same inputs must run again ('' when it need not)."""
+    for key in stage.products:
+        value = outputs.get(key)
+        if value and "://" not in str(value) and not Path(value).exists():
+            return f"its output {key} ({value}) is gone"
+    for path, state in (outputs.get(WATCHED) or {}).items():
+        if file_state(path) != state:
+            return f"{path} changed since it failed"
+    return ""
 
 
 @dataclass
@@ -148,12 +176,19 @@ def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) ->
     """Run a stage unless its record shows it already ran on the same inputs."""
     record_path = config.run_dir / "stages" / f"{stage.name}.json"
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
+        try:
+            record = json.loads(record_path.read_text())
+        except json.JSONDecodeError as error:  # a damaged record: the stage is simply not done
+            log.warning("stage %s: record %s is not valid JSON (%s); running the stage", stage.name, record_path, error)
+            record = {}
         if record.get("inputs") == stage.inputs:
-            log.info("stage %s: up to date (inputs %s), skipped", stage.name, stage.inputs)
-            result.skipped.append(stage.name)
-            result.outputs[stage.name] = record["outputs"]
-            return record["outputs"]
+            reason = stale_because(stage, record.get("outputs") or {})
+            if not reason:
+                log.info("stage %s: up to date (inputs %s), skipped", stage.name, stage.inputs)
+                result.skipped.append(stage.name)
+                result.outputs[stage.name] = record["outputs"]
+                return record["outputs"]
+            log.info("stage %s: recorded as done, but %s: running it again", stage.name, reason)
     # A stage that started on these same inputs and was interrupted resumes; one whose inputs changed
     # since (a new beta, say) starts over instead of continuing the old run's checkpoints.
     started_path = record_path.with_suffix(".started")
@@ -186,6 +221,24 @@ def warmup_train_settings(config: ExperimentConfig) -> dict[str, Any]:
     return settings
 
 
+def failed_images(answers) -> dict[str, str]:
+    """`watched_files` of an evaluation: the state of each image of an item that failed to load or answer.
+
+    Paths the readers refused (outside their root) are never looked at.
+    """
+    from orchestrator.data.formats import REJECTED_PATH
+
+    watched: dict[str, str] = {}
+    failed = answers[answers["error"].fillna("") != ""]
+    for images, error in zip(failed["images"], failed["error"]):
+        if REJECTED_PATH in str(error):
+            continue
+        for image in list(images if images is not None else []):
+            if image and "://" not in image and Path(image).is_absolute():
+                watched[image] = file_state(image)
+    return watched
+
+
 def _pope_summary(evaluated) -> dict[str, Any]:
     """An evaluation stage's record: where its answers and metrics are, its POPE rows (one per dataset and
     split, with the question file's version, and a mean per dataset), each dataset's mean F1, its counts."""
@@ -195,8 +248,14 @@ def _pope_summary(evaluated) -> dict[str, Any]:
     records = table.to_dict("records") if table is not None else []
     return {"run_id": evaluated.run_id, "answers_dir": str(evaluated.answers_dir),
             "metrics_path": str(evaluated.metrics_path), "pope": records,
-            "pope_mean_f1": {dataset: mean_f1(table, dataset) for dataset in dict.fromkeys(table["dataset"])}
-            if table is not None else {}, "counts": evaluated.counts}
+            # only datasets that kept their mean row: one short of answers has no mean F1 (`completeness`)
+            "pope_mean_f1": {dataset: mean_f1(table, dataset) for dataset in
+                             dict.fromkeys(table.loc[table["split"] == "mean", "dataset"])}
+            if table is not None else {}, "counts": evaluated.counts,
+            WATCHED: failed_images(evaluated.answers())}
+
+
+EVAL_PRODUCTS = ("answers_dir", "metrics_path")
 
 
 def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
@@ -207,10 +266,14 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
     from orchestrator.data import datasets
     from orchestrator.eval.runner import run_eval
     from orchestrator.ray_session import init_ray
+    from orchestrator.resources import eval_request, preflight, reference_request, training_request
     from orchestrator.train.trainer import run_training
 
     if not ray.is_initialized():
         init_ray(config)
+    # every stage's workers and actors, checked before the first stage runs (fails in seconds)
+    preflight(config, training_request(config), eval_request(config),
+              *([reference_request(config)] if config.train.reference_cache else []))
     result = PipelineResult()
     dump = config.model_dump(mode="json")
     datasets.resolve_data_paths(config)  # generates the synthetic world on first use, so it can be hashed
@@ -233,15 +296,18 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
             return {"model": trained.checkpoint_path, "curves": trained.curves_path}
 
         warm = run_stage(config, Stage("warmup", inputs_hash(dump["model"], warmup_train_settings(config), dump["data"],
-                                                             files), warm_up), result)
+                                                             files), warm_up, products=("model",)), result)
         base_model = warm["model"]
 
     eval_inputs = (dump["eval"], dump["model"]["eval_template"], files, benchmarks)
 
-    def baseline(resume: bool) -> dict[str, Any]:  # evaluation resumes by its own run id
-        return _pope_summary(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline"))
+    # Evaluation resumes by its own run id; when a stage runs, items that failed before are tried again.
+    def baseline(resume: bool) -> dict[str, Any]:
+        return _pope_summary(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline",
+                                      retry_errors=True))
 
-    run_stage(config, Stage("eval_baseline", inputs_hash(base_model, *eval_inputs), baseline), result)
+    run_stage(config, Stage("eval_baseline", inputs_hash(base_model, *eval_inputs), baseline,
+                            products=EVAL_PRODUCTS), result)
 
     for seed in dpo_seeds or [config.train.seed]:
         seeded = config if seed == config.train.seed and not dpo_seeds else \
@@ -257,14 +323,15 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
         # the sources' weights and names decide the rows too (their files are in `files`)
         sources = [dump["data"]["preference"]] if config.data.preference else []
         trained = run_stage(config, Stage(f"dpo{suffix}", inputs_hash(base_model, seeded.model_dump(mode="json")["train"],
-                                                                      files, *sources), dpo), result)
+                                                                      files, *sources), dpo, products=("adapter",)),
+                            result)
 
         def after(resume: bool, adapter=trained["adapter"], seeded=seeded) -> dict[str, Any]:
             return _pope_summary(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,
-                                          tag="hadpo"))
+                                          tag="hadpo", retry_errors=True))
 
         run_stage(config, Stage(f"eval_hadpo{suffix}", inputs_hash(base_model, trained["adapter"], *eval_inputs),
-                                after), result)
+                                after, products=EVAL_PRODUCTS), result)
 
     result.run_record = write_run_record(config, {"base_model": base_model, "stages": result.outputs})
     return result
