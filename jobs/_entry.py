@@ -24,11 +24,13 @@ def run(command: list[str]) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args, rest = parser.parse_known_args()
     overrides = [item for pair in args.set for item in ("--set", pair)]
-    sys.exit(main([*command, args.config, *overrides, *rest]))
+    # The CLI's error boundary: one line for a known failure, exit 143 / 130 with what was kept on
+    # SIGTERM (`ray job stop`) / SIGINT.
+    sys.exit(main([*command, args.config, *overrides, *rest], resume=["python", *sys.argv]))
 
 
 def run_passthrough(command: list[str]) -> None:
     """For commands whose first argument is not a config (`hadpo export RUN_DIR ...`): all arguments go on."""
     from orchestrator.cli import main
 
-    sys.exit(main([*command, *sys.argv[1:]]))
+    sys.exit(main([*command, *sys.argv[1:]], resume=["python", *sys.argv]))

@@ -1,4 +1,8 @@
-"""`hadpo`: the command line, a thin door into the same functions the jobs and tests call."""
+"""`hadpo`: the command line, a thin door into the same functions the jobs and tests call.
+
+Every command runs inside one error boundary (`orchestrator.boundary`): a known failure prints one
+line and exits 1 (a config error 2); SIGTERM / SIGINT stop the Ray work, say what was kept, exit 143 / 130.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,24 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from orchestrator.boundary import run_command, watch_run_dir
+from orchestrator.config import ExperimentConfig, config_from_dict, load_config
 
 log = logging.getLogger("hadpo")
 
 
 def _config(args) -> ExperimentConfig:
     if getattr(args, "config", None):
-        return load_config(args.config, args.set)
-    from orchestrator.config import apply_override
+        config = load_config(args.config, args.set)
+    else:
+        from orchestrator.config import apply_override
 
-    raw: dict = {}
-    for override in args.set:
-        apply_override(raw, override)
-    return config_from_dict(raw, "<defaults>")
+        raw: dict = {}
+        for override in args.set:
+            apply_override(raw, override)
+        config = config_from_dict(raw, "<defaults>")
+    watch_run_dir(config.run_dir)
+    return config
 
 
 def cmd_data_synth(args) -> int:
@@ -86,10 +94,15 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from orchestrator.eval.runner import format_pope_table, run_eval
 
+    from orchestrator.eval.completeness import describe
+
     config = _config(args)
-    result = run_eval(config, model_path=args.model, adapter=args.adapter)
+    result = run_eval(config, model_path=args.model, adapter=args.adapter, retry_errors=args.retry_errors,
+                      allow_partial=args.allow_partial)
     if result.pope_table is not None:
         print(format_pope_table(result.pope_table))
+    if not result.complete:
+        print(f"INCOMPLETE: {describe(result.coverage)}")
     print(f"answers: {result.answers_dir}\nmetrics: {result.metrics_path}")
     return 0
 
@@ -118,7 +131,7 @@ def cmd_report(args) -> int:
     from orchestrator.report import build_report
 
     result = build_report([Path(run) for run in args.runs], Path(args.out), include_published=not args.no_published,
-                          labels=args.label or None)
+                          labels=args.label or None, allow_partial=args.allow_partial)
     print(result.summary())
     return 0
 
@@ -276,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = with_config(commands.add_parser("eval", help="POPE / MileBench evaluation on Ray actors"))
     evaluate.add_argument("--adapter", help="LoRA adapter checkpoint to evaluate")
     evaluate.add_argument("--model", help="base model folder (default: the config's)")
+    evaluate.add_argument("--retry-errors", action="store_true",
+                          help="recompute items whose earlier answer is an error (e.g. an image fixed since)")
+    evaluate.add_argument("--allow-partial", action="store_true",
+                          help="show means over splits even when a split has fewer answers than questions")
     evaluate.set_defaults(func=cmd_eval)
     run = with_config(commands.add_parser("run", help="the whole pipeline: data, warm-up, eval, DPO, eval"))
     run.add_argument("--seeds", type=int, nargs="+", help="train one DPO adapter per seed (shows the spread)")
@@ -290,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="folder for report.html, report.md and the PNGs")
     report.add_argument("--label", action="append", help="a label per run, in order")
     report.add_argument("--no-published", action="store_true", help="leave out the published HA-DPO rows")
+    report.add_argument("--allow-partial", action="store_true",
+                        help="show means over the splits of an evaluation that is short of answers")
     report.set_defaults(func=cmd_report)
 
     plan = with_config(commands.add_parser("plan", help="estimate per-GPU memory and whether the run fits"))
@@ -336,15 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, resume: list[str] | None = None) -> int:
+    """Run one command. `resume`: the command line that continues it after an interruption (default:
+    ``hadpo`` + `argv`; the job entrypoints pass their own)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return args.func(args)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, resume or ["hadpo", *argv], verbose=args.verbose)
 
 
 if __name__ == "__main__":

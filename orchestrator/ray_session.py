@@ -1,11 +1,15 @@
-"""Starting (or joining) Ray for a run: temp dir inside the project, the config's runtime_env everywhere."""
+"""Starting (or joining) Ray for a run: temp dir inside the project, the config's runtime_env everywhere;
+and stopping it cleanly on SIGTERM / SIGINT (`handle_stop_signals`)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
+from typing import Callable
 
 from orchestrator.config import ExperimentConfig
 
@@ -65,5 +69,63 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
     else:
         temp_dir = ray_temp_dir(Path(config.output_root))
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), **kwargs)
+    if _stop_handling["on"]:
+        _install_stop_handlers()  # Ray's core worker has just replaced SIGTERM's handler with an abort
     log.info("Ray resources: %s", ray.cluster_resources())
     return ray
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on SIGTERM / SIGINT
+
+_stop_handling: dict = {"on": False, "received": None}
+
+
+def handle_stop_signals() -> Callable[[], None]:
+    """From now on, SIGTERM and SIGINT raise KeyboardInterrupt in the main thread (remembering which).
+
+    Ray's core worker installs, at `ray.init`, a SIGTERM handler that prints a native stack dump and
+    aborts (exit 134), so `init_ray` installs these handlers again right after it. Whoever catches the
+    KeyboardInterrupt (the CLI's error boundary) calls `stop_ray` and exits 128 + the signal number.
+    Returns a function that puts the previous handlers back.
+    """
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    _stop_handling.update(on=True, received=None)
+    _install_stop_handlers()
+
+    def restore() -> None:
+        _stop_handling["on"] = False
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    return restore
+
+
+def received_signal() -> int | None:
+    """The stop signal that arrived last (None if none did)."""
+    return _stop_handling["received"]
+
+
+def _install_stop_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        _stop_handling["received"] = signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray; a local Ray this process started shuts down with its workers."""
+    import ray
+
+    if ray.is_initialized():
+        # a second signal during shutdown should not leave a half-stopped cluster: finish it first
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signum, signal.SIG_IGN)
+        ray.shutdown()
