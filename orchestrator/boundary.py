@@ -4,7 +4,8 @@
 
 - a *known* failure (a bad config, a malformed data file, a missing or unwritable path, a corrupt
   parquet / JSON file, resources the cluster can never give, or an error our own code raised with its
-  message) prints one line, ``error: ...``, and exits 1 (2 for a config error). ``-v`` adds the
+  message: one of this package's error classes, or a ValueError / RuntimeError raised by its code)
+  prints one line, ``error: ...``, and exits 1 (2 for a config error). ``-v`` adds the
   traceback. Anything else is a bug: its traceback is shown as Python shows it;
 - SIGTERM / SIGINT (Ctrl-C) stop the Ray work (a local Ray this process started shuts down with all
   its workers), print what is kept on disk and how to resume, and exit 143 / 130.
@@ -66,6 +67,12 @@ def _raised_by_us(error: BaseException) -> bool:
     return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
 
 
+def _ours(kind: type) -> bool:
+    """An error class of this package (DeepSpeedConfigError, ConversionError, ...): a deliberate message,
+    even when it comes back from a Ray worker without its traceback."""
+    return kind.__module__.split(".")[0] == __name__.split(".")[0]
+
+
 def known_failure(error: BaseException) -> tuple[int, str] | None:
     """(exit code, one-line message) for a known failure, else None."""
     import pyarrow
@@ -85,7 +92,7 @@ def known_failure(error: BaseException) -> tuple[int, str] | None:
             return EXIT_FAILURE, _os_error(cause)
         if isinstance(cause, pyarrow.ArrowException):
             return EXIT_FAILURE, f"cannot read a file: {cause}"
-        if isinstance(cause, (ValueError, RuntimeError)) and _raised_by_us(cause):
+        if isinstance(cause, (ValueError, RuntimeError)) and (_raised_by_us(cause) or _ours(type(cause))):
             return EXIT_FAILURE, str(cause)
     return None
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from orchestrator.boundary import run_command, watch_run_dir
-from orchestrator.config import ExperimentConfig, config_from_dict, load_config
+from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, load_config
 
 log = logging.getLogger("hadpo")
 

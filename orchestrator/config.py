@@ -479,9 +479,10 @@ class EnvConfig(_Section):
 # worker, whose working directory is somewhere else, reads and writes exactly the same places; a URI
 # (s3://...) is kept. A new path key must be listed here (tests/robustness/test_contained_paths.py checks it).
 PATH_KEYS = ("output_root", "data.preference.*.path", "data.preference.*.image_root", "data.hadpo_desc",
-             "data.hadpo_pope", "data.vg_image_data", "data.vg_root", "data.sft", "data.pope.questions.*", "data.pope.image_root", "data.pope.datasets.*.questions.*",
-             "data.pope.datasets.*.image_root", "data.milebench_root", "data.synthetic_dir",
-             "model.path", "train.storage_path", "env.hf_home")
+             "data.hadpo_pope", "data.vg_image_data", "data.vg_root", "data.sft", "data.pope.questions.*",
+             "data.pope.image_root", "data.pope.datasets.*.questions.*", "data.pope.datasets.*.image_root",
+             "data.milebench_root", "data.synthetic_dir", "model.path", "train.storage_path",
+             "train.deepspeed.config", "env.hf_home")  # train.deepspeed.config: a path; a dict stays a dict
 
 
 def _make_paths_absolute(config: "ExperimentConfig") -> None:
