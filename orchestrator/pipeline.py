@@ -6,8 +6,9 @@ its outputs. A re-run skips every stage whose record matches and whose recorded 
 adapter, answers and metrics it made) are still on disk, so a crashed or interrupted pipeline resumes
 where it stopped (training itself resumes from its last checkpoint, evaluation from its answered items).
 An evaluation stage also records the images of the items that failed; when one of them changes (an
-image fixed), the stage runs again and recomputes its failed items (``retry_errors``). A run record (``run_record.json``) says exactly what ran: the resolved config,
-package versions, git SHA, data and POPE file hashes, decoding settings and hardware.
+image fixed), the stage runs again and recomputes its failed items (``retry_errors``). A run record
+(``run_record.json``) says exactly what ran: the resolved config, package versions, git SHA, data and
+POPE file hashes, decoding settings and hardware.
 """
 
 from __future__ import annotations
