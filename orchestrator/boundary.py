@@ -148,6 +148,7 @@ def run_command(command: Callable[[Any], int], args: Any, resume: list[str], ver
     continues the work (shown after an interruption)."""
     from orchestrator.ray_session import handle_stop_signals, received_signal, stop_ray
 
+    _RUN_DIRS.clear()  # the run folders of this command only (main may run several in one process)
     restore_signals = handle_stop_signals()
     try:
         return command(args)

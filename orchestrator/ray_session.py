@@ -55,6 +55,9 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
 
     if ray.is_initialized():
         return ray
+    # the run folder first: an output_root that cannot be written (read-only, under a file) fails here, in
+    # one clear OSError, before any Ray process starts
+    config.run_dir.mkdir(parents=True, exist_ok=True)
     if os.environ.get("HADPO_FORBID_RAY"):  # `make test-fast`: a test that starts Ray must be marked slow
         raise RuntimeError("HADPO_FORBID_RAY is set (make test-fast): this code path starts Ray; mark its test "
                            "@pytest.mark.slow")

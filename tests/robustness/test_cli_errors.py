@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 from orchestrator.boundary import known_failure
 from orchestrator.cli import main
@@ -84,6 +85,7 @@ def test_an_output_root_under_a_file(tmp_path, capsys):
     code, err = run_main(["data", "check", str(config)], capsys)
     line = one_error_line(err)
     assert code == 1 and "cannot use output_root" in line and str(blocker) in line and "Not a directory" in line
+    assert not ray.is_initialized()  # it failed before any Ray process started
 
 
 def test_a_read_only_output_root(tmp_path, capsys):
@@ -100,6 +102,7 @@ def test_a_read_only_output_root(tmp_path, capsys):
     code, err = run_main(["data", "check", str(config)], capsys)
     line = one_error_line(err)
     assert code == 1 and "cannot use output_root" in line and str(root.parent) in line
+    assert not ray.is_initialized()
 
 
 def test_errors_raised_inside_ray_are_found_through_their_wrapping():
