@@ -82,10 +82,11 @@ def test_an_output_root_under_a_file(tmp_path, capsys):
     blocker.write_text("x")
     config = tmp_path / "c.yaml"
     config.write_text(f"name: x\noutput_root: {blocker / 'runs'}\n")
+    ray_before = ray.is_initialized()  # the suite's shared Ray may be up already
     code, err = run_main(["data", "check", str(config)], capsys)
     line = one_error_line(err)
     assert code == 1 and "cannot use output_root" in line and str(blocker) in line and "Not a directory" in line
-    assert not ray.is_initialized()  # it failed before any Ray process started
+    assert ray.is_initialized() == ray_before  # it failed before starting any Ray process
 
 
 def test_a_read_only_output_root(tmp_path, capsys):
@@ -99,10 +100,11 @@ def test_a_read_only_output_root(tmp_path, capsys):
         root = locked / "runs"
     config = tmp_path / "c.yaml"
     config.write_text(f"name: x\noutput_root: {root}\n")
+    ray_before = ray.is_initialized()
     code, err = run_main(["data", "check", str(config)], capsys)
     line = one_error_line(err)
     assert code == 1 and "cannot use output_root" in line and str(root.parent) in line
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
 
 
 def test_errors_raised_inside_ray_are_found_through_their_wrapping():
