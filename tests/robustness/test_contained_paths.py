@@ -74,6 +74,10 @@ def test_config_paths_become_absolute_once_and_uris_stay(tmp_path, monkeypatch):
     assert config.data.pope.questions == {"random": str(tmp_path / "pope/r.json")}
     assert config.data.pope.image_root == str(tmp_path / "coco")
     assert config.train.storage_path == "gs://bucket/ckpt"
+    several = config_from_dict({"data": {"pope": {"datasets": {"gqa": {"questions": {"random": "g/r.json"},
+                                                                         "image_root": "gqa/images"}}}}})
+    gqa = several.data.pope.datasets["gqa"]
+    assert gqa.questions == {"random": str(tmp_path / "g/r.json")} and gqa.image_root == str(tmp_path / "gqa/images")
     # what a Ray worker re-validates from the driver's dump does not depend on the worker's directory
     monkeypatch.chdir("/")
     again = type(config).model_validate(config.model_dump(mode="json"))
@@ -211,8 +215,9 @@ def _path_like_keys(model_type, prefix=""):
         annotation = info.annotation
         nested = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type)
                   and issubclass(a, BaseModel)]
-        if nested:
-            keys += _path_like_keys(nested[0], dotted + ".")
+        if nested:  # a section, or a mapping of name -> section ("*" stands for each name)
+            mapping = typing.get_origin(annotation) is dict
+            keys += _path_like_keys(nested[0], dotted + (".*." if mapping else "."))
             continue
         text = f"{name} {info.description or ''}"
         holds_text = (typing.get_origin(annotation) is not list and str in (typing.get_args(annotation) or (annotation,))
@@ -226,5 +231,6 @@ def test_every_path_like_config_key_is_made_absolute():
     from orchestrator.config import PATH_KEYS, ExperimentConfig
 
     keys = _path_like_keys(ExperimentConfig)
-    assert {"output_root", "data.hadpo_desc", "data.pope.questions.*", "model.path"} <= set(keys)
+    assert {"output_root", "data.hadpo_desc", "data.pope.questions.*", "data.pope.datasets.*.image_root",
+            "model.path"} <= set(keys)
     assert set(keys) <= set(PATH_KEYS), sorted(set(keys) - set(PATH_KEYS))
