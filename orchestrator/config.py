@@ -482,7 +482,7 @@ PATH_KEYS = ("output_root", "data.preference.*.path", "data.preference.*.image_r
              "data.hadpo_pope", "data.vg_image_data", "data.vg_root", "data.sft", "data.pope.questions.*",
              "data.pope.image_root", "data.pope.datasets.*.questions.*", "data.pope.datasets.*.image_root",
              "data.milebench_root", "data.synthetic_dir", "model.path", "train.storage_path",
-             "train.deepspeed.config", "env.hf_home")  # train.deepspeed.config: a path; a dict stays a dict
+             "train.deepspeed.config", "mlflow.store", "env.hf_home")  # deepspeed.config: a path; a dict stays
 
 
 def _make_paths_absolute(config: "ExperimentConfig") -> None:

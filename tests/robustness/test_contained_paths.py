@@ -76,6 +76,11 @@ def test_config_paths_become_absolute_once_and_uris_stay(tmp_path, monkeypatch):
     assert config.train.storage_path == "gs://bucket/ckpt"
     several = config_from_dict({"data": {"pope": {"datasets": {"gqa": {"questions": {"random": "g/r.json"},
                                                                          "image_root": "gqa/images"}}}}})
+    sources = config_from_dict({"data": {"preference": [{"format": "trl", "path": "d/train-*.parquet",
+                                                         "image_root": "images"}]}, "mlflow": {"store": "mlruns"}})
+    assert sources.data.preference[0].path == str(tmp_path / "d/train-*.parquet")
+    assert sources.data.preference[0].image_root == str(tmp_path / "images")
+    assert sources.mlflow.store == str(tmp_path / "mlruns")  # rank 0 writes it, from another directory
     gqa = several.data.pope.datasets["gqa"]
     assert gqa.questions == {"random": str(tmp_path / "g/r.json")} and gqa.image_root == str(tmp_path / "gqa/images")
     # what a Ray worker re-validates from the driver's dump does not depend on the worker's directory
@@ -215,8 +220,8 @@ def _path_like_keys(model_type, prefix=""):
         annotation = info.annotation
         nested = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type)
                   and issubclass(a, BaseModel)]
-        if nested:  # a section, or a mapping of name -> section ("*" stands for each name)
-            mapping = typing.get_origin(annotation) is dict
+        if nested:  # a section, or a mapping / list of sections ("*" stands for each name or item)
+            mapping = typing.get_origin(annotation) in (dict, list)
             keys += _path_like_keys(nested[0], dotted + (".*." if mapping else "."))
             continue
         text = f"{name} {info.description or ''}"
@@ -232,5 +237,5 @@ def test_every_path_like_config_key_is_made_absolute():
 
     keys = _path_like_keys(ExperimentConfig)
     assert {"output_root", "data.hadpo_desc", "data.pope.questions.*", "data.pope.datasets.*.image_root",
-            "model.path"} <= set(keys)
+            "data.preference.*.path", "model.path", "mlflow.store"} <= set(keys)
     assert set(keys) <= set(PATH_KEYS), sorted(set(keys) - set(PATH_KEYS))
