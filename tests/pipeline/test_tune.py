@@ -196,35 +196,34 @@ def test_the_objective_must_be_a_pope_name_the_configs_datasets_report():
     check_objective(gap)  # derived from the split's yes-ratio
 
 
+LARGE_LR = 5.0  # one step of it moves the untrained tiny model's answers (0.5 did not with every data order)
+
+
 @pytest.mark.slow
 def test_asha_stops_the_trial_whose_objective_on_the_probe_is_worse(ray_session, tiny_model_dir, tmp_path):
-    # The untrained tiny model answers "no" to every question (yes-ratio 0, gap 0.5). A large learning rate
-    # moves some answers to "yes" within a step; a tiny one does not. Trials run one after the other, the
-    # large rate first; ASHA (grace 1, reduction 2) compares the second trial with the first at the first
-    # evaluation and stops it there if its gap is larger.
+    # The untrained tiny model answers "no" to every question (yes-ratio 0, gap 0.5). A very large learning rate
+    # moves answers to "yes" within a step; a tiny one does not. Trials run one after the other, the large
+    # rate first; ASHA (grace 1, reduction 2) compares the second trial with the first at the first
+    # evaluation and stops it there, its gap being larger.
     config = _sweep_config(tmp_path, {
         "search": "grid", "scheduler": "asha", "asha": {"grace_period": 1, "reduction_factor": 2},
         "metric": "pope/adversarial/yes_ratio_gap", "mode": "min",
-        "search_space": {"train.learning_rate": {"kind": "grid", "values": [0.5, 1e-9]}}},
+        "search_space": {"train.learning_rate": {"kind": "grid", "values": [LARGE_LR, 1e-9]}}},
         train={"warmup_ratio": 0.0, "lr_schedule": "constant", "max_steps": 2, "checkpoint_every_steps": 2})
     result = run_tune(config, base_model=str(tiny_model_dir))
     trials = pd.read_parquet(result.results_path).set_index("param/train.learning_rate")
     assert trials["error"].eq("").all(), trials["error"].tolist()
     first_probe = {}
-    for lr in (0.5, 1e-9):
+    for lr in (LARGE_LR, 1e-9):
         curves = pd.read_parquet(trial_config(config, {"train.learning_rate": lr}).run_dir / "train"
                                  / "dpo_curves.parquet")
         first_probe[lr] = float(curves.loc[curves["step"] == 1, "objective"].iloc[0])
-    assert first_probe[1e-9] == 0.5 and first_probe[0.5] <= 0.5, first_probe
-    assert not trials.loc[0.5, "stopped_early"] and trials.loc[0.5, "objective"] >= 0
-    # ASHA (min, reduction 2) stops the second trial at its first evaluation iff it is worse than the first's;
-    # whether one step at a large rate moves an answer depends on the data order, so both outcomes are checked
-    if first_probe[1e-9] > first_probe[0.5]:
-        assert trials.loc[1e-9, "stopped_early"] and pd.isna(trials.loc[1e-9, "objective"])
-        assert trials.loc[1e-9, "last_probe_objective"] == 0.5 and trials.loc[1e-9, "evaluations"] == 1
-        assert result.best_params == {"train.learning_rate": 0.5}
-    else:
-        assert not trials["stopped_early"].any()
+    assert first_probe[1e-9] == 0.5 and first_probe[LARGE_LR] < 0.5, first_probe
+    assert not trials.loc[LARGE_LR, "stopped_early"] and trials.loc[LARGE_LR, "objective"] >= 0
+    # ASHA (min, reduction 2) stops the second trial at its first evaluation: it is worse than the first's
+    assert trials.loc[1e-9, "stopped_early"] and pd.isna(trials.loc[1e-9, "objective"])
+    assert trials.loc[1e-9, "last_probe_objective"] == 0.5 and trials.loc[1e-9, "evaluations"] == 1
+    assert result.best_params == {"train.learning_rate": LARGE_LR}
     # the stopped trial's training run gave its CPUs back (tests after this one need both)
     deadline = time.time() + 60
     while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
