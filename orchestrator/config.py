@@ -274,6 +274,13 @@ class TrainConfig(_Section):
     reference_cache: bool = Field(
         True, description="DPO: reference log-probs computed once in a Ray Data pass and cached in parquet "
         "(keyed by sample id and reference-model hash) instead of a reference forward every step")
+    reference_fill: Literal["auto", "pass", "loop"] = Field(
+        "auto", description="DPO with reference_cache: how the pairs the cache lacks get their reference "
+        "log-probs. pass: a Ray Data pass before training (its own actors load the model; the first step waits "
+        "for all pairs). loop: the training workers compute them in the first epoch (the policy with adapters "
+        "off, no second model) and write them to the cache at each checkpoint, so training starts at once and "
+        "later epochs, runs and sweep trials read them. auto: loop with LoRA, pass for full fine-tuning (whose "
+        "reference would be a second model in memory)")
     pad_to_multiple_of: int = Field(
         64, gt=0, description="packed DPO rows padded to a multiple of this many tokens: few distinct shapes, so "
         "the GPU sets its kernels up for each once (rows of new lengths made the first steps slow; the padding "
@@ -298,6 +305,13 @@ class TrainConfig(_Section):
         if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing {self.label_smoothing} applies to the sigmoid and robust losses, "
                              f"not {self.loss!r} (TRL ignores it there with a warning; set it to 0)")
+        return self
+
+    @model_validator(mode="after")
+    def _loop_fill_needs_lora(self) -> "TrainConfig":
+        if self.reference_cache and self.reference_fill == "loop" and not self.lora.enabled:
+            raise ValueError("reference_fill: loop computes the reference as the policy with its adapters off, so "
+                             "it needs LoRA (train.lora.enabled); use pass (or auto) for full fine-tuning")
         return self
 
 
@@ -342,8 +356,8 @@ class EvalConfig(_Section):
     milebench_min_new_tokens: int = Field(1, ge=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 1")
     prefix_reuse: bool = Field(True, description="POPE, score and generate mode: the image + system prefix computed "
                                "once per image and its KV cache shared by the image's questions (prefill and decoding)")
-    prefix_images: int = Field(0, ge=0, description="images per prefix-reuse block and model batch "
-                               "(0: whole images up to 4 x batch_size questions)")
+    prefix_images: int = Field(0, ge=0, description="images per prefix-reuse block and model batch, each with all "
+                               "its questions (POPE: 18); 0: batch_size images")
 
 
 class SearchDimension(_Section):

@@ -267,6 +267,7 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
     from orchestrator.data import datasets
     from orchestrator.eval.runner import run_eval
     from orchestrator.ray_session import init_ray
+    from orchestrator.plan import reference_fill
     from orchestrator.resources import eval_request, preflight, reference_request, training_request
     from orchestrator.train.trainer import run_training
 
@@ -274,7 +275,7 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
         init_ray(config)
     # every stage's workers and actors, checked before the first stage runs (fails in seconds)
     preflight(config, training_request(config), eval_request(config),
-              *([reference_request(config)] if config.train.reference_cache else []))
+              *([reference_request(config)] if reference_fill(config.train) == "pass" else []))
     result = PipelineResult()
     dump = config.model_dump(mode="json")
     datasets.resolve_data_paths(config)  # generates the synthetic world on first use, so it can be hashed

@@ -294,6 +294,18 @@ def with_gpu_memory(cfg: ExperimentConfig, detected_gb: float | None) -> Experim
     return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"gpu_memory_gb": float(detected_gb)})})
 
 
+def reference_fill(train_cfg: TrainConfig, stage: str = "dpo") -> str | None:
+    """Where a DPO run's missing reference log-probs are computed (``train.reference_fill``): "pass" (a Ray
+    Data pass before training), "loop" (the training workers, adapters off, during the first epoch), or None
+    (no cache: the reference forward runs every step). `auto` is the loop with LoRA and the pass without:
+    full fine-tuning's reference would otherwise be a second model beside the policy on every GPU."""
+    if stage != "dpo" or not train_cfg.reference_cache:
+        return None
+    if train_cfg.reference_fill == "auto":
+        return "loop" if train_cfg.lora.enabled else "pass"
+    return train_cfg.reference_fill  # loop without LoRA is refused when the config loads
+
+
 def zero_stage_candidates(lora: bool, workers: int) -> tuple[int, ...]:
     """Stages to try for `zero_stage: auto`, fastest first (the seed notes: 0/1 > 2 > 3 > offload).
 

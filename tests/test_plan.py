@@ -322,3 +322,22 @@ def test_zero3_buffers_match_the_two_measured_zero3_peaks():
     zero2 = estimate_memory(LLAVA_15_7B, train(batch_size_per_worker=8, prefix_sharing=True, gradient_checkpointing=False,
                                                deepspeed={"zero_stage": 2}), scaling(1, 139.8), 759)
     assert zero2.allocated_gb == pytest.approx(75.9, rel=0.02)     # the same run under ZeRO-2 (dpo_levers.py)
+
+
+@pytest.mark.parametrize("changes, stage, expected", [
+    ({}, "dpo", "loop"),                                              # LoRA: the workers fill the cache
+    ({"lora": {"enabled": False}}, "dpo", "pass"),                    # full fine-tuning: a pass, no second model
+    ({"reference_fill": "pass"}, "dpo", "pass"),
+    ({"reference_cache": False}, "dpo", None),                        # the reference forward every step
+    ({"reference_cache": False, "reference_fill": "loop"}, "dpo", None),
+    ({}, "sft", None),
+])
+def test_reference_fill_resolves_auto_from_lora(changes, stage, expected):
+    from orchestrator.plan import reference_fill
+
+    assert reference_fill(train(**changes), stage) == expected
+
+
+def test_reference_fill_loop_without_lora_is_refused_when_the_config_loads():
+    with pytest.raises(ValueError, match="reference_fill: loop .* needs LoRA"):
+        config_from_dict({"train": {"lora": {"enabled": False}, "reference_fill": "loop"}}, "test")

@@ -207,9 +207,10 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig):
     """Items sorted by size and cut into blocks (the unit of work and of writing).
 
     With prefix reuse, POPE items are sorted by image instead, and a block holds whole images with
-    all their questions (from all three splits; ``eval.prefix_images`` images, or without it about
-    ``4 * eval.batch_size`` rows, as without prefix reuse), so each image's prefix is computed once,
-    in one model batch with the block's other images.
+    all their questions (from all three splits; ``eval.prefix_images`` images, by default
+    ``eval.batch_size``: one model batch, see the predictor), so each image's prefix is computed once,
+    in one model batch with the block's other images. (Blocks of ~4 x batch_size rows, i.e. 3-4 images,
+    left the GPU mostly idle: 78 questions/s at 7B where 32-image blocks reach 320-560.)
     """
     import ray
 
@@ -221,7 +222,7 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig):
     start = 0
     while start < len(items):
         if by_image and items[start]["benchmark"] == "pope":
-            end = _image_block_end(items, start, rows_per_block["pope"], cfg.eval.prefix_images)
+            end = _image_block_end(items, start, rows_per_block["pope"], cfg.eval.prefix_images or cfg.eval.batch_size)
             tables.append(table.slice(start, end - start))
             start = end
             continue

@@ -16,7 +16,9 @@ Supports
   vision tower's own q/k/v projections, the projector and lm_head are never adapted. The vision tower
   and projector are frozen in every mode.
 - Reference log-probs: the same model with its adapters disabled (exact, no extra memory); without
-  LoRA, a frozen deep copy made before training.
+  LoRA, a frozen deep copy made before training. With `train.reference_cache` they come from the cache;
+  with `reference_fill: loop` the pairs it lacks are computed here in the first epoch and each rank adds
+  its values to the cache at every checkpoint (so later epochs, resumed runs and other runs read them).
 - DeepSpeed ZeRO 0/1/2/3 (bf16 on GPU, fp32 on CPU with torch AdamW so nothing is compiled for the
   optimizer), or plain DDP (`ray.train.torch.prepare_model`) when `train.deepspeed.enabled` is false;
   gradient accumulation, grad-norm clipping, cosine / linear / constant schedule with warmup ratio,
@@ -186,8 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         freeze_vision(model)
     schedule = plan_schedule(len(rows), world, train, plan)
     cached_reference = None
+    fill_in_loop = config.get("reference_fill") == "loop"
     if plan.stage == "dpo" and config.get("reference_cache"):
-        cached_reference = load_cached_reference(config["reference_cache"], rows, rank)
+        cached_reference = load_cached_reference(config["reference_cache"], rows, rank, partial=fill_in_loop)
+    computed_reference = ReferenceSink(config["reference_cache"], rank, cached_reference) if fill_in_loop else None
     lap("rows")
 
     # The ZeRO stage and checkpointing "auto": the planner decides for this GPU's memory (the smallest of
@@ -204,6 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if bf16 and not use_ds:  # fp32 adapters under bf16 autocast (DeepSpeed's bf16 casts the adapters)
             set_lora_input_casting(model, False)
     elif plan.stage == "dpo" and cached_reference is None:  # a frozen copy only where the cache cannot serve
+        # (reference_fill: loop needs LoRA, so a partial cache never reaches this branch)
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     _seed_all(train.seed + 1000 * (rank + 1))  # dropout etc. differ per rank from here on
@@ -242,7 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  engine.describe() + ("" if zero_reason == "set in the config" else f" ({zero_reason})"),
                  ("on" if checkpointing else "off") + f", fused kernels {kernels}",
                  "" if plan.stage != "dpo" else f", {'packed' if train.prefix_sharing else 'plain'} pairs, "
-                 f"reference {'cached' if cached_reference else 'in the loop'}")
+                 f"reference {reference_source(cached_reference, rows, fill_in_loop)}")
         log.info("setup %s", lap)
     clock = _StepClock(timings_path(cfg, plan.stage), lap, enabled=rank == 0,
                        engine=engine.describe(), engine_reason=zero_reason)
@@ -266,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         with engine.accumulating():
             loss, metrics = compute_loss(engine, reference, inputs, plan.stage, train, device, bf16,
-                                         cfg.model.attn_implementation)
+                                         cfg.model.attn_implementation, computed_reference)
             engine.backward(loss * weight)
         window.add(metrics, inputs, weight)
         if not engine.step():
@@ -295,11 +300,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("[%s] step %d: objective %.4f on the probe subset", plan.stage, step, report["objective"])
             clock.write()
         if save_now:
+            if computed_reference is not None:
+                computed_reference.flush()
             save_checkpoint(engine, loaded, plan, step, schedule, train, rank, report, config.get("run_path"))
         else:
             ray.train.report(report)
 
     batches.close()
+    if computed_reference is not None:
+        computed_reference.flush()
     if step == start_step:  # the run was already complete: report its state again as this run's result
         save_checkpoint(engine, loaded, plan, step, schedule, train, rank,
                         {**last_report, "step": step, "resumed_from_step": start_step, "time": time.time()},
@@ -455,19 +464,22 @@ def collate_stage(batch: dict[str, list], loaded: LoadedLlava, stage: str, cfg: 
         return collate_sft(batch, loaded, cfg.model.train_template, train.max_length)
     inputs = collate_pairs(batch, loaded, cfg.model.train_template, train.max_length, packed=train.prefix_sharing,
                            pad_to_multiple_of=train.pad_to_multiple_of)
-    if inputs is not None and cached_reference is not None:
+    # a micro-batch with a pair the cache lacks (reference_fill: loop) computes the reference for all its pairs
+    if inputs is not None and cached_reference is not None and all(i in cached_reference for i in inputs.sample_ids):
         values = torch.tensor([cached_reference[sample_id] for sample_id in inputs.sample_ids], dtype=torch.float32)
         inputs.reference = (values[:, 0], values[:, 1])
     return inputs
 
 
-def load_cached_reference(path: str, rows: list[dict[str, Any]], rank: int) -> dict[str, tuple[float, float]] | None:
-    """The cached reference log-probs for these rows, or None (in-loop reference) if any row is missing."""
+def load_cached_reference(path: str, rows: list[dict[str, Any]], rank: int,
+                          partial: bool = False) -> dict[str, tuple[float, float]] | None:
+    """The cached reference log-probs for these rows. If some row is missing: None (the reference in the
+    loop for every step), or with `partial` (reference_fill: loop) the values there are, to be completed."""
     from orchestrator.train.reference_cache import open_reference_cache
 
     values = open_reference_cache(path).load()
     missing = [str(row["sample_id"]) for row in rows if str(row["sample_id"]) not in values]
-    if missing:
+    if missing and not partial:
         if rank == 0:
             log.warning("reference cache %s lacks %d of %d training rows (e.g. %s): computing the reference "
                         "in the loop instead", path, len(missing), len(rows), missing[:3])
@@ -475,10 +487,44 @@ def load_cached_reference(path: str, rows: list[dict[str, Any]], rank: int) -> d
     return values
 
 
+def reference_source(cached: dict[str, tuple[float, float]] | None, rows: list[dict[str, Any]], fill: bool) -> str:
+    """How this run gets its reference log-probs, for the set-up log line."""
+    if cached is None:
+        return "in the loop"
+    missing = sum(str(row["sample_id"]) not in cached for row in rows)
+    if not missing:
+        return "cached"
+    return f"cached for {len(rows) - missing} of {len(rows)} pairs, the rest computed in the first epoch" if fill \
+        else "in the loop"
+
+
+class ReferenceSink:
+    """The reference log-probs this rank computed in the loop: kept for its later epochs (they go into the
+    same dict the collation reads) and added to the cache at each `flush` (every checkpoint and the end)."""
+
+    def __init__(self, cache_path: str, rank: int, cached: dict[str, tuple[float, float]] | None = None):
+        self.cache_path, self.writer = cache_path, f"rank{rank}"
+        self.cached = cached
+        self.pending: dict[str, tuple[float, float]] = {}
+
+    def add(self, sample_ids: list[str], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        values = dict(zip(sample_ids, zip(chosen.double().tolist(), rejected.double().tolist())))
+        self.pending.update(values)
+        if self.cached is not None:
+            self.cached.update(values)
+
+    def flush(self) -> None:
+        from orchestrator.train.reference_cache import write_reference_values
+
+        write_reference_values(self.cache_path, self.pending, self.writer)
+        self.pending = {}
+
+
 def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stage: str, train: TrainConfig,
-                 device: torch.device, bf16: bool, attn_implementation: str = "sdpa"
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch: the loss to back-propagate and its metrics (plain floats)."""
+                 device: torch.device, bf16: bool, attn_implementation: str = "sdpa",
+                 computed_reference: ReferenceSink | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: the loss to back-propagate and its metrics (plain floats). Reference log-probs
+    computed here are handed to `computed_reference` (reference_fill: loop)."""
     model_inputs = model_inputs_for(inputs, device, torch.bfloat16 if bf16 else None, attn_implementation)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and engine.ds is None) else nullcontext()
     with autocast:
@@ -493,6 +539,8 @@ def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stag
         reference_chosen, reference_rejected = (values.to(device) for values in inputs.reference)
     else:
         reference_chosen, reference_rejected = reference_logps(engine, reference, inputs, model_inputs, autocast)
+        if computed_reference is not None:
+            computed_reference.add(inputs.sample_ids, reference_chosen, reference_rejected)
     # IPO's token counts come from this batch's own answers: the same tokens whose log-probs the cached
     # reference summed (the cache key fixes template and max_length), so the cache needs no counts.
     chosen_tokens, rejected_tokens = policy.token_counts()

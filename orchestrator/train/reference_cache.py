@@ -245,10 +245,11 @@ def default_cache_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_root).expanduser().resolve() / "cache" / "reference_logps"
 
 
-def _write_part(cache: ReferenceCache, table: pa.Table) -> Path:
-    """One part, atomically, numbered after the highest part already there (resumes never overwrite)."""
-    numbers = [int(part.stem.split("-", 1)[1]) for part in cache.parts() if part.stem.split("-", 1)[1].isdigit()]
-    path = cache.path / f"part-{max(numbers, default=-1) + 1:05d}.parquet"
+def _write_part(cache: ReferenceCache, table: pa.Table, writer: str = "") -> Path:
+    """One part, atomically, numbered after the highest part already there (resumes never overwrite);
+    a `writer`'s parts carry its name (``part-00003-rank1``), so concurrent writers never collide."""
+    numbers = [int(part.stem.split("-")[1]) for part in cache.parts() if part.stem.split("-")[1].isdigit()]
+    path = cache.path / f"part-{max(numbers, default=-1) + 1:05d}{'-' + writer if writer else ''}.parquet"
     return atomic_write(path, lambda temp: pq.write_table(table.cast(REFERENCE_SCHEMA), temp))
 
 
@@ -375,6 +376,46 @@ def _log_errors(table: pa.Table, logged: int, limit: int = 20) -> int:
     return logged
 
 
+def keyed_cache(cfg: ExperimentConfig, base_model_path: str | Path,
+                cache_root: str | Path | None = None) -> tuple[ReferenceCache, dict[str, Any]]:
+    """The cache folder for this model and config (created), and the inputs its key hashes."""
+    started = time.time()
+    base_model_path = Path(base_model_path).expanduser().resolve()
+    dtype = reference_dtype(cfg)
+    inputs = key_inputs(base_model_path, cfg, dtype)
+    key = _hash(inputs)
+    cache = ReferenceCache(Path(cache_root or default_cache_root(cfg)).expanduser().resolve() / key, key)
+    cache.path.mkdir(parents=True, exist_ok=True)  # the returned path opens even for an empty dataset
+    log.info("reference [key] %s: %s, %d files hashed, template %s, max_length %d, %s, %s pairs in %.1fs",
+             key, base_model_path, len(inputs["files"]), inputs["template"], inputs["max_length"], dtype,
+             inputs["layout"], time.time() - started)
+    return cache, inputs
+
+
+def write_cache_meta(cache: ReferenceCache, base_model_path: Path, inputs: dict[str, Any], filled_by: str) -> None:
+    """meta.json: what the key hashes, the library versions, and who filled the cache ("pass" / "loop")."""
+    meta = cache.meta()
+    write_json_atomic(cache.path / "meta.json", {
+        **meta, "key": cache.key, "model_path": str(base_model_path), "key_inputs": inputs, "dtype": inputs["dtype"],
+        "template": inputs["template"], "max_length": inputs["max_length"], "layout": inputs["layout"],
+        "versions": _library_versions(), "created": meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "filled_by": sorted({*meta.get("filled_by", []), filled_by}),
+    })
+
+
+def write_reference_values(cache_path: str | Path, values: dict[str, tuple[float, float]], writer: str) -> Path | None:
+    """Add a part with these sample ids' values (from a training worker: `writer` is e.g. "rank0"); None if empty.
+
+    Each writer names its own parts, so workers that write at the same checkpoint never pick the same name."""
+    if not values:
+        return None
+    cache = open_reference_cache(cache_path)
+    ids = list(values)
+    table = pa.table({"sample_id": ids, "ref_chosen": [float(values[i][0]) for i in ids],
+                      "ref_rejected": [float(values[i][1]) for i in ids], "error": [""] * len(ids)})
+    return _write_part(cache, table, writer)
+
+
 def precompute_reference(cfg: ExperimentConfig, base_model_path: str | Path, dataset,
                          cache_root: str | Path | None = None, *,
                          rows_per_part: int = DEFAULT_ROWS_PER_PART) -> ReferenceCache:
@@ -388,16 +429,11 @@ def precompute_reference(cfg: ExperimentConfig, base_model_path: str | Path, dat
     pairs per forward. The returned cache's `counts`: rows, cached (before this call), computed,
     errors (rows of the dataset without a value after it).
     """
-    started = time.time()
     base_model_path = Path(base_model_path).expanduser().resolve()
     dtype = reference_dtype(cfg)
-    inputs = key_inputs(base_model_path, cfg, dtype)
-    key = _hash(inputs)
-    cache = ReferenceCache(Path(cache_root or default_cache_root(cfg)).expanduser().resolve() / key, key)
-    cache.path.mkdir(parents=True, exist_ok=True)  # the returned path opens even for an empty dataset
-    log.info("reference [key] %s: %s, %d files hashed, template %s, max_length %d, %s, %s pairs in %.1fs",
-             key, base_model_path, len(inputs["files"]), inputs["template"], inputs["max_length"], dtype,
-             inputs["layout"], time.time() - started)
+    cache, inputs = keyed_cache(cfg, base_model_path, cache_root)
+    key = cache.key
+    started = time.time()
 
     # resume: only the sample ids without a value
     rows = _preference_rows(dataset)
@@ -412,12 +448,7 @@ def precompute_reference(cfg: ExperimentConfig, base_model_path: str | Path, dat
 
     computed = errors = 0
     if todo:
-        meta = cache.meta()
-        write_json_atomic(cache.path / "meta.json", {
-            **meta, "key": key, "model_path": str(base_model_path), "key_inputs": inputs, "dtype": dtype,
-            "template": inputs["template"], "max_length": inputs["max_length"], "layout": inputs["layout"],
-            "versions": _library_versions(), "created": meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        write_cache_meta(cache, base_model_path, inputs, "pass")
         computed, errors = _compute(cfg, cache, todo, base_model_path, dtype, rows_per_part)
 
     covered, missing = cache.coverage(sample_ids)
@@ -479,5 +510,5 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
 
 
 __all__ = ["REFERENCE_SCHEMA", "REFERENCE_COLUMNS", "ReferenceCache", "ReferenceScorer", "ReferenceSettings",
-           "default_cache_root", "file_fingerprint", "key_inputs", "open_reference_cache", "precompute_reference",
-           "reference_dtype", "reference_key"]
+           "default_cache_root", "file_fingerprint", "key_inputs", "keyed_cache", "open_reference_cache",
+           "precompute_reference", "reference_dtype", "reference_key", "write_cache_meta", "write_reference_values"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import ExperimentConfig
+from orchestrator.plan import reference_fill
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
 from orchestrator.train.recipe import STAGES, stage_output_dir, stage_plan, train_loop_per_worker
@@ -121,7 +122,8 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     timings = {"started": time.time()}
     if not ray.is_initialized():
         init_ray(cfg)
-    uses_reference_pass = stage == "dpo" and cfg.train.reference_cache
+    fill = reference_fill(cfg.train, stage)
+    uses_reference_pass = fill == "pass"
     preflight(cfg, training_request(cfg, stage), *([reference_request(cfg)] if uses_reference_pass else []))
     plan = stage_plan(cfg.train, stage)
     if dataset is None:
@@ -142,6 +144,12 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         timings["reference_pass_started"] = time.time()
         reference_cache = str(precompute_reference(cfg, base, dataset).path)
         timings["reference_pass_done"] = time.time()
+    elif fill == "loop":  # the workers compute what the cache lacks during the first epoch, and add it
+        from orchestrator.train.reference_cache import keyed_cache, write_cache_meta
+
+        cache, key_inputs = keyed_cache(cfg, base)
+        write_cache_meta(cache, base, key_inputs, "loop")
+        reference_cache = str(cache.path)
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -149,7 +157,8 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "stage": stage, "base_model": str(base),
-                           "step_hook": step_hook, "reference_cache": reference_cache, "probe": probe,
+                           "step_hook": step_hook, "reference_cache": reference_cache,
+                           "reference_fill": fill, "probe": probe,
                            "run_path": run_path, "resume_from": resume_plan.resume_from},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),

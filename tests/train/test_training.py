@@ -68,7 +68,7 @@ def zero2(ray_session, synth_world, tiny_model_dir, tmp_path_factory):
 def zero3(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3")
     return _train(tmp, synth_world[0], tiny_model_dir, "name=zero3", "train.deepspeed.zero_stage=3",
-                  "wandb.mode=offline", dataset=preference_rows)
+                  "wandb.mode=offline", "train.reference_fill=pass", dataset=preference_rows)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,36 @@ def test_dpo_reads_the_reference_cache_and_the_plain_run_does_not(zero2, zero2_p
     assert list(default_cache_root(cfg).glob("*/part-*.parquet"))
     plain_cfg, _, _ = zero2_plain
     assert not default_cache_root(plain_cfg).exists()
+
+
+def test_the_loop_fills_the_reference_cache_with_the_values_a_pass_computes(zero2, zero3, zero0_killed):
+    """zero2 and zero0 (LoRA, reference_fill auto = loop) computed the reference in their first epoch and
+    added it to the cache, one part per rank per checkpoint; zero3 ran the Ray Data pass first. Same model,
+    same pairs: the same numbers (fp32)."""
+    from orchestrator.train.recipe import plan_schedule, stage_plan
+    from orchestrator.train.reference_cache import default_cache_root, open_reference_cache
+
+    def cache_of(run):
+        folders = list(default_cache_root(run[0]).glob("*/"))
+        assert len(folders) == 1
+        return open_reference_cache(folders[0])
+
+    filled, passed = cache_of(zero2), cache_of(zero3)
+    assert filled.meta()["filled_by"] == ["loop"] and passed.meta()["filled_by"] == ["pass"]
+    assert filled.key == passed.key  # the same cache a pass would have written
+    writers = {part.stem.split("-", 2)[2] for part in filled.parts()}
+    assert writers == {"rank0", "rank1"}
+    cfg = zero2[0]
+    rows = len(passed.load())
+    schedule = plan_schedule(rows, 2, cfg.train, stage_plan(cfg.train, "dpo"))
+    pairs_per_step = 2 * cfg.train.batch_size_per_worker * cfg.train.gradient_accumulation
+    expected = min(6, schedule.steps_per_epoch) * pairs_per_step  # every pair a step trained on, once
+    loop_values, pass_values = filled.load(), passed.load()
+    assert len(loop_values) == expected
+    for sample_id, (chosen, rejected) in loop_values.items():
+        assert (chosen, rejected) == pytest.approx(pass_values[sample_id], abs=1e-3), sample_id
+    # the killed-and-resumed run kept what it had flushed at its step-2 checkpoint and filled the rest after
+    assert len(cache_of(zero0_killed).load()) == expected
 
 
 def test_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(zero0_killed):
