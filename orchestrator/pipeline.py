@@ -18,15 +18,14 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import ExperimentConfig, dump_config
 from orchestrator.files import file_sha256
+from orchestrator.versions import git_sha, package_versions
 
 log = logging.getLogger("hadpo.pipeline")
 
@@ -66,33 +65,6 @@ def preference_source_files(config: ExperimentConfig) -> dict[str, str]:
     return files
 
 
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def git_sha(cwd: Path | None = None) -> str:
-    """HEAD of the checkout the package runs from, with "-dirty" when tracked files have changes."""
-    cwd = cwd or Path(__file__).parent
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def hardware() -> dict[str, Any]:
     import torch
 
@@ -110,7 +82,7 @@ def write_run_record(config: ExperimentConfig, extra: dict[str, Any] | None = No
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config.model_dump(mode="json"),
         "config_hash": config.content_hash(),
-        "packages": package_versions(),
+        "packages": package_versions(RECORDED_PACKAGES),
         "git_sha": git_sha(),
         "data_files": data_file_hashes(config),
         "decoding": {"mode": config.eval.mode, "max_new_tokens": config.eval.max_new_tokens,
