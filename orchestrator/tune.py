@@ -188,7 +188,8 @@ def release_stopped_training_callback():
 
 def probe_rows(config: ExperimentConfig) -> list[dict]:
     """The fixed POPE subset every trial is measured on during training (images that open only), saved."""
-    from orchestrator.data.datasets import image_error, pope_rows
+    from orchestrator.data.datasets import pope_rows
+    from orchestrator.images import image_error
     from orchestrator.eval.probe import select_probe_questions
 
     rows = pope_rows(config)

@@ -23,44 +23,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.images import image_error
 
 log = logging.getLogger(__name__)
 
 POPE_SPLITS = ("random", "popular", "adversarial")
-
-
-class ImageLoadError(OSError):
-    """An image that cannot be used: the message names the path and the reason."""
-
-    def __init__(self, path: str, reason: str):
-        self.path, self.reason = path, reason
-        super().__init__(f"{path}: {reason}")
-
-
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB, or raise ImageLoadError saying why not."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
-    except Exception as error:  # PIL raises many types for corrupt files; all mean "unusable"
-        raise ImageLoadError(path, f"unreadable image ({type(error).__name__}: {error})") from None
-
-
-def image_error(path: str) -> str:
-    """'' if the image opens and decodes, else the reason."""
-    try:
-        load_image(path)
-        return ""
-    except ImageLoadError as error:
-        return error.reason
 
 
 @dataclass

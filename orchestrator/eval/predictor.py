@@ -71,11 +71,11 @@ import pandas as pd
 import pyarrow as pa
 
 from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, LLAVA_WORKER_TEMPLATE, LlavaModel,
-                                         build_milebench_question, image_budget_batches, load_model_adapter,
-                                         open_image)
+                                         build_milebench_question, image_budget_batches, load_model_adapter)
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
 from orchestrator.eval.results import (ANSWER_COLUMNS, block_name, to_answer_table, write_answers,
                                        write_json_atomic)
+from orchestrator.images import load_image
 
 log = logging.getLogger(__name__)
 MODULE_IMPORTED_AT = time.time()   # in an actor: Ray's worker is up and has imported this module
@@ -728,7 +728,7 @@ def add_pixels(batch: pa.Table, model_path: str) -> pa.Table:
     opened = {}
     for path in first_row:
         try:
-            opened[path] = open_image(path)
+            opened[path] = load_image(path)
         except Exception:  # reported by the actor, with the same message as without this stage
             continue
     values: list[bytes | None] = [None] * batch.num_rows

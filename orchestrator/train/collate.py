@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from orchestrator.data.datasets import ImageLoadError, load_image
+from orchestrator.images import ImageLoadError, load_image
 from orchestrator.model.llava import LoadedLlava, pixel_values
 from orchestrator.model.templates import (IGNORE_INDEX, build_prompt, encode_answer, encode_example,
                                           encode_prompt)

@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import PREFERENCE_COLUMNS, PREFERENCE_IMAGES
 from orchestrator.files import atomic_write, file_sha256, write_json_atomic
+from orchestrator.images import image_error
 from orchestrator.timing import format_seconds
 from orchestrator.versions import package_versions
 
@@ -318,7 +319,6 @@ class ReferenceScorer:
     def _run(self, group: list[dict], outputs: dict[str, dict]) -> None:
         import torch
 
-        from orchestrator.data.datasets import image_error
         from orchestrator.train.pairs import collate_pairs, score_pairs
 
         s = self.settings
