@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.files import atomic_write, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
+from orchestrator.files import atomic_write
 
 KEY = ("benchmark", "split", "item_id")
 

@@ -51,9 +51,10 @@ from orchestrator.eval import pope
 from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
                                          pope_items, predict, resolved_dtype)
 from orchestrator.eval.results import (answered_keys, answers_dir, anti_join, block_name, compute_run_id, eval_dir,
-                                       item_key, metrics_path, read_answers, write_answers, write_json_atomic,
-                                       write_metrics)
+                                       item_key, metrics_path, read_answers, write_answers, write_metrics)
+from orchestrator.files import write_json_atomic
 from orchestrator.resources import eval_request, preflight
+from orchestrator.timing import format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +267,6 @@ def _milebench_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _fmt_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -366,7 +360,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
             errors += sum(1 for e in block.column("error").to_pylist() if e)
             rate = computed / max(time.time() - t0, 1e-9)
             log.info("eval [inference] %s: %d/%d (%.0f%%), %.2f items/s, ETA %s, %d errors", run_id, computed,
-                     len(todo), 100.0 * computed / len(todo), rate, _fmt_seconds((len(todo) - computed) / rate),
+                     len(todo), 100.0 * computed / len(todo), rate, format_seconds((len(todo) - computed) / rate),
                      errors)
 
     # 5. metrics
