@@ -33,7 +33,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from orchestrator.train.recipe import lora_target_regex
+    from orchestrator.model.lora import lora_target_regex
 
     torch.manual_seed(5)
     base = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir))
