@@ -387,7 +387,7 @@ def main(argv=None) -> int:
 
     from orchestrator.pipeline import run_pipeline
     from orchestrator.ray_session import init_ray
-    from orchestrator.train.tracking import timings_path
+    from orchestrator.layout import timings_path
 
     init_ray(cfg)
     sampler = GpuMemorySampler()
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
         if name.startswith("eval"):
             entry = eval_timing(record)
         elif name.startswith("dpo"):
-            entry = dpo_timing(record, timings_path(cfg, "dpo"), args.warmup, args.pairs)
+            entry = dpo_timing(record, timings_path(cfg.run_dir, "dpo"), args.warmup, args.pairs)
         else:
             entry = {"wall_s": record.get("seconds")}
         if record.get("started") is not None:

@@ -291,7 +291,8 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
     if config.train.reference_cache:
         # Once, before the trials: they all start from this model, so they all find its log-probs cached.
         from orchestrator.train.reference_cache import precompute_reference
-        from orchestrator.train.trainer import base_model_path, stage_dataset
+        from orchestrator.model.base_model import base_model_path
+        from orchestrator.train.trainer import stage_dataset
 
         precompute_reference(config, base_model_path(config, base_model), stage_dataset(config, "dpo"))
     storage = config.run_dir / "tune"

@@ -21,9 +21,10 @@ import pytest
 from orchestrator.config import config_from_dict
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
-from orchestrator.eval.results import compute_run_id, eval_dir, metrics_path, read_metrics, write_answers, write_metrics
+from orchestrator.eval.results import compute_run_id, read_metrics, write_answers, write_metrics
 from orchestrator.eval.runner import EvalResult, _milebench_metric_rows, _pope_metric_rows
 from orchestrator.files import write_json_atomic
+from orchestrator.layout import eval_dir, metrics_path
 from orchestrator.pipeline import _pope_summary
 from orchestrator.report import PUBLISHED_LABEL, build_report, load_run
 from orchestrator.train.tracking import CurveLog

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
@@ -135,7 +136,7 @@ def preference_rows(config: ExperimentConfig, stats: dict | None = None,
 
 def embedded_images_dir(config: ExperimentConfig) -> Path:
     """Where images embedded in data files (parquet bytes) are written once, under their content hash."""
-    return Path(config.output_root).expanduser().resolve() / "cache" / "images"
+    return layout.embedded_images_dir(config.output_dir)
 
 
 def source_rows(config: ExperimentConfig, source: PreferenceSource, name: str, stats: dict | None = None) -> list[dict]:
@@ -312,7 +313,7 @@ def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig,
     set_aside = list(set_aside or [])
     if not rows:
         if set_aside:
-            write_rejects(set_aside, config.run_dir / "data" / f"rejects-{name}.parquet")
+            write_rejects(set_aside, layout.rejects_path(config.run_dir, name))
         raise ValueError(f"{name}: the config's files hold no usable rows"
                          + (f" ({len(set_aside)} rejected, e.g. {set_aside[0]['error']})" if set_aside else ""))
     total = len(rows) + len(set_aside)
@@ -322,7 +323,7 @@ def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig,
     ).materialize()
     rejects = set_aside + [dict(row) for row in checked.filter(lambda row: row["error"] != "").take_all()]
     good = checked.filter(lambda row: row["error"] == "").drop_columns(["error"]).materialize()
-    rejects_path = config.run_dir / "data" / f"rejects-{name}.parquet"
+    rejects_path = layout.rejects_path(config.run_dir, name)
     write_rejects(rejects, rejects_path)
     result = CheckedDataset(name, good, rejects, total, str(rejects_path))
     log.info(result.summary())

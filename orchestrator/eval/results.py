@@ -1,6 +1,6 @@
-"""Where evaluation results live, and how a run resumes.
+"""How evaluation results are stored, and how a run resumes.
 
-Layout, under the experiment's run directory::
+Layout, under the experiment's run directory (`orchestrator.layout` names these paths)::
 
     <run_dir>/eval/<run_id>/run.json          what the run evaluates (model, adapter, decoding, versions)
     <run_dir>/eval/<run_id>/answers/*.parquet one row per answered item (ANSWER_SCHEMA), one file per block
@@ -68,18 +68,6 @@ METRIC_SCHEMA = pa.schema([
     ("value", pa.float64()),
     ("n", pa.int64()),
 ])
-
-
-def eval_dir(run_dir: str | Path, run_id: str) -> Path:
-    return Path(run_dir) / "eval" / run_id
-
-
-def answers_dir(run_dir: str | Path, run_id: str) -> Path:
-    return eval_dir(run_dir, run_id) / "answers"
-
-
-def metrics_path(run_dir: str | Path, run_id: str) -> Path:
-    return eval_dir(run_dir, run_id) / "metrics.parquet"
 
 
 def compute_run_id(model_path: str, adapter_path: str | None, mode: str, decoding: dict,

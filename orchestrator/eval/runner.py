@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
 from orchestrator.eval import completeness
@@ -50,9 +51,10 @@ from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
 from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
                                          pope_items, predict, resolved_dtype)
-from orchestrator.eval.results import (answered_keys, answers_dir, anti_join, block_name, compute_run_id, eval_dir,
-                                       item_key, metrics_path, read_answers, write_answers, write_metrics)
+from orchestrator.eval.results import (answered_keys, anti_join, block_name, compute_run_id, item_key, read_answers,
+                                       write_answers, write_metrics)
 from orchestrator.files import write_json_atomic
+from orchestrator.model.base_model import base_model_path
 from orchestrator.resources import eval_request, preflight
 from orchestrator.timing import format_seconds
 
@@ -83,28 +85,6 @@ class EvalResult:
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
-
-
-def default_model_path(cfg: ExperimentConfig) -> Path:
-    """The config's model folder, or the tiny LLaVA the training stage uses (built once if needed).
-
-    The training stage owns the tiny model's location (`orchestrator.train.trainer.base_model_path`:
-    ``<run_dir>/model/tiny``) so that adapters it trains are evaluated on the same base. Without the
-    training package, the tiny model is built there by this function with the world's vocabulary.
-    """
-    if cfg.model.path:
-        return Path(cfg.model.path).expanduser().resolve()
-    try:
-        from orchestrator.train.trainer import base_model_path
-    except ImportError:
-        base_model_path = None
-    if base_model_path is not None:
-        return Path(base_model_path(cfg))
-    from orchestrator.data.synthetic import SynthConfig, world_vocabulary
-    from orchestrator.model.llava import ensure_model
-
-    texts = [" ".join(world_vocabulary(SynthConfig(seed=cfg.data.synthetic.seed)))]
-    return ensure_model(cfg.model, texts, cfg.run_dir / "model" / "tiny", seed=cfg.data.synthetic.seed)
 
 
 def _file_version(path: str | Path, n: int) -> str:
@@ -302,7 +282,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
              ", ".join(f"{b} {n}" for b, n in by_benchmark.items()), len(questions.rejects))
 
     # 2. run id
-    model = str(Path(model_path).expanduser().resolve()) if model_path else str(default_model_path(cfg))
+    model = str(Path(model_path).expanduser().resolve()) if model_path else str(base_model_path(cfg))
     adapter_path = str(Path(adapter).expanduser().resolve()) if adapter else ""
     settings = PredictorSettings(
         run_id="", model_path=model, adapter_path=adapter_path, mode=cfg.eval.mode,
@@ -321,11 +301,13 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         decoding = settings.decoding()
     run_id = compute_run_id(model, adapter_path, cfg.eval.mode, decoding, questions.versions, tag)
     run_dir = cfg.run_dir
-    out_dir, ans_dir, met_path = eval_dir(run_dir, run_id), answers_dir(run_dir, run_id), metrics_path(run_dir, run_id)
+    out_dir, ans_dir = layout.eval_dir(run_dir, run_id), layout.answers_dir(run_dir, run_id)
+    met_path = layout.metrics_path(run_dir, run_id)
     # each actor records its start-up and calls under <eval dir>/timings (benchmarks/pipeline.py reads them)
-    settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir), timings_dir=str(out_dir / "timings"))
+    settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir),
+                                   timings_dir=str(layout.eval_timings_dir(run_dir, run_id)))
     ans_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "run.json", {
+    write_json_atomic(layout.eval_info_path(run_dir, run_id), {
         "run_id": run_id, "model": model, "adapter": adapter_path, "mode": cfg.eval.mode, "decoding": decoding,
         "versions": questions.versions, "benchmarks": list(benchmarks), "tag": tag,
         "config_hash": cfg.content_hash(), "expected": expected,
@@ -474,5 +456,4 @@ def format_milebench_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalResult", "run_eval", "format_pope_table", "format_milebench_table", "load_questions",
-           "default_model_path"]
+__all__ = ["EvalResult", "run_eval", "format_pope_table", "format_milebench_table", "load_questions"]

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
 from orchestrator.model.llava import LoadedLlava, load_llava
@@ -77,7 +78,7 @@ from orchestrator.train.collate import Collated, collate_sft
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
 from orchestrator.train.pairs import (PackedPairs, collate_pairs, longest_row_tokens, model_inputs_for,
                                       pair_token_logps)
-from orchestrator.train.tracking import Tracker, timings_path
+from orchestrator.train.tracking import Tracker
 from orchestrator.files import write_json_atomic
 from orchestrator.timing import process_start_time
 
@@ -244,7 +245,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "" if plan.stage != "dpo" else f", {'packed' if train.prefix_sharing else 'plain'} pairs, "
                  f"reference {'cached' if cached_reference else 'in the loop'}")
         log.info("setup %s", lap)
-    clock = _StepClock(timings_path(cfg, plan.stage), lap, enabled=rank == 0,
+    clock = _StepClock(layout.timings_path(cfg.run_dir, plan.stage), lap, enabled=rank == 0,
                        engine=engine.describe(), engine_reason=zero_reason)
 
     # 5. The loop: micro-batches from the resume position; an optimizer step every `accumulation`.

@@ -48,6 +48,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import PREFERENCE_COLUMNS, PREFERENCE_IMAGES
 from orchestrator.files import atomic_write, file_sha256, write_json_atomic
@@ -243,7 +244,7 @@ def open_reference_cache(path: str | Path) -> ReferenceCache:
 
 
 def default_cache_root(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.output_root).expanduser().resolve() / "cache" / "reference_logps"
+    return layout.reference_cache_root(cfg.output_dir)
 
 
 def _write_part(cache: ReferenceCache, table: pa.Table) -> Path:

@@ -7,7 +7,8 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.eval import completeness, pope
-from orchestrator.eval.results import eval_dir, write_answers
+from orchestrator.eval.results import write_answers
+from orchestrator.layout import eval_dir
 from orchestrator.files import write_json_atomic
 from orchestrator.eval.runner import format_pope_table, with_expected
 from orchestrator.report import build_report, load_run
