@@ -1,6 +1,7 @@
 """`hadpo run`: data check -> (warm-up, synthetic only) -> baseline eval -> DPO -> eval -> report.
 
-Each stage writes to paths derived from the config and records, in ``<run_dir>/stages/<stage>.json``,
+Each stage writes to paths derived from the config (`orchestrator.layout`) and records, in
+``<run_dir>/stages/<stage>.json``,
 a hash of its inputs (the config sections it reads, the data files' hashes, the upstream outputs) and
 its outputs. A re-run skips every stage whose record matches and whose recorded outputs (the model,
 adapter, answers and metrics it made) are still on disk, so a crashed or interrupted pipeline resumes
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig, dump_config
 from orchestrator.files import file_sha256
 from orchestrator.versions import git_sha, package_versions
@@ -91,10 +93,10 @@ def write_run_record(config: ExperimentConfig, extra: dict[str, Any] | None = No
         "hardware": hardware(),
     }
     record.update(extra or {})
-    path = config.run_dir / "run_record.json"
+    path = layout.run_record_path(config.run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
-    dump_config(config, config.run_dir / "config.yaml")
+    dump_config(config, layout.config_path(config.run_dir))
     return path
 
 
@@ -147,7 +149,7 @@ class PipelineResult:
 
 def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) -> dict[str, Any]:
     """Run a stage unless its record shows it already ran on the same inputs."""
-    record_path = config.run_dir / "stages" / f"{stage.name}.json"
+    record_path = layout.stage_record_path(config.run_dir, stage.name)
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
@@ -212,7 +214,7 @@ def failed_images(answers) -> dict[str, str]:
     return watched
 
 
-def _pope_summary(evaluated) -> dict[str, Any]:
+def evaluation_outputs(evaluated) -> dict[str, Any]:
     """An evaluation stage's record: where its answers and metrics are, its POPE rows (one per dataset and
     split, with the question file's version, and a mean per dataset), each dataset's mean F1, its counts."""
     from orchestrator.eval.pope import mean_f1
@@ -260,7 +262,7 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
                          "rejects_path": checked.rejects_path}
         return out
 
-    run_stage(config, Stage("data", inputs_hash(dump["data"], files), check_data), result)
+    run_stage(config, Stage(layout.DATA, inputs_hash(dump["data"], files), check_data), result)
 
     base_model = config.model.path
     if config.data.uses_synthetic_world and not config.model.path:
@@ -268,25 +270,26 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
             trained = run_training(config, stage="sft", resume=resume)
             return {"model": trained.checkpoint_path, "curves": trained.curves_path}
 
-        warm = run_stage(config, Stage("warmup", inputs_hash(dump["model"], warmup_train_settings(config), dump["data"],
-                                                             files), warm_up, products=("model",)), result)
+        warm = run_stage(config, Stage(layout.WARMUP, inputs_hash(dump["model"], warmup_train_settings(config),
+                                                                  dump["data"], files), warm_up, products=("model",)),
+                         result)
         base_model = warm["model"]
 
     eval_inputs = (dump["eval"], dump["model"]["eval_template"], files, benchmarks)
 
     # Evaluation resumes by its own run id; when a stage runs, items that failed before are tried again.
     def baseline(resume: bool) -> dict[str, Any]:
-        return _pope_summary(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline",
-                                      retry_errors=True))
+        return evaluation_outputs(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline",
+                                           retry_errors=True))
 
-    run_stage(config, Stage("eval_baseline", inputs_hash(base_model, *eval_inputs), baseline,
+    run_stage(config, Stage(layout.EVAL_BASELINE, inputs_hash(base_model, *eval_inputs), baseline,
                             products=EVAL_PRODUCTS), result)
 
     for seed in dpo_seeds or [config.train.seed]:
         seeded = config if seed == config.train.seed and not dpo_seeds else \
-            config.model_copy(update={"name": f"{config.name}-seed{seed}",
+            config.model_copy(update={"name": layout.seeded_run_name(config.name, seed),
                                       "train": config.train.model_copy(update={"seed": seed})})
-        suffix = "" if seeded is config else f"_seed{seed}"
+        stage_seed = None if seeded is config else seed
 
         def dpo(resume: bool, seeded=seeded) -> dict[str, Any]:
             trained = run_training(seeded, stage="dpo", base_model=base_model, resume=resume)
@@ -295,16 +298,17 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
 
         # the sources' weights and names decide the rows too (their files are in `files`)
         sources = [dump["data"]["preference"]] if config.data.preference else []
-        trained = run_stage(config, Stage(f"dpo{suffix}", inputs_hash(base_model, seeded.model_dump(mode="json")["train"],
-                                                                      files, *sources), dpo, products=("adapter",)),
-                            result)
+        trained = run_stage(config, Stage(layout.seeded_stage(layout.DPO, stage_seed),
+                                          inputs_hash(base_model, seeded.model_dump(mode="json")["train"], files,
+                                                      *sources), dpo, products=("adapter",)), result)
 
         def after(resume: bool, adapter=trained["adapter"], seeded=seeded) -> dict[str, Any]:
-            return _pope_summary(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,
-                                          tag="hadpo", retry_errors=True))
+            return evaluation_outputs(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,
+                                               tag="hadpo", retry_errors=True))
 
-        run_stage(config, Stage(f"eval_hadpo{suffix}", inputs_hash(base_model, trained["adapter"], *eval_inputs),
-                                after, products=EVAL_PRODUCTS), result)
+        run_stage(config, Stage(layout.seeded_stage(layout.EVAL_HADPO, stage_seed),
+                                inputs_hash(base_model, trained["adapter"], *eval_inputs), after, products=EVAL_PRODUCTS),
+                  result)
 
     result.run_record = write_run_record(config, {"base_model": base_model, "stages": result.outputs})
     return result
