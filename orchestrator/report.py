@@ -56,7 +56,7 @@ from orchestrator.data.schema import POPE_DEFAULT_DATASET
 from orchestrator.errors import CorruptFileError
 from orchestrator.eval import completeness
 from orchestrator.eval.pope import dataset_sort_key, dataset_split, qualified_split
-from orchestrator.eval.results import read_answers, read_metrics
+from orchestrator.eval.results import milebench_metric_rows, pope_metric_rows, read_answers, read_metrics
 
 SPLIT_ORDER = ("random", "popular", "adversarial")
 POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
@@ -183,15 +183,14 @@ def _score_answers(answers: pd.DataFrame, run_id: str) -> pd.DataFrame:
     """Metric rows (METRIC_SCHEMA) from answers, with the same functions `run_eval` uses."""
     from orchestrator.eval import milebench as mb
     from orchestrator.eval import pope
-    from orchestrator.eval.runner import _milebench_metric_rows, _pope_metric_rows
 
     rows: list[dict] = []
     pope_answers = answers[answers["benchmark"] == "pope"]
     if len(pope_answers):
-        rows += _pope_metric_rows(run_id, pope.summarise(pope_answers))
+        rows += pope_metric_rows(run_id, pope.summarise(pope_answers))
     mile_answers = answers[answers["benchmark"] == "milebench"]
     if len(mile_answers):
-        rows += _milebench_metric_rows(run_id, mb.summarise(mb.score_answers(mile_answers)))
+        rows += milebench_metric_rows(run_id, mb.summarise(mb.score_answers(mile_answers)))
     return pd.DataFrame(rows, columns=["run_id", "benchmark", "scope", "name", "metric", "value", "n"])
 
 

@@ -21,8 +21,9 @@ import pytest
 from orchestrator.config import config_from_dict
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
-from orchestrator.eval.results import compute_run_id, read_metrics, write_answers, write_metrics
-from orchestrator.eval.runner import EvalResult, _milebench_metric_rows, _pope_metric_rows
+from orchestrator.eval.results import (compute_run_id, milebench_metric_rows, pope_metric_rows, read_metrics,
+                                       write_answers, write_metrics)
+from orchestrator.eval.runner import EvalResult
 from orchestrator.files import write_json_atomic
 from orchestrator.layout import eval_dir, metrics_path
 from orchestrator.pipeline import evaluation_outputs
@@ -120,7 +121,7 @@ def write_evaluation(run_dir: Path, tag: str, adapter: str, false_yes, false_no,
     counts = {"items": len(answers), "answered": len(answers), "computed": len(answers), "skipped": 0,
               "rejected": 1, "errors": 1,
               "unparsable": int(pope_table.loc[pope_table["split"] == "mean", "n_unparsable"].sum())}
-    rows = _pope_metric_rows(run_id, pope_table) + _milebench_metric_rows(run_id, mile_table)
+    rows = pope_metric_rows(run_id, pope_table) + milebench_metric_rows(run_id, mile_table)
     rows += [{"run_id": run_id, "benchmark": "all", "scope": "counts", "name": k, "metric": k, "value": float(v),
               "n": int(v)} for k, v in counts.items()]
     write_metrics(rows, metrics_path(run_dir, run_id))

@@ -30,6 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.eval import pope
 from orchestrator.files import atomic_write
 
 KEY = ("benchmark", "split", "item_id")
@@ -68,6 +70,31 @@ METRIC_SCHEMA = pa.schema([
     ("value", pa.float64()),
     ("n", pa.int64()),
 ])
+
+
+def pope_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
+    """One row per metric of each split (scope "split") and each dataset's mean (scope "overall"), named by
+    `pope.qualified_split` ("adversarial", "mean"; "gqa/adversarial", "gqa/mean")."""
+    rows = []
+    for record in table.to_dict("records"):
+        name = pope.qualified_split(str(record.get("dataset", POPE_DEFAULT_DATASET)), str(record["split"]))
+        for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio", "TP", "FP", "TN", "FN",
+                       "n_errors", "n_unparsable"):
+            rows.append({"run_id": run_id, "benchmark": "pope", "scope": "split" if record["split"] != "mean"
+                         else "overall", "name": name, "metric": metric,
+                         "value": float(record[metric]), "n": int(record["n"])})
+    return rows
+
+
+def milebench_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
+    """Two rows per `milebench.summarise` row: its score (the task's own metric, or "score") and its error count."""
+    rows = []
+    for record in table.to_dict("records"):
+        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
+                     "metric": record["metric"], "value": float(record["value"]), "n": int(record["n"])})
+        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
+                     "metric": "n_errors", "value": float(record["n_errors"]), "n": int(record["n"])})
+    return rows
 
 
 def compute_run_id(model_path: str, adapter_path: str | None, mode: str, decoding: dict,

@@ -51,8 +51,9 @@ from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
 from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
                                          pope_items, predict, resolved_dtype)
-from orchestrator.eval.results import (answered_keys, anti_join, block_name, compute_run_id, item_key, read_answers,
-                                       write_answers, write_metrics)
+from orchestrator.eval.results import (answered_keys, anti_join, block_name, compute_run_id, item_key,
+                                       milebench_metric_rows, pope_metric_rows, read_answers, write_answers,
+                                       write_metrics)
 from orchestrator.files import write_json_atomic
 from orchestrator.model.base_model import base_model_path
 from orchestrator.resources import eval_request, preflight
@@ -220,34 +221,6 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics
-
-
-def _pope_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
-    """One row per metric of each split (scope "split") and each dataset's mean (scope "overall"), named by
-    `pope.qualified_split` ("adversarial", "mean"; "gqa/adversarial", "gqa/mean")."""
-    rows = []
-    for record in table.to_dict("records"):
-        name = pope.qualified_split(str(record.get("dataset", POPE_DEFAULT_DATASET)), str(record["split"]))
-        for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio", "TP", "FP", "TN", "FN",
-                       "n_errors", "n_unparsable"):
-            rows.append({"run_id": run_id, "benchmark": "pope", "scope": "split" if record["split"] != "mean"
-                         else "overall", "name": name, "metric": metric,
-                         "value": float(record[metric]), "n": int(record["n"])})
-    return rows
-
-
-def _milebench_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
-    rows = []
-    for record in table.to_dict("records"):
-        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
-                     "metric": record["metric"], "value": float(record["value"]), "n": int(record["n"])})
-        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
-                     "metric": "n_errors", "value": float(record["n_errors"]), "n": int(record["n"])})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
 # The run
 
 
@@ -354,11 +327,11 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     pope_answers = answers[answers["benchmark"] == "pope"]
     if "pope" in benchmarks and len(pope_answers):
         pope_table = with_expected(pope.summarise(pope_answers), coverage, allow_partial)
-        metric_rows += _pope_metric_rows(run_id, pope_table)
+        metric_rows += pope_metric_rows(run_id, pope_table)
     mile_answers = answers[answers["benchmark"] == "milebench"]
     if "milebench" in benchmarks and len(mile_answers):
         milebench_table = mb.summarise(mb.score_answers(mile_answers))
-        metric_rows += _milebench_metric_rows(run_id, milebench_table)
+        metric_rows += milebench_metric_rows(run_id, milebench_table)
     if not allow_partial:
         metric_rows = completeness.drop_means(pd.DataFrame(metric_rows), coverage).to_dict("records")
     n_errors = int((answers["error"].fillna("") != "").sum())
