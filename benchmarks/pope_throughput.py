@@ -326,10 +326,11 @@ def make_world_and_model(args, workdir: Path, device: str):
 
 def pope_questions(world: Path) -> list[dict]:
     from orchestrator.data import formats
+    from orchestrator.data.schema import POPE_SPLITS
     from orchestrator.eval.predictor import pope_items
 
     rows = []
-    for split in ("random", "popular", "adversarial"):
+    for split in POPE_SPLITS:
         rows += formats.read_pope_questions(world / "pope" / f"coco_pope_{split}.json", split=split,
                                             image_root=str(world / "coco" / "val2014"))
     return pope_items(rows)

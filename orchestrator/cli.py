@@ -194,25 +194,25 @@ def demo_table(run_dir: Path) -> tuple[str, bool]:
     spread (max - min) of the DPO seeds, on every POPE dataset evaluated (another dataset than COCO shows
     its splits as <dataset>/<split>).
     """
-    from orchestrator.data.schema import POPE_DEFAULT_DATASET
-    from orchestrator.eval.pope import qualified_split
+    from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
+    from orchestrator.eval.pope import METRIC_COLUMNS, qualified_split
     from orchestrator.report import load_run, pope_datasets, pope_results, pope_summary
 
     results = pope_results([load_run(run_dir)])
     summary = pope_summary(results).set_index(["role", "dataset", "split"])
     datasets = pope_datasets(results)
-    width = max([12] + [len(qualified_split(dataset, "adversarial")) for dataset in datasets])
+    width = max([12] + [len(qualified_split(dataset, split)) for dataset in datasets for split in POPE_SPLITS])
     lines = [f"{'model':<12} {'split':<{width}} {'HA-DPO':<6} {'accuracy':>14} {'precision':>14} {'recall':>14} "
              f"{'F1':>14} {'yes-ratio':>14}"]
     lines.append("-" * len(lines[0]))
     for dataset in datasets:
-        for split in ["random", "popular", "adversarial", "mean"]:
+        for split in [*POPE_SPLITS, "mean"]:
             for role, mark in (("before", "x"), ("after", "v")):
                 if (role, dataset, split) not in summary.index:
                     continue
                 row = summary.loc[(role, dataset, split)]
                 cells = []
-                for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+                for metric in METRIC_COLUMNS:
                     spread = f" ±{100 * row[f'{metric}_std']:.2f}" if row["evaluations"] > 1 else ""
                     cells.append(f"{100 * row[f'{metric}_mean']:.2f}{spread}".rjust(14))
                 lines.append(f"{'tiny LLaVA':<12} {qualified_split(dataset, split):<{width}} {mark:<6} "

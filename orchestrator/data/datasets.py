@@ -27,12 +27,10 @@ import pyarrow.parquet as pq
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
-from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
 from orchestrator.images import image_error
 
 log = logging.getLogger(__name__)
-
-POPE_SPLITS = ("random", "popular", "adversarial")
 
 
 @dataclass

@@ -78,8 +78,7 @@ def pope_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
     rows = []
     for record in table.to_dict("records"):
         name = pope.qualified_split(str(record.get("dataset", POPE_DEFAULT_DATASET)), str(record["split"]))
-        for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio", "TP", "FP", "TN", "FN",
-                       "n_errors", "n_unparsable"):
+        for metric in (*pope.METRIC_COLUMNS, *pope.COUNT_COLUMNS, *pope.ITEM_COUNT_COLUMNS):
             rows.append({"run_id": run_id, "benchmark": "pope", "scope": "split" if record["split"] != "mean"
                          else "overall", "name": name, "metric": metric,
                          "value": float(record[metric]), "n": int(record["n"])})

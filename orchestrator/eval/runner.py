@@ -397,8 +397,8 @@ def format_pope_table(df: pd.DataFrame) -> str:
         for record in block.to_dict("records"):
             if record["split"] == "mean":
                 lines.append("-" * len(header))
-            lines.append(f"{record['split']:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}" for m in
-                                                              ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+            lines.append(f"{record['split']:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}"
+                                                              for m in pope.METRIC_COLUMNS)
                          + f" {int(record['n']):>6}" + (f" {_answered(record):>17}" if with_counts else "")
                          + f"  {record.get('version') or ''}".rstrip())
         splits = block[block["split"] != "mean"]
