@@ -40,6 +40,10 @@ EVAL_HADPO = "eval_hadpo"
 SEED_SUFFIX = "_seed"          # a seeded stage: dpo_seed2
 SEEDED_RUN = "-seed"           # a seeded run: <name>-seed2
 
+# Training stages (`hadpo train --stage`, Ray Train's run names, the curves files): the warm-up stage
+# trains "sft", every DPO stage "dpo".
+SFT = "sft"
+
 
 def seeded_stage(stage: str, seed: int | None) -> str:
     """The pipeline stage `stage` of DPO seed `seed` ("dpo_seed2"); `stage` itself when `seed` is None."""
@@ -53,6 +57,14 @@ def parse_stage(name: str) -> tuple[str, int | None]:
     if suffix and stage and seed.removeprefix("-").isdigit():
         return stage, int(seed)
     return name, None
+
+
+def training_stage_of(stage: str) -> str | None:
+    """The training stage a recorded pipeline stage ran: "warmup" -> "sft", "dpo_seed2" -> "dpo"; None for
+    a stage that trains nothing."""
+    if stage == WARMUP:
+        return SFT
+    return DPO if parse_stage(stage)[0] == DPO else None
 
 
 def evaluation_of(training_stage: str) -> str:
@@ -107,6 +119,11 @@ def stage_record_path(run_dir: Path, stage: str) -> Path:
     return stages_dir(run_dir) / f"{stage}.json"
 
 
+def stage_records(run_dir: Path) -> dict[str, Path]:
+    """Every stage a run recorded: stage name -> its record (`stage_record_path`), by file name."""
+    return {path.stem: path for path in sorted(stages_dir(run_dir).glob("*.json"), key=lambda path: path.name)}
+
+
 def rejects_path(run_dir: Path, dataset: str) -> Path:
     return Path(run_dir) / "data" / f"rejects-{dataset}.parquet"
 
@@ -127,6 +144,11 @@ def curves_path(run_dir: Path, stage: str) -> Path:
     return train_dir(run_dir) / f"{stage}{CURVES_SUFFIX}"
 
 
+def curves_files(run_dir: Path) -> dict[str, Path]:
+    """Every curves parquet under the run's train folder: training stage -> its file (`curves_path`)."""
+    return {path.name[: -len(CURVES_SUFFIX)]: path for path in sorted(train_dir(run_dir).glob(f"*{CURVES_SUFFIX}"))}
+
+
 def timings_path(run_dir: Path, stage: str) -> Path:
     return train_dir(run_dir) / f"{stage}_timings.json"
 
@@ -139,9 +161,17 @@ def eval_dir(run_dir: Path, run_id: str) -> Path:
     return eval_root(run_dir) / run_id
 
 
+EVAL_INFO = "run.json"   # beside an evaluation's metrics.parquet and answers/
+
+
 def eval_info_path(run_dir: Path, run_id: str) -> Path:
     """An evaluation's run.json (what it evaluates: model, adapter, decoding, versions, expected counts)."""
-    return eval_dir(run_dir, run_id) / "run.json"
+    return eval_dir(run_dir, run_id) / EVAL_INFO
+
+
+def eval_dirs(run_dir: Path) -> list[Path]:
+    """Every evaluation folder of a run (``eval/<run_id>/``), by name."""
+    return sorted(path for path in eval_root(run_dir).glob("*") if path.is_dir())
 
 
 def answers_dir(run_dir: Path, run_id: str) -> Path:
@@ -170,6 +200,7 @@ def wandb_dir(run_dir: Path) -> Path:
 
 
 def tune_dir(run_dir: Path) -> Path:
+    """A sweep's files, and Ray Tune's storage (its trial folders under `tune_run_name`)."""
     return Path(run_dir) / "tune"
 
 
