@@ -92,6 +92,12 @@ def tune_run_name(name: str) -> str:
     return f"{name}-tune"
 
 
+def trial_run_name(name: str, tag: str) -> str:
+    """The experiment name of a sweep trial of `name` whose values are `tag` ("beta=0.5_rank=8"), usable as a
+    folder name: "<name>-beta0.5_rank8"."""
+    return f"{name}-{tag}".replace("/", "-").replace("=", "")
+
+
 def best_run_name(name: str) -> str:
     """The experiment name of the config a sweep of `name` leaves behind (its best trial's values)."""
     return f"{name}-best"

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from orchestrator.config import ConfigError, config_from_dict
-from orchestrator.model.export import export_model, resolve_source
+from orchestrator.export import export_model, resolve_source
 from tests.test_report import write_evaluation, write_stage
 
 ATOL = 1e-5
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_test_token_0123456789abcdef"
 
 
