@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator import layout
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.paths import absolute_path
 
 
 class ConfigError(ValueError):
@@ -492,8 +493,6 @@ def _make_paths_absolute(config: "ExperimentConfig") -> None:
     Written straight into the models' fields (no re-validation, which would recurse): the values are
     the same paths, only spelled absolutely.
     """
-    from orchestrator.paths import absolute_path
-
     def children(node: Any, part: str) -> list[tuple[Any, Any]]:
         if part == "*":
             if isinstance(node, list):

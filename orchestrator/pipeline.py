@@ -25,8 +25,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator import layout
-from orchestrator.config import ExperimentConfig, dump_config
+from orchestrator.config import ExperimentConfig, dump_config, source_name
+from orchestrator.data import datasets
+from orchestrator.data.formats import REJECTED_PATH, preference_table_files
+from orchestrator.eval.pope import mean_f1, qualified_split
 from orchestrator.files import file_sha256
+from orchestrator.ray_session import init_ray
+from orchestrator.resources import eval_request, preflight, reference_request, training_request
 from orchestrator.versions import git_sha, package_versions
 
 log = logging.getLogger("hadpo.pipeline")
@@ -37,24 +42,18 @@ RECORDED_PACKAGES = ("torch", "ray", "transformers", "peft", "deepspeed", "pyarr
 
 def data_file_hashes(config: ExperimentConfig) -> dict[str, str]:
     """sha256 of every annotation/question file the run reads (images are counted, not hashed)."""
-    from orchestrator.data.datasets import milebench_task_dirs, resolve_data_paths
-    from orchestrator.eval.pope import qualified_split
-
-    paths = resolve_data_paths(config)
+    paths = datasets.resolve_data_paths(config)
     files = {"hadpo_desc": paths.hadpo_desc, "hadpo_pope": paths.hadpo_pope,
              "vg_image_data": paths.vg_image_data, "sft": paths.sft}
     files.update({f"pope_{qualified_split(dataset, split)}": path for dataset, pope in paths.pope.items()
                   for split, path in pope.questions.items()})
-    files.update({f"milebench_{d.name}": str(d / f"{d.name}.json") for d in milebench_task_dirs(paths)})
+    files.update({f"milebench_{d.name}": str(d / f"{d.name}.json") for d in datasets.milebench_task_dirs(paths)})
     files.update(preference_source_files(config))
     return {name: file_sha256(path) for name, path in sorted(files.items()) if path and Path(path).is_file()}
 
 
 def preference_source_files(config: ExperimentConfig) -> dict[str, str]:
     """The annotation files of the `data.preference` sources, as ``preference/<source>/<n>-<file name>``."""
-    from orchestrator.config import source_name
-    from orchestrator.data.formats import preference_table_files
-
     files = {}
     for index, source in enumerate(config.data.preference):
         name = source_name(source, index)
@@ -201,8 +200,6 @@ def failed_images(answers) -> dict[str, str]:
 
     Paths the readers refused (outside their root) are never looked at.
     """
-    from orchestrator.data.formats import REJECTED_PATH
-
     watched: dict[str, str] = {}
     failed = answers[answers["error"].fillna("") != ""]
     for images, error in zip(failed["images"], failed["error"]):
@@ -217,8 +214,6 @@ def failed_images(answers) -> dict[str, str]:
 def evaluation_outputs(evaluated) -> dict[str, Any]:
     """An evaluation stage's record: where its answers and metrics are, its POPE rows (one per dataset and
     split, with the question file's version, and a mean per dataset), each dataset's mean F1, its counts."""
-    from orchestrator.eval.pope import mean_f1
-
     table = evaluated.pope_table
     records = table.to_dict("records") if table is not None else []
     return {"run_id": evaluated.run_id, "answers_dir": str(evaluated.answers_dir),
@@ -236,12 +231,11 @@ EVAL_PRODUCTS = ("answers_dir", "metrics_path")
 def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
                  benchmarks: tuple[str, ...] = ("pope", "milebench")) -> PipelineResult:
     """The whole experiment. `dpo_seeds` trains one adapter per seed (the demo shows their spread)."""
+    # Ray and the stages' model code (torch, transformers) load when a pipeline runs, not when its records
+    # are read (`evaluation_outputs`, the report's tests)
     import ray
 
-    from orchestrator.data import datasets
     from orchestrator.eval.runner import run_eval
-    from orchestrator.ray_session import init_ray
-    from orchestrator.resources import eval_request, preflight, reference_request, training_request
     from orchestrator.train.trainer import run_training
 
     if not ray.is_initialized():
@@ -267,7 +261,7 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
     base_model = config.model.path
     if config.data.uses_synthetic_world and not config.model.path:
         def warm_up(resume: bool) -> dict[str, Any]:
-            trained = run_training(config, stage="sft", resume=resume)
+            trained = run_training(config, stage=layout.SFT, resume=resume)
             return {"model": trained.checkpoint_path, "curves": trained.curves_path}
 
         warm = run_stage(config, Stage(layout.WARMUP, inputs_hash(dump["model"], warmup_train_settings(config),
@@ -292,7 +286,7 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
         stage_seed = None if seeded is config else seed
 
         def dpo(resume: bool, seeded=seeded) -> dict[str, Any]:
-            trained = run_training(seeded, stage="dpo", base_model=base_model, resume=resume)
+            trained = run_training(seeded, stage=layout.DPO, base_model=base_model, resume=resume)
             return {"adapter": trained.checkpoint_path, "curves": trained.curves_path, "metrics": trained.metrics,
                     "timings": trained.timings}
 

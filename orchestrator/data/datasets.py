@@ -28,6 +28,7 @@ from orchestrator import layout
 from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
 from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
+from orchestrator.data.synthetic import SynthConfig, generate_world
 from orchestrator.images import image_error
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ class DataPaths:
 
 def ensure_synthetic_world(config: ExperimentConfig) -> Path:
     """Generate the synthetic world under `config.world_dir` unless it is already there."""
-    from orchestrator.data.synthetic import SynthConfig, generate_world
-
     world = config.world_dir
     marker = world / "world.json"
     if not marker.is_file():

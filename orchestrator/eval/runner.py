@@ -45,6 +45,7 @@ import pandas as pd
 
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig
+from orchestrator.data import datasets
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
 from orchestrator.eval import completeness
 from orchestrator.eval import milebench as mb
@@ -56,6 +57,7 @@ from orchestrator.eval.results import (answered_keys, anti_join, block_name, com
                                        write_metrics)
 from orchestrator.files import write_json_atomic
 from orchestrator.model.base_model import base_model_path
+from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight
 from orchestrator.timing import format_seconds
 
@@ -108,8 +110,6 @@ def _checked(build, cfg: ExperimentConfig):
 
 def load_questions(cfg: ExperimentConfig, benchmarks: Sequence[str]) -> _Questions:
     """Evaluation items of the chosen benchmarks, the rejected ones, and the question-file versions."""
-    from orchestrator.data import datasets
-
     items: list[dict] = []
     rejects: list[dict] = []
     versions: dict[str, str] = {}
@@ -234,8 +234,6 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     recomputes items whose earlier answer was an error; `allow_partial` keeps the means over splits
     even when a split has fewer answers than questions; `fault` is for tests (see `Predictor`).
     """
-    from orchestrator.ray_session import init_ray
-
     benchmarks = tuple(dict.fromkeys(benchmarks))
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown or not benchmarks:

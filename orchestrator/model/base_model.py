@@ -12,6 +12,7 @@ from pathlib import Path
 
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig
+from orchestrator.data.synthetic import world_vocabulary
 from orchestrator.model.llava import ensure_model
 
 
@@ -40,6 +41,4 @@ def world_texts(cfg: ExperimentConfig) -> list[str]:
         vocabulary = json.loads(world_json.read_text()).get("vocabulary")
         if vocabulary:
             return [" ".join(vocabulary)]
-    from orchestrator.data.synthetic import world_vocabulary  # only when no world was written
-
     return [" ".join(world_vocabulary())]

@@ -28,9 +28,12 @@ from typing import Any, Callable
 
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig
+from orchestrator.data import datasets
 from orchestrator.model.base_model import base_model_path
+from orchestrator.ray_session import init_ray
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
+from orchestrator.train.reference_cache import precompute_reference
 from orchestrator.train.recipe import STAGES, stage_output_dir, stage_plan, train_loop_per_worker
 
 log = logging.getLogger("hadpo.train")
@@ -56,8 +59,6 @@ def storage_path(cfg: ExperimentConfig) -> str:
 
 def stage_dataset(cfg: ExperimentConfig, stage: str):
     """The Ray dataset a stage trains on (rows with unusable images already set aside)."""
-    from orchestrator.data import datasets
-
     checked = datasets.preference_dataset(cfg) if stage == "dpo" else datasets.sft_dataset(cfg)
     log.info(checked.summary())
     return checked.dataset
@@ -79,8 +80,6 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_session import init_ray
-
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
     timings = {"started": time.time()}
@@ -101,8 +100,6 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
 
     reference_cache = None
     if uses_reference_pass:
-        from orchestrator.train.reference_cache import precompute_reference
-
         dataset = dataset.materialize()  # the pass and the trainer read the rows once (image checks included)
         timings["reference_pass_started"] = time.time()
         reference_cache = str(precompute_reference(cfg, base, dataset).path)
