@@ -112,7 +112,8 @@ def run_engine_variant(name: str, args) -> dict:
 
     from orchestrator.config import TrainConfig
     from orchestrator.train.engine import make_engine
-    from orchestrator.train.recipe import add_lora, compute_loss, freeze_vision
+    from orchestrator.model.lora import add_lora, freeze_vision
+    from orchestrator.train.recipe import compute_loss
 
     spec = ENGINE_VARIANTS[name]
     cuda = not args.tiny and torch.cuda.is_available()
@@ -159,7 +160,7 @@ def run_loop_variants(names: list[str], args) -> list[dict]:
     import torch
 
     dpo_step = dpo_step_module()
-    from orchestrator.train.recipe import set_lora_input_casting
+    from orchestrator.model.lora import set_lora_input_casting
 
     cuda = not args.tiny and torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

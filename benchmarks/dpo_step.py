@@ -13,7 +13,7 @@ answers). The loops:
                 reference model (a full second copy), full-sequence logits, gradient checkpointing.
   plain         our recipe with `train.prefix_sharing: false`, `train.reference_cache: false`: 2B rows,
                 reference = the same model with adapters disabled, logits only on the answer window,
-                adapted activations kept in bf16 (`recipe.set_lora_input_casting`; the baseline keeps
+                adapted activations kept in bf16 (`model.lora.set_lora_input_casting`; the baseline keeps
                 peft's default bf16 -> fp32 cast of every adapted activation).
   packed        `prefix_sharing: true`: one row [prompt, chosen, rejected] per pair, the answers kept
                 apart by the attention mask (orchestrator.train.pairs), so the image + prompt (631 of 759
@@ -127,7 +127,7 @@ def plain_collated(inputs, labels, pairs: int):
 def add_lora(model, rank: int):
     from peft import LoraConfig, get_peft_model
 
-    from orchestrator.train.recipe import lora_target_regex
+    from orchestrator.model.lora import lora_target_regex
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     packed_tokens = prompt_tokens + 2 * args.answer_tokens
     results.update(sequence_tokens=length, packed_tokens=packed_tokens)
 
-    from orchestrator.train.recipe import set_lora_input_casting
+    from orchestrator.model.lora import set_lora_input_casting
 
     policy = add_lora(base, rank)
     results["lora_params"] = sum(p.numel() for p in policy.parameters() if p.requires_grad)

@@ -546,9 +546,9 @@ def train_run(args, name: str, dataset, *, workers: int, lora: bool = True, step
     except Exception as exc:  # a planned stop surfaces as a failed run; anything else is reported
         error = exc
     entry["wall_s"] = time.time() - started
-    from orchestrator.train.tracking import timings_path
+    from orchestrator.layout import timings_path
 
-    clock = timings_path(cfg, "dpo")  # rank 0's record: the engine the recipe resolved ("auto" stage) and why
+    clock = timings_path(cfg.run_dir, "dpo")  # rank 0's record: the engine the recipe resolved ("auto" stage) and why
     if clock.is_file():
         recorded = json.loads(clock.read_text())
         entry.update(engine=recorded.get("engine"), engine_reason=recorded.get("engine_reason"))

@@ -233,8 +233,9 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
     from orchestrator.model.llava import load_llava
     from orchestrator.plan import use_gradient_checkpointing, with_gpu_memory
     from orchestrator.train.pairs import longest_row_tokens
-    from orchestrator.train.recipe import collate_stage, epoch_order, freeze_vision, set_lora_input_casting
-    from orchestrator.train.reference_cache import open_reference_cache
+    from orchestrator.model.lora import freeze_vision, set_lora_input_casting
+    from orchestrator.train.recipe import collate_stage, epoch_order
+    from orchestrator.train.reference_cache import default_cache_root, open_reference_cache
 
     dpo_step = _module("dpo_step")
     cuda = not tiny and torch.cuda.is_available()
@@ -244,7 +245,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
         (lambda: torch.autocast("cpu", enabled=False))
     rows = sorted(datasets.preference_rows(cfg), key=lambda row: str(row["sample_id"]))
-    caches = sorted((cfg.run_dir.parent / "cache" / "reference_logps").glob("*/"), key=lambda p: p.stat().st_mtime)
+    caches = sorted(default_cache_root(cfg).glob("*/"), key=lambda p: p.stat().st_mtime)
     cached = open_reference_cache(caches[-1]).load() if caches and cached_reference else None
     loaded = load_llava(cfg.model.path, dtype="bfloat16" if cuda else "float32", device=device,
                         attn_implementation=cfg.model.attn_implementation)
@@ -390,7 +391,7 @@ def main(argv=None) -> int:
 
     from orchestrator.pipeline import run_pipeline
     from orchestrator.ray_session import init_ray
-    from orchestrator.train.tracking import timings_path
+    from orchestrator.layout import timings_path
 
     init_ray(cfg)
     sampler = GpuMemorySampler()
@@ -409,7 +410,7 @@ def main(argv=None) -> int:
         if name.startswith("eval"):
             entry = eval_timing(record)
         elif name.startswith("dpo"):
-            entry = dpo_timing(record, timings_path(cfg, "dpo"), args.warmup, args.pairs)
+            entry = dpo_timing(record, timings_path(cfg.run_dir, "dpo"), args.warmup, args.pairs)
         else:
             entry = {"wall_s": record.get("seconds")}
         if record.get("started") is not None:

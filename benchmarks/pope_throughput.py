@@ -326,10 +326,11 @@ def make_world_and_model(args, workdir: Path, device: str):
 
 def pope_questions(world: Path) -> list[dict]:
     from orchestrator.data import formats
+    from orchestrator.data.schema import POPE_SPLITS
     from orchestrator.eval.predictor import pope_items
 
     rows = []
-    for split in ("random", "popular", "adversarial"):
+    for split in POPE_SPLITS:
         rows += formats.read_pope_questions(world / "pope" / f"coco_pope_{split}.json", split=split,
                                             image_root=str(world / "coco" / "val2014"))
     return pope_items(rows)
@@ -463,7 +464,7 @@ def baseline_loop(model_dir: Path, items: list[dict], device: str, max_new_token
     """HA-DPO's / LLaVA's POPE loop: per question, load + preprocess the image, greedy generate."""
     import torch
 
-    from orchestrator.eval.milebench import open_image
+    from orchestrator.images import load_image
     from orchestrator.model.llava import load_llava, pixel_values
     from orchestrator.model.templates import build_prompt, encode_prompt
 
@@ -474,7 +475,7 @@ def baseline_loop(model_dir: Path, items: list[dict], device: str, max_new_token
         ids = encode_prompt(tokenizer, build_prompt(item["question"], "llava_v1"), loaded.image_token_id,
                             loaded.tokens_per_image)
         input_ids = torch.tensor([ids], device=device)
-        pixels = pixel_values(loaded, [open_image(item["images"][0])]).to(device, model.dtype)
+        pixels = pixel_values(loaded, [load_image(item["images"][0])]).to(device, model.dtype)
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)

@@ -25,6 +25,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from orchestrator import layout
+from orchestrator.config import ConfigError
+from orchestrator.data.schema import DataFormatError
+from orchestrator.errors import CorruptFileError
+from orchestrator.paths import PathOutsideRoot
+from orchestrator.ray_session import handle_stop_signals, received_signal, stop_ray
+from orchestrator.resources import ResourceError
+from orchestrator.train.checkpoints import newest_complete
+
 log = logging.getLogger("hadpo")
 
 EXIT_FAILURE = 1
@@ -75,13 +84,7 @@ def _ours(kind: type) -> bool:
 
 def known_failure(error: BaseException) -> tuple[int, str] | None:
     """(exit code, one-line message) for a known failure, else None."""
-    import pyarrow
-
-    from orchestrator.config import ConfigError
-    from orchestrator.data.schema import DataFormatError
-    from orchestrator.errors import CorruptFileError
-    from orchestrator.paths import PathOutsideRoot
-    from orchestrator.resources import ResourceError
+    import pyarrow  # here, not at the top: `hadpo --help` and a config error need not load it
 
     for cause in causes(error):
         if isinstance(cause, ConfigError):
@@ -116,23 +119,23 @@ def _os_error(error: OSError) -> str:
 
 def describe_kept(run_dir: Path) -> str:
     """What finished work lies in a run folder: stages done, training checkpoints, evaluation answers."""
+    # pyarrow and pandas (through the answer store) only when an interruption reports what it kept
     import pyarrow.parquet as pq
 
     from orchestrator.eval.results import answer_files
-    from orchestrator.train.checkpoints import newest_complete
 
     if not run_dir.is_dir():
         return f"nothing under {run_dir} yet"
     parts = []
-    stages = sorted(p.stem for p in (run_dir / "stages").glob("*.json"))
+    stages = list(layout.stage_records(run_dir))
     if stages:
         parts.append("stages done: " + ", ".join(stages))
-    for folder in sorted(p for p in (run_dir / "train").glob("*") if p.is_dir()):
+    for folder in sorted(p for p in layout.train_dir(run_dir).glob("*") if p.is_dir()):
         newest = newest_complete(str(folder))
         if newest is not None:
             parts.append(f"training {folder.name} checkpointed at step {newest.step}")
-    for folder in sorted(p for p in (run_dir / "eval").glob("*") if p.is_dir()):
-        files = answer_files(folder / "answers")
+    for folder in layout.eval_dirs(run_dir):
+        files = answer_files(layout.answers_dir(run_dir, folder.name))
         if files:
             rows = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
             parts.append(f"{rows} answers of evaluation {folder.name}")
@@ -146,8 +149,6 @@ def describe_kept(run_dir: Path) -> str:
 def run_command(command: Callable[[Any], int], args: Any, resume: list[str], verbose: bool = False) -> int:
     """Run `command(args)` inside the boundary; returns the exit code. `resume`: the command line that
     continues the work (shown after an interruption)."""
-    from orchestrator.ray_session import handle_stop_signals, received_signal, stop_ray
-
     _RUN_DIRS.clear()  # the run folders of this command only (main may run several in one process)
     restore_signals = handle_stop_signals()
     try:

@@ -2,6 +2,9 @@
 
 Every command runs inside one error boundary (`orchestrator.boundary`): a known failure prints one
 line and exits 1 (a config error 2); SIGTERM / SIGINT stop the Ray work, say what was kept, exit 143 / 130.
+
+Each command imports the modules of its stage when it runs, so that `hadpo --help`, a wrong flag or a bad
+config answers without loading pandas, Ray or torch.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import time
 from pathlib import Path
 
 from orchestrator.boundary import run_command, watch_run_dir
-from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from orchestrator.config import ConfigError, ExperimentConfig, apply_override, config_from_dict, load_config
+from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
+from orchestrator.plan import main_plan, with_gpu_memory
 
 log = logging.getLogger("hadpo")
 
@@ -22,8 +27,6 @@ def _config(args) -> ExperimentConfig:
     if getattr(args, "config", None):
         config = load_config(args.config, args.set)
     else:
-        from orchestrator.config import apply_override
-
         raw: dict = {}
         for override in args.set:
             apply_override(raw, override)
@@ -137,7 +140,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from orchestrator.model.export import export_model, is_run_dir
+    from orchestrator.export import export_model, is_run_dir
 
     if args.private and not args.push_to_hub:
         raise ConfigError("export: --private needs --push-to-hub")
@@ -176,8 +179,6 @@ def local_gpu_memory_gib() -> float | None:
 
 
 def cmd_plan(args) -> int:
-    from orchestrator.plan import main_plan, with_gpu_memory
-
     return main_plan(with_gpu_memory(_config(args), local_gpu_memory_gib()), seq_len=args.seq_len)
 
 
@@ -194,25 +195,24 @@ def demo_table(run_dir: Path) -> tuple[str, bool]:
     spread (max - min) of the DPO seeds, on every POPE dataset evaluated (another dataset than COCO shows
     its splits as <dataset>/<split>).
     """
-    from orchestrator.data.schema import POPE_DEFAULT_DATASET
-    from orchestrator.eval.pope import qualified_split
+    from orchestrator.eval.pope import METRIC_COLUMNS, qualified_split
     from orchestrator.report import load_run, pope_datasets, pope_results, pope_summary
 
     results = pope_results([load_run(run_dir)])
     summary = pope_summary(results).set_index(["role", "dataset", "split"])
     datasets = pope_datasets(results)
-    width = max([12] + [len(qualified_split(dataset, "adversarial")) for dataset in datasets])
+    width = max([12] + [len(qualified_split(dataset, split)) for dataset in datasets for split in POPE_SPLITS])
     lines = [f"{'model':<12} {'split':<{width}} {'HA-DPO':<6} {'accuracy':>14} {'precision':>14} {'recall':>14} "
              f"{'F1':>14} {'yes-ratio':>14}"]
     lines.append("-" * len(lines[0]))
     for dataset in datasets:
-        for split in ["random", "popular", "adversarial", "mean"]:
+        for split in [*POPE_SPLITS, "mean"]:
             for role, mark in (("before", "x"), ("after", "v")):
                 if (role, dataset, split) not in summary.index:
                     continue
                 row = summary.loc[(role, dataset, split)]
                 cells = []
-                for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+                for metric in METRIC_COLUMNS:
                     spread = f" ±{100 * row[f'{metric}_std']:.2f}" if row["evaluations"] > 1 else ""
                     cells.append(f"{100 * row[f'{metric}_mean']:.2f}{spread}".rjust(14))
                 lines.append(f"{'tiny LLaVA':<12} {qualified_split(dataset, split):<{width}} {mark:<6} "

@@ -18,7 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator import layout
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.paths import absolute_path
 
 
 class ConfigError(ValueError):
@@ -505,8 +507,6 @@ def _make_paths_absolute(config: "ExperimentConfig") -> None:
     Written straight into the models' fields (no re-validation, which would recurse): the values are
     the same paths, only spelled absolutely.
     """
-    from orchestrator.paths import absolute_path
-
     def children(node: Any, part: str) -> list[tuple[Any, Any]]:
         if part == "*":
             if isinstance(node, list):
@@ -574,25 +574,31 @@ class ExperimentConfig(_Section):
         return value
 
     # Paths derived from the config, so each stage can run, resume or be re-run alone.
+    # (`orchestrator.layout` names every file under them.)
+    @property
+    def output_dir(self) -> Path:
+        """`output_root`, resolved: the folder of every run and of what runs share (caches, the world)."""
+        return Path(self.output_root).expanduser().resolve()
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_root).expanduser().resolve() / self.name
+        return self.output_dir / self.name
 
     @property
     def mlflow_store(self) -> Path:
         if self.mlflow.store:
             return Path(self.mlflow.store).expanduser().resolve()
-        return self.run_dir / "mlruns"
+        return layout.mlflow_store(self.run_dir)
 
     @property
     def tensorboard_dir(self) -> Path:
-        return self.run_dir / "tensorboard"
+        return layout.tensorboard_dir(self.run_dir)
 
     @property
     def world_dir(self) -> Path:
         if self.data.synthetic_dir:
             return Path(self.data.synthetic_dir).expanduser().resolve()
-        return Path(self.output_root).expanduser().resolve() / "world"
+        return layout.world_dir(self.output_dir)
 
     def runtime_env(self) -> dict[str, Any]:
         """The Ray runtime_env (environment variables) every worker and actor of this run gets."""

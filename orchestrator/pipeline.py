@@ -1,6 +1,7 @@
 """`hadpo run`: data check -> (warm-up, synthetic only) -> baseline eval -> DPO -> eval -> report.
 
-Each stage writes to paths derived from the config and records, in ``<run_dir>/stages/<stage>.json``,
+Each stage writes to paths derived from the config (`orchestrator.layout`) and records, in
+``<run_dir>/stages/<stage>.json``,
 a hash of its inputs (the config sections it reads, the data files' hashes, the upstream outputs) and
 its outputs. A re-run skips every stage whose record matches and whose recorded outputs (the model,
 adapter, answers and metrics it made) are still on disk, so a crashed or interrupted pipeline resumes
@@ -18,15 +19,21 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.config import ExperimentConfig, dump_config
+from orchestrator import layout
+from orchestrator.config import ExperimentConfig, dump_config, source_name
+from orchestrator.data import datasets
+from orchestrator.data.formats import REJECTED_PATH, preference_table_files
+from orchestrator.eval.pope import mean_f1, qualified_split
 from orchestrator.files import file_sha256
+from orchestrator.plan import reference_fill
+from orchestrator.ray_session import init_ray
+from orchestrator.resources import eval_request, preflight, reference_request, training_request
+from orchestrator.versions import git_sha, package_versions
 
 log = logging.getLogger("hadpo.pipeline")
 
@@ -36,24 +43,18 @@ RECORDED_PACKAGES = ("torch", "ray", "transformers", "peft", "deepspeed", "pyarr
 
 def data_file_hashes(config: ExperimentConfig) -> dict[str, str]:
     """sha256 of every annotation/question file the run reads (images are counted, not hashed)."""
-    from orchestrator.data.datasets import milebench_task_dirs, resolve_data_paths
-    from orchestrator.eval.pope import qualified_split
-
-    paths = resolve_data_paths(config)
+    paths = datasets.resolve_data_paths(config)
     files = {"hadpo_desc": paths.hadpo_desc, "hadpo_pope": paths.hadpo_pope,
              "vg_image_data": paths.vg_image_data, "sft": paths.sft}
     files.update({f"pope_{qualified_split(dataset, split)}": path for dataset, pope in paths.pope.items()
                   for split, path in pope.questions.items()})
-    files.update({f"milebench_{d.name}": str(d / f"{d.name}.json") for d in milebench_task_dirs(paths)})
+    files.update({f"milebench_{d.name}": str(d / f"{d.name}.json") for d in datasets.milebench_task_dirs(paths)})
     files.update(preference_source_files(config))
     return {name: file_sha256(path) for name, path in sorted(files.items()) if path and Path(path).is_file()}
 
 
 def preference_source_files(config: ExperimentConfig) -> dict[str, str]:
     """The annotation files of the `data.preference` sources, as ``preference/<source>/<n>-<file name>``."""
-    from orchestrator.config import source_name
-    from orchestrator.data.formats import preference_table_files
-
     files = {}
     for index, source in enumerate(config.data.preference):
         name = source_name(source, index)
@@ -64,33 +65,6 @@ def preference_source_files(config: ExperimentConfig) -> dict[str, str]:
             found = preference_table_files(source.path)
         files.update({f"preference/{name}/{index}-{path.name}": str(path) for index, path in enumerate(found)})
     return files
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def git_sha(cwd: Path | None = None) -> str:
-    """HEAD of the checkout the package runs from, with "-dirty" when tracked files have changes."""
-    cwd = cwd or Path(__file__).parent
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def hardware() -> dict[str, Any]:
@@ -110,7 +84,7 @@ def write_run_record(config: ExperimentConfig, extra: dict[str, Any] | None = No
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config.model_dump(mode="json"),
         "config_hash": config.content_hash(),
-        "packages": package_versions(),
+        "packages": package_versions(RECORDED_PACKAGES),
         "git_sha": git_sha(),
         "data_files": data_file_hashes(config),
         "decoding": {"mode": config.eval.mode, "max_new_tokens": config.eval.max_new_tokens,
@@ -119,10 +93,10 @@ def write_run_record(config: ExperimentConfig, extra: dict[str, Any] | None = No
         "hardware": hardware(),
     }
     record.update(extra or {})
-    path = config.run_dir / "run_record.json"
+    path = layout.run_record_path(config.run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
-    dump_config(config, config.run_dir / "config.yaml")
+    dump_config(config, layout.config_path(config.run_dir))
     return path
 
 
@@ -175,7 +149,7 @@ class PipelineResult:
 
 def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) -> dict[str, Any]:
     """Run a stage unless its record shows it already ran on the same inputs."""
-    record_path = config.run_dir / "stages" / f"{stage.name}.json"
+    record_path = layout.stage_record_path(config.run_dir, stage.name)
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
@@ -227,8 +201,6 @@ def failed_images(answers) -> dict[str, str]:
 
     Paths the readers refused (outside their root) are never looked at.
     """
-    from orchestrator.data.formats import REJECTED_PATH
-
     watched: dict[str, str] = {}
     failed = answers[answers["error"].fillna("") != ""]
     for images, error in zip(failed["images"], failed["error"]):
@@ -240,11 +212,9 @@ def failed_images(answers) -> dict[str, str]:
     return watched
 
 
-def _pope_summary(evaluated) -> dict[str, Any]:
+def evaluation_outputs(evaluated) -> dict[str, Any]:
     """An evaluation stage's record: where its answers and metrics are, its POPE rows (one per dataset and
     split, with the question file's version, and a mean per dataset), each dataset's mean F1, its counts."""
-    from orchestrator.eval.pope import mean_f1
-
     table = evaluated.pope_table
     records = table.to_dict("records") if table is not None else []
     return {"run_id": evaluated.run_id, "answers_dir": str(evaluated.answers_dir),
@@ -262,13 +232,11 @@ EVAL_PRODUCTS = ("answers_dir", "metrics_path")
 def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
                  benchmarks: tuple[str, ...] = ("pope", "milebench")) -> PipelineResult:
     """The whole experiment. `dpo_seeds` trains one adapter per seed (the demo shows their spread)."""
+    # Ray and the stages' model code (torch, transformers) load when a pipeline runs, not when its records
+    # are read (`evaluation_outputs`, the report's tests)
     import ray
 
-    from orchestrator.data import datasets
     from orchestrator.eval.runner import run_eval
-    from orchestrator.ray_session import init_ray
-    from orchestrator.plan import reference_fill
-    from orchestrator.resources import eval_request, preflight, reference_request, training_request
     from orchestrator.train.trainer import run_training
 
     if not ray.is_initialized():
@@ -289,51 +257,53 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
                          "rejects_path": checked.rejects_path}
         return out
 
-    run_stage(config, Stage("data", inputs_hash(dump["data"], files), check_data), result)
+    run_stage(config, Stage(layout.DATA, inputs_hash(dump["data"], files), check_data), result)
 
     base_model = config.model.path
     if config.data.uses_synthetic_world and not config.model.path:
         def warm_up(resume: bool) -> dict[str, Any]:
-            trained = run_training(config, stage="sft", resume=resume)
+            trained = run_training(config, stage=layout.SFT, resume=resume)
             return {"model": trained.checkpoint_path, "curves": trained.curves_path}
 
-        warm = run_stage(config, Stage("warmup", inputs_hash(dump["model"], warmup_train_settings(config), dump["data"],
-                                                             files), warm_up, products=("model",)), result)
+        warm = run_stage(config, Stage(layout.WARMUP, inputs_hash(dump["model"], warmup_train_settings(config),
+                                                                  dump["data"], files), warm_up, products=("model",)),
+                         result)
         base_model = warm["model"]
 
     eval_inputs = (dump["eval"], dump["model"]["eval_template"], files, benchmarks)
 
     # Evaluation resumes by its own run id; when a stage runs, items that failed before are tried again.
     def baseline(resume: bool) -> dict[str, Any]:
-        return _pope_summary(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline",
-                                      retry_errors=True))
+        return evaluation_outputs(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline",
+                                           retry_errors=True))
 
-    run_stage(config, Stage("eval_baseline", inputs_hash(base_model, *eval_inputs), baseline,
+    run_stage(config, Stage(layout.EVAL_BASELINE, inputs_hash(base_model, *eval_inputs), baseline,
                             products=EVAL_PRODUCTS), result)
 
     for seed in dpo_seeds or [config.train.seed]:
         seeded = config if seed == config.train.seed and not dpo_seeds else \
-            config.model_copy(update={"name": f"{config.name}-seed{seed}",
+            config.model_copy(update={"name": layout.seeded_run_name(config.name, seed),
                                       "train": config.train.model_copy(update={"seed": seed})})
-        suffix = "" if seeded is config else f"_seed{seed}"
+        stage_seed = None if seeded is config else seed
 
         def dpo(resume: bool, seeded=seeded) -> dict[str, Any]:
-            trained = run_training(seeded, stage="dpo", base_model=base_model, resume=resume)
+            trained = run_training(seeded, stage=layout.DPO, base_model=base_model, resume=resume)
             return {"adapter": trained.checkpoint_path, "curves": trained.curves_path, "metrics": trained.metrics,
                     "timings": trained.timings}
 
         # the sources' weights and names decide the rows too (their files are in `files`)
         sources = [dump["data"]["preference"]] if config.data.preference else []
-        trained = run_stage(config, Stage(f"dpo{suffix}", inputs_hash(base_model, seeded.model_dump(mode="json")["train"],
-                                                                      files, *sources), dpo, products=("adapter",)),
-                            result)
+        trained = run_stage(config, Stage(layout.seeded_stage(layout.DPO, stage_seed),
+                                          inputs_hash(base_model, seeded.model_dump(mode="json")["train"], files,
+                                                      *sources), dpo, products=("adapter",)), result)
 
         def after(resume: bool, adapter=trained["adapter"], seeded=seeded) -> dict[str, Any]:
-            return _pope_summary(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,
-                                          tag="hadpo", retry_errors=True))
+            return evaluation_outputs(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,
+                                               tag="hadpo", retry_errors=True))
 
-        run_stage(config, Stage(f"eval_hadpo{suffix}", inputs_hash(base_model, trained["adapter"], *eval_inputs),
-                                after, products=EVAL_PRODUCTS), result)
+        run_stage(config, Stage(layout.seeded_stage(layout.EVAL_HADPO, stage_seed),
+                                inputs_hash(base_model, trained["adapter"], *eval_inputs), after, products=EVAL_PRODUCTS),
+                  result)
 
     result.run_record = write_run_record(config, {"base_model": base_model, "stages": result.outputs})
     return result

@@ -37,7 +37,15 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig, SearchDimension, apply_override, config_from_dict
+from orchestrator.data.datasets import pope_rows, resolve_data_paths
+from orchestrator.eval import pope
+from orchestrator.eval.probe import objective_of, select_probe_questions
+from orchestrator.images import image_error
+from orchestrator.ray_session import init_ray
+from orchestrator.train.reference_cache import precompute_reference
+from orchestrator.train.tracking import MlflowFileRun
 
 log = logging.getLogger("hadpo.tune")
 
@@ -45,8 +53,6 @@ OBJECTIVE = "objective"        # every report to Tune carries the objective unde
 EVALUATIONS = "evaluations"    # ... numbered 1, 2, ... (the schedulers' time axis)
 FINAL = "final_evaluation"     # true on the report of the full POPE evaluation after training
 PLACEMENT_GROUP = "train_placement_group"  # the training run's placement group, named in the objective reports
-PROBE_FILE = "probe_questions.parquet"
-BEST_CONFIG = "best_config.yaml"
 
 
 def search_space(config: ExperimentConfig) -> dict[str, Any]:
@@ -126,7 +132,7 @@ def with_params(base: ExperimentConfig, params: dict[str, Any], name: str, sourc
 def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
     """The base config with the trial's values set and a run name of its own; its MLflow runs go to the
     base run's store, in one experiment named after the sweep."""
-    name = f"{base.name}-{trial_tag(params)}".replace("/", "-").replace("=", "")
+    name = layout.trial_run_name(base.name, trial_tag(params))
     config = with_params(base, params, name, f"trial {trial_tag(params)}")
     mlflow = config.mlflow.model_copy(update={"store": str(base.mlflow_store),
                                               "experiment": base.mlflow.experiment or base.name})
@@ -135,7 +141,7 @@ def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentCo
 
 def best_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
     """The config `hadpo run` takes after a sweep: the base with the best trial's values, named <name>-best."""
-    return with_params(base, params, f"{base.name}-best", "best trial")
+    return with_params(base, params, layout.best_run_name(base.name), "best trial")
 
 
 def objective_report_callback():
@@ -188,14 +194,11 @@ def release_stopped_training_callback():
 
 def probe_rows(config: ExperimentConfig) -> list[dict]:
     """The fixed POPE subset every trial is measured on during training (images that open only), saved."""
-    from orchestrator.data.datasets import image_error, pope_rows
-    from orchestrator.eval.probe import select_probe_questions
-
     rows = pope_rows(config)
     opens = {path: not image_error(path) for path in {row["image"] for row in rows}}  # each image once
     usable = [row for row in rows if opens[row["image"]]]
     chosen = select_probe_questions(usable, config.tune.probe_questions, config.data.seed)
-    path = config.run_dir / "tune" / PROBE_FILE
+    path = layout.probe_questions_path(config.run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(chosen).to_parquet(path, index=False)
     return chosen
@@ -211,8 +214,6 @@ def probe_spec(config: ExperimentConfig, rows: list[dict]) -> dict[str, Any] | N
 
 def final_report(values: dict[str, float], metric: str, evaluations: int) -> dict[str, Any]:
     """The last report of a trial: the full POPE values, the objective and the evaluation's number."""
-    from orchestrator.eval.probe import objective_of
-
     return {**values, OBJECTIVE: objective_of(values, metric), EVALUATIONS: evaluations, FINAL: True}
 
 
@@ -221,14 +222,13 @@ def run_trial(params: dict[str, Any], base_raw: dict, base_model: str | None, pr
     evaluate on the full POPE set, report the final objective."""
     from ray import tune
 
-    from orchestrator.eval import pope
+    # the stages' model code (torch, transformers) loads in the trial, not when a sweep is configured
     from orchestrator.eval.runner import run_eval
-    from orchestrator.train.tracking import MlflowFileRun
     from orchestrator.train.trainer import run_training
 
     base = config_from_dict(base_raw, "tune base config")
     config = trial_config(base, params)
-    trained = run_training(config, stage="dpo", base_model=base_model, callbacks=[objective_report_callback()],
+    trained = run_training(config, stage=layout.DPO, base_model=base_model, callbacks=[objective_report_callback()],
                            probe=probe)
     evaluated = run_eval(config, model_path=base_model, adapter=trained.checkpoint_path, benchmarks=("pope",))
     values = pope.objective_values(evaluated.pope_table)
@@ -236,7 +236,8 @@ def run_trial(params: dict[str, Any], base_raw: dict, base_model: str | None, pr
     done_probes = step // probe["every"] if probe else 0
     final = final_report(values, base.tune.metric, done_probes + 1)
     if "mlflow" in config.tracking:  # the trial's final POPE values beside its training curves
-        run = MlflowFileRun(config.mlflow_store, config.mlflow.experiment, f"{config.name}-dpo", resume_step=step)
+        run = MlflowFileRun(config.mlflow_store, config.mlflow.experiment,
+                            layout.train_run_name(config.name, layout.DPO), resume_step=step)
         run.log(step, {f"final/{key}": value for key, value in final.items() if key != FINAL}, wall_time=time.time())
         run.finish()
     final.update({"adapter": trained.checkpoint_path, "eval_run_id": evaluated.run_id})
@@ -247,9 +248,6 @@ def run_trial(params: dict[str, Any], base_raw: dict, base_model: str | None, pr
 def pope_objectives(config: ExperimentConfig) -> list[str]:
     """The POPE objectives a trial of this config reports: per dataset and split its five metrics, per dataset
     its mean F1 (`pope/adversarial/f1`, `pope/mean_f1` for COCO; `pope/gqa/adversarial/f1`, `pope/gqa/mean_f1`)."""
-    from orchestrator.data.datasets import resolve_data_paths
-    from orchestrator.eval import pope
-
     datasets = resolve_data_paths(config).pope
     return pope.objective_names({name: list(files.questions) for name, files in datasets.items()})
 
@@ -279,8 +277,6 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
     import ray
     from ray import tune
 
-    from orchestrator.ray_session import init_ray
-
     check_objective(config)
     if not ray.is_initialized():
         init_ray(config)
@@ -289,11 +285,12 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
     probe = probe_spec(config, probe_rows(config)) if settings.eval_every_steps else None
     if config.train.reference_cache:
         # Once, before the trials: they all start from this model, so they all find its log-probs cached.
-        from orchestrator.train.reference_cache import precompute_reference
-        from orchestrator.train.trainer import base_model_path, stage_dataset
+        # (The base model's and the training's modules load torch: only for a sweep that caches.)
+        from orchestrator.model.base_model import base_model_path
+        from orchestrator.train.trainer import stage_dataset
 
-        precompute_reference(config, base_model_path(config, base_model), stage_dataset(config, "dpo"))
-    storage = config.run_dir / "tune"
+        precompute_reference(config, base_model_path(config, base_model), stage_dataset(config, layout.DPO))
+    storage = layout.tune_dir(config.run_dir)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=config.model_dump(mode="json"), base_model=base_model, probe=probe),
         {"CPU": settings.cpus_per_trial_driver},
@@ -304,12 +301,12 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
         tune_config=tune.TuneConfig(
             num_samples=settings.num_samples, search_alg=search_algorithm(config), scheduler=scheduler(config),
             max_concurrent_trials=settings.max_concurrent_trials if settings.search in ("optuna", "hyperopt") else None),
-        run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=str(storage),
+        run_config=tune.RunConfig(name=layout.tune_run_name(config.name), storage_path=str(storage),
                                   callbacks=[release_stopped_training_callback()]),
     )
     grid = tuner.fit()
     trials = trials_frame(grid)
-    results_path = storage / "trials.parquet"
+    results_path = layout.trials_path(config.run_dir)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     trials.to_parquet(results_path, index=False)
     finished = trials[~trials["stopped_early"] & trials[OBJECTIVE].notna()]
@@ -318,7 +315,7 @@ def run_tune(config: ExperimentConfig, base_model: str | None = None) -> TuneRes
     best = finished.sort_values(OBJECTIVE, ascending=settings.mode == "min").iloc[0]
     best_params = {k.removeprefix("param/"): _plain(best[k]) for k in trials.columns if k.startswith("param/")}
     best_metrics = {k: best[k] for k in trials.columns if k.startswith("pope/") or k == OBJECTIVE}
-    best_path = write_best_config(config, best_params, best, storage / BEST_CONFIG)
+    best_path = write_best_config(config, best_params, best, layout.best_config_path(config.run_dir))
     log.info("best trial %s: %s = %.4f; its config: %s", best["trial"], settings.metric, best[OBJECTIVE], best_path)
     return TuneResult(trials, best_params, best_metrics, results_path, best_path)
 

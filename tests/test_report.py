@@ -2,7 +2,7 @@
 
 The run directories are written here without training or inference: answers and metrics through
 `orchestrator.eval.results` and the runner's own metric-row functions, curves through the trainer's
-`CurveLog`, stage records shaped by `orchestrator.pipeline._pope_summary`, as `run_pipeline` lays them
+`CurveLog`, stage records shaped by `orchestrator.pipeline.evaluation_outputs`, as `run_pipeline` lays them
 out (seeded DPO runs in sibling folders ``<name>-seed<N>``).
 """
 
@@ -21,10 +21,12 @@ import pytest
 from orchestrator.config import config_from_dict
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
-from orchestrator.eval.results import (compute_run_id, eval_dir, metrics_path, read_metrics, write_answers,
-                                       write_json_atomic, write_metrics)
-from orchestrator.eval.runner import EvalResult, _milebench_metric_rows, _pope_metric_rows
-from orchestrator.pipeline import _pope_summary
+from orchestrator.eval.results import (compute_run_id, milebench_metric_rows, pope_metric_rows, read_metrics,
+                                       write_answers, write_metrics)
+from orchestrator.eval.runner import EvalResult
+from orchestrator.files import write_json_atomic
+from orchestrator.layout import eval_dir, metrics_path
+from orchestrator.pipeline import evaluation_outputs
 from orchestrator.report import PUBLISHED_LABEL, build_report, load_run
 from orchestrator.train.tracking import CurveLog
 
@@ -119,7 +121,7 @@ def write_evaluation(run_dir: Path, tag: str, adapter: str, false_yes, false_no,
     counts = {"items": len(answers), "answered": len(answers), "computed": len(answers), "skipped": 0,
               "rejected": 1, "errors": 1,
               "unparsable": int(pope_table.loc[pope_table["split"] == "mean", "n_unparsable"].sum())}
-    rows = _pope_metric_rows(run_id, pope_table) + _milebench_metric_rows(run_id, mile_table)
+    rows = pope_metric_rows(run_id, pope_table) + milebench_metric_rows(run_id, mile_table)
     rows += [{"run_id": run_id, "benchmark": "all", "scope": "counts", "name": k, "metric": k, "value": float(v),
               "n": int(v)} for k, v in counts.items()]
     write_metrics(rows, metrics_path(run_dir, run_id))
@@ -164,8 +166,8 @@ def make_run(root: Path, name: str = "demo", seeds: tuple[int, ...] = (1, 2), be
     write_curves(run_dir / "train" / "sft_curves.parquet", "sft", 12, 0.0)
     write_stage(run_dir, "warmup", {"model": str(run_dir / "train" / "sft" / "final"),
                                     "curves": str(run_dir / "train" / "sft_curves.parquet")})
-    write_stage(run_dir, "eval_baseline", _pope_summary(baseline))
-    stages = {"eval_baseline": _pope_summary(baseline)}
+    write_stage(run_dir, "eval_baseline", evaluation_outputs(baseline))
+    stages = {"eval_baseline": evaluation_outputs(baseline)}
     for k, seed in enumerate(seeds or (None,)):
         seed_dir = run_dir if seed is None else root / f"{name}-seed{seed}"
         suffix = "" if seed is None else f"_seed{seed}"
@@ -177,8 +179,8 @@ def make_run(root: Path, name: str = "demo", seeds: tuple[int, ...] = (1, 2), be
         fn = {split: v + (k % 2) for split, v in base_fn.items()}
         after = write_evaluation(seed_dir, "hadpo", adapter, fy, fn, mile_good=3 + k,
                                  gqa_false_yes={split: v - 2 - k for split, v in gqa_fy.items()} if gqa else None)
-        write_stage(run_dir, f"eval_hadpo{suffix}", _pope_summary(after))
-        stages[f"eval_hadpo{suffix}"] = _pope_summary(after)
+        write_stage(run_dir, f"eval_hadpo{suffix}", evaluation_outputs(after))
+        stages[f"eval_hadpo{suffix}"] = evaluation_outputs(after)
     if trials:
         table = pd.DataFrame({
             "trial": [f"t{i}" for i in range(5)], "error": [""] * 5,

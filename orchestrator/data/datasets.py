@@ -23,44 +23,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
-from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
+from orchestrator.data.synthetic import SynthConfig, generate_world
+from orchestrator.images import image_error
 
 log = logging.getLogger(__name__)
-
-POPE_SPLITS = ("random", "popular", "adversarial")
-
-
-class ImageLoadError(OSError):
-    """An image that cannot be used: the message names the path and the reason."""
-
-    def __init__(self, path: str, reason: str):
-        self.path, self.reason = path, reason
-        super().__init__(f"{path}: {reason}")
-
-
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB, or raise ImageLoadError saying why not."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
-    except Exception as error:  # PIL raises many types for corrupt files; all mean "unusable"
-        raise ImageLoadError(path, f"unreadable image ({type(error).__name__}: {error})") from None
-
-
-def image_error(path: str) -> str:
-    """'' if the image opens and decodes, else the reason."""
-    try:
-        load_image(path)
-        return ""
-    except ImageLoadError as error:
-        return error.reason
 
 
 @dataclass
@@ -88,8 +59,6 @@ class DataPaths:
 
 def ensure_synthetic_world(config: ExperimentConfig) -> Path:
     """Generate the synthetic world under `config.world_dir` unless it is already there."""
-    from orchestrator.data.synthetic import SynthConfig, generate_world
-
     world = config.world_dir
     marker = world / "world.json"
     if not marker.is_file():
@@ -164,7 +133,7 @@ def preference_rows(config: ExperimentConfig, stats: dict | None = None,
 
 def embedded_images_dir(config: ExperimentConfig) -> Path:
     """Where images embedded in data files (parquet bytes) are written once, under their content hash."""
-    return Path(config.output_root).expanduser().resolve() / "cache" / "images"
+    return layout.embedded_images_dir(config.output_dir)
 
 
 def source_rows(config: ExperimentConfig, source: PreferenceSource, name: str, stats: dict | None = None) -> list[dict]:
@@ -341,7 +310,7 @@ def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig,
     set_aside = list(set_aside or [])
     if not rows:
         if set_aside:
-            write_rejects(set_aside, config.run_dir / "data" / f"rejects-{name}.parquet")
+            write_rejects(set_aside, layout.rejects_path(config.run_dir, name))
         raise ValueError(f"{name}: the config's files hold no usable rows"
                          + (f" ({len(set_aside)} rejected, e.g. {set_aside[0]['error']})" if set_aside else ""))
     total = len(rows) + len(set_aside)
@@ -351,7 +320,7 @@ def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig,
     ).materialize()
     rejects = set_aside + [dict(row) for row in checked.filter(lambda row: row["error"] != "").take_all()]
     good = checked.filter(lambda row: row["error"] == "").drop_columns(["error"]).materialize()
-    rejects_path = config.run_dir / "data" / f"rejects-{name}.parquet"
+    rejects_path = layout.rejects_path(config.run_dir, name)
     write_rejects(rejects, rejects_path)
     result = CheckedDataset(name, good, rejects, total, str(rejects_path))
     log.info(result.summary())

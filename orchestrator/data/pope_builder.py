@@ -29,7 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-STRATEGIES = ("random", "popular", "adversarial")
+from orchestrator.data.schema import POPE_SPLITS
+
+STRATEGIES = POPE_SPLITS  # each POPE split is named after the strategy that sampled its negative questions
 DEFAULT_TEMPLATE = "Is there a {} in the image?"
 RECORD_KEYS = ("question_id", "image", "text", "label")
 

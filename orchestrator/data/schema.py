@@ -31,6 +31,11 @@ SFT_COLUMNS = ("sample_id", "image_id", "image", "prompt", "response")
 # the rule.
 POPE_DEFAULT_DATASET = "coco"
 
+# POPE's three splits, in the order its papers list them: each is named after how its negative questions
+# were sampled (random absent objects, the most frequent absent ones, the absent ones that most often
+# co-occur with the present ones). The one list the builder, the readers, the scoring and the report use.
+POPE_SPLITS = ("random", "popular", "adversarial")
+
 # A POPE question. `dataset` names the POPE set (e.g. coco, aokvqa, gqa: `data.pope.datasets`); `label`
 # is "yes" or "no"; `split` is random / popular / adversarial (or the question file's stem for other
 # sets); `version` records which question file it came from.

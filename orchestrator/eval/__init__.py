@@ -1,9 +1,12 @@
 """Evaluation: POPE and MileBench on Ray Data actors, resumable, with metrics as pure functions.
 
-- `pope`: POPE's answer parsing and metrics (pure).
+- `pope`: POPE's answer parsing, metrics and metric names (pure).
 - `milebench`: MileBench prompts, scores and the model adapter interface.
 - `predictor`: the Ray Data actor that answers items.
-- `results`: the parquet answer store (atomic writes, resume, dedupe) and run ids.
+- `prefix_cache`: POPE with each image's prefix computed once and its KV cache reused.
+- `results`: the parquet answer store (atomic writes, resume, dedupe), run ids and metric rows.
+- `completeness`: answered against expected questions per split; means left out when a split is short.
+- `probe`: a sweep's objective measured by the training workers on a fixed POPE subset.
 - `runner`: `run_eval`, the stage's entry point, and the printed tables.
 """
 

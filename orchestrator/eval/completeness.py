@@ -15,6 +15,8 @@ from typing import Iterable
 
 import pandas as pd
 
+from orchestrator.eval.pope import dataset_split, qualified_split
+
 COLUMNS = ["benchmark", "split", "answered", "expected"]
 # Rows of a metrics table that average over splits or tasks: not shown for an incomplete evaluation.
 AGGREGATE_SCOPES = {"pope": ("overall",), "milebench": ("overall", "group", "level")}
@@ -64,8 +66,6 @@ def drop_means(metrics: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Metric rows (METRIC_SCHEMA) without the averages over splits that an incomplete split would enter:
     a POPE dataset's mean (its "overall" row; other datasets keep theirs), MileBench's levels, groups and
     overall score."""
-    from orchestrator.eval.pope import dataset_split, qualified_split
-
     if metrics.empty:
         return metrics
     keep = pd.Series(True, index=metrics.index)

@@ -43,6 +43,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from orchestrator.eval.pope import strip_special_tokens
+from orchestrator.images import load_image
 from orchestrator.model.adapter import find_adapter
 from orchestrator.model.templates import TEMPLATES, build_prompt, encode_prompt
 
@@ -582,24 +583,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):
     return input_ids, attention_mask, position_ids
 
 
-def open_image(path: str):
-    """An RGB PIL image; raises OSError/FileNotFoundError with the path on failure.
-
-    Uses the data stage's `load_image` when it exists, so the whole pipeline opens images alike.
-    """
-    try:
-        from orchestrator.data.datasets import load_image  # type: ignore
-    except ImportError:
-        load_image = None
-    if load_image is not None:
-        return load_image(path)
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
-
-
 # ----------------------------------------------------------------------------------------------
 # Model adapters
 
@@ -639,7 +622,7 @@ class MileBenchModel:
         return self.count_tokens(question) + n_images * self.tokens_per_image
 
     def load_images(self, paths: Sequence[str]):
-        return [open_image(path) for path in paths]
+        return [load_image(path) for path in paths]
 
     def forward(self, questions: list[str], image_paths: list[list[str]], device=None,
                 gen_kwargs: dict | None = None, images: list[list] | None = None) -> list[str]:

@@ -29,12 +29,16 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
 
 LABELS = ("yes", "no")
-SPLIT_ORDER = ("random", "popular", "adversarial")
 NO_WORDS = ("No", "not", "no")
+# The metrics of a split (fractions, "yes" is the positive class), its confusion counts, and the counts of
+# items left out of the metrics (errors) or parsed by default (no yes/no word): every name a POPE metric row
+# (`orchestrator.eval.results.pope_metric_rows`), a summary table and a report column use.
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+COUNT_COLUMNS = ("TP", "FP", "TN", "FN")
+ITEM_COUNT_COLUMNS = ("n_errors", "n_unparsable")
 
 # Special tokens of the tokenizers we meet (LLaMA/Vicuna, GPT-style, chat templates) and the image
 # placeholder; `<|...|>` tokens of any name are stripped too.
@@ -155,7 +159,7 @@ def dataset_split(name: str) -> tuple[str, str]:
 
 def split_sort_key(split: str) -> tuple[int, str]:
     """random, popular, adversarial first (POPE's order), other splits by name."""
-    return (SPLIT_ORDER.index(split), split) if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+    return (POPE_SPLITS.index(split), split) if split in POPE_SPLITS else (len(POPE_SPLITS), split)
 
 
 def dataset_sort_key(dataset: str) -> tuple[bool, str]:
@@ -174,8 +178,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     dataset's mean row averages each metric over its splits (its f1 is the "mean F1" that LLaVA-1.5 and
     HA-DPO report) and sums its counts.
     """
-    columns = ["dataset", "split", "n", "TP", "FP", "TN", "FN", *METRIC_COLUMNS, "n_errors", "n_unparsable",
-               "version"]
+    columns = ["dataset", "split", "n", *COUNT_COLUMNS, *METRIC_COLUMNS, *ITEM_COUNT_COLUMNS, "version"]
     if df is None or len(df) == 0:
         return pd.DataFrame(columns=columns)
     frame = df.copy()

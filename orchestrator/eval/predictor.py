@@ -71,11 +71,12 @@ import pandas as pd
 import pyarrow as pa
 
 from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, LLAVA_WORKER_TEMPLATE, LlavaModel,
-                                         build_milebench_question, image_budget_batches, load_model_adapter,
-                                         open_image)
+                                         build_milebench_question, image_budget_batches, load_model_adapter)
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
-from orchestrator.eval.results import (ANSWER_COLUMNS, block_name, to_answer_table, write_answers,
-                                       write_json_atomic)
+from orchestrator.eval.results import ANSWER_COLUMNS, block_name, to_answer_table, write_answers
+from orchestrator.files import write_json_atomic
+from orchestrator.images import load_image
+from orchestrator.timing import process_start_time
 
 log = logging.getLogger(__name__)
 MODULE_IMPORTED_AT = time.time()   # in an actor: Ray's worker is up and has imported this module
@@ -252,7 +253,7 @@ class Predictor:
         self.settings = settings
         self.calls = 0
         # start-up phases (epoch seconds), written to settings.timings_dir for the benchmarks
-        self.timings: dict[str, Any] = {"pid": os.getpid(), "process_started": _process_start_time(),
+        self.timings: dict[str, Any] = {"pid": os.getpid(), "process_started": process_start_time(),
                                         "module_imported": MODULE_IMPORTED_AT, "init_started": time.time()}
         # the kernel reads the weight files while we import (a cold 7B checkpoint is ~14 GB)
         self.timings["prefetched_bytes"] = prefetch_files(weight_files(settings.model_path, settings.adapter_path))
@@ -619,17 +620,6 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
-def _process_start_time() -> float | None:
-    """When this process started (epoch seconds, ~10 ms), to time an actor's start-up; None off Linux."""
-    try:
-        # field 22 of /proc/self/stat: start time in clock ticks since boot
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-        return time.time() - age
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
 def _warm_device(dtype_name: str, timings: dict) -> None:
     """With a GPU: create the CUDA context, then load cuBLAS, cuDNN and SDPA's kernels with tiny ops in
     the model's dtype (the model's first calls would wait for them); errors surface in the model load."""
@@ -728,7 +718,7 @@ def add_pixels(batch: pa.Table, model_path: str) -> pa.Table:
     opened = {}
     for path in first_row:
         try:
-            opened[path] = open_image(path)
+            opened[path] = load_image(path)
         except Exception:  # reported by the actor, with the same message as without this stage
             continue
     values: list[bytes | None] = [None] * batch.num_rows

@@ -52,6 +52,8 @@ from typing import Any, Sequence
 
 import torch
 
+from orchestrator.model.llava import pixel_values
+
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values), each [batch, kv_heads, seq, head_dim], of a transformers KV cache."""
@@ -315,8 +317,6 @@ class PrefixReuse:
     def _pixel_batch(self, images: list) -> torch.Tensor:
         """The vision tower's input for `images`: PIL images are preprocessed here (in one call), tensors
         ([3, H, W], made upstream by the same `pixel_values`, see `predictor.add_pixels`) used as they are."""
-        from orchestrator.model.llava import pixel_values
-
         raw = [image for image in images if not isinstance(image, torch.Tensor)]
         made = iter(pixel_values(self.adapter.loaded, raw)) if raw else iter(())
         self.stats["pixels_given"] += len(images) - len(raw)

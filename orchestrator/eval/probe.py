@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from orchestrator.eval import pope
+from orchestrator.images import load_image
 
 YES_RATIO_GAP = "yes_ratio_gap"  # |yes-ratio - 0.5|: how far the model is from POPE's balanced 50 % yes
 
@@ -84,7 +85,6 @@ def score_probe(scorer, rows: Sequence[dict], rank: int, world: int, batch_size:
     """
     import torch.distributed as dist
 
-    from orchestrator.data.datasets import load_image
 
     mine = list(rows[rank::world])
     batches = math.ceil(math.ceil(len(rows) / world) / batch_size)

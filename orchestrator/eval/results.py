@@ -1,6 +1,6 @@
-"""Where evaluation results live, and how a run resumes.
+"""How evaluation results are stored, and how a run resumes.
 
-Layout, under the experiment's run directory::
+Layout, under the experiment's run directory (`orchestrator.layout` names these paths)::
 
     <run_dir>/eval/<run_id>/run.json          what the run evaluates (model, adapter, decoding, versions)
     <run_dir>/eval/<run_id>/answers/*.parquet one row per answered item (ANSWER_SCHEMA), one file per block
@@ -30,7 +30,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.files import atomic_write, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
+from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.eval import pope
+from orchestrator.files import atomic_write
 
 KEY = ("benchmark", "split", "item_id")
 
@@ -70,16 +72,28 @@ METRIC_SCHEMA = pa.schema([
 ])
 
 
-def eval_dir(run_dir: str | Path, run_id: str) -> Path:
-    return Path(run_dir) / "eval" / run_id
+def pope_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
+    """One row per metric of each split (scope "split") and each dataset's mean (scope "overall"), named by
+    `pope.qualified_split` ("adversarial", "mean"; "gqa/adversarial", "gqa/mean")."""
+    rows = []
+    for record in table.to_dict("records"):
+        name = pope.qualified_split(str(record.get("dataset", POPE_DEFAULT_DATASET)), str(record["split"]))
+        for metric in (*pope.METRIC_COLUMNS, *pope.COUNT_COLUMNS, *pope.ITEM_COUNT_COLUMNS):
+            rows.append({"run_id": run_id, "benchmark": "pope", "scope": "split" if record["split"] != "mean"
+                         else "overall", "name": name, "metric": metric,
+                         "value": float(record[metric]), "n": int(record["n"])})
+    return rows
 
 
-def answers_dir(run_dir: str | Path, run_id: str) -> Path:
-    return eval_dir(run_dir, run_id) / "answers"
-
-
-def metrics_path(run_dir: str | Path, run_id: str) -> Path:
-    return eval_dir(run_dir, run_id) / "metrics.parquet"
+def milebench_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
+    """Two rows per `milebench.summarise` row: its score (the task's own metric, or "score") and its error count."""
+    rows = []
+    for record in table.to_dict("records"):
+        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
+                     "metric": record["metric"], "value": float(record["value"]), "n": int(record["n"])})
+        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
+                     "metric": "n_errors", "value": float(record["n_errors"]), "n": int(record["n"])})
+    return rows
 
 
 def compute_run_id(model_path: str, adapter_path: str | None, mode: str, decoding: dict,

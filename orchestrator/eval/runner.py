@@ -43,17 +43,23 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig
+from orchestrator.data import datasets
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
 from orchestrator.eval import completeness
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
 from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
                                          pope_items, predict, resolved_dtype)
-from orchestrator.eval.results import (answered_keys, answers_dir, anti_join, block_name, compute_run_id, eval_dir,
-                                       item_key, metrics_path, read_answers, write_answers, write_json_atomic,
+from orchestrator.eval.results import (answered_keys, anti_join, block_name, compute_run_id, item_key,
+                                       milebench_metric_rows, pope_metric_rows, read_answers, write_answers,
                                        write_metrics)
+from orchestrator.files import write_json_atomic
+from orchestrator.model.base_model import base_model_path
+from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight
+from orchestrator.timing import format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +90,6 @@ class EvalResult:
 # Inputs
 
 
-def default_model_path(cfg: ExperimentConfig) -> Path:
-    """The config's model folder, or the tiny LLaVA the training stage uses (built once if needed).
-
-    The training stage owns the tiny model's location (`orchestrator.train.trainer.base_model_path`:
-    ``<run_dir>/model/tiny``) so that adapters it trains are evaluated on the same base. Without the
-    training package, the tiny model is built there by this function with the world's vocabulary.
-    """
-    if cfg.model.path:
-        return Path(cfg.model.path).expanduser().resolve()
-    try:
-        from orchestrator.train.trainer import base_model_path
-    except ImportError:
-        base_model_path = None
-    if base_model_path is not None:
-        return Path(base_model_path(cfg))
-    from orchestrator.data.synthetic import SynthConfig, world_vocabulary
-    from orchestrator.model.llava import ensure_model
-
-    texts = [" ".join(world_vocabulary(SynthConfig(seed=cfg.data.synthetic.seed)))]
-    return ensure_model(cfg.model, texts, cfg.run_dir / "model" / "tiny", seed=cfg.data.synthetic.seed)
-
-
 def _file_version(path: str | Path, n: int) -> str:
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
     return f"sha256:{digest}/n{n}"
@@ -126,8 +110,6 @@ def _checked(build, cfg: ExperimentConfig):
 
 def load_questions(cfg: ExperimentConfig, benchmarks: Sequence[str]) -> _Questions:
     """Evaluation items of the chosen benchmarks, the rejected ones, and the question-file versions."""
-    from orchestrator.data import datasets
-
     items: list[dict] = []
     rejects: list[dict] = []
     versions: dict[str, str] = {}
@@ -240,41 +222,6 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics
-
-
-def _pope_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
-    """One row per metric of each split (scope "split") and each dataset's mean (scope "overall"), named by
-    `pope.qualified_split` ("adversarial", "mean"; "gqa/adversarial", "gqa/mean")."""
-    rows = []
-    for record in table.to_dict("records"):
-        name = pope.qualified_split(str(record.get("dataset", POPE_DEFAULT_DATASET)), str(record["split"]))
-        for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio", "TP", "FP", "TN", "FN",
-                       "n_errors", "n_unparsable"):
-            rows.append({"run_id": run_id, "benchmark": "pope", "scope": "split" if record["split"] != "mean"
-                         else "overall", "name": name, "metric": metric,
-                         "value": float(record[metric]), "n": int(record["n"])})
-    return rows
-
-
-def _milebench_metric_rows(run_id: str, table: pd.DataFrame) -> list[dict]:
-    rows = []
-    for record in table.to_dict("records"):
-        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
-                     "metric": record["metric"], "value": float(record["value"]), "n": int(record["n"])})
-        rows.append({"run_id": run_id, "benchmark": "milebench", "scope": record["scope"], "name": record["name"],
-                     "metric": "n_errors", "value": float(record["n_errors"]), "n": int(record["n"])})
-    return rows
-
-
-def _fmt_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------
 # The run
 
 
@@ -288,8 +235,6 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     recomputes items whose earlier answer was an error; `allow_partial` keeps the means over splits
     even when a split has fewer answers than questions; `fault` is for tests (see `Predictor`).
     """
-    from orchestrator.ray_session import init_ray
-
     benchmarks = tuple(dict.fromkeys(benchmarks))
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown or not benchmarks:
@@ -309,7 +254,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
              ", ".join(f"{b} {n}" for b, n in by_benchmark.items()), len(questions.rejects))
 
     # 2. run id
-    model = str(Path(model_path).expanduser().resolve()) if model_path else str(default_model_path(cfg))
+    model = str(Path(model_path).expanduser().resolve()) if model_path else str(base_model_path(cfg))
     adapter_path = str(Path(adapter).expanduser().resolve()) if adapter else ""
     settings = PredictorSettings(
         run_id="", model_path=model, adapter_path=adapter_path, mode=cfg.eval.mode,
@@ -328,11 +273,13 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         decoding = settings.decoding()
     run_id = compute_run_id(model, adapter_path, cfg.eval.mode, decoding, questions.versions, tag)
     run_dir = cfg.run_dir
-    out_dir, ans_dir, met_path = eval_dir(run_dir, run_id), answers_dir(run_dir, run_id), metrics_path(run_dir, run_id)
+    out_dir, ans_dir = layout.eval_dir(run_dir, run_id), layout.answers_dir(run_dir, run_id)
+    met_path = layout.metrics_path(run_dir, run_id)
     # each actor records its start-up and calls under <eval dir>/timings (benchmarks/pipeline.py reads them)
-    settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir), timings_dir=str(out_dir / "timings"))
+    settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir),
+                                   timings_dir=str(layout.eval_timings_dir(run_dir, run_id)))
     ans_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "run.json", {
+    write_json_atomic(layout.eval_info_path(run_dir, run_id), {
         "run_id": run_id, "model": model, "adapter": adapter_path, "mode": cfg.eval.mode, "decoding": decoding,
         "versions": questions.versions, "benchmarks": list(benchmarks), "tag": tag,
         "config_hash": cfg.content_hash(), "expected": expected,
@@ -367,7 +314,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
             errors += sum(1 for e in block.column("error").to_pylist() if e)
             rate = computed / max(time.time() - t0, 1e-9)
             log.info("eval [inference] %s: %d/%d (%.0f%%), %.2f items/s, ETA %s, %d errors", run_id, computed,
-                     len(todo), 100.0 * computed / len(todo), rate, _fmt_seconds((len(todo) - computed) / rate),
+                     len(todo), 100.0 * computed / len(todo), rate, format_seconds((len(todo) - computed) / rate),
                      errors)
 
     # 5. metrics
@@ -379,11 +326,11 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     pope_answers = answers[answers["benchmark"] == "pope"]
     if "pope" in benchmarks and len(pope_answers):
         pope_table = with_expected(pope.summarise(pope_answers), coverage, allow_partial)
-        metric_rows += _pope_metric_rows(run_id, pope_table)
+        metric_rows += pope_metric_rows(run_id, pope_table)
     mile_answers = answers[answers["benchmark"] == "milebench"]
     if "milebench" in benchmarks and len(mile_answers):
         milebench_table = mb.summarise(mb.score_answers(mile_answers))
-        metric_rows += _milebench_metric_rows(run_id, milebench_table)
+        metric_rows += milebench_metric_rows(run_id, milebench_table)
     if not allow_partial:
         metric_rows = completeness.drop_means(pd.DataFrame(metric_rows), coverage).to_dict("records")
     n_errors = int((answers["error"].fillna("") != "").sum())
@@ -449,8 +396,8 @@ def format_pope_table(df: pd.DataFrame) -> str:
         for record in block.to_dict("records"):
             if record["split"] == "mean":
                 lines.append("-" * len(header))
-            lines.append(f"{record['split']:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}" for m in
-                                                              ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+            lines.append(f"{record['split']:<12} " + " ".join(f"{100 * float(record[m]):>9.2f}"
+                                                              for m in pope.METRIC_COLUMNS)
                          + f" {int(record['n']):>6}" + (f" {_answered(record):>17}" if with_counts else "")
                          + f"  {record.get('version') or ''}".rstrip())
         splits = block[block["split"] != "mean"]
@@ -481,5 +428,4 @@ def format_milebench_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalResult", "run_eval", "format_pope_table", "format_milebench_table", "load_questions",
-           "default_model_path"]
+__all__ = ["EvalResult", "run_eval", "format_pope_table", "format_milebench_table", "load_questions"]

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.model.adapter import ADAPTER_CONFIG
+from orchestrator.model.lora import lora_target_regex
 
 log = logging.getLogger("hadpo.convert")
 
@@ -462,8 +463,6 @@ def convert_llava_adapter(adapter_dir: str | Path, out_dir: str | Path, base_mod
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
-
-    from orchestrator.train.recipe import lora_target_regex
 
     adapter_dir = Path(adapter_dir).expanduser().resolve()
     out_dir = new_output_dir(out_dir)

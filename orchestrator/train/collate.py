@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from orchestrator.data.datasets import ImageLoadError, load_image
+from orchestrator.images import ImageLoadError, load_image
 from orchestrator.model.llava import LoadedLlava, pixel_values
 from orchestrator.model.templates import (IGNORE_INDEX, build_prompt, encode_answer, encode_example,
                                           encode_prompt)
@@ -116,7 +116,9 @@ def _load(path: str, sample_id: str, skipped: list[dict[str, str]]):
         return None
 
 
-def _prompt_ids(loaded: LoadedLlava, prompt: str, template: str, num_images: int = 1) -> list[int]:
+def template_prompt_ids(loaded: LoadedLlava, prompt: str, template: str, num_images: int = 1) -> list[int]:
+    """Token ids of `prompt` in the conversation `template`, each image placeholder expanded to the model's
+    image tokens."""
     return encode_prompt(loaded.tokenizer, build_prompt(prompt, template, num_images), loaded.image_token_id,
                          loaded.tokens_per_image)
 
@@ -143,7 +145,7 @@ def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, templa
         images = [_load(path, str(sample_id), skipped) for path in paths]
         if any(image is None for image in images):
             continue
-        prompt_ids = _prompt_ids(loaded, prompt, template, len(images))
+        prompt_ids = template_prompt_ids(loaded, prompt, template, len(images))
         room = max_length - len(prompt_ids)
         if room <= 0:
             skipped.append({"sample_id": str(sample_id),
@@ -184,7 +186,7 @@ def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, templat
         if image is None:
             continue
         try:
-            row_ids, row_labels = encode_example(tokenizer, _prompt_ids(loaded, prompt, template), response,
+            row_ids, row_labels = encode_example(tokenizer, template_prompt_ids(loaded, prompt, template), response,
                                                  max_length)
         except ValueError as error:
             skipped.append({"sample_id": str(sample_id), "reason": str(error)})

@@ -31,7 +31,7 @@ import torch
 
 from orchestrator.model.llava import LoadedLlava, pixel_values
 from orchestrator.model.templates import IGNORE_INDEX, encode_answer
-from orchestrator.train.collate import Collated, _prompt_ids, collate_preference, encode_pairs
+from orchestrator.train.collate import Collated, collate_preference, encode_pairs, template_prompt_ids
 from orchestrator.train.losses import token_logps
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
@@ -115,7 +115,7 @@ def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, t
         prompt = str(row["prompt"])
         images = len(row["images"]) if row.get("images") is not None else 1
         if (prompt, images) not in prompts:
-            prompts[prompt, images] = len(_prompt_ids(loaded, prompt, template, images))
+            prompts[prompt, images] = len(template_prompt_ids(loaded, prompt, template, images))
         for column in answer_columns:
             if column in row:
                 longest = max(longest, prompts[prompt, images] + len(encode_answer(tokenizer, str(row[column]))))

@@ -56,7 +56,6 @@ import logging
 import math
 import os
 import random
-import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,9 +68,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
 from orchestrator.model.llava import LoadedLlava, load_llava
+from orchestrator.model.lora import add_lora, freeze_vision, set_lora_input_casting
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
 from orchestrator.train import checkpoints
 from orchestrator.train.engine import Engine, make_engine
@@ -79,7 +80,7 @@ from orchestrator.train.collate import Collated, collate_sft
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
 from orchestrator.train.pairs import (PackedPairs, collate_pairs, longest_row_tokens, model_inputs_for,
                                       pair_token_logps)
-from orchestrator.train.tracking import Tracker, timings_path
+from orchestrator.train.tracking import Tracker
 from orchestrator.files import write_json_atomic
 from orchestrator.timing import process_start_time
 
@@ -249,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "" if plan.stage != "dpo" else f", {'packed' if train.prefix_sharing else 'plain'} pairs, "
                  f"reference {reference_source(cached_reference, rows, fill_in_loop)}")
         log.info("setup %s", lap)
-    clock = _StepClock(timings_path(cfg, plan.stage), lap, enabled=rank == 0,
+    clock = _StepClock(layout.timings_path(cfg.run_dir, plan.stage), lap, enabled=rank == 0,
                        engine=engine.describe(), engine_reason=zero_reason)
 
     # 5. The loop: micro-batches from the resume position; an optimizer step every `accumulation`.
@@ -413,43 +414,6 @@ def plan_stage(cfg: ExperimentConfig, train: TrainConfig, plan: StagePlan, rows,
         if needs_rows else None
     planned, reason = resolve_zero_stage(planned, longest) if train.deepspeed.enabled else (planned, "")
     return planned, reason, use_gradient_checkpointing(planned, longest)
-
-
-def freeze_vision(model: torch.nn.Module) -> None:
-    """Freeze the vision tower and the projector (they are never trained in this recipe)."""
-    for name, param in model.named_parameters():
-        if "vision_tower" in name or "multi_modal_projector" in name:
-            param.requires_grad_(False)
-
-
-def lora_target_regex(target_modules: list[str]) -> str:
-    """A peft target regex (full match on module names) for the language model's linear layers only.
-
-    Matches e.g. ``model.language_model.layers.3.self_attn.q_proj`` but not
-    ``model.vision_tower.encoder.layers.3.self_attn.q_proj``, the projector, or ``lm_head``.
-    """
-    names = "|".join(re.escape(name) for name in target_modules)
-    return rf"(?:.*\.)?language_model\.(?:.*\.)?(?:{names})"
-
-
-def add_lora(model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = train.lora
-    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                             target_modules=lora_target_regex(lora.target_modules))
-    return get_peft_model(model, peft_config)
-
-
-def set_lora_input_casting(model: torch.nn.Module, enabled: bool) -> None:
-    """peft casts each LoRA layer's input to the adapter's dtype; under bf16 autocast with fp32 adapters that
-    is a bf16 -> fp32 -> bf16 round trip of every adapted activation (autocast runs the matmul in bf16 anyway).
-    Turning it off leaves the numbers as autocast computes them and saves ~1/5 of a 7B LoRA step (profiled)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = enabled
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,14 +48,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import PREFERENCE_COLUMNS, PREFERENCE_IMAGES
-
-ROW_COLUMNS = (*PREFERENCE_COLUMNS, PREFERENCE_IMAGES)  # what a pass reads of a row (`images`: multi-image sources)
 from orchestrator.files import atomic_write, file_sha256, write_json_atomic
+from orchestrator.images import image_error
 from orchestrator.timing import format_seconds
+from orchestrator.versions import package_versions
 
 log = logging.getLogger(__name__)
+
+ROW_COLUMNS = (*PREFERENCE_COLUMNS, PREFERENCE_IMAGES)  # what a pass reads of a row (`images`: multi-image sources)
 
 REFERENCE_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -91,7 +93,7 @@ def file_fingerprint(path: str | Path, full_hash_limit: int | None = None) -> st
     """A digest of one model file: the whole file's sha256 when small, a sampled digest when large.
 
     Files under `full_hash_limit` bytes (default `FULL_HASH_LIMIT`, 64 MiB: configs, tokenizer and
-    processor files, small models) are hashed completely with `orchestrator.pipeline.file_sha256`.
+    processor files, small models) are hashed completely with `orchestrator.files.file_sha256`.
     A larger file (a 7B model's weight shards are ~5 GB, 14 GB in all) would take minutes to hash on
     every run, so its digest covers instead:
 
@@ -242,7 +244,7 @@ def open_reference_cache(path: str | Path) -> ReferenceCache:
 
 
 def default_cache_root(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.output_root).expanduser().resolve() / "cache" / "reference_logps"
+    return layout.reference_cache_root(cfg.output_dir)
 
 
 def _write_part(cache: ReferenceCache, table: pa.Table, writer: str = "") -> Path:
@@ -319,7 +321,6 @@ class ReferenceScorer:
     def _run(self, group: list[dict], outputs: dict[str, dict]) -> None:
         import torch
 
-        from orchestrator.data.datasets import image_error
         from orchestrator.train.pairs import collate_pairs, score_pairs
 
         s = self.settings
@@ -355,16 +356,6 @@ def _preference_rows(dataset) -> list[dict]:
     return dataset.select_columns(columns).take_all()
 
 
-def _library_versions() -> dict[str, str]:
-    versions = {}
-    for name in ("torch", "transformers"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def _log_errors(table: pa.Table, logged: int, limit: int = 20) -> int:
     for sample_id, error in zip(table.column("sample_id").to_pylist(), table.column("error").to_pylist()):
         if error:
@@ -398,7 +389,7 @@ def write_cache_meta(cache: ReferenceCache, base_model_path: Path, inputs: dict[
     write_json_atomic(cache.path / "meta.json", {
         **meta, "key": cache.key, "model_path": str(base_model_path), "key_inputs": inputs, "dtype": inputs["dtype"],
         "template": inputs["template"], "max_length": inputs["max_length"], "layout": inputs["layout"],
-        "versions": _library_versions(), "created": meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": package_versions(("torch", "transformers")), "created": meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "filled_by": sorted({*meta.get("filled_by", []), filled_by}),
     })
 

@@ -41,18 +41,10 @@ import yaml
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
-
-
-def curves_path(cfg: ExperimentConfig, stage: str) -> Path:
-    return cfg.run_dir / "train" / f"{stage}_curves.parquet"
-
-
-def timings_path(cfg: ExperimentConfig, stage: str) -> Path:
-    """Rank 0's timing record of a stage's run (setup phases, step ends; see recipe._StepClock)."""
-    return cfg.run_dir / "train" / f"{stage}_timings.json"
 
 
 def wandb_mode(cfg: ExperimentConfig) -> str:
@@ -106,11 +98,11 @@ class Tracker:
         self.mlflow: MlflowFileRun | None = None
         if not enabled:
             return
-        self.curves = CurveLog(curves_path(cfg, stage), resume_step)
+        self.curves = CurveLog(layout.curves_path(cfg.run_dir, stage), resume_step)
         if "tensorboard" in cfg.tracking:
             self.tensorboard = TensorBoardLog(cfg.tensorboard_dir / stage, resume_step)
         if "mlflow" in cfg.tracking:
-            self.mlflow = MlflowFileRun(cfg.mlflow_store, cfg.mlflow.experiment or cfg.name, f"{cfg.name}-{stage}",
+            self.mlflow = MlflowFileRun(cfg.mlflow_store, cfg.mlflow.experiment or cfg.name, layout.train_run_name(cfg.name, stage),
                                         resume_step)
             self.mlflow.log_params(flat_params(cfg.model_dump(mode="json")))
             self.mlflow.set_tags({"stage": stage, "config_hash": cfg.content_hash()})
@@ -307,7 +299,7 @@ def _start_wandb(cfg: ExperimentConfig, stage: str, mode: str):
         # The key goes to wandb in memory; it is never printed or stored by us.
         wandb.login(key=os.environ[cfg.wandb.api_key_env], relogin=False)
     kwargs: dict[str, Any] = dict(
-        project=cfg.wandb.project, name=f"{cfg.name}-{stage}", group=cfg.name, job_type=stage,
+        project=cfg.wandb.project, name=layout.train_run_name(cfg.name, stage), group=cfg.name, job_type=stage,
         dir=str(cfg.run_dir), mode=mode, config={"stage": stage, **cfg.model_dump(mode="json")},
         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
     )

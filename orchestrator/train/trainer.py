@@ -19,7 +19,6 @@ Before anything is submitted, the workers' resources are checked against the clu
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -27,12 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator import layout
 from orchestrator.config import ExperimentConfig
+from orchestrator.data import datasets
+from orchestrator.model.base_model import base_model_path
 from orchestrator.plan import reference_fill
+from orchestrator.ray_session import init_ray
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
+from orchestrator.train.reference_cache import keyed_cache, precompute_reference, write_cache_meta
 from orchestrator.train.recipe import STAGES, stage_output_dir, stage_plan, train_loop_per_worker
-from orchestrator.train.tracking import curves_path
 
 log = logging.getLogger("hadpo.train")
 
@@ -46,54 +49,17 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)  # driver clock: started, reference pass, fit
 
 
-def run_name(cfg: ExperimentConfig, stage: str) -> str:
-    return f"{cfg.name}-{stage}"
-
-
 def storage_path(cfg: ExperimentConfig) -> str:
     """Where Ray Train keeps the runs' checkpoints: `train.storage_path` (local or a cloud URI, passed
     through as it is) or ``<run_dir>/train``."""
     if cfg.train.storage_path:
         path = cfg.train.storage_path
         return path if "://" in path else str(Path(path).expanduser().resolve())
-    return str(cfg.run_dir / "train")
-
-
-def base_model_path(cfg: ExperimentConfig, base_model: str | None = None, texts: list[str] | None = None) -> Path:
-    """The model a stage starts from: `base_model`, else `model.path`, else the tiny model.
-
-    The tiny model is built once under ``<run_dir>/model/tiny`` with the synthetic world's vocabulary
-    (or `texts` for other data).
-    """
-    from orchestrator.model.llava import ensure_model
-
-    if base_model:
-        path = Path(base_model).expanduser().resolve()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"base model {path}: not a llava-hf model folder (no config.json)")
-        return path
-    cache = cfg.run_dir / "model" / "tiny"
-    if cfg.model.path or (cache / "config.json").is_file():
-        return ensure_model(cfg.model, None, cache, seed=cfg.data.synthetic.seed)
-    return ensure_model(cfg.model, texts if texts is not None else _world_texts(cfg), cache,
-                        seed=cfg.data.synthetic.seed)
-
-
-def _world_texts(cfg: ExperimentConfig) -> list[str]:
-    world_json = cfg.world_dir / "world.json"
-    if world_json.is_file():
-        vocabulary = json.loads(world_json.read_text()).get("vocabulary")
-        if vocabulary:
-            return [" ".join(vocabulary)]
-    from orchestrator.data.synthetic import world_vocabulary
-
-    return [" ".join(world_vocabulary())]
+    return str(layout.train_dir(cfg.run_dir))
 
 
 def stage_dataset(cfg: ExperimentConfig, stage: str):
     """The Ray dataset a stage trains on (rows with unusable images already set aside)."""
-    from orchestrator.data import datasets
-
     checked = datasets.preference_dataset(cfg) if stage == "dpo" else datasets.sft_dataset(cfg)
     log.info(checked.summary())
     return checked.dataset
@@ -115,8 +81,6 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_session import init_ray
-
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
     timings = {"started": time.time()}
@@ -129,24 +93,20 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     if dataset is None:
         dataset = stage_dataset(cfg, stage)
     base = base_model_path(cfg, base_model)
-    name, storage = run_name(cfg, stage), storage_path(cfg)
+    name, storage = layout.train_run_name(cfg.name, stage), storage_path(cfg)
     run_path = _join(storage, name)
     if not resume:
-        _forget_run(storage, name, curves_path(cfg, stage))
+        _forget_run(storage, name, layout.curves_path(cfg.run_dir, stage))
     resume_plan = checkpoints.plan_resume(run_path, cfg.train.keep_checkpoints)
     log.info("training %s: %s", stage, resume_plan.reason)
 
     reference_cache = None
     if uses_reference_pass:
-        from orchestrator.train.reference_cache import precompute_reference
-
         dataset = dataset.materialize()  # the pass and the trainer read the rows once (image checks included)
         timings["reference_pass_started"] = time.time()
         reference_cache = str(precompute_reference(cfg, base, dataset).path)
         timings["reference_pass_done"] = time.time()
     elif fill == "loop":  # the workers compute what the cache lacks during the first epoch, and add it
-        from orchestrator.train.reference_cache import keyed_cache, write_cache_meta
-
         cache, key_inputs = keyed_cache(cfg, base)
         write_cache_meta(cache, base, key_inputs, "loop")
         reference_cache = str(cache.path)
@@ -184,7 +144,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     return TrainResult(
         checkpoint_path=stage_output_dir(checkpoint_dir, plan.lora),
         metrics=dict(result.metrics or {}),
-        curves_path=str(curves_path(cfg, stage)),
+        curves_path=str(layout.curves_path(cfg.run_dir, stage)),
         run_path=_join(storage, name),
         timings=timings,
     )

@@ -152,10 +152,3 @@ def test_missing_milebench_task_is_named(synth_world, tmp_path):
     config = synthetic_config(world, tmp_path, milebench_tasks=["NoSuchTask"])
     with pytest.raises(FileNotFoundError, match="NoSuchTask"):
         datasets.milebench_rows(config)
-
-
-def test_load_image_says_why(tmp_path):
-    with pytest.raises(datasets.ImageLoadError, match="file not found"):
-        datasets.load_image(str(tmp_path / "nope.jpg"))
-    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
-    assert datasets.image_error(str(tmp_path / "bad.jpg")).startswith("unreadable image")

@@ -218,14 +218,14 @@ def llava(tiny_model_dir):
 def groups(all_pope_items):
     """Three images with 7, 3 and all their distinct questions (10-12; one asked twice: it shares its
     slot), PIL images."""
-    from orchestrator.eval.milebench import open_image
+    from orchestrator.images import load_image
 
     images = sorted({item["images"][0] for item in all_pope_items})[:3]
     questions = [[item["question"] for item in all_pope_items if item["images"][0] == image] for image in images]
     counts = (7, 3, None)
     chosen = [list(dict.fromkeys(q))[:count] for q, count in zip(questions, counts)]
     chosen[2].append(chosen[2][0])
-    return [(image, open_image(image), qs) for image, qs in zip(images, chosen)]
+    return [(image, load_image(image), qs) for image, qs in zip(images, chosen)]
 
 
 def plain_new_tokens(model, question, image, max_new_tokens, eos, min_new_tokens=0):

@@ -7,7 +7,9 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.eval import completeness, pope
-from orchestrator.eval.results import eval_dir, write_answers, write_json_atomic
+from orchestrator.eval.results import write_answers
+from orchestrator.layout import eval_dir
+from orchestrator.files import write_json_atomic
 from orchestrator.eval.runner import format_pope_table, with_expected
 from orchestrator.report import build_report, load_run
 
@@ -60,7 +62,7 @@ def test_the_runner_table_shows_answered_of_expected_and_refuses_the_mean_when_s
 
 
 def test_only_the_dataset_short_of_answers_loses_its_mean():
-    from orchestrator.eval.runner import _pope_metric_rows
+    from orchestrator.eval.results import pope_metric_rows
 
     expected = {**EXPECTED, **{f"pope/gqa/{split}": 4 for split in SPLITS}}
     answers = pd.DataFrame([answer(s, k) for s in SPLITS for k in range(8)]
@@ -71,7 +73,7 @@ def test_only_the_dataset_short_of_answers_loses_its_mean():
     assert list(means["dataset"]) == ["coco"] and int(means["expected"].iloc[0]) == 24
     printed = format_pope_table(table)
     assert "coco mean F1" in printed and "gqa: no mean F1, INCOMPLETE (adversarial short of answers)" in printed
-    rows = pd.DataFrame(_pope_metric_rows("r", with_expected(pope.summarise(answers), coverage, allow_partial=True)))
+    rows = pd.DataFrame(pope_metric_rows("r", with_expected(pope.summarise(answers), coverage, allow_partial=True)))
     kept = completeness.drop_means(rows, coverage)
     assert set(rows[rows["scope"] == "overall"]["name"]) == {"mean", "gqa/mean"}
     assert set(kept[kept["scope"] == "overall"]["name"]) == {"mean"}

@@ -9,7 +9,8 @@ import torch
 from orchestrator.data import datasets
 from orchestrator.model.llava import load_llava
 from orchestrator.train.collate import collate_preference
-from orchestrator.train.recipe import add_lora, freeze_vision, lora_target_regex, reference_logps
+from orchestrator.model.lora import add_lora, freeze_vision, lora_target_regex
+from orchestrator.train.recipe import reference_logps
 from orchestrator.train.losses import sequence_logps
 from orchestrator.train.pairs import score_pairs
 from tests.train import tiny_config

@@ -3,7 +3,8 @@
 import pyarrow.parquet as pq
 
 from orchestrator.config import config_from_dict
-from orchestrator.train.tracking import CurveLog, Tracker, curves_path, wandb_mode
+from orchestrator.layout import curves_path
+from orchestrator.train.tracking import CurveLog, Tracker, wandb_mode
 
 
 def test_curves_are_appended_and_a_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path):
@@ -40,7 +41,7 @@ def test_tracker_writes_curves_and_offline_wandb_without_leaking_the_key(tmp_pat
     tracker.log(1, {"loss": 0.69, "lr": 1e-4})
     tracker.log(2, {"loss": 0.68, "lr": 1e-4})
     tracker.close()
-    assert pq.read_table(curves_path(cfg, "dpo")).column("step").to_pylist() == [1, 2]
+    assert pq.read_table(curves_path(cfg.run_dir, "dpo")).column("step").to_pylist() == [1, 2]
     assert list((cfg.run_dir / "wandb").glob("offline-run-*"))
     for path in cfg.run_dir.rglob("*"):
         if path.is_file():

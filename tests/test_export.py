@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from orchestrator.config import ConfigError, config_from_dict
-from orchestrator.model.export import export_model, resolve_source
+from orchestrator.export import export_model, resolve_source
 from tests.test_report import write_evaluation, write_stage
 
 ATOL = 1e-5
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_test_token_0123456789abcdef"
 
 
@@ -33,7 +33,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from orchestrator.train.recipe import lora_target_regex
+    from orchestrator.model.lora import lora_target_regex
 
     torch.manual_seed(5)
     base = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir))

@@ -37,13 +37,14 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator import layout
 from orchestrator.config import ConfigError, ExperimentConfig
 from orchestrator.model.adapter import ADAPTER_CONFIG, find_adapter
+from orchestrator.report import load_run, run_summary_markdown
 
 log = logging.getLogger("hadpo.export")
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-RUN_RECORD = "run_record.json"
 MERGED_ADAPTER_DIR = "adapter"
 CARD = "README.md"
 
@@ -87,13 +88,13 @@ def _read_json(path: Path) -> dict:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / RUN_RECORD).is_file() or (path / "stages").is_dir()
+    return layout.run_record_path(path).is_file() or layout.stages_dir(path).is_dir()
 
 
 def enclosing_run_dir(path: Path, levels: int = 5) -> Path | None:
     """The run folder an adapter lies in (``<run_dir>/train/<run>/<checkpoint>/adapter``), if any."""
     for parent in list(path.parents)[:levels]:
-        if (parent / RUN_RECORD).is_file():
+        if layout.run_record_path(parent).is_file():
             return parent
     return None
 
@@ -101,10 +102,10 @@ def enclosing_run_dir(path: Path, levels: int = 5) -> Path | None:
 def trained_adapters(run_dir: Path) -> dict[str, str]:
     """Training stage name -> its recorded adapter path, from ``<run_dir>/stages/*.json``."""
     found = {}
-    for record_path in sorted((run_dir / "stages").glob("*.json")):
+    for stage, record_path in layout.stage_records(run_dir).items():
         adapter = (_read_json(record_path).get("outputs") or {}).get("adapter")
         if adapter:
-            found[record_path.stem] = str(adapter)
+            found[stage] = str(adapter)
     return found
 
 
@@ -130,7 +131,7 @@ def resolve_source(path: str | Path, stage: str | None = None, base_model: str |
         stage = stage or next(iter(adapters))
         if stage not in adapters:
             raise ValueError(f"{run_dir}: no stage {stage!r} with an adapter; there are: {', '.join(adapters)}")
-        adapter = _local_adapter(adapters[stage], f"{run_dir / 'stages' / stage}.json")
+        adapter = _local_adapter(adapters[stage], str(layout.stage_record_path(run_dir, stage)))
     else:
         adapter = find_adapter(path).resolve()
         run_dir = enclosing_run_dir(adapter)
@@ -145,7 +146,8 @@ def _base_model(adapter: Path, run_dir: Path | None, given: str | Path | None) -
     if given:
         return Path(given).expanduser().resolve()
     if run_dir is not None:
-        recorded = _read_json(run_dir / RUN_RECORD).get("base_model") if (run_dir / RUN_RECORD).is_file() else None
+        record = layout.run_record_path(run_dir)
+        recorded = _read_json(record).get("base_model") if record.is_file() else None
         if recorded:
             return Path(recorded).expanduser().resolve()
     recorded = _read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
@@ -218,6 +220,7 @@ def merged_dtype(name: str, base_config: dict):
 def merge_adapter(base_model: Path, adapter: Path, out_dir: Path, dtype: str = "auto",
                   max_shard_size: str = "5GB") -> None:
     """Base + adapter merged (in float32) and saved as a complete llava-hf folder with the base's processor."""
+    # torch, peft and transformers only for a merge: an unmerged export and its card never load them
     import torch
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
@@ -245,7 +248,7 @@ def matching_evaluations(run, source: ExportSource):
         if recorded and Path(recorded).resolve() == source.adapter:
             return True
         # a moved run folder: recorded paths are stale, fall back on the pipeline's stage names
-        return bool(source.stage) and evaluation.stage == "eval_hadpo" + source.stage.removeprefix("dpo")
+        return bool(source.stage) and evaluation.stage == layout.evaluation_of(source.stage)
 
     kept = [e for e in run.evaluations if e.role == "before" or evaluates_this_adapter(e)]
     return dataclasses.replace(run, evaluations=kept)
@@ -265,8 +268,6 @@ def without_extra_env_values(run):
 def model_card(source: ExportSource, merged: bool, base_model_id: str | None = None,
                repo_id: str | None = None) -> str:
     """README.md: what the folder is, how to load it, and the run's results and record."""
-    from orchestrator.report import load_run, run_summary_markdown
-
     base_name = base_model_id or (str(source.base_model) if source.base_model else "(not recorded)")
     front = {"library_name": "transformers" if merged else "peft", "pipeline_tag": "image-text-to-text",
              "tags": ["llava", "dpo", "ha-dpo", "hallucination", "lora", "hadpo-orchestrator"]}
@@ -291,7 +292,7 @@ def model_card(source: ExportSource, merged: bool, base_model_id: str | None = N
     lines += ["## Results and run record", ""]
     if source.run_dir is None:
         lines.append(f"The adapter `{source.adapter}` was exported on its own: no run folder "
-                     f"({RUN_RECORD}) was found, so no evaluation or run record is shown.")
+                     f"({layout.RUN_RECORD}) was found, so no evaluation or run record is shown.")
     else:
         run = without_extra_env_values(matching_evaluations(load_run(source.run_dir), source))
         lines.append(f"From the run `{source.run_dir.name}`" + (f", training stage `{source.stage}`" if source.stage
