@@ -87,7 +87,7 @@ if str(ROOT) not in sys.path:
 
 import pandas as pd  # noqa: E402
 
-from orchestrator.eval.milebench import LlavaModel  # noqa: E402
+from orchestrator.eval.model_adapter import LlavaModel  # noqa: E402
 from orchestrator.eval.pope import answer_agreement  # noqa: E402
 
 # Figures from shared/docs/GPU.md (H100 80GB, transformers 5.17, 2026-11-25), questions/s.

@@ -491,7 +491,7 @@ def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], 
                     step: int) -> dict[str, Any]:
     """Score the sweep's POPE subset with the policy in memory (all ranks); rank 0 gets the objective and the
     subset's POPE values (``probe/pope/...``), numbered by `evaluations` (see orchestrator/eval/probe.py)."""
-    from orchestrator.eval.milebench import LlavaModel
+    from orchestrator.eval.model_adapter import LlavaModel
     from orchestrator.eval.probe import objective_of, probe_values, score_probe
 
     module = engine.module
