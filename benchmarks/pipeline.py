@@ -232,7 +232,8 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool) -> dict[str, Any]:
     from orchestrator.plan import use_gradient_checkpointing, with_gpu_memory
     from orchestrator.train.pairs import longest_row_tokens
     from orchestrator.model.lora import freeze_vision, set_lora_input_casting
-    from orchestrator.train.recipe import collate_stage, epoch_order
+    from orchestrator.train.recipe import collate_stage
+    from orchestrator.train.schedule import epoch_order
     from orchestrator.train.reference_cache import open_reference_cache
 
     dpo_step = _module("dpo_step")
