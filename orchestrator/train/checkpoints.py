@@ -47,16 +47,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported where a checkpoint is written or read: the driver and `hadpo` start without it
+    import torch
 
-from orchestrator.config import TrainConfig
-from orchestrator.model.llava import LoadedLlava
-from orchestrator.train.engine import Engine
-from orchestrator.train.schedule import Schedule, StagePlan
+    from orchestrator.config import TrainConfig
+    from orchestrator.model.llava import LoadedLlava
+    from orchestrator.train.engine import Engine
+    from orchestrator.train.schedule import Schedule, StagePlan
 
 log = logging.getLogger("hadpo.train")
 
@@ -149,6 +148,7 @@ def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: 
     marks it complete in the run folder `run_path` (`mark_complete`).
     """
     import ray.train
+    import torch
 
     with tempfile.TemporaryDirectory(prefix="hadpo-ckpt-") as tmp:
         folder = Path(tmp)
@@ -182,6 +182,8 @@ def trainable_state(engine: Engine) -> dict[str, torch.Tensor] | None:
     Must be called on every rank: under ZeRO-3 the partitions are gathered first. Returns None on
     ranks other than 0.
     """
+    import torch.distributed as dist
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     module = engine.module
     if engine.zero_stage == 3:
@@ -211,6 +213,8 @@ def _is_peft(module) -> bool:
 
 
 def _world_size() -> int:
+    import torch.distributed as dist
+
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -219,6 +223,8 @@ def mark_complete(run_path: str, name: str, step: int, rank: int, world_size: in
 
     Must be called on every rank (it holds a barrier when there are several).
     """
+    import torch.distributed as dist
+
     if world_size > 1 and dist.is_initialized():
         dist.barrier()
     if rank != 0:
@@ -240,6 +246,8 @@ def restore_checkpoint(folder: Path, engine: Engine, plan: StagePlan, train: Tra
 
     Returns the step it holds and the metrics reported with it.
     """
+    import torch
+
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     if state["stage"] != plan.stage or state["lora"] != plan.lora:
         raise ValueError(f"{folder}: checkpoint of stage {state['stage']!r} (lora={state['lora']}) cannot resume "
@@ -301,6 +309,9 @@ def _check_restored_adapter(adapter_dir: Path, engine: Engine) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -308,6 +319,9 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -69,6 +69,8 @@ import torch.distributed as dist
 
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig, TrainConfig
+from orchestrator.eval.model_adapter import LlavaModel
+from orchestrator.eval.probe import objective_of, probe_values, score_probe
 from orchestrator.files import write_json_atomic
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
 from orchestrator.model.llava import LoadedLlava, load_llava
@@ -81,6 +83,7 @@ from orchestrator.train.engine import Engine, make_engine
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
 from orchestrator.train.pairs import (PackedPairs, collate_pairs, longest_row_tokens, model_inputs_for,
                                       pair_token_logps)
+from orchestrator.train.reference_cache import open_reference_cache
 from orchestrator.train.schedule import (StagePlan, micro_batches, plan_schedule, read_rows, stage_plan,
                                          stage_train_config)
 from orchestrator.train.tracking import Tracker
@@ -321,8 +324,6 @@ def collate_stage(batch: dict[str, list], loaded: LoadedLlava, stage: str, cfg: 
 
 def load_cached_reference(path: str, rows: list[dict[str, Any]], rank: int) -> dict[str, tuple[float, float]] | None:
     """The cached reference log-probs for these rows, or None (in-loop reference) if any row is missing."""
-    from orchestrator.train.reference_cache import open_reference_cache
-
     values = open_reference_cache(path).load()
     missing = [str(row["sample_id"]) for row in rows if str(row["sample_id"]) not in values]
     if missing:
@@ -385,9 +386,6 @@ def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], 
                     step: int) -> dict[str, Any]:
     """Score the sweep's POPE subset with the policy in memory (all ranks); rank 0 gets the objective and the
     subset's POPE values (``probe/pope/...``), numbered by `evaluations` (see orchestrator/eval/probe.py)."""
-    from orchestrator.eval.model_adapter import LlavaModel
-    from orchestrator.eval.probe import objective_of, probe_values, score_probe
-
     module = engine.module
     was_training = module.training
     module.eval()
