@@ -28,7 +28,6 @@ product figure: benchmarks/pipeline.py times `hadpo run` itself.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -39,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import load_benchmark  # noqa: E402
 
 ENGINE_VARIANTS = {
     "zero0": {"stage": 0},
@@ -59,13 +60,6 @@ ENGINE_VARIANTS = {
 LOOP_VARIANTS = ("loop", "loop-16", "loop-compile", "loop-liger")
 DEFAULT_VARIANTS = ("zero2", "zero3", "zero3-plain", "zero3-prefetch", "zero3-resident", "zero0", "loop", "loop-16",
                     "loop-compile", "loop-liger")
-
-
-def dpo_step_module():
-    spec = importlib.util.spec_from_file_location("dpo_step", ROOT / "benchmarks" / "dpo_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _step_times(step, warmup: int, steps: int, cuda: bool) -> tuple[list[float], float | None]:
@@ -127,7 +121,7 @@ def run_engine_variant(name: str, args) -> dict:
         torch.cuda.set_device(0)
         torch.backends.cuda.matmul.allow_tf32 = True
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    dpo_step = dpo_step_module()
+    dpo_step = load_benchmark("dpo_step")
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
     model = dpo_step.build_model(args.tiny, device.type, dtype)
@@ -159,7 +153,7 @@ def run_loop_variants(names: list[str], args) -> list[dict]:
     """The plain torch loop (dpo_step.py's packed+cache step) and its levers, one model in this process."""
     import torch
 
-    dpo_step = dpo_step_module()
+    dpo_step = load_benchmark("dpo_step")
     from orchestrator.model.lora import set_lora_input_casting
 
     cuda = not args.tiny and torch.cuda.is_available()

@@ -3,7 +3,7 @@
     python benchmarks/dpo_step.py                 # LLaVA-1.5-7B shape on one GPU (bf16, SDPA)
     python benchmarks/dpo_step.py --tiny          # a tiny LLaVA on CPU (fp32): a smoke test of the script
 
-The model is built from configs (CLIP ViT-L/14-336 + Vicuna-7B shapes, CONTEXT.md section 2) with random
+The model is built from configs (the planner's LLaVA-1.5-7B shape, benchmarks/common.py) with random
 weights and nothing downloaded: the answers are meaningless, the throughput is real. Every loop trains the
 same LoRA (rank 128, alpha 256, dropout 0.05, every linear layer of the language model, weights in fp32,
 bf16 autocast, AdamW, grad clipping) on the same `--pairs` pairs (same prompt + image per pair, 128-token
@@ -48,30 +48,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-IMAGE_TOKEN = 32000
+from benchmarks.common import (LLAVA_15_7B, LLAVA_IMAGE_TOKEN_ID, TINY_MAX_POSITIONS, TINY_SHAPE,  # noqa: E402
+                               llava_config)
+
+IMAGE_TOKEN = LLAVA_IMAGE_TOKEN_ID
 PROMPT_BEFORE_IMAGE = 35  # BOS + system prompt + "USER:" (v1 template, LLaMA tokenizer)
 PROMPT_AFTER_IMAGE = 20   # "\n" + question + "ASSISTANT:"
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """The planner's LLaVA-1.5-7B shape (or `common.TINY_SHAPE`) with random weights, built on `device`."""
+    from transformers import LlavaForConditionalGeneration
 
-    if tiny:
-        vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=64, patch_size=16, projection_dim=64, hidden_act="quick_gelu")
-        text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=32064, max_position_embeddings=1024,
-                           rms_norm_eps=1e-5, pad_token_id=0)
-    else:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                                  hidden_act="quick_gelu")
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-                           rms_norm_eps=1e-5, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                         vision_feature_layer=-2)
+    config = llava_config(TINY_SHAPE, max_positions=TINY_MAX_POSITIONS) if tiny else llava_config(LLAVA_15_7B)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)

@@ -9,7 +9,7 @@ soon as it ends, and is guarded so that one failure does not lose the others; a 
 also written to DIR/results.md, sums them up):
 
   model  a LLaVA-1.5-7B-shaped folder with RANDOM weights (CLIP ViT-L/14-336 + Vicuna-7B, vocab 32064,
-         bf16 safetensors; config from benchmarks/dpo_step.py), built directly on the GPU, saved once to
+         bf16 safetensors; the planner's shape, benchmarks/common.py), built directly on the GPU, saved once to
          DIR/model7b (reused by later runs unless --rebuild), with the project's word-level tokenizer
          (world vocabulary padded to 32000 words so that <image> is id 32000, as in llava-hf) and a
          336 px LlavaProcessor. --tiny: dpo_step's tiny shape on CPU (DIR/model-tiny).
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import logging
 import math
@@ -67,8 +66,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (LLAVA_15_7B, LLAVA_IMAGE_TOKEN_ID, TINY_SHAPE, fmt, load_benchmark,  # noqa: E402
+                               shape_processor)
+
 STOP_MESSAGE = "multi_gpu: planned stop"
-IMAGE_TOKEN_ID = 32000             # llava-hf's <image> id, and the one benchmarks/dpo_step.py's config uses
 SECTION_ORDER = ("model", "data", "dpo1", "dpoN", "pope", "kill", "full")
 TABLE_ORDER = ("model", "data", "dpo1", "dpoN", "full", "kill", "pope")
 SKIPPABLE = ("dpo1", "dpoN", "full", "kill", "pope")
@@ -86,11 +87,8 @@ def say(message: str) -> None:
 
 
 def dpo_step_module():
-    """benchmarks/dpo_step.py (its `build_model` holds the LLaVA-1.5-7B-shaped config)."""
-    spec = importlib.util.spec_from_file_location("dpo_step", ROOT / "benchmarks" / "dpo_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/dpo_step.py (its `build_model` builds the planner's LLaVA-1.5-7B shape)."""
+    return load_benchmark("dpo_step")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,16 +217,10 @@ class Results:
         say(f"RESULT {name}: {summary_line(name, entry)}")
 
 
-def _f(value, spec: str = ".2f", unit: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:{spec}}{unit}"
-
-
 def _peak(e: dict) -> str:
     if e.get("peak_allocated_gb_max"):
         return f"alloc {e['peak_allocated_gb_max']:.1f} GB"
-    return f"RSS {_f(e.get('peak_rss_gb_max'), '.2f', ' GB')}"
+    return f"RSS {fmt(e.get('peak_rss_gb_max'), '.2f', ' GB')}"
 
 
 def summary_line(name: str, e: dict) -> str:
@@ -238,36 +230,36 @@ def summary_line(name: str, e: dict) -> str:
         return f"{status.upper()} ({e.get('seconds', 0):.0f}s) {reason[:300]}"
     if name == "model":
         return (f"{e['shape']} {e['params'] / 1e9:.3f}B params, {e['source']} in {e['seconds']:.0f}s "
-                f"(build {_f(e.get('build_s'), '.1f', 's')}, save {_f(e.get('save_s'), '.1f', 's')}), "
-                f"{_f(e.get('folder_gb'), '.1f', ' GB')} on disk; matmul {_f(e.get('matmul_tflops'), '.0f')} TFLOP/s")
+                f"(build {fmt(e.get('build_s'), '.1f', 's')}, save {fmt(e.get('save_s'), '.1f', 's')}), "
+                f"{fmt(e.get('folder_gb'), '.1f', ' GB')} on disk; matmul {fmt(e.get('matmul_tflops'), '.0f')} TFLOP/s")
     if name == "data":
         return (f"{e['rows']} pairs over {e['train_images']} images, seq {e['seq_tokens_mean']:.0f} tokens "
                 f"(image {e['image_tokens']}, prompt {e['prompt_tokens_mean']:.0f}, answers "
                 f"{e['chosen_tokens_mean']:.0f}/{e['rejected_tokens_mean']:.0f}); POPE {e['pope_questions']} questions "
                 f"over {e['pope_images']} images")
     if name in ("dpo1", "dpoN"):
-        line = (f"{e['workers']} worker(s): {_f(e.get('pairs_per_s_per_gpu'))} pairs/s/GPU "
-                f"({_f(e.get('pairs_per_s'))} total, {_f(e.get('s_per_step'), '.3f')} s/step over "
-                f"{e.get('timed_steps', 0)} steps; curves {_f(e.get('curves_pairs_per_s_per_gpu'))}/GPU), "
+        line = (f"{e['workers']} worker(s): {fmt(e.get('pairs_per_s_per_gpu'))} pairs/s/GPU "
+                f"({fmt(e.get('pairs_per_s'))} total, {fmt(e.get('s_per_step'), '.3f')} s/step over "
+                f"{e.get('timed_steps', 0)} steps; curves {fmt(e.get('curves_pairs_per_s_per_gpu'))}/GPU), "
                 f"peak {_peak(e)}/worker, first step after "
-                f"{_f(e.get('to_first_step_s'), '.0f', 's')}")
+                f"{fmt(e.get('to_first_step_s'), '.0f', 's')}")
         if "scaling_efficiency" in e:
-            line += f"; scaling efficiency {_f(e['scaling_efficiency'])}"
+            line += f"; scaling efficiency {fmt(e['scaling_efficiency'])}"
         return line
     if name == "full":
         return (f"ran={e.get('ran')} offload={e.get('offload_optimizer')} over {e.get('workers')} GPUs: "
-                f"{_f(e.get('s_per_step'), '.2f')} s/step, peak {_peak(e)}/GPU (plan "
-                f"{_f(e.get('plan_gb_corrected'), '.1f', ' GB')} with the unsharded reference)")
+                f"{fmt(e.get('s_per_step'), '.2f')} s/step, peak {_peak(e)}/GPU (plan "
+                f"{fmt(e.get('plan_gb_corrected'), '.1f', ' GB')} with the unsharded reference)")
     if name == "kill":
         return (f"passed={e.get('passed')}: killed rank 1 at step {e.get('kill_step')}, resumed from "
                 f"{e.get('resumed_from_step')}, reached {e.get('final_step')}/{e.get('target_step')}, "
-                f"recovery {_f(e.get('recovery_s'), '.0f', 's')}")
+                f"recovery {fmt(e.get('recovery_s'), '.0f', 's')}")
     if name == "pope":
         one, many = e.get("actors_1", {}), e.get(f"actors_{e.get('actors_n')}", {})
-        return (f"{e.get('questions')} questions: 1 actor {_f(one.get('qps_steady'), '.1f')} q/s steady "
-                f"({_f(one.get('qps_wall'), '.1f')} end to end); {e.get('actors_n')} actors "
-                f"{_f(many.get('qps_steady'), '.1f')} q/s steady ({_f(many.get('qps_wall'), '.1f')}); ratio "
-                f"{_f(e.get('ratio_steady'))} steady, {_f(e.get('ratio_wall'))} end to end")
+        return (f"{e.get('questions')} questions: 1 actor {fmt(one.get('qps_steady'), '.1f')} q/s steady "
+                f"({fmt(one.get('qps_wall'), '.1f')} end to end); {e.get('actors_n')} actors "
+                f"{fmt(many.get('qps_steady'), '.1f')} q/s steady ({fmt(many.get('qps_wall'), '.1f')}); ratio "
+                f"{fmt(e.get('ratio_steady'))} steady, {fmt(e.get('ratio_wall'))} end to end")
     return json.dumps(e, default=str)[:300]
 
 
@@ -287,9 +279,9 @@ def markdown_table(results: Results) -> str:
                   "| peak per worker |", "|---|---|---|---|---|---|---|"]
         for label, e in (("1 GPU", d1), ("N GPUs", dn)):
             if e.get("status") == "ok":
-                lines.append(f"| {label} | {e['workers']} | {_f(e.get('pairs_per_s_per_gpu'))} | "
-                             f"{_f(e.get('pairs_per_s'))} | {_f(e.get('s_per_step'), '.3f')} | "
-                             f"{_f(e.get('useful_tflops_per_gpu'), '.1f')} | {_peak(e)} |")
+                lines.append(f"| {label} | {e['workers']} | {fmt(e.get('pairs_per_s_per_gpu'))} | "
+                             f"{fmt(e.get('pairs_per_s'))} | {fmt(e.get('s_per_step'), '.3f')} | "
+                             f"{fmt(e.get('useful_tflops_per_gpu'), '.1f')} | {_peak(e)} |")
         lines.append(f"| GPU.md plain torch, 1 GPU | 1 | {GPU_MD['lora_dpo_pairs_per_s']} | "
                      f"{GPU_MD['lora_dpo_pairs_per_s']} | {GPU_MD['lora_dpo_s_per_step']} | {GPU_MD['lora_dpo_tflops']} | "
                      f"alloc {GPU_MD['lora_dpo_peak_gb']} GB |")
@@ -302,7 +294,7 @@ def markdown_table(results: Results) -> str:
 # Section 1: the model folder
 
 
-def padded_tokenizer(texts: list[str], base_size: int = IMAGE_TOKEN_ID):
+def padded_tokenizer(texts: list[str], base_size: int = LLAVA_IMAGE_TOKEN_ID):
     """The project's word-level tokenizer over `texts`, padded with filler words to `base_size` entries,
     so that the <image> token it adds last gets id `base_size` (32000, as in llava-hf)."""
     from orchestrator.model.llava import build_word_tokenizer
@@ -334,14 +326,7 @@ def matmul_tflops() -> float | None:
 
 def build_model_section(args, model_dir: Path) -> dict:
     import torch
-    from transformers import LlavaProcessor
 
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # transformers without the PIL-backend classes
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    from orchestrator.model.llava import CLIP_MEAN, CLIP_STD
     from orchestrator.model.templates import IMAGE_PLACEHOLDER
 
     entry: dict[str, Any] = {"shape": "tiny" if args.tiny else "llava-1.5-7b", "path": str(model_dir)}
@@ -368,16 +353,8 @@ def build_model_section(args, model_dir: Path) -> dict:
     vision = config.vision_config
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {config.text_config.vocab_size}")
-    config.image_token_index = image_token
-    config.image_seq_length = (vision.image_size // vision.patch_size) ** 2
-    config.pad_token_id = 0
-    config.text_config.bos_token_id, config.text_config.eos_token_id = 1, 2
-    processor = LlavaProcessor(
-        image_processor=ImageProcessor(size={"shortest_edge": vision.image_size},
-                                              crop_size={"height": vision.image_size, "width": vision.image_size},
-                                              image_mean=CLIP_MEAN, image_std=CLIP_STD),
-        tokenizer=tokenizer, patch_size=vision.patch_size, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1)
+    config.image_token_index = image_token   # the padded tokenizer's <image>: LLAVA_IMAGE_TOKEN_ID
+    processor = shape_processor(tokenizer, TINY_SHAPE if args.tiny else LLAVA_15_7B)
     started = time.time()
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)

@@ -29,7 +29,6 @@ meaningless (the POPE numbers are noise) and never stop on </s>, so answers run 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -47,19 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import fmt, load_benchmark  # noqa: E402
+
 SHIPPED_CONFIG = ROOT / "configs" / "llava15_7b_hadpo.yaml"
 T0 = time.time()
 
 
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {message}", flush=True)
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,10 +228,11 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
     from orchestrator.plan import use_gradient_checkpointing, with_gpu_memory
     from orchestrator.train.pairs import longest_row_tokens
     from orchestrator.model.lora import freeze_vision, set_lora_input_casting
-    from orchestrator.train.recipe import collate_stage, epoch_order
+    from orchestrator.train.recipe import collate_stage
     from orchestrator.train.reference_cache import default_cache_root, open_reference_cache
+    from orchestrator.train.schedule import epoch_order
 
-    dpo_step = _module("dpo_step")
+    dpo_step = load_benchmark("dpo_step")
     cuda = not tiny and torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -289,10 +284,6 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
 # ------------------------------------------------------------------------------------------------
 
 
-def _f(value, spec: str = ".1f") -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:{spec}}"
-
-
 def print_table(results: dict) -> None:
     stages = results["stages"]
     print("\n`hadpo run` (run_pipeline) at the " + results["shape"] + " shape on " + results["device"])
@@ -300,26 +291,28 @@ def print_table(results: dict) -> None:
     print(header + "\n" + "-" * len(header))
     for name, entry in stages.items():
         if name.startswith("eval"):
-            steady = f"{_f(entry.get('steady_qps'))} questions/s"
+            steady = f"{fmt(entry.get('steady_qps'), '.1f')} questions/s"
             startup = entry.get("first_block_s")
-            notes = f"{entry.get('answers')} answers, {_f(entry.get('end_to_end_qps'))} q/s end to end"
+            notes = f"{entry.get('answers')} answers, {fmt(entry.get('end_to_end_qps'), '.1f')} q/s end to end"
             peak = entry.get("device_peak_gib")
         elif name.startswith("dpo"):
-            steady = f"{_f(entry.get('steady_pairs_per_s'), '.2f')} pairs/s"
+            steady = f"{fmt(entry.get('steady_pairs_per_s'), '.2f')} pairs/s"
             startup = entry.get("first_step_after_fit_start_s")
-            notes = (f"reference {results.get('reference_fill')}, pass {_f(entry.get('reference_pass_s'))}s; first step {_f(startup)}s after the trainer "
-                     f"starts ({_f(entry.get('first_step_after_stage_start_s'))}s after the stage); "
+            notes = (f"reference {results.get('reference_fill')}, pass {fmt(entry.get('reference_pass_s'), '.1f')}s; "
+                     f"first step {fmt(startup, '.1f')}s after the trainer starts "
+                     f"({fmt(entry.get('first_step_after_stage_start_s'), '.1f')}s after the stage); "
                      f"{entry.get('timed_steps')} timed steps")
             peak = entry.get("peak_allocated_gb")
         else:
             steady, startup, notes, peak = "", None, "", entry.get("device_peak_gib")
-        print(f"{name:<16}{_f(entry.get('wall_s')):>8}{_f(startup):>12}{steady:>22}{_f(peak):>10}  {notes}")
+        print(f"{name:<16}{fmt(entry.get('wall_s'), '.1f', width=8)}{fmt(startup, '.1f', width=12)}{steady:>22}"
+              f"{fmt(peak, '.1f', width=10)}  {notes}")
     dpo = next((e for n, e in stages.items() if n.startswith("dpo")), {})
     for loop in results.get("plain_loops", []):
         label = "loop, ref " + ("cached" if loop["reference"] == "cached" else "inline")
-        print(f"{label:<16}{'':>8}{'':>12}{_f(loop['steady_pairs_per_s'], '.2f') + ' pairs/s':>22}"
-              f"{_f(loop.get('peak_allocated_gb')):>10}  same rows, torch + peft only, reference {loop['reference']}, "
-              f"checkpointing {'on' if loop['gradient_checkpointing'] else 'off'}, fused kernels "
+        print(f"{label:<16}{'':>8}{'':>12}{fmt(loop['steady_pairs_per_s'], '.2f') + ' pairs/s':>22}"
+              f"{fmt(loop.get('peak_allocated_gb'), '.1f'):>10}  same rows, torch + peft only, reference "
+              f"{loop['reference']}, checkpointing {'on' if loop['gradient_checkpointing'] else 'off'}, fused kernels "
               f"{loop['fused_kernels']}")
         if dpo.get("steady_pairs_per_s") and loop["reference"] == results.get("product_reference"):
             print(f"product path / plain loop (both: reference {loop['reference']}): "
@@ -330,8 +323,8 @@ def print_table(results: dict) -> None:
             dpo.get(k) or 0 for k in ("worker_process_after_fit_start_s", "worker_imports_s")) - sum(
             seconds for _, seconds in setup)
         print("DPO start-up, trainer start -> first step: "
-              f"Ray Train to the worker process {_f(dpo.get('worker_process_after_fit_start_s'))}s, "
-              f"worker imports + process group {_f(dpo.get('worker_imports_s'))}s, "
+              f"Ray Train to the worker process {fmt(dpo.get('worker_process_after_fit_start_s'), '.1f')}s, "
+              f"worker imports + process group {fmt(dpo.get('worker_imports_s'), '.1f')}s, "
               + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in setup)
               + f", first step {first_step:.1f}s")
     print(f"total wall {results['pipeline_wall_s']:.0f}s")
@@ -372,11 +365,11 @@ def main(argv=None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    multi_gpu = _module("multi_gpu")
+    multi_gpu = load_benchmark("multi_gpu")
     model_dir = out / ("model-tiny" if args.tiny else "model7b")
     model = multi_gpu.build_model_section(SimpleNamespace(tiny=args.tiny, use_gpu=not args.tiny,
                                                           rebuild=args.rebuild), model_dir)
-    say(f"model: {model.get('source')} {model_dir} ({_f(model.get('folder_gb'))} GB)")
+    say(f"model: {model.get('source')} {model_dir} ({fmt(model.get('folder_gb'), '.1f')} GB)")
     inputs = write_inputs(args, out, int(model["image_size"]))
     say(f"data: {inputs['train_images']} VG images, answers {args.answer_tokens[0]}-{args.answer_tokens[1]} tokens, "
         f"{inputs['pope_questions']} POPE questions")

@@ -87,7 +87,8 @@ if str(ROOT) not in sys.path:
 
 import pandas as pd  # noqa: E402
 
-from orchestrator.eval.milebench import LlavaModel  # noqa: E402
+from benchmarks.common import LLAVA_15_7B, fmt, llava_config, shape_processor  # noqa: E402
+from orchestrator.eval.model_adapter import LlavaModel  # noqa: E402
 from orchestrator.eval.pope import answer_agreement  # noqa: E402
 
 # Figures from shared/docs/GPU.md (H100 80GB, transformers 5.17, 2026-11-25), questions/s.
@@ -152,21 +153,10 @@ def parse_args(argv=None):
 
 
 def llava15_7b_config(tokenizer):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
+    """The planner's LLaVA-1.5-7B shape (`common.llava_config`) with the word-level tokenizer's <image> id."""
     from orchestrator.model.templates import IMAGE_PLACEHOLDER
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-                         image_seq_length=576, projector_hidden_act="gelu",
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
-    config.pad_token_id = 0
-    return config
+    return llava_config(LLAVA_15_7B, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
 
 
 def random_llava(config, device: str):
@@ -276,16 +266,12 @@ class RandomInitLlava(LlavaModel):
 def build_llava15_7b_shape(out_dir: Path, texts: list[str], device: str, save_weights: bool) -> Path:
     """A LLaVA-1.5-7B-shaped llava-hf folder: config + processor, and random bf16 weights if `save_weights`."""
     import torch
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    from orchestrator.model.llava import CLIP_MEAN, CLIP_STD, build_word_tokenizer
+    from orchestrator.model.llava import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(texts)
     config = llava15_7b_config(tokenizer)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                              image_mean=CLIP_MEAN, image_std=CLIP_STD),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = shape_processor(tokenizer, LLAVA_15_7B)
     out_dir.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(out_dir)
     if not save_weights:
@@ -304,7 +290,7 @@ def make_world_and_model(args, workdir: Path, device: str):
     from orchestrator.data.synthetic import SynthConfig, generate_world, world_vocabulary
     from orchestrator.model.llava import build_tiny_llava
 
-    size = TinyModelConfig().image_size if args.tiny else 336
+    size = TinyModelConfig().image_size if args.tiny else LLAVA_15_7B.image_size
     mile = args.milebench_samples if "milebench" in args.modes else 0
     synth = SynthConfig(seed=0, num_images=2, num_pope_images=args.images, image_size=size,
                         milebench_tasks=2 if mile else 0, milebench_samples=max(mile, 1))
@@ -626,12 +612,6 @@ def format_phases(phases: dict, ray_init_s: float | None, title: str = "prefix r
     return "\n".join(lines)
 
 
-def _fmt(value, spec: str, width: int) -> str:
-    if value is None or value != value:
-        return f"{'-':>{width}}"
-    return f"{value:>{width}{spec}}"
-
-
 def agreements(results: dict) -> dict:
     """Prefix-reused vs plain batched generate (per protocol: shares of identical texts and yes/no), and score
     mode (prefix reuse, else plain) vs each generate mode (share of different yes/no), on the questions both
@@ -763,10 +743,11 @@ def main(argv=None) -> int:
         seconds_text = f"{seconds_all:.1f}" + ("" if measured_all else "*")
         if key == "milebench":
             seconds_text = f"{result['seconds']:.1f} ({result['questions']} q)"
-        print(f"{label:<44} {result['questions']:>7} {_fmt(rate, '.2f', 8)} {_fmt(row['qps_e2e'], '.2f', 8)} "
-              f"{seconds_text:>11} {_fmt(row['x_loop'], '.2f', 7)} {_fmt(row['x_plain'], '.2f', 7)} "
-              f"{_fmt(per_q / 1e12, '.3f', 8)} {_fmt(tflops, '.1f', 8)} {_fmt(row['pct_ceiling'], '.1f', 6)} "
-              f"{_fmt(row['peak_gib'], '.1f', 8)}")
+        print(f"{label:<44} {result['questions']:>7} {fmt(rate, '.2f', width=8)} "
+              f"{fmt(row['qps_e2e'], '.2f', width=8)} {seconds_text:>11} {fmt(row['x_loop'], '.2f', width=7)} "
+              f"{fmt(row['x_plain'], '.2f', width=7)} {fmt(per_q / 1e12, '.3f', width=8)} "
+              f"{fmt(tflops, '.1f', width=8)} {fmt(row['pct_ceiling'], '.1f', width=6)} "
+              f"{fmt(row['peak_gib'], '.1f', width=8)}")
     print("q/s: steady state (first warm-up block excluded; end to end where too short to time); "
           "* = extrapolated from the timed questions;\n"
           "s, all: prefix modes measured end to end on all questions (actor start + model build included); "
@@ -783,10 +764,10 @@ def main(argv=None) -> int:
     found = agreements(results)
     for pair, value in found.items():
         if "identical_text" in value:
-            print(f"agreement {pair}: {_fmt(100 * value['identical_text'], '.2f', 6)} % identical answers, "
-                  f"{_fmt(100 * value['identical_yes_no'], '.2f', 6)} % identical yes/no ({value['n']} questions)")
+            print(f"agreement {pair}: {fmt(100 * value['identical_text'], '.2f', width=6)} % identical answers, "
+                  f"{fmt(100 * value['identical_yes_no'], '.2f', width=6)} % identical yes/no ({value['n']} questions)")
         else:
-            print(f"disagreement {pair}: {_fmt(100 * value['share_different'], '.2f', 6)} % of yes/no answers "
+            print(f"disagreement {pair}: {fmt(100 * value['share_different'], '.2f', width=6)} % of yes/no answers "
                   f"differ ({value['n']} questions)")
     if "prefix" in table and "score" in table:
         ratio = (table["score"]["tflop_per_question"] / table["prefix"]["tflop_per_question"])

@@ -2,7 +2,7 @@
 
 Both benchmarks are turned into one item shape (ITEM_SCHEMA: benchmark, split, item_id, images,
 question or instruction/context/choices, label, version) so one actor pool answers both. Each
-`Predictor` actor loads the model once, through a model adapter (`orchestrator.eval.milebench`:
+`Predictor` actor loads the model once, through a model adapter (`orchestrator.eval.model_adapter`:
 `LlavaModel` by default: the llava-hf folder plus an optional LoRA adapter, merged), then for
 each Ray Data batch:
 
@@ -70,12 +70,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, LLAVA_WORKER_TEMPLATE, LlavaModel,
-                                         build_milebench_question, image_budget_batches, load_model_adapter)
+from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, LLAVA_WORKER_TEMPLATE, build_milebench_question,
+                                         image_budget_batches)
+from orchestrator.eval.model_adapter import LlavaModel, load_model_adapter
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
 from orchestrator.eval.results import ANSWER_COLUMNS, block_name, to_answer_table, write_answers
 from orchestrator.files import write_json_atomic
 from orchestrator.images import load_image
+from orchestrator.retry import run_batch_retrying_items
 from orchestrator.timing import process_start_time
 
 log = logging.getLogger(__name__)
@@ -508,20 +510,14 @@ class Predictor:
 
     def _answer(self, group: list[int], outputs: list[dict]) -> None:
         ready, images = self._load(group, outputs)
-        if not ready:
-            return
-        try:
-            self._run(ready, images, outputs)
-        except Exception as error:
-            if len(ready) == 1:
-                outputs[ready[0]]["error"] = f"model failed: {type(error).__name__}: {error}"
-                return
-            log.warning("batch of %d failed (%s); retrying item by item", len(ready), error)
-            for i, item_images in zip(ready, images):
-                try:
-                    self._run([i], [item_images], outputs)
-                except Exception as item_error:
-                    outputs[i]["error"] = f"model failed: {type(item_error).__name__}: {item_error}"
+
+        def run(batch: list[tuple[int, list]]) -> None:
+            self._run([i for i, _ in batch], [item_images for _, item_images in batch], outputs)
+
+        def record_error(item: tuple[int, list], error: str) -> None:
+            outputs[item[0]]["error"] = error
+
+        run_batch_retrying_items(list(zip(ready, images)), run, record_error, logger=log)
 
     # -- POPE with the image prefix reused (score or generate) ----------------------------------
     def _answer_by_image(self, indices: list[int], outputs: list[dict], given_pixels: dict[str, bytes]) -> None:
@@ -532,6 +528,11 @@ class Predictor:
             by_image.setdefault(outputs[i]["images"][0], []).append(i)
         paths = list(by_image)
         per_batch = max(1, self.settings.prefix_images or self.settings.batch_size)
+
+        def record_error(image: tuple[str, Any, list[int]], error: str) -> None:
+            for i in image[2]:  # every question of the image
+                outputs[i]["error"] = error
+
         for start in range(0, len(paths), per_batch):
             ready = []
             for path in paths[start:start + per_batch]:
@@ -541,21 +542,8 @@ class Predictor:
                 except Exception as error:
                     for i in by_image[path]:
                         outputs[i]["error"] = f"image could not be loaded: {_reason(error)}"
-            if not ready:
-                continue
-            try:
-                self._run_by_image(ready, outputs)
-            except Exception as error:
-                if len(ready) > 1:
-                    log.warning("prefix batch of %d images failed (%s); retrying image by image", len(ready), error)
-                for group in ready:
-                    try:
-                        if len(ready) == 1:
-                            raise error
-                        self._run_by_image([group], outputs)
-                    except Exception as image_error:
-                        for i in group[2]:
-                            outputs[i]["error"] = f"model failed: {type(image_error).__name__}: {image_error}"
+            run_batch_retrying_items(ready, lambda batch: self._run_by_image(batch, outputs), record_error,
+                                     batch="prefix batch", unit="image", logger=log)
 
     def _run_by_image(self, ready: list[tuple[str, Any, list[int]]], outputs: list[dict]) -> None:
         groups = [(path, image, [outputs[i]["_prompt"] for i in group]) for path, image, group in ready]

@@ -171,7 +171,7 @@ class PrefixReuse:
     """POPE answers with the image prefix computed once per image (see the module doc): p(yes) by
     `score`, greedy answers by `generate`.
 
-    `model` is a `LlavaModel` (``orchestrator.eval.milebench``): it provides ``prompt_ids``,
+    `model` is a `LlavaModel` (``orchestrator.eval.model_adapter``): it provides ``prompt_ids``,
     ``loaded`` (processor, image token id), ``model`` (a llava-hf `LlavaForConditionalGeneration`,
     LoRA merged or a peft wrapper around one), ``pad_id``, ``device``, and for scoring ``yes_no_ids``,
     for generating ``tokenizer`` (its EOS).

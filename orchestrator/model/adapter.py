@@ -1,6 +1,6 @@
 """Where a LoRA adapter lives: the folder with ``adapter_config.json`` (peft's layout).
 
-Training writes one into each Ray Train checkpoint (``<checkpoint>/adapter/``, `recipe.stage_output_dir`);
+Training writes one into each Ray Train checkpoint (``<checkpoint>/adapter/``, `train.checkpoints.stage_output_dir`);
 evaluation, export and conversion all find it with `find_adapter`, so a checkpoint folder or the adapter
 folder itself can be named on the command line.
 """

@@ -55,10 +55,25 @@ def build_word_tokenizer(texts: list[str]):
     return tokenizer
 
 
+def llava_processor(tokenizer, image_size: int, patch_size: int):
+    """LLaVA's processor for a CLIP tower of `image_size` px and `patch_size` patches: CLIP's resize, centre
+    crop and normalisation (`CLIP_MEAN`, `CLIP_STD`), and one <image> expanded to (size/patch)^2 tokens
+    (the CLS token counted, then dropped: the `default` feature strategy)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+
+
 def build_tiny_llava(out_dir: str | Path, texts: list[str], spec: TinyModelConfig, seed: int = 0) -> Path:
     """Build a randomly initialised tiny LLaVA for `texts`' vocabulary and save it as an HF folder."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(texts)
@@ -85,14 +100,7 @@ def build_tiny_llava(out_dir: str | Path, texts: list[str], spec: TinyModelConfi
     config.pad_token_id = 0
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
+    processor = llava_processor(tokenizer, spec.image_size, spec.patch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -1,9 +1,23 @@
-"""The training run's checkpoint folders on disk: names, completion markers, the folder to resume from.
+"""Training checkpoints: what one holds (written and read back by the workers), and the run's checkpoint
+folders on disk (names, completion markers, the folder to resume from).
 
-Ray Train V2 keeps its own record of a run's checkpoints (``checkpoint_manager_snapshot.json`` in the
-run folder) and hands the latest one it recorded to the workers. That record is written *after* the
-checkpoint folder: a run killed in between re-ran from step 0 and left the folder behind, beyond
-`keep_checkpoints`. So this module keeps a record of its own, in each folder, and trusts the disk:
+What a checkpoint holds (`save_checkpoint`, on every rank; `restore_checkpoint` reads it back):
+- ``adapter/`` (peft ``save_pretrained``: the LoRA weights only, gathered under ZeRO-3) or ``model/``
+  (a full Hugging Face folder with the processor), the stage's weights (`stage_output_dir`);
+- ``trainer_state.pt``: step, data position (epoch, micro-batch), world size, the engine and LoRA shape
+  it can be resumed with, the metrics reported with it, and for DDP the optimizer and schedule;
+- ``rng/rank<k>.pt``: each rank's Python, NumPy, torch (and CUDA) random state;
+- for DeepSpeed, ``deepspeed/`` (``engine.save_checkpoint``: optimizer, schedule and the trainable
+  weights of every rank; frozen weights are left out).
+A checkpoint resumes only the same setup: another stage, LoRA on/off, LoRA shape, engine / ZeRO stage
+or number of workers is refused with a message that says what to change. After loading, the live LoRA
+weights are compared with the saved adapter, so a silently wrong resume cannot happen.
+
+The folders on disk. Ray Train V2 keeps its own record of a run's checkpoints
+(``checkpoint_manager_snapshot.json`` in the run folder) and hands the latest one it recorded to the
+workers. That record is written *after* the checkpoint folder: a run killed in between re-ran from step 0
+and left the folder behind, beyond `keep_checkpoints`. So this module keeps a record of its own, in each
+folder, and trusts the disk:
 
 - names: ``checkpoint_<step, 8 digits>_<UTC time>`` (`checkpoint_dir_name`; rank 0's name is the one
   Ray Train uses), so the newest checkpoint is the one with the highest step, then the latest time;
@@ -19,22 +33,35 @@ checkpoint folder: a run killed in between re-ran from step 0 and left the folde
 - keeping (`prune`): incomplete folders and complete ones beyond the newest `keep` are deleted, never
   one that Ray Train's record still lists.
 
-Works on a local folder or a cloud URI (pyarrow.fs), like Ray Train's own storage.
+The folders may be on a local disk or a cloud URI (pyarrow.fs), like Ray Train's own storage.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import re
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is written or read: the driver and `hadpo` start without it
+    import torch
+
+    from orchestrator.config import TrainConfig
+    from orchestrator.model.llava import LoadedLlava
+    from orchestrator.train.engine import Engine
+    from orchestrator.train.schedule import Schedule, StagePlan
 
 log = logging.getLogger("hadpo.train")
 
 MARKER = "hadpo_complete.json"
 STATE_FILE = "trainer_state.pt"  # what every checkpoint of the recipe holds (step, schedule, ...)
+DS_TAG = "state"  # DeepSpeed's tag (sub-folder) of the engine state in ``deepspeed/``
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train V2's record (ray.train.v2._internal.constants)
 _OURS = re.compile(r"^checkpoint_(\d{8})_(\d{8}-\d{6}\.\d{6})$")
 
@@ -110,7 +137,85 @@ def _files(fs, folder: str) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing (on the workers)
+# Writing a checkpoint (on the workers)
+
+
+def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: int, schedule: Schedule,
+                    train: TrainConfig, rank: int, metrics: dict[str, Any], run_path: str | None = None) -> None:
+    """Write this rank's part of a checkpoint into a temp folder and report it (all ranks).
+
+    The folder is named by its step (`checkpoint_dir_name`); once every rank has reported it, rank 0
+    marks it complete in the run folder `run_path` (`mark_complete`).
+    """
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="hadpo-ckpt-") as tmp:
+        folder = Path(tmp)
+        weights = trainable_state(engine)
+        if engine.ds is not None:
+            engine.ds.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
+        (folder / "rng").mkdir()
+        torch.save(_rng_state(), folder / "rng" / f"rank{rank}.pt")
+        if rank == 0:
+            if plan.lora:
+                engine.module.save_pretrained(str(folder / "adapter"), state_dict=weights)
+            else:
+                engine.module.save_pretrained(str(folder / "model"), state_dict=weights)
+                loaded.processor.save_pretrained(str(folder / "model"))
+            epoch, micro = schedule.position(step, train.gradient_accumulation)
+            state = {"step": step, "stage": plan.stage, "lora": plan.lora, "shape": _shape(train, plan, engine),
+                     "total_steps": schedule.total_steps, "epoch": epoch, "micro_batch_in_epoch": micro,
+                     "world_size": _world_size(), "metrics": dict(metrics)}
+            if engine.ds is None:
+                state.update(optimizer=engine.optimizer.state_dict(), scheduler=engine.scheduler.state_dict())
+            torch.save(state, folder / STATE_FILE)
+        name = checkpoint_dir_name(step)
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    if run_path:
+        mark_complete(run_path, name, step, rank, _world_size())
+
+
+def trainable_state(engine: Engine) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters (LoRA weights, or the whole trained model) as full tensors on rank 0.
+
+    Must be called on every rank: under ZeRO-3 the partitions are gathered first. Returns None on
+    ranks other than 0.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    module = engine.module
+    if engine.zero_stage == 3:
+        import deepspeed
+
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not _is_peft(module):
+            return engine.ds._zero3_consolidated_16bit_state_dict()
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in named} if rank == 0 else None
+    if rank != 0:
+        return None
+    if _is_peft(module):
+        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _shape(train: TrainConfig, plan: StagePlan, engine: Engine) -> dict[str, Any]:
+    """What a checkpoint can only be resumed with: the engine and the LoRA shape."""
+    lora = train.lora
+    return {"engine": engine.describe(),
+            "lora": [lora.rank, lora.alpha, sorted(lora.target_modules)] if plan.lora else None}
+
+
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def mark_complete(run_path: str, name: str, step: int, rank: int, world_size: int) -> None:
@@ -132,7 +237,105 @@ def mark_complete(run_path: str, name: str, step: int, rank: int, world_size: in
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading (on the driver)
+# Reading a checkpoint back (on the workers)
+
+
+def restore_checkpoint(folder: Path, engine: Engine, plan: StagePlan, train: TrainConfig, rank: int
+                       ) -> tuple[int, dict[str, Any]]:
+    """Load weights, optimizer, schedule and RNG from a checkpoint folder.
+
+    Returns the step it holds and the metrics reported with it.
+    """
+    import torch
+
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    if state["stage"] != plan.stage or state["lora"] != plan.lora:
+        raise ValueError(f"{folder}: checkpoint of stage {state['stage']!r} (lora={state['lora']}) cannot resume "
+                         f"stage {plan.stage!r} (lora={plan.lora}); use another run name")
+    shape = _shape(train, plan, engine)
+    if state.get("shape", shape) != shape:
+        raise ValueError(f"{folder}: checkpoint trained {state['shape']}, this run asks for {shape}; a run name "
+                         "resumes only the same setup: use another experiment name or resume=False")
+    world = _world_size()
+    if state.get("world_size", world) != world:
+        raise ValueError(f"{folder}: checkpoint written by {state['world_size']} workers cannot resume on {world}; "
+                         "resume with the same scaling.num_workers or use another run name")
+    if engine.ds is not None:
+        path, _ = engine.ds.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, load_module_strict=False)
+        if path is None:
+            raise RuntimeError(f"{folder}: DeepSpeed could not load its checkpoint")
+    else:
+        _load_weights(folder, engine.module, plan)
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+    rng_file = folder / "rng" / f"rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    if plan.lora:
+        _check_restored_adapter(folder / "adapter", engine)
+    return int(state["step"]), dict(state.get("metrics", {}))
+
+
+def _load_weights(folder: Path, module, plan: StagePlan) -> None:
+    from safetensors.torch import load_file
+
+    if plan.lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(module, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{folder}: unexpected adapter keys {result.unexpected_keys[:5]}")
+        return
+    # transformers may rename keys on save (checkpoint conversion), so read the folder back the way it
+    # was written and copy its weights in, rather than loading the raw safetensors.
+    saved = type(module).from_pretrained(str(folder / "model"), dtype=next(module.parameters()).dtype,
+                                         local_files_only=True)
+    module.load_state_dict(saved.state_dict())
+
+
+def _check_restored_adapter(adapter_dir: Path, engine: Engine) -> None:
+    """Guard against a silently wrong resume: the live LoRA weights must equal the saved adapter."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    current = trainable_state(engine)
+    if current is None:
+        return
+    live = get_peft_model_state_dict(engine.module, state_dict=current)
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    worst = max((live[k].float() - saved[k].float()).abs().max().item() for k in saved)
+    if worst > 1e-3 * max(1.0, max(v.float().abs().max().item() for v in saved.values())):
+        raise RuntimeError(f"{adapter_dir}: restored LoRA weights differ from the checkpoint (max |diff| {worst})")
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def stage_output_dir(checkpoint_dir: str, lora: bool) -> str:
+    """The folder inside a checkpoint that holds the stage's weights (`adapter` or `model`)."""
+    return os.path.join(checkpoint_dir, "adapter" if lora else "model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the folder to resume from (on the driver)
 
 
 def _ray_record(filesystem, run: str) -> tuple[dict[str, Any] | None, str]:

@@ -2,16 +2,22 @@
 
 `train_loop_per_worker(config)` is given by `trainer.run_training` to a `TorchTrainer`. Ray Train has
 already started the process group (gloo on CPU, NCCL on GPU) and set RANK / LOCAL_RANK / WORLD_SIZE;
-this file only does the training:
+this file only does the training, and leaves the rest to the modules it imports:
 
     setup: model -> (LoRA) -> reference -> this rank's share of the data -> optimizer + schedule
            -> DeepSpeed engine or DDP -> restore the last checkpoint if Ray Train hands one over
     loop:  collate -> forward policy -> reference log-probs -> loss -> backward -> step
            -> log (rank 0) -> checkpoint (all ranks report)
 
+    schedule.py     what a stage trains with, step counts, this rank's micro-batches in a seeded order
+    engine.py       DeepSpeed (ZeRO 0-3) or DDP behind one interface; optimizer, LR schedule, ds config
+    checkpoints.py  what a checkpoint holds (save / restore) and which folder a run resumes from
+    losses.py, pairs.py, collate.py   the objectives, sequence log-probs and model inputs
+
 Supports
 - stage "dpo": DPO with the sigmoid (HA-DPO; cDPO with `label_smoothing`), robust DPO, IPO
-  (length-normalised, as TRL) or hinge loss, optional `sft_gamma` LM term on the chosen answers; stage "sft": supervised warm-up (full fine-tune by default, see `train.sft`).
+  (length-normalised, as TRL) or hinge loss, optional `sft_gamma` LM term on the chosen answers;
+  stage "sft": supervised warm-up (full fine-tune by default, see `train.sft`).
 - LoRA (peft) on the language model's linear layers only, chosen by a regex on module names, so the
   vision tower's own q/k/v projections, the projector and lm_head are never adapted. The vision tower
   and projector are frozen in every mode.
@@ -25,17 +31,16 @@ Supports
   gradient checkpointing.
 - In a sweep trial, every `tune.eval_every_steps` steps: the sweep's objective on a fixed POPE subset,
   scored by the workers with the policy in memory and reported with that step (`probe_objective`).
-- Checkpoints every `checkpoint_every_steps` and at the end, reported from all ranks. Each holds
-  `adapter/` (peft `save_pretrained`, LoRA weights only, gathered under ZeRO-3) or `model/` (a full HF
-  folder with the processor), `trainer_state.pt` (step, data position, and for DDP the optimizer and
-  schedule), `rng/rank<k>.pt`, and for DeepSpeed `deepspeed/` (`engine.save_checkpoint`: optimizer,
-  schedule and the trainable weights of every rank; frozen weights are left out).
+- Checkpoints every `checkpoint_every_steps` and at the end, reported from all ranks: the stage's
+  weights (LoRA adapter or full model), step and data position, optimizer and schedule, every rank's
+  RNG (what each holds: orchestrator/train/checkpoints.py).
 
 Assumptions and limits (stated, not hidden)
 - Data: the preference list is small text (16K pairs for HA-DPO), so each worker reads all rows of
   the (unsplit) dataset, puts them in HA-DPO's list order (`list_index`; sft rows by sample_id) and
-  takes its share of a seeded per-epoch permutation, as torch's DistributedSampler does. The order therefore depends only on (seed, epoch, world size),
-  and a resumed run continues with exactly the batch after its checkpoint. Images are decoded in the
+  takes its share of a seeded per-epoch permutation, as torch's DistributedSampler does
+  (schedule.py). The order therefore depends only on (seed, epoch, world size), and a resumed run
+  continues with exactly the batch after its checkpoint. Images are decoded in the
   loop, one micro-batch ahead on a background thread. Rows that do not fill a whole optimizer step on
   every rank are dropped at the end of each epoch.
 - A run resumes only the same setup: a checkpoint from another number of workers (the data order and
@@ -53,14 +58,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import os
 import random
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -70,82 +71,26 @@ import torch.distributed as dist
 
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig, TrainConfig
+from orchestrator.eval.model_adapter import LlavaModel
+from orchestrator.eval.probe import objective_of, probe_values, score_probe
+from orchestrator.files import write_json_atomic
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
 from orchestrator.model.llava import LoadedLlava, load_llava
 from orchestrator.model.lora import add_lora, freeze_vision, set_lora_input_casting
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
-from orchestrator.train import checkpoints
-from orchestrator.train.engine import Engine, make_engine
+from orchestrator.timing import process_start_time
+from orchestrator.train.checkpoints import restore_checkpoint, save_checkpoint
 from orchestrator.train.collate import Collated, collate_sft
+from orchestrator.train.engine import Engine, make_engine
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
 from orchestrator.train.pairs import (PackedPairs, collate_pairs, longest_row_tokens, model_inputs_for,
                                       pair_token_logps)
+from orchestrator.train.reference_cache import open_reference_cache, write_reference_values
+from orchestrator.train.schedule import (StagePlan, micro_batches, plan_schedule, read_rows, stage_plan,
+                                         stage_train_config)
 from orchestrator.train.tracking import Tracker
-from orchestrator.files import write_json_atomic
-from orchestrator.timing import process_start_time
 
 log = logging.getLogger("hadpo.train")
-
-STAGES = ("dpo", "sft")
-DS_TAG = "state"
-
-
-# ------------------------------------------------------------------------------------------------
-# What a stage trains with (the sft stage overrides a few fields of the train section).
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    stage: str
-    lora: bool
-    learning_rate: float
-    epochs: float
-    max_steps: int | None
-
-
-def stage_train_config(train: TrainConfig, stage: str) -> TrainConfig:
-    """The train section as a stage sees it: the sft stage may use its own micro-batch size."""
-    if stage == "sft" and train.sft.batch_size_per_worker:
-        return train.model_copy(update={"batch_size_per_worker": train.sft.batch_size_per_worker})
-    return train
-
-
-def stage_plan(train: TrainConfig, stage: str) -> StagePlan:
-    if stage == "dpo":
-        return StagePlan("dpo", train.lora.enabled, train.learning_rate, train.epochs, train.max_steps)
-    if stage == "sft":
-        sft = train.sft
-        return StagePlan("sft", sft.lora, sft.learning_rate, sft.epochs, sft.max_steps)
-    raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How many rows, micro-batches and optimizer steps each rank runs."""
-
-    rows_per_rank: int
-    micro_per_epoch: int  # micro-batches per rank per epoch that are used (whole optimizer steps)
-    steps_per_epoch: int
-    total_steps: int
-
-    def position(self, step: int, accumulation: int) -> tuple[int, int]:
-        """(epoch, micro-batch index in that epoch) where optimizer step `step` + 1 starts."""
-        done = step * accumulation
-        return done // self.micro_per_epoch, done % self.micro_per_epoch
-
-
-def plan_schedule(num_rows: int, world_size: int, train: TrainConfig, plan: StagePlan) -> Schedule:
-    rows_per_rank = num_rows // world_size
-    micro_per_rank = rows_per_rank // train.batch_size_per_worker
-    steps_per_epoch = micro_per_rank // train.gradient_accumulation
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{num_rows} training rows cannot fill one optimizer step of {world_size} workers x "
-            f"{train.batch_size_per_worker} x {train.gradient_accumulation} accumulation; lower "
-            "train.batch_size_per_worker / train.gradient_accumulation or scaling.num_workers")
-    total = plan.max_steps or max(1, math.ceil(plan.epochs * steps_per_epoch))
-    return Schedule(rows_per_rank, steps_per_epoch * train.gradient_accumulation, steps_per_epoch, total)
-
 
 # ------------------------------------------------------------------------------------------------
 # The recipe.
@@ -174,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_all(train.seed)
     with ThreadPoolExecutor(max_workers=1) as reader:
         # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
-        pending_rows = reader.submit(_read_rows, ray.train.get_dataset_shard("train"))
+        pending_rows = reader.submit(read_rows, ray.train.get_dataset_shard("train"))
         from transformers import LlavaForConditionalGeneration  # noqa: F401  (timed apart: seconds of imports)
 
         lap("import modeling")
@@ -257,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = start_step
     window = _Window()
     started = time.time()
-    batches = _prefetch(_micro_batches(rows, schedule, train, rank, world, start_step),
+    batches = _prefetch(micro_batches(rows, schedule, train, rank, world, start_step),
                         lambda batch: collate_stage(batch, loaded, plan.stage, cfg, cached_reference))
     last_good: Collated | None = None
     for inputs in batches:
@@ -333,54 +278,6 @@ def _quiet_libraries(rank: int) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-class _Laps:
-    """Wall time of the setup phases, for the rank-0 log line ("setup 6.6s: model 3.0s, ...")."""
-
-    def __init__(self):
-        self.marks = [("start", time.time())]
-
-    def as_list(self) -> list[list]:
-        """[phase, seconds] in order."""
-        return [[name, round(t - prev, 3)] for (_, prev), (name, t) in zip(self.marks, self.marks[1:])]
-
-    def __call__(self, name: str) -> None:
-        self.marks.append((name, time.time()))
-
-    def __str__(self) -> str:
-        parts = [f"{name} {t - prev:.1f}s" for (_, prev), (name, t) in zip(self.marks, self.marks[1:])]
-        return f"{self.marks[-1][1] - self.marks[0][1]:.1f}s: " + ", ".join(parts)
-
-
-class _StepClock:
-    """Rank 0's record of where a run's time went, in ``<run_dir>/train/<stage>_timings.json``: when the
-    worker process started, the setup phases, when each optimizer step ended, the peak GPU memory.
-    `hadpo run` keeps it with the run; benchmarks/pipeline.py reads start-up and steady speed from it."""
-
-    def __init__(self, path: Path, laps: _Laps, enabled: bool, engine: str = "", engine_reason: str = ""):
-        self.path, self.laps, self.enabled = path, laps, enabled
-        self.engine, self.engine_reason = engine, engine_reason
-        self.process_started = process_start_time()
-        self.step_ends: list[tuple[int, float]] = []
-
-    def step(self, step: int) -> None:
-        if not self.enabled:
-            return
-        self.step_ends.append((step, time.time()))
-        if len(self.step_ends) == 1 and self.process_started:
-            log.info("first step done %.1fs after the worker process started (setup %.1fs of it)",
-                     self.step_ends[0][1] - self.process_started,
-                     self.laps.marks[-1][1] - self.laps.marks[0][1])
-
-    def write(self) -> None:
-        if not self.enabled:
-            return
-        peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_initialized() else None
-        write_json_atomic(self.path, {
-            "process_started": self.process_started, "setup_started": self.laps.marks[0][1],
-            "setup": self.laps.as_list(), "step_ends": self.step_ends, "peak_allocated_gb": peak,
-            "engine": self.engine, "engine_reason": self.engine_reason})
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -439,8 +336,6 @@ def load_cached_reference(path: str, rows: list[dict[str, Any]], rank: int,
                           partial: bool = False) -> dict[str, tuple[float, float]] | None:
     """The cached reference log-probs for these rows. If some row is missing: None (the reference in the
     loop for every step), or with `partial` (reference_fill: loop) the values there are, to be completed."""
-    from orchestrator.train.reference_cache import open_reference_cache
-
     values = open_reference_cache(path).load()
     missing = [str(row["sample_id"]) for row in rows if str(row["sample_id"]) not in values]
     if missing and not partial:
@@ -478,8 +373,6 @@ class ReferenceSink:
             self.cached.update(values)
 
     def flush(self) -> None:
-        from orchestrator.train.reference_cache import write_reference_values
-
         write_reference_values(self.cache_path, self.pending, self.writer)
         self.pending = {}
 
@@ -539,9 +432,6 @@ def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], 
                     step: int) -> dict[str, Any]:
     """Score the sweep's POPE subset with the policy in memory (all ranks); rank 0 gets the objective and the
     subset's POPE values (``probe/pope/...``), numbered by `evaluations` (see orchestrator/eval/probe.py)."""
-    from orchestrator.eval.milebench import LlavaModel
-    from orchestrator.eval.probe import objective_of, probe_values, score_probe
-
     module = engine.module
     was_training = module.training
     module.eval()
@@ -566,37 +456,7 @@ def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], 
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: the rank's micro-batches in a seeded order, and a one-ahead prefetch of their collation.
-
-
-def _read_rows(shard) -> list[dict[str, Any]]:
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one short read per worker
-    rows = [dict(row) for row in shard.iter_rows()]
-    # HA-DPO's list order (pope pairs, then description pairs twice: `list_index`): which pairs a seeded
-    # permutation puts in one batch depends on it; rows without it (sft) by sample id
-    rows.sort(key=lambda row: (row.get("list_index", -1), str(row["sample_id"])))
-    return rows
-
-
-def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(num_rows, generator=generator).tolist()
-
-
-def _micro_batches(rows, schedule: Schedule, train: TrainConfig, rank: int, world: int, start_step: int
-                   ) -> Iterator[dict[str, list]]:
-    """Column batches of this rank's micro-batches from `start_step` on, epoch after epoch (endless)."""
-    epoch, skip = schedule.position(start_step, train.gradient_accumulation)
-    size = train.batch_size_per_worker
-    while True:
-        order = epoch_order(len(rows), train.seed, epoch)[: schedule.rows_per_rank * world]
-        mine = order[rank::world]
-        for micro in range(skip, schedule.micro_per_epoch):
-            chunk = [rows[i] for i in mine[micro * size:(micro + 1) * size]]
-            yield {key: [row[key] for row in chunk] for key in chunk[0]}
-        epoch, skip = epoch + 1, 0
+# The loop's data and logs: a one-ahead prefetch of the collation, metrics over a log window, timings.
 
 
 def _prefetch(source: Iterator[dict], collate: Callable[[dict], Collated | None]) -> Iterator[Collated | None]:
@@ -666,162 +526,49 @@ def _progress_line(stage: str, step: int, total: int, report: dict[str, float], 
     return line + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints.
+class _Laps:
+    """Wall time of the setup phases, for the rank-0 log line ("setup 6.6s: model 3.0s, ...")."""
+
+    def __init__(self):
+        self.marks = [("start", time.time())]
+
+    def as_list(self) -> list[list]:
+        """[phase, seconds] in order."""
+        return [[name, round(t - prev, 3)] for (_, prev), (name, t) in zip(self.marks, self.marks[1:])]
+
+    def __call__(self, name: str) -> None:
+        self.marks.append((name, time.time()))
+
+    def __str__(self) -> str:
+        parts = [f"{name} {t - prev:.1f}s" for (_, prev), (name, t) in zip(self.marks, self.marks[1:])]
+        return f"{self.marks[-1][1] - self.marks[0][1]:.1f}s: " + ", ".join(parts)
 
 
-def trainable_state(engine: Engine) -> dict[str, torch.Tensor] | None:
-    """The trainable parameters (LoRA weights, or the whole trained model) as full tensors on rank 0.
+class _StepClock:
+    """Rank 0's record of where a run's time went, in ``<run_dir>/train/<stage>_timings.json``: when the
+    worker process started, the setup phases, when each optimizer step ended, the peak GPU memory.
+    `hadpo run` keeps it with the run; benchmarks/pipeline.py reads start-up and steady speed from it."""
 
-    Must be called on every rank: under ZeRO-3 the partitions are gathered first. Returns None on
-    ranks other than 0.
-    """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    module = engine.module
-    if engine.zero_stage == 3:
-        import deepspeed
+    def __init__(self, path: Path, laps: _Laps, enabled: bool, engine: str = "", engine_reason: str = ""):
+        self.path, self.laps, self.enabled = path, laps, enabled
+        self.engine, self.engine_reason = engine, engine_reason
+        self.process_started = process_start_time()
+        self.step_ends: list[tuple[int, float]] = []
 
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        if not _is_peft(module):
-            return engine.ds._zero3_consolidated_16bit_state_dict()
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().cpu().clone() for n, p in named} if rank == 0 else None
-    if rank != 0:
-        return None
-    if _is_peft(module):
-        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    def step(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self.step_ends.append((step, time.time()))
+        if len(self.step_ends) == 1 and self.process_started:
+            log.info("first step done %.1fs after the worker process started (setup %.1fs of it)",
+                     self.step_ends[0][1] - self.process_started,
+                     self.laps.marks[-1][1] - self.laps.marks[0][1])
 
-
-def _shape(train: TrainConfig, plan: StagePlan, engine: Engine) -> dict[str, Any]:
-    """What a checkpoint can only be resumed with: the engine and the LoRA shape."""
-    lora = train.lora
-    return {"engine": engine.describe(),
-            "lora": [lora.rank, lora.alpha, sorted(lora.target_modules)] if plan.lora else None}
-
-
-def _is_peft(module) -> bool:
-    return hasattr(module, "peft_config")
-
-
-def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: int, schedule: Schedule,
-                    train: TrainConfig, rank: int, metrics: dict[str, Any], run_path: str | None = None) -> None:
-    """Write this rank's part of a checkpoint into a temp folder and report it (all ranks).
-
-    The folder is named by its step (`checkpoints.checkpoint_dir_name`); once every rank has reported
-    it, rank 0 marks it complete in the run folder `run_path` (see `orchestrator.train.checkpoints`).
-    """
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="hadpo-ckpt-") as tmp:
-        folder = Path(tmp)
-        weights = trainable_state(engine)
-        if engine.ds is not None:
-            engine.ds.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
-        (folder / "rng").mkdir()
-        torch.save(_rng_state(), folder / "rng" / f"rank{rank}.pt")
-        if rank == 0:
-            if plan.lora:
-                engine.module.save_pretrained(str(folder / "adapter"), state_dict=weights)
-            else:
-                engine.module.save_pretrained(str(folder / "model"), state_dict=weights)
-                loaded.processor.save_pretrained(str(folder / "model"))
-            epoch, micro = schedule.position(step, train.gradient_accumulation)
-            state = {"step": step, "stage": plan.stage, "lora": plan.lora, "shape": _shape(train, plan, engine),
-                     "total_steps": schedule.total_steps,
-                     "epoch": epoch, "micro_batch_in_epoch": micro, "world_size": dist.get_world_size()
-                     if dist.is_initialized() else 1, "metrics": dict(metrics)}
-            if engine.ds is None:
-                state.update(optimizer=engine.optimizer.state_dict(), scheduler=engine.scheduler.state_dict())
-            torch.save(state, folder / "trainer_state.pt")
-        name = checkpoints.checkpoint_dir_name(step)
-        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-    if run_path:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        checkpoints.mark_complete(run_path, name, step, rank, world)
-
-
-def restore_checkpoint(folder: Path, engine: Engine, plan: StagePlan, train: TrainConfig, rank: int
-                       ) -> tuple[int, dict[str, Any]]:
-    """Load weights, optimizer, schedule and RNG from a checkpoint folder.
-
-    Returns the step it holds and the metrics reported with it.
-    """
-    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if state["stage"] != plan.stage or state["lora"] != plan.lora:
-        raise ValueError(f"{folder}: checkpoint of stage {state['stage']!r} (lora={state['lora']}) cannot resume "
-                         f"stage {plan.stage!r} (lora={plan.lora}); use another run name")
-    shape = _shape(train, plan, engine)
-    if state.get("shape", shape) != shape:
-        raise ValueError(f"{folder}: checkpoint trained {state['shape']}, this run asks for {shape}; a run name "
-                         "resumes only the same setup: use another experiment name or resume=False")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if state.get("world_size", world) != world:
-        raise ValueError(f"{folder}: checkpoint written by {state['world_size']} workers cannot resume on {world}; "
-                         "resume with the same scaling.num_workers or use another run name")
-    if engine.ds is not None:
-        path, _ = engine.ds.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, load_module_strict=False)
-        if path is None:
-            raise RuntimeError(f"{folder}: DeepSpeed could not load its checkpoint")
-    else:
-        _load_weights(folder, engine.module, plan)
-        engine.optimizer.load_state_dict(state["optimizer"])
-        engine.scheduler.load_state_dict(state["scheduler"])
-    rng_file = folder / "rng" / f"rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    if plan.lora:
-        _check_restored_adapter(folder / "adapter", engine)
-    return int(state["step"]), dict(state.get("metrics", {}))
-
-
-def _load_weights(folder: Path, module, plan: StagePlan) -> None:
-    from safetensors.torch import load_file
-
-    if plan.lora:
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(module, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{folder}: unexpected adapter keys {result.unexpected_keys[:5]}")
-        return
-    # transformers may rename keys on save (checkpoint conversion), so read the folder back the way it
-    # was written and copy its weights in, rather than loading the raw safetensors.
-    saved = type(module).from_pretrained(str(folder / "model"), dtype=next(module.parameters()).dtype,
-                                         local_files_only=True)
-    module.load_state_dict(saved.state_dict())
-
-
-def _check_restored_adapter(adapter_dir: Path, engine: Engine) -> None:
-    """Guard against a silently wrong resume: the live LoRA weights must equal the saved adapter."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    current = trainable_state(engine)
-    if current is None:
-        return
-    live = get_peft_model_state_dict(engine.module, state_dict=current)
-    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    worst = max((live[k].float() - saved[k].float()).abs().max().item() for k in saved)
-    if worst > 1e-3 * max(1.0, max(v.float().abs().max().item() for v in saved.values())):
-        raise RuntimeError(f"{adapter_dir}: restored LoRA weights differ from the checkpoint (max |diff| {worst})")
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def stage_output_dir(checkpoint_dir: str, lora: bool) -> str:
-    """The folder inside a checkpoint that holds the stage's weights (`adapter` or `model`)."""
-    return os.path.join(checkpoint_dir, "adapter" if lora else "model")
+    def write(self) -> None:
+        if not self.enabled:
+            return
+        peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_initialized() else None
+        write_json_atomic(self.path, {
+            "process_started": self.process_started, "setup_started": self.laps.marks[0][1],
+            "setup": self.laps.as_list(), "step_ends": self.step_ends, "peak_allocated_gb": peak,
+            "engine": self.engine, "engine_reason": self.engine_reason})

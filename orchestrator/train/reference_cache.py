@@ -53,6 +53,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import PREFERENCE_COLUMNS, PREFERENCE_IMAGES
 from orchestrator.files import atomic_write, file_sha256, write_json_atomic
 from orchestrator.images import image_error
+from orchestrator.retry import run_batch_retrying_items
 from orchestrator.timing import format_seconds
 from orchestrator.versions import package_versions
 
@@ -308,15 +309,11 @@ class ReferenceScorer:
         return pa.Table.from_pylist(list(outputs.values()), schema=REFERENCE_SCHEMA)
 
     def _score(self, group: list[dict], outputs: dict[str, dict]) -> None:
-        try:
-            self._run(group, outputs)
-        except Exception as error:  # a bad row or an OOM must not stop the pass
-            if len(group) == 1:
-                outputs[str(group[0]["sample_id"])]["error"] = f"model failed: {type(error).__name__}: {error}"
-                return
-            log.warning("reference batch of %d failed (%s); retrying row by row", len(group), error)
-            for row in group:
-                self._score([row], outputs)
+        def record_error(row: dict, error: str) -> None:
+            outputs[str(row["sample_id"])]["error"] = error
+
+        run_batch_retrying_items(group, lambda rows: self._run(rows, outputs), record_error,
+                                 batch="reference batch", unit="row", logger=log)
 
     def _run(self, group: list[dict], outputs: dict[str, dict]) -> None:
         import torch

@@ -34,8 +34,9 @@ from orchestrator.plan import reference_fill
 from orchestrator.ray_session import init_ray
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
+from orchestrator.train.recipe import train_loop_per_worker
 from orchestrator.train.reference_cache import keyed_cache, precompute_reference, write_cache_meta
-from orchestrator.train.recipe import STAGES, stage_output_dir, stage_plan, train_loop_per_worker
+from orchestrator.train.schedule import STAGES, stage_plan
 
 log = logging.getLogger("hadpo.train")
 
@@ -130,7 +131,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         ),
         datasets={"train": dataset},
         # Every worker reads the whole (small, text-only) row list and takes its share by index, so the
-        # order is reproducible and resumable (see recipe.py).
+        # order is reproducible and resumable (see schedule.py).
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     log.info("training %s from %s: run %s under %s", stage, base, name, storage)
@@ -142,7 +143,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     checkpoint_dir = _join(storage, name, Path(result.checkpoint.path).name)
     return TrainResult(
-        checkpoint_path=stage_output_dir(checkpoint_dir, plan.lora),
+        checkpoint_path=checkpoints.stage_output_dir(checkpoint_dir, plan.lora),
         metrics=dict(result.metrics or {}),
         curves_path=str(layout.curves_path(cfg.run_dir, stage)),
         run_path=_join(storage, name),

@@ -13,9 +13,8 @@ import pytest
 
 from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, TASK_GROUPS, build_milebench_question,
                                          choice_text, extract_choice, image_budget_batches, judge_multi_choice,
-                                         left_pad, llava_worker_prompt, normalize_answer, option_letter, rouge_l,
-                                         rouge_l_score, score_answers, score_sample, separate_adjacent_images,
-                                         summarise, task_group)
+                                         llava_worker_prompt, normalize_answer, option_letter, rouge_l, rouge_l_score,
+                                         score_answers, score_sample, separate_adjacent_images, summarise, task_group)
 
 # -- prompts: utils.py MileBenchDataset.__getitem__ (+ the LLaVA worker's fix-up) ----------------
 # A character tokenizer (one token per character, exact round trip) keeps the budgets countable by hand.
@@ -346,10 +345,3 @@ def test_summarise_per_task_level_group_and_overall():
     assert value[("overall", "all tasks")] == pytest.approx(((alfred_few + alfred_medium) / 2 + 0.5) / 2)
     counts = {r.name: (r.metric, r.n, r.n_errors) for r in table.itertuples() if r.scope == "task"}
     assert counts == {"ALFRED": ("rouge_l_f", 2, 1), "GPR1200": ("accuracy", 2, 1)}
-
-
-def test_left_pad_positions_count_real_tokens_only():
-    ids, mask, pos = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]

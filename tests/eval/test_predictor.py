@@ -7,7 +7,7 @@ import math
 import pytest
 
 from orchestrator.data import formats
-from orchestrator.eval.milebench import MileBenchModel
+from orchestrator.eval.model_adapter import MileBenchModel
 from orchestrator.eval.predictor import Predictor, PredictorSettings, items_table, milebench_items, pope_items
 
 
@@ -168,6 +168,26 @@ def test_another_model_plugs_in_through_the_adapter_interface(pope_rows, mile_ro
     # score mode with a model that cannot score: each item reports it instead of crashing the run
     scored = answer(Predictor(settings("/unused", mode="score", model_adapter=EchoModel)), pope_items(pope_rows[:2]))
     assert all("cannot score" in r["error"] for r in scored)
+
+
+class FailsOnOneQuestion(EchoModel):
+    """EchoModel that raises on any batch holding the question `config["bad"]`."""
+
+    def forward(self, questions, image_paths, device=None, gen_kwargs=None, images=None):
+        if any(self.seen["bad"] in question for question in questions):
+            raise RuntimeError("cannot take this question")
+        return super().forward(questions, image_paths, device, gen_kwargs, images)
+
+
+def test_a_failed_batch_is_answered_item_by_item_and_only_the_failing_item_is_an_error_row(pope_rows):
+    items = pope_items(pope_rows[:4])
+    bad = items[2]["question"]
+    predictor = Predictor(settings("/unused", mode="generate", model_adapter=FailsOnOneQuestion))
+    predictor.model.seen["bad"] = bad
+    rows = answer(predictor, items)
+    assert [r["error"] for r in rows] == ["", "", "model failed: RuntimeError: cannot take this question", ""]
+    assert [r["answer"] for r in rows if not r["error"]] == ["no"] * 3
+    assert all(r["batch_size"] == 1 for r in rows if not r["error"])   # answered alone, after the retry
 
 
 def test_one_actor_answers_pope_by_image_and_milebench_in_length_sorted_batches(tiny_model_dir, pope_rows, mile_rows):

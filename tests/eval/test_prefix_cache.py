@@ -209,7 +209,7 @@ def test_suffix_layout_masks_and_positions_worked_by_hand():
 
 @pytest.fixture(scope="module")
 def llava(tiny_model_dir):
-    from orchestrator.eval.milebench import LlavaModel
+    from orchestrator.eval.model_adapter import LlavaModel
 
     return LlavaModel({"model_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"})
 
@@ -290,7 +290,7 @@ def test_prefix_generate_gives_the_token_ids_of_plain_generate_question_by_quest
 def test_prefix_generate_in_bfloat16_runs_and_mostly_agrees(tiny_model_dir, groups):
     import torch
 
-    from orchestrator.eval.milebench import LlavaModel
+    from orchestrator.eval.model_adapter import LlavaModel
     from orchestrator.eval.prefix_cache import PrefixReuse
 
     model = LlavaModel({"model_path": str(tiny_model_dir), "dtype": "bfloat16", "device": "cpu"})
@@ -309,7 +309,7 @@ def test_prefix_generate_with_a_lora_adapter_merged_or_not(tiny_model_dir, llava
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from orchestrator.eval.milebench import LlavaModel
+    from orchestrator.eval.model_adapter import LlavaModel
     from orchestrator.eval.prefix_cache import PrefixReuse
     from orchestrator.model.llava import load_llava
 

@@ -1,9 +1,9 @@
-"""The recipe's pure pieces: data order and resume position, step counts."""
+"""The schedule: what a stage trains with, step counts, data order and resume position."""
 
 import pytest
 
 from orchestrator.config import TrainConfig
-from orchestrator.train.recipe import _micro_batches, epoch_order, plan_schedule, stage_plan
+from orchestrator.train.schedule import epoch_order, micro_batches, plan_schedule, stage_plan
 
 ROWS = [{"sample_id": f"s{i:03d}", "x": i} for i in range(50)]
 
@@ -36,7 +36,7 @@ def test_too_little_data_for_one_step_is_an_error_that_says_what_to_change():
 def test_ranks_share_each_epoch_without_overlap_and_epochs_reshuffle():
     train = _train()
     schedule = plan_schedule(len(ROWS), 2, train, stage_plan(train, "dpo"))
-    per_rank = [_take(_micro_batches(ROWS, schedule, train, rank, 2, 0), 2 * schedule.micro_per_epoch)
+    per_rank = [_take(micro_batches(ROWS, schedule, train, rank, 2, 0), 2 * schedule.micro_per_epoch)
                 for rank in (0, 1)]
     first_epoch = [x for rows in per_rank for x in rows[:24]]
     assert len(set(first_epoch)) == 48  # 2 ranks x 6 micro-batches x 4 rows, no row twice
@@ -48,8 +48,8 @@ def test_ranks_share_each_epoch_without_overlap_and_epochs_reshuffle():
 def test_a_resumed_stream_continues_with_exactly_the_next_micro_batch():
     train = _train()
     schedule = plan_schedule(len(ROWS), 2, train, stage_plan(train, "dpo"))
-    whole = _take(_micro_batches(ROWS, schedule, train, 1, 2, 0), 12)  # two epochs of 6 micro-batches
-    resumed = _take(_micro_batches(ROWS, schedule, train, 1, 2, start_step=4), 4)
+    whole = _take(micro_batches(ROWS, schedule, train, 1, 2, 0), 12)  # two epochs of 6 micro-batches
+    resumed = _take(micro_batches(ROWS, schedule, train, 1, 2, start_step=4), 4)
     assert resumed == whole[8 * 4:]  # 4 steps x 2 micro-batches already done; crosses into epoch 1
 
 
