@@ -30,6 +30,8 @@ def ray_session(tmp_path_factory):
     """A local Ray with 2 CPUs shared by every test that needs one."""
     import ray
 
+    if os.environ.get("HADPO_FORBID_RAY"):  # a test that reaches Ray through a fixture it asks for by name
+        pytest.fail("HADPO_FORBID_RAY is set (make test-fast): this test starts Ray; mark it slow")
     if not ray.is_initialized():
         temp_dir = tmp_path_factory.mktemp("ray")
         ray.init(num_cpus=2, num_gpus=0, _temp_dir=str(temp_dir), include_dashboard=False,

@@ -79,6 +79,7 @@ def zero2_plain(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
                   "train.prefix_sharing=false", "train.reference_cache=false", dataset=preference_rows)
 
 
+@pytest.mark.slow  # the runs come through request.getfixturevalue, which the conftest's marking cannot see
 @pytest.mark.parametrize("run", ["zero0_killed", "zero2", "zero3"])
 def test_dpo_loss_goes_down_with_two_workers(run, request):
     _, result, curves = request.getfixturevalue(run)[:3]
@@ -163,6 +164,7 @@ def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(zero2, synt
     assert [row["step"] for row in curves] == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["zero2", "zero3"])
 def test_saved_adapter_loads_with_plain_peft_and_holds_only_lora_weights(run, request, tiny_model_dir):
     from peft import PeftModel
