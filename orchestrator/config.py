@@ -317,6 +317,16 @@ class TrainConfig(_Section):
         return self
 
 
+def _custom_resources(resources: dict[str, float], own_keys: str) -> dict[str, float]:
+    """Custom Ray resources: no CPU/GPU/memory (their own keys set those), no negative amounts."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom resource; set it with {own_keys}")
+        if amount < 0:
+            raise ValueError(f"{name!r}: amount must be >= 0, got {amount}")
+    return resources
+
+
 class ScalingSection(_Section):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
@@ -329,6 +339,14 @@ class ScalingSection(_Section):
     resource_wait_s: float = Field(
         600.0, ge=0.0, description="how long to wait for an autoscaler to add the nodes a stage needs; work that "
         "no node (or node type) can hold fails at once")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each training worker asks for besides CPU and GPU, "
+        "e.g. one a node type of the cluster advertises, to keep the workers on those nodes")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(value, "scaling.cpus_per_worker / scaling.gpus_per_worker")
 
 
 class EvalConfig(_Section):
@@ -339,6 +357,9 @@ class EvalConfig(_Section):
     num_actors: int = Field(1, gt=0)
     cpus_per_actor: float = Field(0.5, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
+    resources_per_actor: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each evaluation actor (and reference log-prob "
+        "actor) asks for besides CPU and GPU")
     # MileBench, as MileBench's own code (generate.py, utils.py, its LLaVA worker) runs LLaVA-1.5; docs/milebench.md
     milebench_image_budget: int = Field(
         24, gt=0, description="images per MileBench model batch (eval.sh's --batch-image 24: floor(24 / images) "
@@ -360,6 +381,11 @@ class EvalConfig(_Section):
                                "once per image and its KV cache shared by the image's questions (prefill and decoding)")
     prefix_images: int = Field(0, ge=0, description="images per prefix-reuse block and model batch, each with all "
                                "its questions (POPE: 18); 0: batch_size images")
+
+    @field_validator("resources_per_actor")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(value, "eval.cpus_per_actor / eval.gpus_per_actor")
 
 
 class SearchDimension(_Section):

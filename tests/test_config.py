@@ -137,3 +137,15 @@ def test_label_smoothing_applies_to_the_sigmoid_and_robust_losses_only():
         config_from_dict({"train": {"loss": "ipo", "label_smoothing": 0.1}})
     with pytest.raises(ConfigError, match="train.label_smoothing: Input should be less than 0.5"):
         config_from_dict({"train": {"loss": "robust", "label_smoothing": 0.5}})
+
+
+def test_custom_resources_per_worker_and_actor_refuse_cpu_gpu_and_negative_amounts():
+    config = config_from_dict({"scaling": {"resources_per_worker": {"gpu_stand_in": 1}},
+                               "eval": {"resources_per_actor": {"accelerator_a100": 0.5}}})
+    assert config.scaling.resources_per_worker == {"gpu_stand_in": 1.0}
+    assert config.eval.resources_per_actor == {"accelerator_a100": 0.5}
+    with pytest.raises(ConfigError, match=r"scaling.resources_per_worker: .*'GPU' is not a custom resource; set it "
+                                          r"with scaling.cpus_per_worker / scaling.gpus_per_worker"):
+        config_from_dict({"scaling": {"resources_per_worker": {"GPU": 1}}})
+    with pytest.raises(ConfigError, match=r"eval.resources_per_actor: .*'fast_disk': amount must be >= 0"):
+        config_from_dict({"eval": {"resources_per_actor": {"fast_disk": -1}}})

@@ -753,7 +753,8 @@ def _largest_block_rows(ds, default: int = 256) -> int:
 
 
 def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_actor: float = 1.0,
-            gpus_per_actor: float = 0.0, batch_size: int | None = None, max_restarts: int | None = None):
+            gpus_per_actor: float = 0.0, resources_per_actor: dict[str, float] | None = None,
+            batch_size: int | None = None, max_restarts: int | None = None):
     """`ds` (a Ray Dataset of ITEM_SCHEMA rows) mapped through a pool of `Predictor` actors.
 
     Lazy: returns the answered Dataset (ANSWER_SCHEMA rows); `batch_size=None` gives each actor
@@ -768,6 +769,8 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     kwargs: dict[str, Any] = {}
+    if resources_per_actor:  # custom resources, e.g. one that only some node types have
+        kwargs["resources"] = dict(resources_per_actor)
     if gpus_per_actor:
         kwargs["num_gpus"] = gpus_per_actor
         if batch_size is None:  # Ray Data refuses batch_size=None with GPUs

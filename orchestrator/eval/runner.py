@@ -11,7 +11,8 @@ Read top to bottom, a run is:
    split, item id);
 4. **inference**: the rest go, sorted by length (POPE with ``eval.prefix_reuse``, in score and
    generate mode: grouped by image, whole images per block) and cut into blocks, through a pool of
-   `Predictor` actors (`cfg.eval.num_actors`, each with `cpus_per_actor` / `gpus_per_actor`);
+   `Predictor` actors (`cfg.eval.num_actors`, each with `cpus_per_actor` / `gpus_per_actor` /
+   `resources_per_actor`);
    each actor writes every block it finishes atomically as a parquet file (named by the block's
    keys, so a retried block replaces its file); the driver logs progress and ETA;
 5. **metrics**: all answers of the run are read back (deduplicated on the key) and scored:
@@ -303,6 +304,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         answered = predict(
             _items_dataset(todo, cfg), settings, num_actors=cfg.eval.num_actors,
             cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
+            resources_per_actor=cfg.eval.resources_per_actor,
         )
         t0 = time.time()
         errors = 0

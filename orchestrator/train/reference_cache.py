@@ -413,9 +413,9 @@ def precompute_reference(cfg: ExperimentConfig, base_model_path: str | Path, dat
     Sample ids that already have a value under this key are not computed again; with all of them
     cached no actor is started. The rest, sorted by text length (similar lengths share a model batch,
     so little padding), go through a pool of `ReferenceScorer` actors (``eval.num_actors`` of them,
-    ``eval.cpus_per_actor`` CPUs each, one GPU each with ``scaling.use_gpu``), ``train.batch_size_per_worker``
-    pairs per forward. The returned cache's `counts`: rows, cached (before this call), computed,
-    errors (rows of the dataset without a value after it).
+    ``eval.cpus_per_actor`` CPUs and ``eval.resources_per_actor`` each, one GPU each with
+    ``scaling.use_gpu``), ``train.batch_size_per_worker`` pairs per forward. The returned cache's `counts`:
+    rows, cached (before this call), computed, errors (rows of the dataset without a value after it).
     """
     base_model_path = Path(base_model_path).expanduser().resolve()
     dtype = reference_dtype(cfg)
@@ -469,6 +469,8 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
     resources: dict[str, Any] = {"num_cpus": cfg.eval.cpus_per_actor}
     if cfg.scaling.use_gpu:
         resources["num_gpus"] = 1
+    if cfg.eval.resources_per_actor:
+        resources["resources"] = dict(cfg.eval.resources_per_actor)
     scored = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / per_call))).map_batches(
         ReferenceScorer, fn_constructor_kwargs={"settings": settings}, batch_size=per_call, batch_format="pandas",
         compute=ActorPoolStrategy(size=cfg.eval.num_actors), **resources,

@@ -112,7 +112,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         write_cache_meta(cache, base, key_inputs, "loop")
         reference_cache = str(cache.path)
     scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
