@@ -54,7 +54,8 @@ def test_top_level_fields_the_launcher_needs(cluster):
     assert isinstance(cluster["provider"]["cache_stopped_nodes"], bool)
     assert cluster["auth"]["ssh_user"] == "ubuntu"
     assert cluster["max_workers"] >= 1 and cluster["upscaling_speed"] > 0 and cluster["idle_timeout_minutes"] > 0
-    assert cluster["file_mounts"] == {}          # the code goes with `ray job submit --working-dir`
+    # the code goes with `ray job submit --working-dir`; only the Ray auth token is copied
+    assert cluster["file_mounts"] == {"/home/ubuntu/.ray/auth_token": "~/.ray/auth_token"}
 
 
 def test_node_types_cpu_head_and_8_gpu_workers(cluster):
@@ -119,3 +120,17 @@ def test_ray_accepts_it_after_filling_its_defaults(cluster):
     prepared = prepare_config(cluster)
     validate_config(prepared)
     assert prepared["available_node_types"][prepared["head_node_type"]]["resources"]["GPU"] == 0
+
+
+def test_token_authentication_on_every_node_with_the_launchers_own_token(cluster):
+    raw = (ROOT / "cluster.yaml").read_text()
+    # The token comes from the laptop's file; none is written here (no RAY_AUTH_TOKEN=<value>, no literal).
+    assert "RAY_AUTH_TOKEN=" not in raw and not re.search(r"\b[0-9a-f]{32,}\b", raw)
+    assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(cluster[key])
+        assert "RAY_AUTH_MODE=token" in start, key
+        # a node without the token stops before `ray start` with a message
+        assert start.index("test -s ~/.ray/auth_token") < start.index("ray start"), key
+    setup = " ".join(cluster["setup_commands"])
+    assert "RAY_AUTH_MODE=token" in setup and "chmod 600 ~/.ray/auth_token" in setup
