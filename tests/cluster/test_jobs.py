@@ -1,8 +1,7 @@
-"""`ray job submit` against a real local head started with `ray start --head`."""
+"""`ray job submit` against a real local head started with `ray start --head`, token authentication on."""
 
-import json
 import os
-import socket
+import secrets
 import subprocess
 import sys
 import time
@@ -10,52 +9,39 @@ from pathlib import Path
 
 import pytest
 
+from scripts.local_cluster import MARKER, down, free_port, short_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def ray_head(tmp_path_factory):
-    """A Ray head started the way a user starts one, stopped afterwards."""
-    temp_dir = Path("/tmp") / f"hadpo-head-{os.getpid()}"
-    port, dashboard, agent = free_port(), free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         # The agent's default port (52365) is taken by any other Ray on this machine.
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
-        yield f"http://127.0.0.1:{dashboard}", env
-    finally:
-        stop_processes_of(temp_dir)
+    """A Ray head started the way a user starts one (token auth on, as Ray ships it), stopped afterwards.
 
-
-def stop_processes_of(temp_dir: Path) -> None:
-    """Stop only this head's processes (`ray stop` would also stop every other Ray on the machine)."""
-    import psutil
-
-    mine = []
-    for process in psutil.process_iter(["cmdline"]):
+    The token lives in a file of the test's temp dir; the client environment points at it.
+    """
+    with short_dir(tmp_path_factory.mktemp("head")) as directory:
+        token = directory / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        port, dashboard, agent, client = free_port(), free_port(), free_port(), free_port()
+        env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                   PATH=f"{BIN}:{os.environ['PATH']}", **{MARKER: str(directory.resolve())})
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "PYTHONPATH"):  # the code goes with the job's working_dir
+            env.pop(name, None)
+        start = subprocess.run(
+            [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+             f"--temp-dir={directory / 'ray'}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             # The agent's default port (52365) is taken by any other Ray on this machine.
+             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+             f"--ray-client-server-port={client}", "--disable-usage-stats"],
+            env=env, capture_output=True, text=True, timeout=180)
         try:
-            if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
-                mine.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for process in mine:
-        process.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=20)
-    for process in alive:
-        process.kill()
+            assert start.returncode == 0, start.stdout + start.stderr
+            yield f"http://127.0.0.1:{dashboard}", env
+        finally:
+            down(directory)  # only this head's processes (`ray stop` would stop every Ray on the machine)
 
 
 @pytest.mark.slow

@@ -1,0 +1,252 @@
+"""The cluster path on Ray's local autoscaler: cluster.yaml's node types (scripts/local_cluster.py), token
+authentication on, `jobs/run.py` submitted with `ray job submit`, worker nodes launched from zero, one of
+them reclaimed mid-training as a cloud reclaims an instance, all of them removed when idle.
+
+One scenario runs once for the module (a fake autoscaling head, then the job, then the idle wait) and the
+tests below each check one behaviour of it; the local run it is compared with uses the suite's Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from orchestrator.cluster import FAKE_HEAD_NODE_TYPE, GPU_STAND_IN
+from orchestrator.config import apply_override
+from scripts import local_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+IDLE_TIMEOUT_MINUTES = 0.5
+WORKER_TYPE = "gpu.a100x8"
+FAKE_HEAD_NODE_ID = local_cluster.FAKE_HEAD_NODE_ID
+JOB_ID = "hadpo-autoscaling"
+
+
+def test_active_nodes_are_read_from_ray_status_per_type():
+    text = ("======== Autoscaler status ========\nNode status\n------\nActive:\n 1 ray.head.default\n 2 gpu.a100x8\n"
+            "Pending:\n (no pending nodes)\n")
+    assert local_cluster.parse_active_nodes(text, exclude=(FAKE_HEAD_NODE_TYPE,)) == {"gpu.a100x8": 2}
+    assert local_cluster.parse_active_nodes("Active:\n 1 ray.head.default\nPending:\n",
+                                            exclude=(FAKE_HEAD_NODE_TYPE,)) == {}
+
+
+def job_config(out: Path, model: Path, cluster: bool) -> dict:
+    """The demo config at tiny sizes: 2 training workers and 1 evaluation actor, each asking for the GPU
+    stand-in that only the worker node type has (the local run leaves that request out; it does not change
+    a number)."""
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    overrides = [
+        f"output_root={out}", "name=cluster", f"model.path={model}",  # a built tiny model: no warm-up stage
+        "data.synthetic.num_images=16", "data.synthetic.num_pope_images=4", "data.synthetic.milebench_tasks=0",
+        "train.max_steps=24", "train.batch_size_per_worker=2", "train.checkpoint_every_steps=3",
+        "train.log_every_steps=3", "train.max_failures=2", "train.reference_cache=false",
+        "train.lora={enabled: true, rank: 4, alpha: 8, dropout: 0.0}",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+        "eval.num_actors=1", "eval.cpus_per_actor=0.5", "eval.batch_size=8",
+    ]
+    if cluster:
+        overrides += [f"scaling.resources_per_worker={{{GPU_STAND_IN}: 1}}",
+                      f"eval.resources_per_actor={{{GPU_STAND_IN}: 1}}"]
+    for override in overrides:
+        apply_override(raw, override)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The fake autoscaling head for cluster.yaml, token auth on, stopped (all its processes) afterwards."""
+    with local_cluster.short_dir(tmp_path_factory.mktemp("hc")) as directory:
+        started = local_cluster.up(directory, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
+        try:
+            yield started
+        finally:
+            local_cluster.down(directory)
+
+
+@dataclass
+class Scenario:
+    nodes_before: dict
+    most_worker_nodes: int = 0     # active worker nodes in `ray status`
+    most_live_nodes: int = 0       # worker nodes whose raylet runs
+    reclaimed_node: str = ""
+    submitted_at: float = 0.0
+    reclaimed_at: float = 0.0
+    status: str = ""
+    log: str = ""
+    actors: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+    nodes_after_idle: dict | None = None
+    idle_wait_s: float = 0.0
+    run_dir: Path | None = None
+
+
+def _job_status(cluster) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED (Ray's state API)."""
+    jobs = local_cluster.state(cluster, "jobs", "--filter", f"submission_id={JOB_ID}")
+    return jobs[0]["status"] if jobs else "UNKNOWN"
+
+
+@pytest.fixture(scope="module")
+def scenario(cluster, tmp_path_factory, tiny_model_dir) -> Scenario:
+    """Submit jobs/run.py, have the provider reclaim the node of one training worker after the first DPO
+    checkpoint, wait for the job, then for the idle timeout; record what the autoscaler and the job did."""
+    out = tmp_path_factory.mktemp("cluster-runs")
+    config_path = out / "job.yaml"
+    config_path.write_text(yaml.safe_dump(job_config(out, tiny_model_dir, cluster=True), sort_keys=False))
+    record = Scenario(nodes_before=local_cluster.worker_nodes(cluster), run_dir=out / "cluster")
+    record.submitted_at = time.time()
+    submit = cluster.submit("--no-wait", "--submission-id", JOB_ID, "--working-dir", str(ROOT),
+                            "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"),
+                            "--", "python", "jobs/run.py", "--config", str(config_path))
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+
+    # While the job runs: count the worker nodes; at the first DPO checkpoint, have a worker node reclaimed
+    # (during DPO each of the two holds one training worker: one GPU stand-in per node).
+    checkpoints = record.run_dir / "train" / "cluster-dpo"
+    deadline, next_look = time.time() + 1800, 0.0
+    while time.time() < deadline:
+        if not record.reclaimed_node and any(checkpoints.glob("checkpoint_*")):
+            nodes = local_cluster.launched_node_ids(cluster)
+            if nodes:
+                record.reclaimed_node = nodes[0]
+                local_cluster.reclaim_node(cluster, record.reclaimed_node)
+                record.reclaimed_at = time.time()
+        if time.time() >= next_look:  # the ray CLI costs a second of CPU: look every few seconds
+            status = _job_status(cluster)
+            if status not in ("PENDING", "RUNNING", "UNKNOWN"):
+                break
+            record.most_worker_nodes = max(record.most_worker_nodes,
+                                           local_cluster.worker_nodes(cluster).get(WORKER_TYPE, 0))
+            record.most_live_nodes = max(record.most_live_nodes, len(local_cluster.launched_node_ids(cluster)))
+            next_look = time.time() + 5
+        time.sleep(0.5)
+    record.status = status
+    record.log = cluster.ray("job", "logs", JOB_ID).stdout
+    record.actors = local_cluster.state(cluster, "actors", "--detail")
+
+    # After the job: the autoscaler removes the idle worker nodes.
+    started_idle = time.time()
+    try:
+        local_cluster.wait_for(lambda: not local_cluster.worker_nodes(cluster), IDLE_TIMEOUT_MINUTES * 60 + 90,
+                               "the worker nodes were not removed", poll_s=3)
+        record.nodes_after_idle = {}
+    except TimeoutError:
+        record.nodes_after_idle = local_cluster.worker_nodes(cluster)
+    record.idle_wait_s = time.time() - started_idle
+    record.events = local_cluster.autoscaler_events(cluster)
+    return record
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, tmp_path_factory, tiny_model_dir):
+    """The same config run on the suite's local Ray (no autoscaler, no custom resources)."""
+    from orchestrator.config import config_from_dict
+    from orchestrator.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("local-runs")
+    config = config_from_dict(job_config(out, tiny_model_dir, cluster=False))
+    run_pipeline(config)
+    return config.run_dir
+
+
+def _stage(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "stages" / f"{name}.json").read_text())["outputs"]
+
+
+def _answers(run_dir: Path, stage: str):
+    from orchestrator.eval.results import read_answers
+
+    answers = read_answers(Path(_stage(run_dir, stage)["answers_dir"]))
+    return answers.sort_values(["split", "item_id"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_a_client_without_the_token_is_refused_with_a_clear_error(cluster, tmp_path):
+    env = cluster.client_env()
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either: a laptop that never got the token
+    refused = cluster.ray("job", "submit", "--submission-id", "no-token", "--working-dir", str(ROOT / "jobs"),
+                          "--", "python", "-c", "print('ran')", env=env)
+    message = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "Authentication required" in message and "Missing authentication token" in message
+    assert "RAY_AUTH_TOKEN" in message and "ray get-auth-token" in message  # says where a token goes
+    assert "no-token" not in cluster.ray("job", "list").stdout  # nothing ran
+
+
+@pytest.mark.slow
+def test_worker_nodes_are_launched_from_zero_for_the_job(scenario):
+    assert scenario.nodes_before == {}
+    assert scenario.most_worker_nodes >= 2  # two training workers, one stand-in GPU per node
+    # never more than max_workers at once (`ray status` may still count a reclaimed node for a moment)
+    assert scenario.most_live_nodes == 2
+    assert any(f"of type {WORKER_TYPE}" in m and m.startswith("Adding") for m in scenario.events), scenario.events
+
+
+@pytest.mark.slow
+def test_training_workers_and_the_eval_actor_run_only_on_worker_nodes(scenario):
+    placed = {}
+    for actor in scenario.actors:
+        if actor.get("node_id") and ("RayTrainWorker" in actor["class_name"] or "Predictor" in actor["class_name"]):
+            placed.setdefault(actor["class_name"], set()).add(actor["node_id"])
+    assert any("RayTrainWorker" in name for name in placed) and any("Predictor" in name for name in placed), placed
+    assert all(FAKE_HEAD_NODE_ID not in nodes for nodes in placed.values()), placed
+
+
+@pytest.mark.slow
+def test_the_job_succeeds_with_the_pope_table_of_a_local_run(scenario, local_run):
+    assert scenario.status == "SUCCEEDED", scenario.log[-5000:]
+    for stage in ("eval_baseline", "eval_hadpo"):
+        on_cluster, local = _stage(scenario.run_dir, stage), _stage(local_run, stage)
+        assert on_cluster["pope"] and on_cluster["pope"] == local["pope"], stage
+        # item by item: the same answers and P(yes), so the tables agree for the right reason
+        cluster_answers, local_answers = _answers(scenario.run_dir, stage), _answers(local_run, stage)
+        assert cluster_answers["answer"].tolist() == local_answers["answer"].tolist(), stage
+        np.testing.assert_allclose(cluster_answers["p_yes"], local_answers["p_yes"], atol=1e-6, err_msg=stage)
+    # DPO moved the answers' P(yes): a training that went wrong on the cluster would show
+    moved = _answers(scenario.run_dir, "eval_hadpo")["p_yes"] - _answers(scenario.run_dir, "eval_baseline")["p_yes"]
+    assert np.abs(moved).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_training_interrupted_on_the_cluster_ends_with_the_adapter_of_an_uninterrupted_local_run(scenario,
+                                                                                                  local_run):
+    from safetensors.numpy import load_file
+
+    on_cluster = load_file(Path(_stage(scenario.run_dir, "dpo")["adapter"]) / "adapter_model.safetensors")
+    local = load_file(Path(_stage(local_run, "dpo")["adapter"]) / "adapter_model.safetensors")
+    assert scenario.reclaimed_node and sorted(on_cluster) == sorted(local)
+    for name, weight in local.items():
+        np.testing.assert_allclose(on_cluster[name], weight, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_worker_node_reclaimed_mid_training_is_replaced_and_training_resumes_from_its_last_checkpoint(
+        scenario):
+    assert scenario.reclaimed_node
+    lost_workers = [a for a in scenario.actors if "RayTrainWorker" in a["class_name"]
+                      and a.get("node_id") == scenario.reclaimed_node]
+    assert lost_workers and all(a["state"] == "DEAD" for a in lost_workers)
+    adds = [m for m in scenario.events if m.startswith("Adding") and WORKER_TYPE in m]
+    assert len(adds) >= 2, scenario.events  # the first launch, then the replacement
+    dpo = _stage(scenario.run_dir, "dpo")
+    assert dpo["metrics"]["step"] == 24
+    assert dpo["metrics"]["resumed_from_step"] in range(3, 24, 3), dpo["metrics"]
+    # the replacement node (launched after the job started) ran a training worker: the job's working_dir
+    # and runtime_env reached it
+    worker_nodes = {a["node_id"] for a in scenario.actors if "RayTrainWorker" in a["class_name"]}
+    assert len(worker_nodes - {scenario.reclaimed_node}) >= 2, worker_nodes
+
+
+@pytest.mark.slow
+def test_idle_worker_nodes_are_removed_after_the_idle_timeout(scenario):
+    assert scenario.nodes_after_idle == {}, scenario.nodes_after_idle
+    assert any(m.startswith("Removing") and "(idle)" in m for m in scenario.events), scenario.events
