@@ -58,9 +58,12 @@ def load_cluster_yaml(path: str | Path) -> dict[str, Any]:
 def worker_node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The node types the autoscaler may launch: all but the head, and none whose max_workers is 0.
 
-    A type without its own `max_workers` may have up to the config's global `max_workers`, as Ray fills it in.
+    A type without its own `max_workers` may have up to the config's global `max_workers`, as Ray fills it in;
+    a global `max_workers: 0` allows no worker node at all.
     """
     global_max = int(config.get("max_workers", 0) or 0)
+    if "max_workers" in config and global_max == 0:
+        return {}
     types = {}
     for name, spec in config["available_node_types"].items():
         if name == config.get("head_node_type"):

@@ -37,6 +37,7 @@ def test_a_type_without_resources_holds_cpu_and_gpu_bundles_but_no_custom_resour
     assert node_types_for_bundle(config, {"CPU": 2, "GPU": 1}) == ["auto"]
     assert node_types_for_bundle(config, {"CPU": 2, "nvme": 1}) == ["fast"]
     assert node_types_for_bundle(config, {"CPU": 16, "nvme": 1}) == []
+    assert node_types_for_bundle({**config, "max_workers": 0}, {"CPU": 1}) == []  # no worker node at all
 
 
 def test_local_config_keeps_names_limits_and_timeout_with_resources_scaled_down(cluster):
