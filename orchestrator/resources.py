@@ -87,30 +87,32 @@ class ClusterView:
 def training_request(cfg, stage: str = "dpo") -> ResourceRequest:
     """The Ray Train workers of a training stage."""
     scaling = cfg.scaling
-    bundle = {"CPU": scaling.cpus_per_worker}
+    bundle = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         bundle["GPU"] = scaling.gpus_per_worker
     return ResourceRequest(f"{stage} training ({scaling.num_workers} Ray Train worker(s))",
                            (bundle,) * scaling.num_workers,
-                           "scaling.num_workers, scaling.cpus_per_worker, scaling.use_gpu, scaling.gpus_per_worker")
+                           "scaling.num_workers, scaling.cpus_per_worker, scaling.use_gpu, scaling.gpus_per_worker, "
+                           "scaling.resources_per_worker")
 
 
 def eval_request(cfg) -> ResourceRequest:
     """The evaluation actor pool."""
-    bundle = {"CPU": cfg.eval.cpus_per_actor}
+    bundle = {"CPU": cfg.eval.cpus_per_actor, **cfg.eval.resources_per_actor}
     if cfg.eval.gpus_per_actor:
         bundle["GPU"] = cfg.eval.gpus_per_actor
     return ResourceRequest(f"evaluation ({cfg.eval.num_actors} actor(s))", (bundle,) * cfg.eval.num_actors,
-                           "eval.num_actors, eval.cpus_per_actor, eval.gpus_per_actor")
+                           "eval.num_actors, eval.cpus_per_actor, eval.gpus_per_actor, eval.resources_per_actor")
 
 
 def reference_request(cfg) -> ResourceRequest:
     """The actor pool that caches the reference log-probs (one GPU per actor when training uses GPUs)."""
-    bundle = {"CPU": cfg.eval.cpus_per_actor}
+    bundle = {"CPU": cfg.eval.cpus_per_actor, **cfg.eval.resources_per_actor}
     if cfg.scaling.use_gpu:
         bundle["GPU"] = 1.0
     return ResourceRequest(f"reference log-prob pass ({cfg.eval.num_actors} actor(s))",
-                           (bundle,) * cfg.eval.num_actors, "eval.num_actors, eval.cpus_per_actor, scaling.use_gpu")
+                           (bundle,) * cfg.eval.num_actors,
+                           "eval.num_actors, eval.cpus_per_actor, eval.resources_per_actor, scaling.use_gpu")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,19 @@ def test_an_autoscaler_that_adds_nothing_fails_after_the_configured_wait():
     assert "any number x gpu {CPU: 8, GPU: 1}" in str(excinfo.value)
 
 
+def test_requests_carry_the_custom_resources_of_workers_and_actors():
+    from orchestrator.config import config_from_dict
+    from orchestrator.resources import eval_request, reference_request, training_request
+
+    config = config_from_dict({"scaling": {"num_workers": 2, "cpus_per_worker": 0.5,
+                                           "resources_per_worker": {"gpu_stand_in": 1}},
+                               "eval": {"resources_per_actor": {"gpu_stand_in": 1}}})
+    assert training_request(config).bundles == ({"CPU": 0.5, "gpu_stand_in": 1.0},) * 2
+    assert "scaling.resources_per_worker" in training_request(config).knobs
+    assert eval_request(config).bundles == ({"CPU": 0.5, "gpu_stand_in": 1.0},)
+    assert reference_request(config).bundles == ({"CPU": 0.5, "gpu_stand_in": 1.0},)
+
+
 # ----------------------------------------------------------------------------------------------
 # Through the real entry points, on a real local Ray (2 CPUs, no GPU)
 
