@@ -1,9 +1,9 @@
-"""The Ray cluster launcher's config (`cluster.yaml`): which node types can hold a request, and the same node
-types on Ray's local autoscaler.
+"""The Ray cluster launcher's config (`cluster.yaml`): the node types the autoscaler may launch, and the same
+node types on Ray's local autoscaler.
 
-- `node_types_for_bundle(config, bundle)`: the worker node types of an autoscaling config that could ever
-  hold one resource bundle (one Ray Train worker or one evaluation actor) on a node of their own. A
-  resource check asks it whether waiting for the autoscaler can help, or whether nothing ever will.
+- `worker_node_types(config)`: the node types of a launcher config the autoscaler may ever add (not the
+  head, none whose `max_workers` is 0). The resource check (`orchestrator.resources`) reads them from the
+  running autoscaler's config to tell work worth waiting for from work no node will ever hold.
 - `local_autoscaling_config(cluster, ...)`: the config Ray's fake multi-node provider runs on one machine
   (``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...``): the launcher config's worker node
   types under the same names, with their `max_workers`, `idle_timeout_minutes` and `upscaling_speed`,
@@ -37,7 +37,6 @@ _EMPTY_LAUNCHER_KEYS: dict[str, Any] = {
     "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
     "rsync_exclude": [], "rsync_filter": [],
 }
-_EPSILON = 1e-9
 
 
 def load_cluster_yaml(path: str | Path) -> dict[str, Any]:
@@ -65,32 +64,12 @@ def worker_node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "max_workers" in config and global_max == 0:
         return {}
     types = {}
-    for name, spec in config["available_node_types"].items():
+    for name, spec in (config.get("available_node_types") or {}).items():
         if name == config.get("head_node_type"):
             continue
         if int(spec.get("max_workers", global_max) or 0) > 0:
             types[name] = spec
     return types
-
-
-def node_types_for_bundle(config: dict[str, Any], bundle: dict[str, float]) -> list[str]:
-    """Names of the worker node types of `config` whose resources hold `bundle` on one node.
-
-    `bundle`: what one Ray Train worker or actor asks for, e.g. ``{"CPU": 1, "GPU": 1}``; zero amounts ask
-    for nothing. A type with no `resources` in the config is listed only for a bundle of CPU, GPU and
-    memory (the cloud provider fills those in at launch from the instance type; a custom resource
-    would have to be in the config). An empty list: no node the autoscaler may ever add can hold it.
-    """
-    names = []
-    for name, spec in worker_node_types(config).items():
-        resources = spec.get("resources")
-        if not resources:
-            if all(key in ("CPU", "GPU", "memory") for key, amount in bundle.items() if amount > 0):
-                names.append(name)
-            continue
-        if all(float(resources.get(key, 0)) + _EPSILON >= amount for key, amount in bundle.items() if amount > 0):
-            names.append(name)
-    return names
 
 
 def local_autoscaling_config(cluster: dict[str, Any], *, gcs_address: str, head_cpus: float = 1,

@@ -339,6 +339,11 @@ class ScalingSection(_Section):
     resource_wait_s: float = Field(
         600.0, ge=0.0, description="how long to wait for an autoscaler to add the nodes a stage needs; work that "
         "no node (or node type) can hold fails at once")
+    autoscaling_config: str | None = Field(
+        "~/ray_bootstrap_config.yaml", description="the running autoscaler's config file as the driver sees it: the "
+        "resource check reads the node types it may add there when the autoscaler does not publish them (Ray's "
+        "default autoscaler does not); default: where `ray up` writes it on the head, where `ray job submit` runs "
+        "the driver. A missing file means no node types beyond the alive nodes")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each training worker asks for besides CPU and GPU, "
         "e.g. one a node type of the cluster advertises, to keep the workers on those nodes")
@@ -524,6 +529,7 @@ PATH_KEYS = ("output_root", "data.preference.*.path", "data.preference.*.image_r
              "data.hadpo_pope", "data.vg_image_data", "data.vg_root", "data.sft", "data.pope.questions.*",
              "data.pope.image_root", "data.pope.datasets.*.questions.*", "data.pope.datasets.*.image_root",
              "data.milebench_root", "data.synthetic_dir", "model.path", "train.storage_path",
+             "scaling.autoscaling_config",
              "train.deepspeed.config", "mlflow.store", "env.hf_home")  # deepspeed.config: a path; a dict stays
 
 

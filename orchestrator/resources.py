@@ -6,13 +6,13 @@ a GPU, or 64 workers on 2 cores, hang until killed. `check_resources` answers fi
 - the request is a list of *bundles*, one per Ray Train worker or evaluation actor (each must fit on
   one node);
 - the cluster is the alive nodes' total resources plus, when an autoscaler runs, the node types it may
-  start (`ClusterView`);
+  start (`ClusterView`; from Ray's GCS, or from the autoscaler's config file, ``scaling.autoscaling_config``);
 - work that no node and no node type can hold, or more than all of them together can hold, fails at
   once with `ResourceError` saying what was asked and what exists;
 - work the nodes can hold now passes at once;
-- work only the autoscaler's nodes can hold waits up to `wait_s` (``scaling.resource_wait_s``) while
-  the nodes are requested (`ray.autoscaler.sdk.request_resources`), then fails with what was asked and
-  what came.
+- work only the autoscaler's nodes can hold waits up to `wait_s` (``scaling.resource_wait_s``), saying
+  which node types it waits for (`node_types_for_bundle`), while the nodes are requested
+  (`ray.autoscaler.sdk.request_resources`), then fails with what was asked and what came.
 
 What it compares is capacity (the nodes' totals), not what is free at this moment: resources that other
 work holds now are released later, so they are not a reason to fail. `shortfall` and `fits_on` are pure
@@ -25,7 +25,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+import yaml
+
+from orchestrator.cluster import worker_node_types
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +63,37 @@ class ResourceRequest:
 
 @dataclass(frozen=True)
 class NodeType:
-    """A node type the autoscaler may start: its resources and how many (-1: no limit)."""
+    """A node type the autoscaler may start: its resources and how many (-1: no limit).
+
+    A CPU or GPU count of `math.inf` stands for "filled in by the cloud provider at launch" (a launcher
+    config type without `resources`): unknown here, so it never makes a request fail.
+    """
 
     name: str
     resources: dict[str, float]
     max_count: int
 
+    def describe(self) -> str:
+        count = "any number" if self.max_count < 0 else f"up to {self.max_count}"
+        return f"{count} x {self.name} {_fmt(self.resources)}"
+
 
 @dataclass
 class ClusterView:
-    """The alive nodes' total resources, and the node types an autoscaler may add."""
+    """The alive nodes' total resources, and the node types an autoscaler may add (and where they were read)."""
 
     nodes: list[dict[str, float]]
     node_types: list[NodeType] = field(default_factory=list)
+    node_types_source: str = ""
 
     def describe(self) -> str:
         total = _sum(self.nodes)
         text = f"{len(self.nodes)} node(s) with {_fmt(total) if total else 'nothing'} in all"
         if self.node_types:
-            text += "; the autoscaler may add " + ", ".join(
-                f"{'any number' if t.max_count < 0 else f'up to {t.max_count}'} x {t.name} {_fmt(t.resources)}"
-                for t in self.node_types)
+            text += "; the autoscaler may add " + ", ".join(t.describe() for t in self.node_types)
         else:
             text += "; no autoscaler node types"
-        return text
+        return text + (f" ({self.node_types_source})" if self.node_types_source else "")
 
 
 def training_request(cfg, stage: str = "dpo") -> ResourceRequest:
@@ -137,11 +149,15 @@ def fits_on(bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str, float
     return True
 
 
+def node_types_for_bundle(bundle: dict[str, float], view: ClusterView) -> list[str]:
+    """Names of the node types the autoscaler may add whose one node holds `bundle` ([]: waiting cannot help)."""
+    return [t.name for t in view.node_types if t.max_count != 0 and _holds(t.resources, bundle)]
+
+
 def shortfall(request: ResourceRequest, view: ClusterView) -> str | None:
     """Why the request can never be satisfied by this cluster (with its autoscaler), or None."""
-    shapes = [t.resources for t in view.node_types if t.max_count != 0]
     for bundle in {_fmt(b): b for b in request.bundles}.values():
-        if not any(_holds(node, bundle) for node in list(view.nodes) + shapes):
+        if not any(_holds(node, bundle) for node in view.nodes) and not node_types_for_bundle(bundle, view):
             return (f"each of them needs {_fmt(bundle)} on one node, and no node "
                     + ("or node type " if view.node_types else "") + "has that")
     if fits_on(request.bundles, view.nodes):
@@ -166,12 +182,33 @@ def shortfall(request: ResourceRequest, view: ClusterView) -> str | None:
 # The cluster
 
 
-def autoscaler_node_types() -> list[NodeType]:
-    """The node types of the running autoscaler, as it published them to Ray's GCS ([] without one).
+def autoscaler_node_types(autoscaling_config: str | Path | None = None) -> tuple[list[NodeType], str]:
+    """The node types the running autoscaler may add, and where they were found ([] without an autoscaler).
 
-    Ray keeps them under a private API (`ray._private.state.state.get_cluster_config`), which Ray Data
-    uses for the same purpose; if it changes, the check falls back to the alive nodes only.
+    Autoscaler v2 publishes them to Ray's GCS, under a private API (`ray._private.state.state.
+    get_cluster_config`, which Ray Data uses for the same purpose). Ray's default autoscaler (v1, the one
+    `ray up` and `ray start --autoscaling-config` run) publishes nothing: then they are read from its config
+    file, `autoscaling_config` (``scaling.autoscaling_config``), when that exists. Without either, the
+    check knows the alive nodes only.
     """
+    published = _published_node_types()
+    if published:
+        return published, "node types published by the autoscaler"
+    if not autoscaling_config:
+        return [], "none published by the autoscaler"
+    path = Path(autoscaling_config).expanduser()
+    if not path.is_file():
+        return [], f"none published by the autoscaler; no autoscaler config at {path} (scaling.autoscaling_config)"
+    try:
+        config = yaml.safe_load(path.read_text())
+        types = node_types_from_cluster_yaml(config if isinstance(config, dict) else {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError) as error:
+        log.warning("resources: %s: not a readable autoscaling config (%s); node types unknown", path, error)
+        return [], f"none published by the autoscaler; {path} is not a readable autoscaling config"
+    return types, f"node types from {path}"
+
+
+def _published_node_types() -> list[NodeType]:
     try:
         import ray._private.state
 
@@ -190,28 +227,33 @@ def autoscaler_node_types() -> list[NodeType]:
 
 
 def node_types_from_cluster_yaml(config: dict[str, Any]) -> list[NodeType]:
-    """Node types of a `ray up` cluster config (``available_node_types``): resources and max_workers.
+    """The node types a `ray up` cluster config (``available_node_types``) lets the autoscaler launch
+    (`orchestrator.cluster.worker_node_types`): their resources, and how many (the type's `max_workers`,
+    at most the config's global one).
 
-    A type without explicit `resources` is left out (the cloud provider fills them in at launch, and
-    what it will fill in is not known here).
+    A type without `resources` gets them from the cloud provider at launch (`ray up` fills them in from the
+    instance type); what it will get is not known here, so its CPU and GPU count as `math.inf` (waiting may
+    help) and it has no custom resource (one would have to be in the config).
     """
+    global_max = config.get("max_workers")
     types = []
-    for name, spec in (config.get("available_node_types") or {}).items():
+    for name, spec in worker_node_types(config).items():
         resources = {key: float(value) for key, value in (spec.get("resources") or {}).items()}
-        max_count = int(spec.get("max_workers", config.get("max_workers", 0)) or 0)
-        if resources and max_count != 0:
-            types.append(NodeType(name, resources, max_count))
+        count = int(spec.get("max_workers", global_max or 0))
+        if global_max is not None:
+            count = min(count, int(global_max))
+        types.append(NodeType(name, resources or {"CPU": math.inf, "GPU": math.inf}, count))
     return types
 
 
-def cluster_view() -> ClusterView:
-    """The alive nodes of the connected Ray cluster and its autoscaler's node types."""
+def cluster_view(autoscaling_config: str | Path | None = None) -> ClusterView:
+    """The alive nodes of the connected Ray cluster and its autoscaler's node types (`autoscaler_node_types`)."""
     import ray
 
     nodes = [{key: float(value) for key, value in node["Resources"].items()
               if not key.startswith("node:") and key not in _BOOKKEEPING}
              for node in ray.nodes() if node.get("Alive")]
-    return ClusterView(nodes, autoscaler_node_types())
+    return ClusterView(nodes, *autoscaler_node_types(autoscaling_config))
 
 
 def check_resources(request: ResourceRequest, wait_s: float = 0.0, poll_s: float = 5.0,
@@ -233,8 +275,10 @@ def check_resources(request: ResourceRequest, wait_s: float = 0.0, poll_s: float
     if fits_on(request.bundles, current.nodes) or not current.node_types:
         return current
     ask = ask_autoscaler or _request_from_autoscaler
-    log.info("resources: %s needs %s; waiting up to %.0f s for the autoscaler (%s)", request.what,
-             request.describe(), wait_s, current.describe())
+    log.info("resources: %s needs %s; waiting up to %.0f s for the autoscaler to add %s node(s) (%s)",
+             request.what, request.describe(), wait_s,
+             " / ".join(dict.fromkeys(name for bundle in request.bundles
+                                      for name in node_types_for_bundle(bundle, current))), current.describe())
     deadline = clock() + wait_s
     ask(list(request.bundles))
     try:
@@ -257,7 +301,8 @@ def check_resources(request: ResourceRequest, wait_s: float = 0.0, poll_s: float
 def preflight(cfg, *requests: ResourceRequest) -> None:
     """`check_resources` for each request, waiting at most ``scaling.resource_wait_s`` for an autoscaler."""
     for request in requests:
-        check_resources(request, wait_s=cfg.scaling.resource_wait_s)
+        check_resources(request, wait_s=cfg.scaling.resource_wait_s,
+                        view=lambda: cluster_view(cfg.scaling.autoscaling_config))
 
 
 def _request_from_autoscaler(bundles: list[dict[str, float]]) -> None:
@@ -290,6 +335,8 @@ def _sum(items: Iterable[dict[str, float]]) -> dict[str, float]:
 
 
 def _num(value: float) -> str:
+    if math.isinf(value):
+        return "set at launch"
     return str(int(value)) if math.isclose(value, round(value)) else f"{value:g}"
 
 

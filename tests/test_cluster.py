@@ -1,5 +1,5 @@
-"""orchestrator/cluster.py: which node types can hold a bundle, and cluster.yaml's node types for Ray's local
-autoscaler (pure functions of the YAML)."""
+"""orchestrator/cluster.py: the node types the autoscaler may launch, and cluster.yaml's node types for Ray's
+local autoscaler (pure functions of the YAML)."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from orchestrator.cluster import (FAKE_HEAD_NODE_TYPE, GPU_STAND_IN, load_cluster_yaml, local_autoscaling_config,
-                                  node_types_for_bundle)
+                                  worker_node_types)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,27 +17,16 @@ def cluster() -> dict:
     return load_cluster_yaml(ROOT / "cluster.yaml")
 
 
-def test_only_worker_types_whose_resources_hold_the_whole_bundle_are_named(cluster):
-    assert node_types_for_bundle(cluster, {"CPU": 1, "GPU": 1}) == ["gpu.a100x8"]
-    assert node_types_for_bundle(cluster, {"CPU": 96, "GPU": 8}) == ["gpu.a100x8"]
-    assert node_types_for_bundle(cluster, {"CPU": 1, "GPU": 9}) == []       # more GPUs than any node has
-    assert node_types_for_bundle(cluster, {"CPU": 97}) == []
-    # the head (max_workers 0) is never launched, so its CPUs do not count; zero amounts ask for nothing
-    assert node_types_for_bundle(cluster, {"CPU": 2, "GPU": 0}) == ["gpu.a100x8"]
-    assert node_types_for_bundle(cluster, {"CPU": 1, GPU_STAND_IN: 1}) == []
-
-
-def test_a_type_without_resources_holds_cpu_and_gpu_bundles_but_no_custom_resource():
+def test_the_autoscaler_may_launch_every_type_but_the_head_and_those_capped_at_zero(cluster):
+    assert list(worker_node_types(cluster)) == ["gpu.a100x8"]   # the head (max_workers 0) is never launched
     config = {"max_workers": 3, "head_node_type": "head", "available_node_types": {
         "head": {"resources": {"CPU": 4}, "max_workers": 0},
-        "auto": {"node_config": {"InstanceType": "g5.xlarge"}},           # resources filled in at launch
-        "fast": {"resources": {"CPU": 8, "nvme": 1}, "max_workers": 1},
-        "off": {"resources": {"CPU": 64, "nvme": 1}, "max_workers": 0},  # may never be launched
+        "auto": {"node_config": {"InstanceType": "g5.xlarge"}},          # up to the global max_workers
+        "off": {"resources": {"CPU": 64}, "max_workers": 0},
     }}
-    assert node_types_for_bundle(config, {"CPU": 2, "GPU": 1}) == ["auto"]
-    assert node_types_for_bundle(config, {"CPU": 2, "nvme": 1}) == ["fast"]
-    assert node_types_for_bundle(config, {"CPU": 16, "nvme": 1}) == []
-    assert node_types_for_bundle({**config, "max_workers": 0}, {"CPU": 1}) == []  # no worker node at all
+    assert list(worker_node_types(config)) == ["auto"]
+    assert worker_node_types({**config, "max_workers": 0}) == {}           # no worker node at all
+    assert worker_node_types({"head_node_type": "head"}) == {}             # no node types
 
 
 def test_local_config_keeps_names_limits_and_timeout_with_resources_scaled_down(cluster):

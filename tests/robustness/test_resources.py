@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.resources import (ClusterView, NodeType, ResourceError, ResourceRequest, check_resources,
-                                    fits_on, node_types_from_cluster_yaml, shortfall)
+from orchestrator.resources import (ClusterView, NodeType, ResourceError, ResourceRequest, autoscaler_node_types,
+                                    check_resources, fits_on, node_types_for_bundle, node_types_from_cluster_yaml,
+                                    shortfall)
 
 ROOT = Path(__file__).resolve().parents[2]
 LAPTOP = ClusterView([{"CPU": 2.0}])
@@ -95,6 +96,78 @@ def test_requests_carry_the_custom_resources_of_workers_and_actors():
     assert "scaling.resources_per_worker" in training_request(config).knobs
     assert eval_request(config).bundles == ({"CPU": 0.5, "gpu_stand_in": 1.0},)
     assert reference_request(config).bundles == ({"CPU": 0.5, "gpu_stand_in": 1.0},)
+
+
+def test_only_node_types_whose_one_node_holds_the_whole_bundle_are_named():
+    head = ClusterView([{"CPU": 8.0, "GPU": 0.0}],
+                       node_types_from_cluster_yaml(yaml.safe_load((ROOT / "cluster.yaml").read_text())))
+    assert node_types_for_bundle({"CPU": 1, "GPU": 1}, head) == ["gpu.a100x8"]
+    assert node_types_for_bundle({"CPU": 96, "GPU": 8}, head) == ["gpu.a100x8"]
+    assert node_types_for_bundle({"CPU": 1, "GPU": 9}, head) == []     # more GPUs than any node has
+    assert node_types_for_bundle({"CPU": 97}, head) == []
+    assert node_types_for_bundle({"CPU": 9, "GPU": 0}, head) == ["gpu.a100x8"]  # zero asks for nothing
+    assert node_types_for_bundle({"CPU": 1, "gpu_stand_in": 1}, head) == []
+
+
+def test_a_type_whose_resources_come_at_launch_is_waited_for_but_has_no_custom_resource():
+    config = {"max_workers": 3, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 4}, "max_workers": 0},
+        "auto": {"node_config": {"InstanceType": "g5.xlarge"}},            # resources filled in at launch
+        "fast": {"resources": {"CPU": 8, "nvme": 1}, "max_workers": 5},   # capped by the global 3
+        "off": {"resources": {"CPU": 64, "nvme": 1}, "max_workers": 0},   # may never be launched
+    }}
+    types = node_types_from_cluster_yaml(config)
+    assert [(t.name, t.max_count) for t in types] == [("auto", 3), ("fast", 3)]
+    head = ClusterView([{"CPU": 4.0}], types)
+    assert node_types_for_bundle({"CPU": 2, "GPU": 1}, head) == ["auto"]
+    assert node_types_for_bundle({"CPU": 2, "nvme": 1}, head) == ["fast"]
+    assert shortfall(workers(100, CPU=2, GPU=1), head) is None             # unknown: waiting may help
+    assert shortfall(workers(4, CPU=2, nvme=1), head) == "together they need 4 nvme, and at most 3 can exist"
+    assert "no node or node type has that" in shortfall(workers(1, CPU=16, nvme=1), head)
+    assert "up to 3 x auto {CPU: set at launch, GPU: set at launch}" in head.describe()
+    assert node_types_from_cluster_yaml({**config, "max_workers": 0}) == []  # no worker node at all
+
+
+def test_node_types_come_from_the_autoscalers_config_file_when_ray_publishes_none(tmp_path):
+    """Ray's default autoscaler (v1: `ray up`, `ray start --autoscaling-config`) publishes no node types; its
+    config file names them. A head with no worker node then waits for what a node type can hold and fails
+    at once for what none can."""
+    from orchestrator.cluster import load_cluster_yaml, local_autoscaling_config
+
+    path = tmp_path / "autoscaling.yaml"
+    path.write_text(yaml.safe_dump(local_autoscaling_config(load_cluster_yaml(ROOT / "cluster.yaml"),
+                                                            gcs_address="h:1")))
+    types, source = autoscaler_node_types(path)
+    assert [(t.name, t.resources["gpu_stand_in"], t.max_count) for t in types] == [("gpu.a100x8", 1.0, 2)]
+    assert source == f"node types from {path}"
+    head_only = ClusterView([{"CPU": 1.0}], types, source)
+    assert shortfall(workers(2, CPU=0.5, gpu_stand_in=1), head_only) is None          # the autoscaler can add them
+    assert shortfall(workers(3, CPU=0.5, gpu_stand_in=1), head_only) == (
+        "together they need 3 gpu_stand_in, and at most 2 can exist")
+    with pytest.raises(ResourceError) as excinfo:
+        check_resources(workers(1, CPU=0.5, gpu_stand_in=2), view=lambda: head_only)
+    assert "no node or node type has that" in str(excinfo.value) and str(path) in str(excinfo.value)
+
+
+def test_a_missing_or_broken_autoscaler_config_means_no_node_types_and_says_so(tmp_path):
+    types, source = autoscaler_node_types(tmp_path / "absent.yaml")
+    assert types == [] and f"no autoscaler config at {tmp_path / 'absent.yaml'}" in source
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("available_node_types: [\n")
+    types, source = autoscaler_node_types(broken)
+    assert types == [] and f"{broken} is not a readable autoscaling config" in source
+    assert autoscaler_node_types(None) == ([], "none published by the autoscaler")
+
+
+def test_the_wait_says_which_node_types_it_waits_for(caplog):
+    gpu_type, cpu_type = NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 2), NodeType("cpu", {"CPU": 8.0}, 2)
+    views = iter([ClusterView([{"CPU": 2.0}], [cpu_type, gpu_type]),
+                  ClusterView([{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}], [cpu_type, gpu_type])])
+    with caplog.at_level("INFO", logger="orchestrator.resources"):
+        check_resources(workers(1, CPU=1, GPU=1), wait_s=60, view=lambda: next(views), ask_autoscaler=lambda b: None,
+                        sleep=lambda s: None)
+    assert "dpo training needs 1 x {CPU: 1, GPU: 1}; waiting up to 60 s for the autoscaler to add gpu node(s)" in (
+        caplog.text)
 
 
 # ----------------------------------------------------------------------------------------------
