@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,6 +84,24 @@ class LocalCluster:
         """Run a `ray` CLI command as a client of this cluster."""
         return subprocess.run([str(BIN / "ray"), *args], env=env or self.client_env(), capture_output=True,
                               text=True, timeout=timeout)
+
+    def api(self, path: str, timeout: float = 60):
+        """GET `path` of the dashboard's REST API with the token, as JSON, or None for 404. Cheaper than the
+        `ray` CLI (which starts a Python process importing Ray): the test polls with it while a job runs."""
+        request = urllib.request.Request(f"{self.dashboard_url}{path}", headers={
+            "Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise
+
+    def job_status(self, submission_id: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED (the Jobs API); UNKNOWN for a job it does not know."""
+        job = self.api(f"/api/jobs/{submission_id}")
+        return job["status"] if job else "UNKNOWN"
 
     def submit(self, *args: str, wait_for_agent_s: float = 180, timeout: float = 600) -> subprocess.CompletedProcess:
         """`ray job submit ARGS`, again while the head's job agent is not up yet (it comes after `ray start`)."""
@@ -262,11 +282,13 @@ def launched_node_ids(cluster: LocalCluster) -> list[str]:
 
 
 def worker_nodes(cluster: LocalCluster) -> dict[str, int]:
-    """Active worker nodes per node type, as the autoscaler reports them (`ray status`)."""
-    status = cluster.ray("status", f"--address={cluster.gcs_address}")
-    if status.returncode != 0:
-        raise RuntimeError(f"ray status failed:\n{status.stdout[-2000:]}{status.stderr[-2000:]}")
-    return parse_active_nodes(status.stdout, exclude=(load_config(cluster)["head_node_type"],))
+    """Active worker nodes per node type, as the autoscaler reports them: the text `ray status` prints, read
+    from the dashboard (``/api/cluster_status?format=1``, the same record in Ray's GCS)."""
+    status = cluster.api("/api/cluster_status?format=1")
+    text = ((status or {}).get("data") or {}).get("clusterStatus")
+    if not text:
+        raise RuntimeError(f"no autoscaler status from the dashboard: {status}")
+    return parse_active_nodes(text, exclude=(load_config(cluster)["head_node_type"],))
 
 
 def state(cluster: LocalCluster, *args: str, attempts: int = 3) -> list[dict]:
