@@ -39,10 +39,10 @@ def test_active_nodes_are_read_from_ray_status_per_type():
                                             exclude=(FAKE_HEAD_NODE_TYPE,)) == {}
 
 
-def job_config(out: Path, model: Path, cluster: bool) -> dict:
-    """The demo config at tiny sizes: 2 training workers and 1 evaluation actor, each asking for the GPU
-    stand-in that only the worker node type has (the local run leaves that request out; it does not change
-    a number)."""
+def job_config(out: Path, model: Path, cluster=None, stand_ins_per_worker: int = 1) -> dict:
+    """The demo config at tiny sizes: 2 training workers and 1 evaluation actor, each asking on `cluster` for
+    the GPU stand-in that only the worker node type has, and the resource check reading the cluster's node
+    types from its autoscaling config (the local run leaves both out; they do not change a number)."""
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     overrides = [
         f"output_root={out}", "name=cluster", f"model.path={model}",  # a built tiny model: no warm-up stage
@@ -54,8 +54,9 @@ def job_config(out: Path, model: Path, cluster: bool) -> dict:
         "eval.num_actors=1", "eval.cpus_per_actor=0.5", "eval.batch_size=8",
     ]
     if cluster:
-        overrides += [f"scaling.resources_per_worker={{{GPU_STAND_IN}: 1}}",
-                      f"eval.resources_per_actor={{{GPU_STAND_IN}: 1}}"]
+        overrides += [f"scaling.resources_per_worker={{{GPU_STAND_IN}: {stand_ins_per_worker}}}",
+                      f"eval.resources_per_actor={{{GPU_STAND_IN}: 1}}",
+                      f"scaling.autoscaling_config={cluster.config_path}"]
     for override in overrides:
         apply_override(raw, override)
     return raw
@@ -107,7 +108,7 @@ def scenario(cluster, tmp_path_factory, tiny_model_dir) -> Scenario:
     checkpoint, wait for the job, then for the idle timeout; record what the autoscaler and the job did."""
     out = tmp_path_factory.mktemp("cluster-runs")
     config_path = out / "job.yaml"
-    config_path.write_text(yaml.safe_dump(job_config(out, tiny_model_dir, cluster=True), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(job_config(out, tiny_model_dir, cluster), sort_keys=False))
     record = Scenario(nodes_before=local_cluster.worker_nodes(cluster), run_dir=out / "cluster")
     record.submitted_at = time.time()
     submit = cluster.submit("--no-wait", "--submission-id", JOB_ID, "--working-dir", str(ROOT),
@@ -160,7 +161,7 @@ def local_run(ray_session, tmp_path_factory, tiny_model_dir):
     from orchestrator.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("local-runs")
-    config = config_from_dict(job_config(out, tiny_model_dir, cluster=False))
+    config = config_from_dict(job_config(out, tiny_model_dir))
     run_pipeline(config)
     return config.run_dir
 
@@ -192,12 +193,37 @@ def test_a_client_without_the_token_is_refused_with_a_clear_error(cluster, tmp_p
 
 
 @pytest.mark.slow
-def test_worker_nodes_are_launched_from_zero_for_the_job(scenario):
+def test_a_job_asking_for_what_no_node_type_has_fails_in_seconds_without_launching_a_node(cluster, tmp_path,
+                                                                                         tiny_model_dir):
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(job_config(tmp_path / "runs", tiny_model_dir, cluster,
+                                                     stand_ins_per_worker=2)))
+    started = time.monotonic()
+    submitted = cluster.submit("--submission-id", "impossible", "--working-dir", str(ROOT),
+                               "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"),
+                               "--", "python", "jobs/run.py", "--config", str(config_path))
+    took_s = time.monotonic() - started  # upload, driver start-up (torch imports) and the check
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode != 0, log[-3000:]
+    assert f"asks for 2 x {{CPU: 0.5, {GPU_STAND_IN}: 2}}" in log and "no node or node type has that" in log
+    # what the autoscaler could add, read from its config
+    assert f"up to 2 x {WORKER_TYPE} {{CPU: 1, {GPU_STAND_IN}: 1}} (node types from {cluster.config_path})" in log
+    assert took_s < 120, took_s  # not scaling.resource_wait_s (600 s): nothing was waited for
+    assert cluster.job_status("impossible") == "FAILED"
+    assert not any(m.startswith("Adding") for m in local_cluster.autoscaler_events(cluster))
+
+
+@pytest.mark.slow
+def test_worker_nodes_are_launched_from_zero_for_the_job(scenario, cluster):
     assert scenario.nodes_before == {}
     assert scenario.most_worker_nodes >= 2  # two training workers, one stand-in GPU per node
     # never more than max_workers at once (`ray status` may still count a reclaimed node for a moment)
     assert scenario.most_live_nodes == 2
     assert any(f"of type {WORKER_TYPE}" in m and m.startswith("Adding") for m in scenario.events), scenario.events
+    # the resource check waited for them, saying for what and which node types the autoscaler may add
+    assert f"waiting up to 600 s for the autoscaler to add {WORKER_TYPE} node(s)" in scenario.log, scenario.log[-3000:]
+    assert f"up to 2 x {WORKER_TYPE} {{CPU: 1, {GPU_STAND_IN}: 1}} (node types from {cluster.config_path})" in (
+        scenario.log)
 
 
 @pytest.mark.slow
