@@ -275,10 +275,9 @@ def check_resources(request: ResourceRequest, wait_s: float = 0.0, poll_s: float
     if fits_on(request.bundles, current.nodes) or not current.node_types:
         return current
     ask = ask_autoscaler or _request_from_autoscaler
+    waited_for = dict.fromkeys(name for bundle in request.bundles for name in node_types_for_bundle(bundle, current))
     log.info("resources: %s needs %s; waiting up to %.0f s for the autoscaler to add %s node(s) (%s)",
-             request.what, request.describe(), wait_s,
-             " / ".join(dict.fromkeys(name for bundle in request.bundles
-                                      for name in node_types_for_bundle(bundle, current))), current.describe())
+             request.what, request.describe(), wait_s, " / ".join(waited_for) or "more", current.describe())
     deadline = clock() + wait_s
     ask(list(request.bundles))
     try:
