@@ -7,7 +7,8 @@ The package in layers; a module imports only from its own layer and the layers l
   `versions` (package versions, git commit), `images` (opening an image), `paths` (paths kept inside their
   root), `layout` (what a run's stages are called and where each of its files lies), `errors`;
 - `config` (the one typed experiment config), with `data.schema` (the uniform rows), `plan` (GPU memory
-  planner), `resources` (can the cluster ever run this) and `ray_session` (starting and stopping Ray);
+  planner), `resources` (can the cluster ever run this), `cluster` (the cluster launcher config's node
+  types, and the same types on Ray's local autoscaler) and `ray_session` (starting and stopping Ray);
 - `data` (readers, Ray datasets, the synthetic world) and `model` (LLaVA, LoRA, conversion);
 - `train` (DPO and warm-up on Ray Train) and `eval` (POPE and MileBench on Ray Data); eval never
   imports train;

@@ -4,7 +4,7 @@ Every import counts, at the top of a module or inside a function: an import defe
 light (torch, Ray) still has to respect the layers, and none may be there to break a cycle.
 
     bottom:        files, timing, versions, images, paths, layout, errors, retry   (import nothing of ours above)
-    config:        config, data.schema, plan, resources, ray_session
+    config:        config, data.schema, plan, resources, cluster, ray_session
     data / model:  data.*, model.*
     train / eval:  train.*, eval.*          (eval never imports train)
     pipeline/tune: pipeline, tune
@@ -26,7 +26,7 @@ SOURCE = ROOT / PACKAGE
 LAYERS = (
     ("bottom", ("files", "timing", "versions", "images", "paths", "layout", "errors", "retry")),
     # data.schema is the rows and the error type the config refers to, so it sits with the config
-    ("config", ("config", "data.schema", "plan", "resources", "ray_session")),
+    ("config", ("config", "data.schema", "plan", "resources", "cluster", "ray_session")),
     ("data/model", ("data", "model")),
     ("train/eval", ("train", "eval")),
     ("pipeline/tune", ("pipeline", "tune")),
