@@ -95,7 +95,7 @@ def test_second_run_computes_nothing_new(first_run, tiny_model_dir):
 def test_interrupted_run_completes_only_the_missing_items(ray_session, synth_world, tiny_model_dir, tmp_path):
     world, _ = synth_world
     keys = expected_keys(world)
-    cfg = eval_config(world, tmp_path)
+    cfg = eval_config(world, tmp_path, prefix_images=2)  # POPE in blocks of 2 images: the fault comes mid-run
     fault = {"raise_on_call": 3, "marker": str(tmp_path / "raised")}
     with pytest.raises(Exception, match="injected fault"):
         run_eval(cfg, model_path=str(tiny_model_dir), tag="interrupted", fault=fault)
