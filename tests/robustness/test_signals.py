@@ -41,9 +41,10 @@ def wait_for(lines, words, process, timeout):
 
 def config_file(tmp_path):
     path = tmp_path / "c.yaml"
+    # POPE in 8 one-image blocks: the evaluation is still answering when the signal comes
     path.write_text(f"name: sig\noutput_root: {tmp_path / 'runs'}\n"
                     "data: {synthetic: {num_images: 12, num_pope_images: 8, image_size: 48, milebench_tasks: 0}}\n"
-                    "eval: {batch_size: 4, cpus_per_actor: 0.5}\n")
+                    "eval: {batch_size: 4, prefix_images: 1, cpus_per_actor: 0.5}\n")
     return path
 
 
