@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator import console
 from orchestrator.boundary import run_command, watch_run_dir
 from orchestrator.config import ConfigError, ExperimentConfig, apply_override, config_from_dict, load_config
 from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
@@ -23,7 +24,9 @@ from orchestrator.plan import main_plan, with_gpu_memory
 log = logging.getLogger("hadpo")
 
 
-def _config(args) -> ExperimentConfig:
+def _config(args, log_file: bool = True) -> ExperimentConfig:
+    """The command's config; its run folder gets the command's log file (`log_file`: a command that does
+    work there; `plan` and `export` only read the config)."""
     if getattr(args, "config", None):
         config = load_config(args.config, args.set)
     else:
@@ -32,6 +35,8 @@ def _config(args) -> ExperimentConfig:
             apply_override(raw, override)
         config = config_from_dict(raw, "<defaults>")
     watch_run_dir(config.run_dir)
+    if log_file:
+        console.log_to_run_dir(config.run_dir)
     return config
 
 
@@ -147,9 +152,9 @@ def cmd_export(args) -> int:
     source = Path(args.source).expanduser()
     if not args.config and is_run_dir(source) and (source / "config.yaml").is_file():
         args.config = str(source / "config.yaml")  # the run's own config (env, export sections)
-    result = export_model(args.source, args.out, _config(args), merge=args.merge, push_to_hub=args.push_to_hub,
-                          private=args.private, stage=args.stage, base_model=args.base_model,
-                          base_model_id=args.base_model_id)
+    result = export_model(args.source, args.out, _config(args, log_file=False), merge=args.merge,
+                          push_to_hub=args.push_to_hub, private=args.private, stage=args.stage,
+                          base_model=args.base_model, base_model_id=args.base_model_id)
     print(result.summary())
     return 0
 
@@ -179,7 +184,7 @@ def local_gpu_memory_gib() -> float | None:
 
 
 def cmd_plan(args) -> int:
-    return main_plan(with_gpu_memory(_config(args), local_gpu_memory_gib()), seq_len=args.seq_len)
+    return main_plan(with_gpu_memory(_config(args, log_file=False), local_gpu_memory_gib()), seq_len=args.seq_len)
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -260,7 +265,9 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hadpo", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show on the terminal everything the run's log file (<run_dir>/logs/hadpo.log) gets: "
+                        "Ray's and the libraries' logs, warnings, worker output, DEBUG records; tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub, required=True):
@@ -360,9 +367,12 @@ def main(argv: list[str] | None = None, resume: list[str] | None = None) -> int:
     ``hadpo`` + `argv`; the job entrypoints pass their own)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run_command(args.func, args, resume or ["hadpo", *argv], verbose=args.verbose)
+    # the terminal gets the stages, their progress, warnings and results; the run's log file everything
+    terminal = console.Console(args.verbose).start(argv)
+    try:
+        return run_command(args.func, args, resume or ["hadpo", *argv], verbose=args.verbose)
+    finally:
+        terminal.close()
 
 
 if __name__ == "__main__":
