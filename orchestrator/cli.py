@@ -191,14 +191,21 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 DEMO_SEEDS = [1, 2, 3]
+DEMO_EFFECT_OVER_SPREAD = 2.0  # the verdict's bar: HA-DPO's effect at least this many seed spreads
+
+
+def times_spread(effect: float, spread: float) -> str:
+    """An effect in seed spreads, as the verdict says it: "4.3x the seed spread 1.20"."""
+    ratio = f"{effect / spread:.1f}x" if spread > 0 else "any multiple of"
+    return f"{ratio} the seed spread {spread:.2f}"
 
 
 def demo_table(run_dir: Path) -> tuple[str, bool]:
     """The seed's POPE table (HA-DPO x = baseline, v = mean over DPO seeds +- std) and the verdict.
 
-    HA-DPO passes when it lowers the adversarial yes-ratio and raises adversarial F1 by more than the
-    spread (max - min) of the DPO seeds, on every POPE dataset evaluated (another dataset than COCO shows
-    its splits as <dataset>/<split>).
+    HA-DPO passes when it lowers the adversarial yes-ratio and raises adversarial F1, each by at least
+    `DEMO_EFFECT_OVER_SPREAD` times the spread (max - min) of the DPO seeds, on every POPE dataset
+    evaluated (another dataset than COCO shows its splits as <dataset>/<split>).
     """
     from orchestrator.eval.pope import METRIC_COLUMNS, qualified_split
     from orchestrator.report import load_run, pope_datasets, pope_results, pope_summary
@@ -233,12 +240,14 @@ def demo_table(run_dir: Path) -> tuple[str, bool]:
         yes_drop = 100 * (before["yes_ratio"].mean() - after["yes_ratio"].mean())
         f1_spread = 100 * (after["f1"].max() - after["f1"].min())
         yes_spread = 100 * (after["yes_ratio"].max() - after["yes_ratio"].min())
-        passed = f1_gain > f1_spread and yes_drop > yes_spread
+        bar = DEMO_EFFECT_OVER_SPREAD
+        passed = f1_gain > 0 and yes_drop > 0 and f1_gain >= bar * f1_spread and yes_drop >= bar * yes_spread
         where = "Adversarial" if datasets == [POPE_DEFAULT_DATASET] else f"{dataset} adversarial"
         verdicts.append((f"v = mean ± std over {after['stage'].nunique()} DPO seeds. {where}: F1 {f1_gain:+.2f} pp "
-                         f"(seed spread {f1_spread:.2f}), yes-ratio {-yes_drop:+.2f} pp (seed spread "
-                         f"{yes_spread:.2f}): " + ("HA-DPO beats the seed spread." if passed else
-                                                   "NOT beyond the seed spread."), passed))
+                         f"({times_spread(f1_gain, f1_spread)}), yes-ratio {-yes_drop:+.2f} pp "
+                         f"({times_spread(yes_drop, yes_spread)}): "
+                         + (f"HA-DPO's effect is at least {bar:g}x the seed spread." if passed else
+                            f"NOT {bar:g}x beyond the seed spread."), passed))
     if not verdicts:
         return "\n".join(lines), False
     lines.append("")
