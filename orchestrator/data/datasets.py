@@ -70,7 +70,8 @@ def ensure_synthetic_world(config: ExperimentConfig) -> Path:
     wanted = SynthConfig(
         seed=s.seed, num_images=s.num_images, num_pope_images=s.num_pope_images, image_size=s.image_size,
         milebench_tasks=s.milebench_tasks, milebench_samples=s.milebench_samples,
-        theme_purity=s.theme_purity, sft_cooccurrence_noise=s.sft_cooccurrence_noise,
+        theme_purity=s.theme_purity, pair_cooccurrence=s.pair_cooccurrence,
+        sft_cooccurrence_noise=s.sft_cooccurrence_noise, objects_per_image=s.objects_per_image,
     )
     if marker.is_file():
         if config.data.synthetic_dir or _world_settings(marker) == wanted.to_dict():
