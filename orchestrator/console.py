@@ -50,9 +50,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from orchestrator import layout
+
 OUR_LOGGERS = ("hadpo", "orchestrator")
 WORKER_OUTPUT = "worker_output"   # the logger of every worker line that is not one of our records
-LOG_FILE = Path("logs") / "hadpo.log"  # relative to the run folder
 PROGRESS_INTERVAL_S = 10.0        # off a terminal: at most one progress line per source this often
 
 # `extra=` marks for our own INFO records (see the module docstring)
@@ -318,7 +319,7 @@ def active() -> Console | None:
 
 def log_to_run_dir(run_dir: Path) -> Path | None:
     """Open ``<run_dir>/logs/hadpo.log`` for the running command; None outside the command line."""
-    return _active.log_to(Path(run_dir) / LOG_FILE) if _active is not None else None
+    return _active.log_to(layout.log_path(run_dir)) if _active is not None else None
 
 
 def release_terminal() -> None:
