@@ -87,6 +87,19 @@ def console_kind(record: logging.LogRecord, verbose: bool = False, has_log_file:
     return "progress" if _ETA.search(record.getMessage()) else None
 
 
+def status_line(stage: str, progress: str, width: int) -> str:
+    """The running stage and its progress in `width` characters; what does not fit is cut from the middle
+    of the progress, so its ETA (at the end) stays: "stage warmup: running · [sft] step 10/800 | … | ETA 00:01:40"."""
+    status = " · ".join(part for part in (stage, progress) if part)
+    if len(status) <= width:
+        return status
+    eta = _ETA.search(progress)
+    tail = progress[eta.start():] if eta else ""
+    if tail and len(tail) + 2 < width:
+        return status[: width - len(tail) - 2] + "… " + tail
+    return status[: max(width - 1, 0)] + "…"
+
+
 class _Formatter(logging.Formatter):
     """The file's format: time, level, logger, where a worker's line came from, message."""
 
@@ -174,10 +187,7 @@ class ConsoleHandler(logging.Handler):
             self._draw()  # a warning in the middle of a stage: the stage's status line comes back below it
 
     def _draw(self) -> None:
-        status = " · ".join(part for part in (self.stage, self.progress) if part)
-        width = shutil.get_terminal_size((100, 20)).columns - 1
-        if len(status) > width:
-            status = status[: max(width - 1, 0)] + "…"
+        status = status_line(self.stage, self.progress, shutil.get_terminal_size((100, 20)).columns - 1)
         self._write("\r\x1b[K" + status)
         self.drawn = True
 

@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator import console
 from orchestrator.console import (Console, ConsoleHandler, adopt_library_loggers, console_kind, log_worker_lines,
-                                  parse_marked)
+                                  parse_marked, status_line)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +119,15 @@ def test_on_a_terminal_the_running_stage_and_its_progress_are_one_line_rewritten
     assert screen.getvalue() == "\r\x1b[Kstage warmup: done in 30 s\n"  # the stage's one line stays
     handler.end_status()
     assert screen.getvalue().endswith("done in 30 s\n")  # nothing left to clear
+
+
+def test_a_status_line_too_wide_for_the_terminal_keeps_its_eta():
+    progress = "[sft] step 10/800 | loss 4.4048 | lr 5.00e-04 | 195.73 samples/s | ETA 00:01:40"
+    assert status_line("stage warmup: running", progress, 200) == f"stage warmup: running · {progress}"
+    assert status_line("stage warmup: running", progress, 60) == \
+        "stage warmup: running · [sft] step 10/800 | lo… ETA 00:01:40"
+    assert len(status_line("stage warmup: running", progress, 60)) == 60
+    assert status_line("stage data: running", "", 12) == "stage data:…"  # nothing to keep: cut at the end
 
 
 def test_a_marked_worker_line_becomes_a_record_of_its_logger_and_anything_else_worker_output():

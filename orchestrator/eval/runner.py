@@ -60,7 +60,7 @@ from orchestrator.files import write_json_atomic
 from orchestrator.model.base_model import base_model_path
 from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight
-from orchestrator.timing import PassRate, format_seconds
+from orchestrator.timing import PassRate, format_rate, format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +315,8 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
             computed += block.num_rows
             errors += sum(1 for e in block.column("error").to_pylist() if e)
             rate, left = pace.update(computed)
-            log.info("eval [inference] %s: %d/%d (%.0f%%), %.2f items/s, ETA %s, %d errors", run_id, computed,
-                     len(todo), 100.0 * computed / len(todo), rate, format_seconds(left), errors)
+            log.info("eval [inference] %s: %d/%d (%.0f%%), %s items/s, ETA %s, %d errors", run_id, computed,
+                     len(todo), 100.0 * computed / len(todo), format_rate(rate), format_seconds(left), errors)
 
     # 5. metrics
     answers = read_answers(ans_dir)
