@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 from orchestrator import layout
 from orchestrator.config import ConfigError
+from orchestrator.console import release_terminal
 from orchestrator.data.schema import DataFormatError
 from orchestrator.errors import CorruptFileError
 from orchestrator.paths import PathOutsideRoot
@@ -161,6 +162,7 @@ def run_command(command: Callable[[Any], int], args: Any, resume: list[str], ver
             log.warning("stopping Ray: %s", error)
         kept = "; ".join(describe_kept(run_dir) for run_dir in _RUN_DIRS) or "nothing to keep (no run folder)"
         again = " ".join(shlex.quote(part) for part in resume)
+        release_terminal()
         print(f"\ninterrupted by {signal.Signals(signum).name}: Ray work stopped; {kept}. "
               f"Run the same command again to resume: {again}", file=sys.stderr, flush=True)
         return 128 + int(signum)
@@ -169,6 +171,8 @@ def run_command(command: Callable[[Any], int], args: Any, resume: list[str], ver
         if known is None:
             raise
         code, message = known
+        log.info("command failed: %s", message, exc_info=True)  # the traceback in the log file, not on the terminal
+        release_terminal()
         if verbose:
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator import console
 from orchestrator.boundary import run_command, watch_run_dir
 from orchestrator.config import ConfigError, ExperimentConfig, apply_override, config_from_dict, load_config
 from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
@@ -23,7 +24,9 @@ from orchestrator.plan import main_plan, with_gpu_memory
 log = logging.getLogger("hadpo")
 
 
-def _config(args) -> ExperimentConfig:
+def _config(args, log_file: bool = True) -> ExperimentConfig:
+    """The command's config; its run folder gets the command's log file (`log_file`: a command that does
+    work there; `plan` and `export` only read the config)."""
     if getattr(args, "config", None):
         config = load_config(args.config, args.set)
     else:
@@ -32,6 +35,8 @@ def _config(args) -> ExperimentConfig:
             apply_override(raw, override)
         config = config_from_dict(raw, "<defaults>")
     watch_run_dir(config.run_dir)
+    if log_file:
+        console.log_to_run_dir(config.run_dir)
     return config
 
 
@@ -147,9 +152,9 @@ def cmd_export(args) -> int:
     source = Path(args.source).expanduser()
     if not args.config and is_run_dir(source) and (source / "config.yaml").is_file():
         args.config = str(source / "config.yaml")  # the run's own config (env, export sections)
-    result = export_model(args.source, args.out, _config(args), merge=args.merge, push_to_hub=args.push_to_hub,
-                          private=args.private, stage=args.stage, base_model=args.base_model,
-                          base_model_id=args.base_model_id)
+    result = export_model(args.source, args.out, _config(args, log_file=False), merge=args.merge,
+                          push_to_hub=args.push_to_hub, private=args.private, stage=args.stage,
+                          base_model=args.base_model, base_model_id=args.base_model_id)
     print(result.summary())
     return 0
 
@@ -179,21 +184,28 @@ def local_gpu_memory_gib() -> float | None:
 
 
 def cmd_plan(args) -> int:
-    return main_plan(with_gpu_memory(_config(args), local_gpu_memory_gib()), seq_len=args.seq_len)
+    return main_plan(with_gpu_memory(_config(args, log_file=False), local_gpu_memory_gib()), seq_len=args.seq_len)
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 DEMO_SEEDS = [1, 2, 3]
+DEMO_EFFECT_OVER_SPREAD = 2.0  # the verdict's bar: HA-DPO's effect at least this many seed spreads
+
+
+def times_spread(effect: float, spread: float) -> str:
+    """An effect in seed spreads, as the verdict says it: "4.3x the seed spread 1.20"."""
+    ratio = f"{effect / spread:.1f}x" if spread > 0 else "any multiple of"
+    return f"{ratio} the seed spread {spread:.2f}"
 
 
 def demo_table(run_dir: Path) -> tuple[str, bool]:
     """The seed's POPE table (HA-DPO x = baseline, v = mean over DPO seeds +- std) and the verdict.
 
-    HA-DPO passes when it lowers the adversarial yes-ratio and raises adversarial F1 by more than the
-    spread (max - min) of the DPO seeds, on every POPE dataset evaluated (another dataset than COCO shows
-    its splits as <dataset>/<split>).
+    HA-DPO passes when it lowers the adversarial yes-ratio and raises adversarial F1, each by at least
+    `DEMO_EFFECT_OVER_SPREAD` times the spread (max - min) of the DPO seeds, on every POPE dataset
+    evaluated (another dataset than COCO shows its splits as <dataset>/<split>).
     """
     from orchestrator.eval.pope import METRIC_COLUMNS, qualified_split
     from orchestrator.report import load_run, pope_datasets, pope_results, pope_summary
@@ -228,12 +240,14 @@ def demo_table(run_dir: Path) -> tuple[str, bool]:
         yes_drop = 100 * (before["yes_ratio"].mean() - after["yes_ratio"].mean())
         f1_spread = 100 * (after["f1"].max() - after["f1"].min())
         yes_spread = 100 * (after["yes_ratio"].max() - after["yes_ratio"].min())
-        passed = f1_gain > f1_spread and yes_drop > yes_spread
+        bar = DEMO_EFFECT_OVER_SPREAD
+        passed = f1_gain > 0 and yes_drop > 0 and f1_gain >= bar * f1_spread and yes_drop >= bar * yes_spread
         where = "Adversarial" if datasets == [POPE_DEFAULT_DATASET] else f"{dataset} adversarial"
         verdicts.append((f"v = mean ± std over {after['stage'].nunique()} DPO seeds. {where}: F1 {f1_gain:+.2f} pp "
-                         f"(seed spread {f1_spread:.2f}), yes-ratio {-yes_drop:+.2f} pp (seed spread "
-                         f"{yes_spread:.2f}): " + ("HA-DPO beats the seed spread." if passed else
-                                                   "NOT beyond the seed spread."), passed))
+                         f"({times_spread(f1_gain, f1_spread)}), yes-ratio {-yes_drop:+.2f} pp "
+                         f"({times_spread(yes_drop, yes_spread)}): "
+                         + (f"HA-DPO's effect is at least {bar:g}x the seed spread." if passed else
+                            f"NOT {bar:g}x beyond the seed spread."), passed))
     if not verdicts:
         return "\n".join(lines), False
     lines.append("")
@@ -260,7 +274,9 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hadpo", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show on the terminal everything the run's log file (<run_dir>/logs/hadpo.log) gets: "
+                        "Ray's and the libraries' logs, warnings, worker output, DEBUG records; tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub, required=True):
@@ -360,9 +376,12 @@ def main(argv: list[str] | None = None, resume: list[str] | None = None) -> int:
     ``hadpo`` + `argv`; the job entrypoints pass their own)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run_command(args.func, args, resume or ["hadpo", *argv], verbose=args.verbose)
+    # the terminal gets the stages, their progress, warnings and results; the run's log file everything
+    terminal = console.Console(args.verbose).start(argv)
+    try:
+        return run_command(args.func, args, resume or ["hadpo", *argv], verbose=args.verbose)
+    finally:
+        terminal.close()
 
 
 if __name__ == "__main__":

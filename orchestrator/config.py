@@ -40,8 +40,21 @@ class SyntheticWorldConfig(_Section):
     image_size: int = Field(64, ge=16)
     milebench_tasks: int = Field(2, ge=0)
     milebench_samples: int = Field(8, ge=0)
+    objects_per_image: tuple[int, int] = Field((2, 4), description=(
+        "objects per training image, lowest and highest (an evaluation image holds at least 3: POPE asks 3 yes-"
+        "questions per image)"))
     theme_purity: float = Field(0.9, ge=0.0, le=1.0)
+    pair_cooccurrence: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "P(an object's partner in its theme - cup and fork, bowl and knife - is drawn right after it); above 0 "
+        "the warm-up's wrong Yes (sft_cooccurrence_noise) is about the absent partner of a present object only"))
     sft_cooccurrence_noise: float = Field(0.3, ge=0.0, le=1.0)
+
+    @field_validator("objects_per_image")
+    @classmethod
+    def _objects_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 9:
+            raise ValueError(f"expected 1 <= lowest <= highest <= 9 (the cells of the 3x3 grid), got {list(value)}")
+        return value
 
 
 _POPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # no "/": it separates dataset and split in names
@@ -636,8 +649,12 @@ class ExperimentConfig(_Section):
         """The Ray runtime_env (environment variables) every worker and actor of this run gets."""
         # expandable segments: the allocator grows its pools in place instead of new cudaMalloc blocks for
         # every new shape (packed DPO rows and eval batches change length from step to step)
+        # Ray Train's controller collects a worker's report every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s) and a
+        # worker's next report waits until the last one was collected (a queue of one): the demo's warm-up,
+        # reporting every 10 steps of ~0.15 s, waited 0.4-0.6 s at each of its 80 reports (40-50 s of ~190 s
+        # on 2 busy cores); with 0.5 s, 0.07 s
         env = {"WANDB_MODE": self.wandb.mode, "TOKENIZERS_PARALLELISM": "false",
-               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
         if self.env.hf_home:
             env["HF_HOME"] = self.env.hf_home
         if self.env.hf_endpoint:

@@ -8,6 +8,7 @@ f-string in one place and parsed with a regex in another. Standard library only:
 A run folder, ``<output_root>/<name>`` (`ExperimentConfig.run_dir`)::
 
     run_record.json, config.yaml       what ran (`orchestrator.pipeline`)
+    logs/hadpo.log                     all that the commands on this run logged (`orchestrator.console`)
     stages/<stage>.json                each pipeline stage's inputs hash and outputs (+ <stage>.started)
     data/rejects-<dataset>.parquet     rows the readers set aside (missing images, escaping paths)
     model/tiny/                        the tiny LLaVA built for the run when the config names no model
@@ -115,6 +116,11 @@ def run_record_path(run_dir: Path) -> Path:
 
 def config_path(run_dir: Path) -> Path:
     return Path(run_dir) / "config.yaml"
+
+
+def log_path(run_dir: Path) -> Path:
+    """The log file of the commands run on this run folder (`orchestrator.console`): everything they log."""
+    return Path(run_dir) / "logs" / "hadpo.log"
 
 
 def stages_dir(run_dir: Path) -> Path:

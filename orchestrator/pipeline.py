@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator import layout
+from orchestrator import console, layout
 from orchestrator.config import ExperimentConfig, dump_config, source_name
 from orchestrator.data import datasets
 from orchestrator.data.formats import REJECTED_PATH, preference_table_files
@@ -159,11 +159,11 @@ def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) ->
         if record.get("inputs") == stage.inputs:
             reason = stale_because(stage, record.get("outputs") or {})
             if not reason:
-                log.info("stage %s: up to date (inputs %s), skipped", stage.name, stage.inputs)
+                log.info("stage %s: up to date (inputs %s), skipped", stage.name, stage.inputs, extra=console.LINE)
                 result.skipped.append(stage.name)
                 result.outputs[stage.name] = record["outputs"]
                 return record["outputs"]
-            log.info("stage %s: recorded as done, but %s: running it again", stage.name, reason)
+            log.info("stage %s: recorded as done, but %s: running it again", stage.name, reason, extra=console.LINE)
     # A stage that started on these same inputs and was interrupted resumes; one whose inputs changed
     # since (a new beta, say) starts over instead of continuing the old run's checkpoints.
     started_path = record_path.with_suffix(".started")
@@ -171,16 +171,38 @@ def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) ->
     record_path.parent.mkdir(parents=True, exist_ok=True)
     started_path.write_text(stage.inputs)
     started = time.time()
-    log.info("stage %s: %s", stage.name, "resuming" if resume else "running")
+    log.info("stage %s: %s", stage.name, "resuming" if resume else "running", extra=console.STAGE)
     outputs = stage.run(resume)
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"inputs": stage.inputs, "outputs": outputs, "started": started,
                                "seconds": round(time.time() - started, 1)}, indent=2, default=str))
     tmp.replace(record_path)
-    log.info("stage %s: done in %.0f s", stage.name, time.time() - started)
+    summary = stage_summary(outputs)
+    log.info("stage %s: done in %.0f s%s", stage.name, time.time() - started, f" ({summary})" if summary else "",
+             extra=console.LINE)
     result.ran.append(stage.name)
     result.outputs[stage.name] = outputs
     return outputs
+
+
+def stage_summary(outputs: dict[str, Any]) -> str:
+    """What a stage's end line says of its outputs: the data check's counts, an evaluation's POPE mean F1 and
+    errors, a training stage's last loss and reward accuracy."""
+    parts = []
+    for name, counts in outputs.items():
+        if isinstance(counts, dict) and {"total", "usable", "rejected"} <= counts.keys():
+            parts.append(f"{name} {counts['usable']:,} of {counts['total']:,} usable, {counts['rejected']:,} rejected")
+    parts += [f"{dataset} POPE mean F1 {100 * f1:.2f}" for dataset, f1 in (outputs.get("pope_mean_f1") or {}).items()
+              if f1 is not None]
+    errors = (outputs.get("counts") or {}).get("errors")
+    if errors:
+        parts.append(f"{errors:,} errors")
+    metrics = outputs.get("metrics") or {}
+    if metrics.get("loss") is not None:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if metrics.get("rewards/accuracies") is not None:
+        parts.append(f"reward accuracy {metrics['rewards/accuracies']:.2f}")
+    return ", ".join(parts)
 
 
 # Keys of the train section that only the DPO stage reads: changing them must not redo the warm-up.
@@ -263,7 +285,7 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
     if config.data.uses_synthetic_world and not config.model.path:
         def warm_up(resume: bool) -> dict[str, Any]:
             trained = run_training(config, stage=layout.SFT, resume=resume)
-            return {"model": trained.checkpoint_path, "curves": trained.curves_path}
+            return {"model": trained.checkpoint_path, "curves": trained.curves_path, "metrics": trained.metrics}
 
         warm = run_stage(config, Stage(layout.WARMUP, inputs_hash(dump["model"], warmup_train_settings(config),
                                                                   dump["data"], files), warm_up, products=("model",)),

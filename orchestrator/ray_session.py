@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from orchestrator import console
 from orchestrator.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
                            "@pytest.mark.slow")
     for key, value in project_env_defaults(Path(config.output_root)).items():
         os.environ.setdefault(key, value)
-    kwargs = dict(runtime_env=config.runtime_env(), log_to_driver=True, include_dashboard=False)
+    if console.active():
+        # a command's console: the libraries that give their loggers a terminal handler when imported (Ray
+        # Data; DeepSpeed, which transformers imports on the driver) log to the run's log file from the start
+        console.import_quietly("ray.data", "deepspeed")
+    kwargs = dict(runtime_env={**config.runtime_env(), **console.worker_runtime_env()}, log_to_driver=True,
+                  include_dashboard=False)
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime_env is already set; merge per variable, the
         # experiment config's values winning (it is the one place that says what a run needs).
@@ -74,6 +80,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), **kwargs)
     if _stop_handling["on"]:
         _install_stop_handlers()  # Ray's core worker has just replaced SIGTERM's handler with an abort
+    console.attach_ray()  # worker output and Ray's logs to the run's log file (outside a command: no change)
     log.info("Ray resources: %s", ray.cluster_resources())
     return ray
 

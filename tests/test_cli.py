@@ -70,8 +70,10 @@ def test_demo_table_shows_each_pope_dataset_and_judges_each_adversarial_split(tm
     from orchestrator.report import load_run, pope_results
     from tests.test_report import make_run
 
-    single, passed_single = demo_table(make_run(tmp_path, "one", seeds=(1, 2), trials=False))
+    single, passed_single = demo_table(make_run(tmp_path, "one", seeds=(1, 2), trials=False, improvement=5))
     assert "gqa" not in single and single.count("Adversarial: F1") == 1 and passed_single
+    weak, passed_weak = demo_table(make_run(tmp_path, "weak", seeds=(1, 2), trials=False, improvement=2))
+    assert not passed_weak and "(1.7x the seed spread 2.20)" in weak and "NOT 2x beyond the seed spread." in weak
     run_dir = make_run(tmp_path, "two", seeds=(1, 2), trials=False, gqa=True)
     table, passed = demo_table(run_dir)
     lines = table.splitlines()
@@ -81,4 +83,13 @@ def test_demo_table_shows_each_pope_dataset_and_judges_each_adversarial_split(tm
     gqa = results[(results["dataset"] == "gqa") & (results["split"] == "adversarial")]
     gain = 100 * (gqa[gqa["role"] == "after"]["f1"].mean() - gqa[gqa["role"] == "before"]["f1"].mean())
     assert f"gqa adversarial: F1 {gain:+.2f} pp" in table and "coco adversarial: F1" in table
-    assert passed == all("HA-DPO beats the seed spread." in line for line in lines if "adversarial: F1" in line)
+    assert passed == all("HA-DPO's effect is at least 2x the seed spread." in line
+                         for line in lines if "adversarial: F1" in line)
+
+
+def test_the_demo_verdict_says_the_effect_in_seed_spreads_and_asks_for_twice_the_spread():
+    from orchestrator.cli import times_spread
+
+    assert times_spread(5.1, 1.2) == "4.2x the seed spread 1.20"
+    assert times_spread(-1.0, 2.0) == "-0.5x the seed spread 2.00"
+    assert times_spread(3.0, 0.0) == "any multiple of the seed spread 0.00"

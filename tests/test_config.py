@@ -149,3 +149,12 @@ def test_custom_resources_per_worker_and_actor_refuse_cpu_gpu_and_negative_amoun
         config_from_dict({"scaling": {"resources_per_worker": {"GPU": 1}}})
     with pytest.raises(ConfigError, match=r"eval.resources_per_actor: .*'fast_disk': amount must be >= 0"):
         config_from_dict({"eval": {"resources_per_actor": {"fast_disk": -1}}})
+
+
+def test_the_synthetic_worlds_objects_per_image_is_a_range_that_fits_the_grid():
+    config = config_from_dict({"data": {"synthetic": {"objects_per_image": [2, 3], "pair_cooccurrence": 0.8}}})
+    assert config.data.synthetic.objects_per_image == (2, 3) and config.data.synthetic.pair_cooccurrence == 0.8
+    with pytest.raises(ConfigError, match=r"data.synthetic.objects_per_image: .*highest <= 9 .*got \[3, 2\]"):
+        config_from_dict({"data": {"synthetic": {"objects_per_image": [3, 2]}}})
+    with pytest.raises(ConfigError, match="data.synthetic.pair_cooccurrence"):
+        config_from_dict({"data": {"synthetic": {"pair_cooccurrence": 1.5}}})

@@ -3,7 +3,8 @@
 Every import counts, at the top of a module or inside a function: an import deferred to keep start-up
 light (torch, Ray) still has to respect the layers, and none may be there to break a cycle.
 
-    bottom:        files, timing, versions, images, paths, layout, errors, retry   (import nothing of ours above)
+    bottom:        files, timing, versions, images, paths, layout, errors, retry, console
+                   (import nothing of ours above)
     config:        config, data.schema, plan, resources, cluster, ray_session
     data / model:  data.*, model.*
     train / eval:  train.*, eval.*          (eval never imports train)
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / PACKAGE
 
 LAYERS = (
-    ("bottom", ("files", "timing", "versions", "images", "paths", "layout", "errors", "retry")),
+    ("bottom", ("files", "timing", "versions", "images", "paths", "layout", "errors", "retry", "console")),
     # data.schema is the rows and the error type the config refers to, so it sits with the config
     ("config", ("config", "data.schema", "plan", "resources", "cluster", "ray_session")),
     ("data/model", ("data", "model")),

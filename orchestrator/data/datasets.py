@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator import layout
+from orchestrator import console, layout
 from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
 from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
@@ -58,18 +58,36 @@ class DataPaths:
 
 
 def ensure_synthetic_world(config: ExperimentConfig) -> Path:
-    """Generate the synthetic world under `config.world_dir` unless it is already there."""
+    """Generate the synthetic world under `config.world_dir` unless it is already there.
+
+    The world at the default place (``<output_root>/world``) follows `data.synthetic`: one made with other
+    settings (an earlier demo's, say) is generated again. A world at an explicit `data.synthetic_dir` is
+    used as it is.
+    """
     world = config.world_dir
     marker = world / "world.json"
-    if not marker.is_file():
-        s = config.data.synthetic
-        generate_world(world, SynthConfig(
-            seed=s.seed, num_images=s.num_images, num_pope_images=s.num_pope_images, image_size=s.image_size,
-            milebench_tasks=s.milebench_tasks, milebench_samples=s.milebench_samples,
-            theme_purity=s.theme_purity, sft_cooccurrence_noise=s.sft_cooccurrence_noise,
-        ))
-        log.info("generated the synthetic world at %s", world)
+    s = config.data.synthetic
+    wanted = SynthConfig(
+        seed=s.seed, num_images=s.num_images, num_pope_images=s.num_pope_images, image_size=s.image_size,
+        milebench_tasks=s.milebench_tasks, milebench_samples=s.milebench_samples,
+        theme_purity=s.theme_purity, pair_cooccurrence=s.pair_cooccurrence,
+        sft_cooccurrence_noise=s.sft_cooccurrence_noise, objects_per_image=s.objects_per_image,
+    )
+    if marker.is_file():
+        if config.data.synthetic_dir or _world_settings(marker) == wanted.to_dict():
+            return world
+        log.info("the synthetic world at %s was made with other settings than data.synthetic: generating it again",
+                 world, extra=console.LINE)
+    generate_world(world, wanted)
+    log.info("generated the synthetic world at %s", world, extra=console.LINE)
     return world
+
+
+def _world_settings(marker: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):  # unreadable: generate it again
+        return None
 
 
 def resolve_data_paths(config: ExperimentConfig) -> DataPaths:

@@ -10,6 +10,13 @@ co-occurring objects with "Yes" (``sft_cooccurrence_noise``) so that a model war
 yes to them, and the HA-DPO preference data (faithful vs hallucinated descriptions, correct vs wrong
 POPE-style answers) corrects it.
 
+With ``pair_cooccurrence`` the bias is sharper, as LLaVA's is: each object has a partner in its theme
+(`PARTNER`: cup and fork, bowl and knife) that a scene draws right after it with that probability, so
+an object's most frequent companion is its partner; the warm-up's wrong "Yes" is then about the absent
+partner of a present object only (the theme's other absent objects get the right "No", so the model has
+to tell the theme's objects apart), and, HA-DPO's pope data being the model's own mistakes, a pope_data
+record about an absent partner is never marked ``correct``.
+
 ``generate_world(out_dir, cfg)`` writes (paths relative to ``out_dir``)::
 
     world.json                                  scenes, themes, objects, config, vocabulary, counts
@@ -63,6 +70,9 @@ THEMES: dict[str, tuple[str, ...]] = {
 }
 OBJECTS: tuple[str, ...] = tuple(o for objs in THEMES.values() for o in objs)
 THEME_OF: dict[str, str] = {o: t for t, objs in THEMES.items() for o in objs}
+# Each theme's first and second, third and fourth objects are partners (cup and fork, bowl and knife): with
+# `pair_cooccurrence` a scene draws an object's partner right after it, so partners co-occur most of all.
+PARTNER: dict[str, str] = {objs[i + k]: objs[i + 1 - k] for objs in THEMES.values() for i in (0, 2) for k in (0, 1)}
 
 # Object i gets SHAPES[i % 8]: the four objects of a theme all have different shapes, and the two
 # objects that share a shape (i and i + 8) have very different colours.
@@ -198,15 +208,19 @@ class SynthConfig:
     object_scale: float = 0.8                # object size relative to its cell
     objects_per_image: tuple[int, int] = (2, 4)
     theme_purity: float = 0.9                # P(an object comes from the scene's theme)
+    pair_cooccurrence: float = 0.0           # P(an object's partner is drawn right after it); see below
     background: tuple[int, int, int] = (128, 128, 128)
     jpeg_quality: int = 95
     vg_100k_2_share: float = 0.25            # share of VG images whose url is under VG_100K_2
     pope_per_image: int = 3                  # POPE: yes- and no-questions per evaluation image
     desc_per_image: tuple[int, int] = (2, 3)  # chosen (= rejected) descriptions per VG image
     pope_data_per_image: int = 4             # HA-DPO pope_data records per VG image
-    pope_data_correct_share: float = 0.25    # records marked correct (readers skip them)
+    pope_data_correct_share: float = 0.25    # records marked correct (readers skip them); see pair_cooccurrence
     sft_questions_per_image: int = 4         # yes/no questions per VG image in the SFT set
-    sft_cooccurrence_noise: float = 0.3      # wrong "Yes" on questions about co-occurring absent objects
+    # wrong "Yes" on questions about co-occurring absent objects; with pair_cooccurrence > 0 only about the
+    # absent partner of a present object (the other absent objects of the theme get the right "No", so the
+    # warm-up must tell the theme's objects apart, and the bias it learns is the partner's)
+    sft_cooccurrence_noise: float = 0.3
     sft_description_noise: float = 0.15      # SFT descriptions with a co-occurring absent object added
     milebench_tasks: int = 2
     milebench_samples: int = 8
@@ -228,6 +242,8 @@ class SynthConfig:
             raise ValueError(f"image_size {self.image_size} too small for a {self.grid}x{self.grid} grid")
         if not 0.0 <= self.theme_purity <= 1.0:
             raise ValueError(f"theme_purity must be in [0, 1], got {self.theme_purity}")
+        if not 0.0 <= self.pair_cooccurrence <= 1.0:
+            raise ValueError(f"pair_cooccurrence must be in [0, 1], got {self.pair_cooccurrence}")
         if not 1 <= self.desc_per_image[0] <= self.desc_per_image[1] <= len(DESCRIPTION_PATTERNS):
             raise ValueError(f"desc_per_image must lie in [1, {len(DESCRIPTION_PATTERNS)}]")
         if not 0 <= self.milebench_tasks <= len(MILEBENCH_TASKS):
@@ -310,8 +326,12 @@ def _draw_scene(rng: random.Random, cfg: SynthConfig, n_objects: int | None = No
     out_theme = [o for o in OBJECTS if THEME_OF[o] != theme]
     names: list[str] = []
     for _ in range(n_objects):
-        pool = in_theme if (in_theme and rng.random() < cfg.theme_purity) or not out_theme else out_theme
-        obj = rng.choice(pool)
+        partner = PARTNER[names[-1]] if names else None
+        if cfg.pair_cooccurrence > 0 and partner and partner not in names and rng.random() < cfg.pair_cooccurrence:
+            pool, obj = (in_theme if partner in in_theme else out_theme), partner
+        else:
+            pool = in_theme if (in_theme and rng.random() < cfg.theme_purity) or not out_theme else out_theme
+            obj = rng.choice(pool)
         pool.remove(obj)
         names.append(obj)
     cells = rng.sample(range(cfg.grid * cfg.grid), n_objects)
@@ -437,6 +457,10 @@ def _pope_data(vg_scenes: dict[int, list[str]], cooc, cfg: SynthConfig) -> list[
         for obj, is_present, _ in _yes_no_questions(present, cfg.pope_data_per_image, ranked, rng):
             chosen, reject = answer(obj, is_present), answer(obj, not is_present)
             correct = rng.random() < cfg.pope_data_correct_share
+            if cfg.pair_cooccurrence > 0 and not is_present and PARTNER[obj] in present:
+                # HA-DPO's pope data are the model's own answers, "correct" the ones it got right: the warm-up is
+                # taught to say Yes about the absent partner, so these are its mistakes
+                correct = False
             records.append({"image_id": image_id, "question": question(obj),
                             "answer": chosen if correct else reject,
                             "chosen": chosen, "reject": reject, "correct": correct})
@@ -487,6 +511,8 @@ def _sft_data(vg_scenes: dict[int, list[str]], cooc, cfg: SynthConfig) -> tuple[
                         "response": describe(order, rng.randrange(len(DESCRIPTION_PATTERNS)))})
         for obj, is_present, cooccurring in _yes_no_questions(present, cfg.sft_questions_per_image, ranked, rng):
             said_yes = is_present
+            if cfg.pair_cooccurrence > 0:
+                cooccurring = cooccurring and PARTNER[obj] in present
             if cooccurring and _cooc_score(obj, present, cooc) > 0:
                 stats["sft_cooccurring_negatives"] += 1
                 if rng.random() < cfg.sft_cooccurrence_noise:

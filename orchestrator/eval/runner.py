@@ -60,7 +60,7 @@ from orchestrator.files import write_json_atomic
 from orchestrator.model.base_model import base_model_path
 from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight
-from orchestrator.timing import format_seconds
+from orchestrator.timing import PassRate, format_rate, format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
             cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
             resources_per_actor=cfg.eval.resources_per_actor,
         )
-        t0 = time.time()
+        pace = PassRate(len(todo))
         errors = 0
         for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
             # the actors have written this block already; the driver only keeps count
@@ -314,10 +314,9 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
                 continue
             computed += block.num_rows
             errors += sum(1 for e in block.column("error").to_pylist() if e)
-            rate = computed / max(time.time() - t0, 1e-9)
-            log.info("eval [inference] %s: %d/%d (%.0f%%), %.2f items/s, ETA %s, %d errors", run_id, computed,
-                     len(todo), 100.0 * computed / len(todo), rate, format_seconds((len(todo) - computed) / rate),
-                     errors)
+            rate, left = pace.update(computed)
+            log.info("eval [inference] %s: %d/%d (%.0f%%), %s items/s, ETA %s, %d errors", run_id, computed,
+                     len(todo), 100.0 * computed / len(todo), format_rate(rate), format_seconds(left), errors)
 
     # 5. metrics
     answers = read_answers(ans_dir)

@@ -54,7 +54,7 @@ from orchestrator.data.schema import PREFERENCE_COLUMNS, PREFERENCE_IMAGES
 from orchestrator.files import atomic_write, file_sha256, write_json_atomic
 from orchestrator.images import image_error
 from orchestrator.retry import run_batch_retrying_items
-from orchestrator.timing import format_seconds
+from orchestrator.timing import PassRate, format_rate, format_seconds
 from orchestrator.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -475,7 +475,8 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
         ReferenceScorer, fn_constructor_kwargs={"settings": settings}, batch_size=per_call, batch_format="pandas",
         compute=ActorPoolStrategy(size=cfg.eval.num_actors), **resources,
     )
-    t0 = last_logged = time.time()
+    last_logged = time.time()
+    pace = PassRate(len(todo))
     computed = errors = 0
     pending: list[pa.Table] = []
     for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -488,12 +489,12 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
             _write_part(cache, pa.concat_tables(pending))
             pending = []
         now = time.time()
+        rate, left = pace.update(computed, now)
         if computed < len(todo) and now - last_logged < PROGRESS_EVERY_S:
             continue
         last_logged = now
-        rate = computed / max(now - t0, 1e-9)
-        log.info("reference [precompute] %s: %d/%d (%.0f%%), %.2f pairs/s, ETA %s, %d errors", cache.key, computed,
-                 len(todo), 100.0 * computed / len(todo), rate, format_seconds((len(todo) - computed) / rate), errors)
+        log.info("reference [precompute] %s: %d/%d (%.0f%%), %s pairs/s, ETA %s, %d errors", cache.key, computed,
+                 len(todo), 100.0 * computed / len(todo), format_rate(rate), format_seconds(left), errors)
     if pending:
         _write_part(cache, pa.concat_tables(pending))
     return computed, errors

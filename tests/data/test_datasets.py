@@ -103,6 +103,22 @@ def test_synthetic_world_is_generated_on_first_use(tmp_path):
     assert set(paths.pope) == {"coco"} and set(paths.pope["coco"].questions) == {"random", "popular", "adversarial"}
 
 
+def test_the_default_world_follows_data_synthetic_and_an_explicit_one_is_used_as_it_is(tmp_path):
+    def world_config(num_pope_images: int, **data):
+        return config_from_dict({"output_root": str(tmp_path), "data": {**data, "synthetic": {
+            "num_images": 12, "num_pope_images": num_pope_images, "milebench_samples": 2}}})
+
+    def pope_images(world):
+        return json.loads((world / "world.json").read_text())["config"]["num_pope_images"]
+
+    world = datasets.ensure_synthetic_world(world_config(6))
+    made = (world / "world.json").stat().st_mtime_ns
+    assert datasets.ensure_synthetic_world(world_config(6)) == world and (world / "world.json").stat().st_mtime_ns == made
+    datasets.ensure_synthetic_world(world_config(8))  # an earlier demo's world, say: made again with these settings
+    assert pope_images(world) == 8 and len(list((world / "coco" / "val2014").iterdir())) == 8
+    assert datasets.ensure_synthetic_world(world_config(6, synthetic_dir=str(world))) == world and pope_images(world) == 8
+
+
 def test_checked_dataset_counts_and_writes_rejects(ray_session, world_copy, tmp_path):
     config = synthetic_config(world_copy, tmp_path)
     rows = datasets.preference_rows(config)

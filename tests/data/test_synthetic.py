@@ -11,6 +11,7 @@ from orchestrator.data.synthetic import (
     APPEARANCE,
     DESCRIPTION_PROMPTS,
     OBJECTS,
+    PARTNER,
     THEME_OF,
     SynthConfig,
     generate_world,
@@ -175,6 +176,37 @@ def test_sft_bias_noise(world):
     assert wrong_yes == world.counts["sft_noisy_yes"] > 0
     share = wrong_yes / world.counts["sft_cooccurring_negatives"]
     assert 0.15 < share < 0.45
+
+
+def test_with_pair_cooccurrence_partners_co_occur_most_and_the_warm_up_is_taught_to_hallucinate_the_partner(tmp_path):
+    cfg = SynthConfig(num_images=150, num_pope_images=12, milebench_tasks=0, pair_cooccurrence=0.8,
+                      sft_cooccurrence_noise=0.7)
+    world = generate_world(tmp_path / "pairs", cfg)
+    scenes = load_scene_annotations(world.root, "vg")
+    co = cooccurrence_counts(scenes)
+    for obj in OBJECTS:  # each object's most frequent companion is its partner
+        assert max(co[obj], key=lambda other: co[obj][other]) == PARTNER[obj], (obj, co[obj])
+    answers = {"partner": [], "other in-theme": []}
+    for r in _load(world.sft_data):
+        if not r["prompt"].startswith("Is there"):
+            continue
+        obj, present = r["prompt"].split()[3], scenes[str(r["image_id"])]
+        if obj in present:
+            assert r["response"].startswith("Yes")
+        elif PARTNER[obj] in present:
+            answers["partner"].append(r["response"].startswith("Yes"))
+        elif any(THEME_OF[p] == THEME_OF[obj] for p in present):
+            answers["other in-theme"].append(r["response"].startswith("Yes"))
+        else:
+            assert r["response"].startswith("No")
+    # the wrong Yes is about the absent partner only; the theme's other absent objects get the right No
+    assert sum(answers["partner"]) == world.counts["sft_noisy_yes"] and \
+        0.55 < sum(answers["partner"]) / len(answers["partner"]) < 0.85
+    assert len(answers["other in-theme"]) > 20 and not any(answers["other in-theme"])
+    # HA-DPO keeps the model's mistakes: a pope_data record about an absent partner is never marked correct
+    about_partner = [r for r in _load(world.pope_data) if r["question"].split()[3] not in scenes[str(r["image_id"])]
+                     and PARTNER[r["question"].split()[3]] in scenes[str(r["image_id"])]]
+    assert about_partner and not any(r["correct"] for r in about_partner)
 
 
 def _all_texts(world):

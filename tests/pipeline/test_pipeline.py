@@ -56,3 +56,16 @@ def test_dpo_only_settings_leave_the_warm_up_current(tmp_path):
     for change in ({"loss": "robust", "label_smoothing": 0.2}, {"beta": 0.3}):
         assert warmup_train_settings(config(tmp_path, **change)) == base
     assert warmup_train_settings(config(tmp_path, max_length=128)) != base
+
+
+def test_a_stage_end_line_summarises_counts_pope_f1_errors_and_the_last_loss():
+    from orchestrator.pipeline import stage_summary
+
+    data = {"preference": {"total": 1521, "usable": 1519, "rejected": 2, "rejects_path": "r.parquet"},
+            "pope": {"total": 720, "usable": 720, "rejected": 0, "rejects_path": "p.parquet"}}
+    assert stage_summary(data) == "preference 1,519 of 1,521 usable, 2 rejected, pope 720 of 720 usable, 0 rejected"
+    evaluated = {"pope_mean_f1": {"coco": 0.81954, "gqa": None}, "counts": {"items": 728, "errors": 3}}
+    assert stage_summary(evaluated) == "coco POPE mean F1 81.95, 3 errors"  # gqa short of answers: no mean
+    trained = {"adapter": "a", "metrics": {"loss": 0.39107, "rewards/accuracies": 0.81875}}
+    assert stage_summary(trained) == "loss 0.3911, reward accuracy 0.82"
+    assert stage_summary({"model": "m"}) == ""
