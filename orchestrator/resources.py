@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from orchestrator import console
 from orchestrator.cluster import worker_node_types
 
 log = logging.getLogger(__name__)
@@ -276,8 +277,10 @@ def check_resources(request: ResourceRequest, wait_s: float = 0.0, poll_s: float
         return current
     ask = ask_autoscaler or _request_from_autoscaler
     waited_for = dict.fromkeys(name for bundle in request.bundles for name in node_types_for_bundle(bundle, current))
+    # on the terminal too: a person waiting minutes for nodes sees what for
     log.info("resources: %s needs %s; waiting up to %.0f s for the autoscaler to add %s node(s) (%s)",
-             request.what, request.describe(), wait_s, " / ".join(waited_for) or "more", current.describe())
+             request.what, request.describe(), wait_s, " / ".join(waited_for) or "more", current.describe(),
+             extra=console.LINE)
     deadline = clock() + wait_s
     ask(list(request.bundles))
     try:
