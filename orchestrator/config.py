@@ -287,8 +287,8 @@ class TrainConfig(_Section):
         True, description="DPO: one packed row [prompt, chosen, rejected] per pair, so the shared image + prompt "
         "prefix is computed once (eager or sdpa attention)")
     reference_cache: bool = Field(
-        True, description="DPO: reference log-probs computed once in a Ray Data pass and cached in parquet "
-        "(keyed by sample id and reference-model hash) instead of a reference forward every step")
+        True, description="DPO: reference log-probs computed once per pair (see reference_fill) and cached in "
+        "parquet (keyed by sample id and reference-model hash) instead of a reference forward every step")
     reference_fill: Literal["auto", "pass", "loop"] = Field(
         "auto", description="DPO with reference_cache: how the pairs the cache lacks get their reference "
         "log-probs. pass: a Ray Data pass before training (its own actors load the model; the first step waits "

@@ -1,9 +1,12 @@
-"""Reference log-probs for DPO, computed once in a Ray Data pass and cached in parquet.
+"""Reference log-probs for DPO, computed once per pair and cached in parquet.
 
 DPO needs, for every preference pair, the reference model's summed log-probs of the chosen and the
 rejected answer. The reference never changes during training, so instead of a second (no-grad)
-forward in every training step, `precompute_reference` scores every pair once on a pool of Ray Data
-actors and the training workers read the numbers back (`open_reference_cache(path).load()`).
+forward in every training step, each pair is scored once and the training workers read the numbers
+back (`open_reference_cache(path).load()`). Who scores what the cache lacks is `train.reference_fill`
+(`plan.reference_fill`): `precompute_reference`, a pool of Ray Data actors before training ("pass"), or
+the training workers themselves during the first epoch ("loop"), which add their values with
+`write_reference_values`, one part per rank per checkpoint (``part-00007-rank1.parquet``).
 
 Cache layout, under ``cache_root`` (default ``<output_root>/cache/reference_logps``, shared by every
 experiment, seed and sweep trial under that root: the key says which reference the numbers belong to)::
