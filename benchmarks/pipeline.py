@@ -224,7 +224,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
 
     from orchestrator.data import datasets
     from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
-    from orchestrator.model.llava import load_llava
+    from orchestrator.model.families import load_model
     from orchestrator.plan import use_gradient_checkpointing, with_gpu_memory
     from orchestrator.train.pairs import longest_row_tokens
     from orchestrator.model.lora import freeze_vision, set_lora_input_casting
@@ -242,7 +242,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
     rows = sorted(datasets.preference_rows(cfg), key=lambda row: str(row["sample_id"]))
     caches = sorted(default_cache_root(cfg).glob("*/"), key=lambda p: p.stat().st_mtime)
     cached = open_reference_cache(caches[-1]).load() if caches and cached_reference else None
-    loaded = load_llava(cfg.model.path, dtype="bfloat16" if cuda else "float32", device=device,
+    loaded = load_model(cfg.model.path, dtype="bfloat16" if cuda else "float32", device=device,
                         attn_implementation=cfg.model.attn_implementation)
     kernels = apply_fused_kernels(loaded.model, resolve_fused_kernels(cfg.train.fused_kernels, cuda))  # as the recipe
     freeze_vision(loaded.model)

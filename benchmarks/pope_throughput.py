@@ -133,7 +133,7 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--weights", choices=["random-init", "saved"], default="random-init",
                         help="build random weights in each process from the config (default), or save them "
-                             "once (7B: 14 GB) and load them with load_llava")
+                             "once (7B: 14 GB) and load them with load_model")
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="default 4 with a GPU, 1 without")
     parser.add_argument("--max-new-tokens", type=int, default=3, help="new tokens of the batch-1 loop")
@@ -205,11 +205,13 @@ def random_model(model_dir: Path | str, device: str):
 
 
 def random_loaded(model_dir: Path | str, device: str, timings: dict | None = None):
-    """`LoadedLlava` (as `load_llava` returns) for a random-init model folder (config + processor only);
+    """`LoadedModel` (as `load_model` returns) for a random-init model folder (config + processor only);
     seconds per step go into `timings` if given."""
     import torch
 
-    from orchestrator.model.llava import LoadedLlava, load_processor, tokens_per_image
+    from orchestrator.model.families import LoadedModel
+
+    from orchestrator.model.llava import load_processor, tokens_per_image
 
     timings = {} if timings is None else timings
     step = time.time()
@@ -234,7 +236,7 @@ def random_loaded(model_dir: Path | str, device: str, timings: dict | None = Non
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     image_processor = processor.image_processor
-    loaded = LoadedLlava(model=model, processor=processor, tokenizer=tokenizer,
+    loaded = LoadedModel(model=model, processor=processor, tokenizer=tokenizer,
                          image_token_id=model.config.image_token_index,
                          tokens_per_image=tokens_per_image(model.config),
                          image_size=image_processor.crop_size["height"], image_mean=tuple(image_processor.image_mean))
@@ -451,10 +453,11 @@ def baseline_loop(model_dir: Path, items: list[dict], device: str, max_new_token
     import torch
 
     from orchestrator.images import load_image
-    from orchestrator.model.llava import load_llava, pixel_values
+    from orchestrator.model.families import load_model
+    from orchestrator.model.llava import pixel_values
     from orchestrator.model.templates import build_prompt, encode_prompt
 
-    loaded = random_loaded(model_dir, device) if random_init else load_llava(model_dir, dtype="auto", device=device)
+    loaded = random_loaded(model_dir, device) if random_init else load_model(model_dir, dtype="auto", device=device)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
 
     def answer(item):

@@ -209,10 +209,16 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: str | None = Field(None, description="llava-hf format folder; empty = the tiny built-in model")
+    path: str | None = Field(None, description="HF model folder (llava-hf LLaVA-1.5 or LLaVA-NeXT, Qwen2.5-VL); "
+                             "empty = the tiny built-in model")
+    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
+        "auto", description="auto: read from the folder's config.json (model_type); a folder of another family is "
+        "refused. Without `path` it picks the tiny model built (auto: LLaVA-1.5)")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    train_template: Literal["v1", "llava_v1"] = "v1"
-    eval_template: Literal["v1", "llava_v1"] = "llava_v1"
+    train_template: Literal["v1", "llava_v1", "chat"] = Field(
+        "v1", description="v1 / llava_v1: HA-DPO's LLaVA-1.5 text templates; chat: the model's own chat template "
+        "(what LLaVA-NeXT and Qwen2.5-VL were tuned with)")
+    eval_template: Literal["v1", "llava_v1", "chat"] = "llava_v1"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
@@ -390,7 +396,7 @@ class EvalConfig(_Section):
     milebench_fit_context: bool = Field(
         False, description="not MileBench's: lower the token budget so that template + context + "
         "milebench_max_new_tokens fit the model's positions (upstream generates past them)")
-    milebench_template: Literal["llava_llama_2", "v1", "llava_v1"] = Field(
+    milebench_template: Literal["llava_llama_2", "v1", "llava_v1", "chat"] = Field(
         "llava_llama_2", description="MileBench's conversation template: llava_llama_2 is MileBench's LLaVA worker; "
         "v1 / llava_v1 (LLaVA's own) are not MileBench's")
     milebench_max_new_tokens: int = Field(512, gt=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 512")

@@ -140,8 +140,9 @@ def rejects_path(run_dir: Path, dataset: str) -> Path:
     return Path(run_dir) / "data" / f"rejects-{dataset}.parquet"
 
 
-def tiny_model_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "model" / "tiny"
+def tiny_model_dir(run_dir: Path, family: str = "llava") -> Path:
+    """The run's tiny model: ``model/tiny`` (LLaVA-1.5), ``model/tiny-<family>`` for the other families."""
+    return Path(run_dir) / "model" / ("tiny" if family == "llava" else f"tiny-{family}")
 
 
 def train_dir(run_dir: Path) -> Path:

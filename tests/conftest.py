@@ -61,3 +61,16 @@ def tiny_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-llava")
     vocabulary = world_vocabulary(SynthConfig(seed=0))
     return build_tiny_llava(out, [" ".join(vocabulary)], TinyModelConfig(), seed=0)
+
+
+@pytest.fixture(scope="session", params=["llava_next", "qwen2_5_vl"])
+def tiny_family_dir(request, tmp_path_factory):
+    """A tiny model of another family (LLaVA-NeXT, then Qwen2.5-VL) for the world's vocabulary: tests that
+    take it run once per family. The family's name is the folder's `family` attribute's value."""
+    from orchestrator.config import TinyModelConfig
+    from orchestrator.data.synthetic import SynthConfig, world_vocabulary
+    from orchestrator.model.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    vocabulary = world_vocabulary(SynthConfig(seed=0))
+    return build_tiny_model(out, [" ".join(vocabulary)], TinyModelConfig(), request.param, seed=0)

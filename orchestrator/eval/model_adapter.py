@@ -128,13 +128,13 @@ class LlavaModel(MileBenchModel):
     def init_components(self, config: dict) -> None:
         import torch
 
-        from orchestrator.model.llava import load_llava
+        from orchestrator.model.families import load_model
 
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.milebench_template = config.get("milebench_template") or LLAVA_WORKER_TEMPLATE
         if self.milebench_template not in MILEBENCH_TEMPLATES:
             raise ValueError(f"milebench_template {self.milebench_template!r}: expected one of {MILEBENCH_TEMPLATES}")
-        loaded = load_llava(config["model_path"], dtype=config.get("dtype", "auto"), device=torch.device(device),
+        loaded = load_model(config["model_path"], dtype=config.get("dtype", "auto"), device=torch.device(device),
                             attn_implementation=config.get("attn_implementation", "sdpa"))
         model = loaded.model
         if config.get("adapter_path"):

@@ -672,15 +672,16 @@ def prefetch_files(paths: Sequence[Path]) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _pixel_source(model_path: str):
-    """What `pixel_values` reads of a model (its processor, the CLIP mean for padding), as
-    `load_llava` loads them; once per worker process. None if the folder has no processor."""
+    """What `pixel_values` reads of a model (its image processor, the CLIP mean for padding), as
+    `load_model` loads them; once per worker process. None if the folder has no processor."""
     from types import SimpleNamespace
 
     from orchestrator.model.llava import load_processor
 
     try:
         processor = load_processor(model_path)
-        return SimpleNamespace(processor=processor, image_mean=tuple(processor.image_processor.image_mean))
+        return SimpleNamespace(image_processor=processor.image_processor,
+                               image_mean=tuple(processor.image_processor.image_mean))
     except Exception as error:  # a plug-in model without a llava-hf folder: the actors decode themselves
         log.warning("no image processor in %s (%s): images are decoded in the actors", model_path, error)
         return None

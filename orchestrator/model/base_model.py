@@ -13,7 +13,7 @@ from pathlib import Path
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.synthetic import world_vocabulary
-from orchestrator.model.llava import ensure_model
+from orchestrator.model.tiny import ensure_model, tiny_family
 
 
 def base_model_path(cfg: ExperimentConfig, base_model: str | None = None, texts: list[str] | None = None) -> Path:
@@ -25,9 +25,9 @@ def base_model_path(cfg: ExperimentConfig, base_model: str | None = None, texts:
     if base_model:
         path = Path(base_model).expanduser().resolve()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"base model {path}: not a llava-hf model folder (no config.json)")
+            raise FileNotFoundError(f"base model {path}: not a Hugging Face model folder (no config.json)")
         return path
-    cache = layout.tiny_model_dir(cfg.run_dir)
+    cache = layout.tiny_model_dir(cfg.run_dir, tiny_family(cfg.model))
     if cfg.model.path or (cache / "config.json").is_file():
         return ensure_model(cfg.model, None, cache, seed=cfg.data.synthetic.seed)
     return ensure_model(cfg.model, texts if texts is not None else world_texts(cfg), cache,

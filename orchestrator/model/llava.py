@@ -1,21 +1,21 @@
-"""Build the tiny LLaVA from configs, and load any llava-hf format folder with the same code.
+"""LLaVA-1.5 itself: the tiny LLaVA built from configs, the word tokenizer every tiny model uses, and
+LLaVA-1.5's image preprocessing (pad to square, CLIP normalisation).
 
 The tiny model is an ordinary `LlavaForConditionalGeneration` (CLIP vision tower, 2-layer MLP projector,
 Llama language model) with a word-level tokenizer built in-process from the synthetic world's
-vocabulary, saved with its processor as a normal Hugging Face folder. `load_llava` then loads it, or a
-real ``llava-hf/llava-1.5-7b-hf`` folder from disk, without ever reaching the hub.
+vocabulary, saved with its processor as a normal Hugging Face folder. `families.load_model` then loads
+it, or a real ``llava-hf/llava-1.5-7b-hf`` folder from disk, without ever reaching the hub.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from orchestrator.config import ModelConfig, TinyModelConfig
+from orchestrator.config import TinyModelConfig
 from orchestrator.model.templates import IMAGE_PLACEHOLDER, TEMPLATES, build_prompt
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,13 @@ def _pre_tokenizer():
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
 
 
-def build_word_tokenizer(texts: list[str]):
-    """A word-level `PreTrainedTokenizerFast` whose vocabulary is every word of `texts` and the templates."""
+def build_word_tokenizer(texts: list[str], special_tokens: tuple[str, ...] = (IMAGE_PLACEHOLDER,), bos: bool = True,
+                         eos_token: str = "</s>"):
+    """A word-level `PreTrainedTokenizerFast` whose vocabulary is every word of `texts` and the templates.
+
+    `special_tokens` are added whole (never split into words): LLaVA's ``<image>``, or Qwen's vision and
+    chat markers. Without `bos` no ``<s>`` is put first (Qwen's tokenizers add none); `eos_token` is
+    what ends an answer (``</s>``, or Qwen's ``<|im_end|>``, one of `special_tokens`)."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -46,12 +51,15 @@ def build_word_tokenizer(texts: list[str]):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies " ." and " ,"
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
-        padding_side="left", clean_up_tokenization_spaces=True,
+        tokenizer_object=core, bos_token="<s>" if bos else None, eos_token="</s>", unk_token="<unk>",
+        pad_token="<unk>", padding_side="left", clean_up_tokenization_spaces=True,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    if eos_token != "</s>":
+        tokenizer.eos_token = eos_token
     return tokenizer
 
 
@@ -109,17 +117,6 @@ def build_tiny_llava(out_dir: str | Path, texts: list[str], spec: TinyModelConfi
     return out_dir
 
 
-@dataclass
-class LoadedLlava:
-    model: torch.nn.Module
-    processor: object
-    tokenizer: object
-    image_token_id: int
-    tokens_per_image: int
-    image_size: int
-    image_mean: tuple[float, float, float]
-
-
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """`auto` is bfloat16 on a GPU and float32 on the CPU (CPU bf16 is slow and inexact here)."""
     if name == "auto":
@@ -140,54 +137,6 @@ def tokens_per_image(model_config) -> int:
     return count if model_config.vision_feature_select_strategy == "default" else count + 1
 
 
-def load_llava(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa") -> LoadedLlava:
-    """Load a llava-hf format folder (tiny or real) from local disk only."""
-    from transformers import LlavaForConditionalGeneration
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a llava-hf model folder (no config.json)")
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    torch_dtype = resolve_dtype(dtype, device)
-    placement = {}
-    if not is_deepspeed_zero3_enabled():  # ZeRO-3 partitions the weights itself and refuses a device_map
-        target = torch.device(device)
-        if target.type == "cuda" and target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
-        # the safetensors are read straight into `device`: no CPU copy of a 7B model first
-        placement["device_map"] = {"": target}
-    model = LlavaForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation, **placement,
-    ).to(device)
-    processor = load_processor(path)
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    image_processor = processor.image_processor
-    size = image_processor.crop_size["height"] if getattr(image_processor, "crop_size", None) else \
-        model.config.vision_config.image_size
-    return LoadedLlava(
-        model=model, processor=processor, tokenizer=tokenizer,
-        image_token_id=model.config.image_token_index, tokens_per_image=tokens_per_image(model.config),
-        image_size=size, image_mean=tuple(image_processor.image_mean),
-    )
-
-
-def ensure_model(model_cfg: ModelConfig, world_texts: list[str] | None, cache_dir: str | Path, seed: int = 0) -> Path:
-    """The model folder a config names: its `path`, or the tiny model built once under `cache_dir`."""
-    if model_cfg.path:
-        return Path(model_cfg.path).expanduser().resolve()
-    folder = Path(cache_dir)
-    if not (folder / "config.json").is_file():
-        if world_texts is None:
-            raise ValueError("building the tiny model needs the world's texts for its vocabulary")
-        build_tiny_llava(folder, world_texts, model_cfg.tiny, seed=seed)
-    return folder
-
-
 def expand_to_square(image: Image.Image, background: tuple[float, float, float]) -> Image.Image:
     """Pad to a square with the CLIP mean colour, as LLaVA-1.5's ``image_aspect_ratio=pad``."""
     width, height = image.size
@@ -200,7 +149,8 @@ def expand_to_square(image: Image.Image, background: tuple[float, float, float])
     return canvas
 
 
-def pixel_values(loaded: LoadedLlava, images: list[Image.Image]) -> torch.Tensor:
-    """Preprocess RGB images (padded to square) into the vision tower's pixel tensor."""
-    squared = [expand_to_square(image.convert("RGB"), loaded.image_mean) for image in images]
-    return loaded.processor.image_processor(images=squared, return_tensors="pt")["pixel_values"]
+def pixel_values(source, images: list[Image.Image]) -> torch.Tensor:
+    """LLaVA-1.5's vision input: RGB images padded to square with the CLIP mean, then CLIP's resize, crop and
+    normalisation. `source` has the model's `image_processor` and `image_mean` (a `LoadedModel` has both)."""
+    squared = [expand_to_square(image.convert("RGB"), source.image_mean) for image in images]
+    return source.image_processor(images=squared, return_tensors="pt")["pixel_values"]

@@ -1,4 +1,5 @@
-"""Which parameters of a LLaVA train: LoRA on the language model's linear layers, the vision side frozen.
+"""Which parameters of a vision-language model train: LoRA on the language model's linear layers, the vision
+side frozen (every family keeps its language model under ``language_model``).
 
 Shared by the training recipe (which adds the adapters), the checkpoint converter (which names the same
 modules in a converted HA-DPO adapter) and the benchmarks, so an adapter trained, converted or measured
@@ -15,9 +16,10 @@ from orchestrator.config import TrainConfig
 
 
 def freeze_vision(model: torch.nn.Module) -> None:
-    """Freeze the vision tower and the projector (they are never trained in this recipe)."""
+    """Freeze everything outside the language model and its output head: the vision tower and the projector
+    (LLaVA; LLaVA-NeXT's image_newline too), Qwen2.5-VL's visual encoder and merger. They never train here."""
     for name, param in model.named_parameters():
-        if "vision_tower" in name or "multi_modal_projector" in name:
+        if "language_model." not in name and "lm_head." not in name:
             param.requires_grad_(False)
 
 

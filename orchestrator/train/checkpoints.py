@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is written or read: th
     import torch
 
     from orchestrator.config import TrainConfig
-    from orchestrator.model.llava import LoadedLlava
+    from orchestrator.model.families import LoadedModel
     from orchestrator.train.engine import Engine
     from orchestrator.train.schedule import Schedule, StagePlan
 
@@ -140,7 +140,7 @@ def _files(fs, folder: str) -> dict[str, int]:
 # Writing a checkpoint (on the workers)
 
 
-def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: int, schedule: Schedule,
+def save_checkpoint(engine: Engine, loaded: LoadedModel, plan: StagePlan, step: int, schedule: Schedule,
                     train: TrainConfig, rank: int, metrics: dict[str, Any], run_path: str | None = None) -> None:
     """Write this rank's part of a checkpoint into a temp folder and report it (all ranks).
 
@@ -162,7 +162,7 @@ def save_checkpoint(engine: Engine, loaded: LoadedLlava, plan: StagePlan, step: 
                 engine.module.save_pretrained(str(folder / "adapter"), state_dict=weights)
             else:
                 engine.module.save_pretrained(str(folder / "model"), state_dict=weights)
-                loaded.processor.save_pretrained(str(folder / "model"))
+                loaded.save_processing(folder / "model")
             epoch, micro = schedule.position(step, train.gradient_accumulation)
             state = {"step": step, "stage": plan.stage, "lora": plan.lora, "shape": _shape(train, plan, engine),
                      "total_steps": schedule.total_steps, "epoch": epoch, "micro_batch_in_epoch": micro,

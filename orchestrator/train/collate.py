@@ -29,7 +29,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from orchestrator.images import ImageLoadError, load_image
-from orchestrator.model.llava import LoadedLlava, pixel_values
+from orchestrator.model.families import LoadedModel
+from orchestrator.model.llava import pixel_values
 from orchestrator.model.templates import (IGNORE_INDEX, build_prompt, encode_answer, encode_example,
                                           encode_prompt)
 
@@ -116,7 +117,7 @@ def _load(path: str, sample_id: str, skipped: list[dict[str, str]]):
         return None
 
 
-def template_prompt_ids(loaded: LoadedLlava, prompt: str, template: str, num_images: int = 1) -> list[int]:
+def template_prompt_ids(loaded: LoadedModel, prompt: str, template: str, num_images: int = 1) -> list[int]:
     """Token ids of `prompt` in the conversation `template`, each image placeholder expanded to the model's
     image tokens."""
     return encode_prompt(loaded.tokenizer, build_prompt(prompt, template, num_images), loaded.image_token_id,
@@ -130,7 +131,7 @@ def row_images(batch: Mapping[str, Sequence[Any]]) -> list[list[str]]:
     return [[path] for path in _column(batch, "image")]
 
 
-def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str, max_length: int):
+def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str, max_length: int):
     """(sample_id, images, prompt ids, chosen answer ids, rejected answer ids) per usable row, and the skipped.
 
     Answers are cut as `encode_example` cuts them (to max_length - prompt), so the plain and the packed
@@ -156,7 +157,7 @@ def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, templa
     return kept, skipped
 
 
-def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
+def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                        max_length: int = 2048, padding_side: str = "right") -> Collated | None:
     """Preference rows (PREFERENCE_COLUMNS) -> 2B sequences, chosen first. None if every row was skipped."""
     kept, skipped = encode_pairs(batch, loaded, template, max_length)
@@ -173,7 +174,7 @@ def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, 
                    [sample_id for sample_id, *_ in kept], skipped)
 
 
-def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
+def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                 max_length: int = 2048, padding_side: str = "right") -> Collated | None:
     """Supervised rows (SFT_COLUMNS) -> B sequences labelled on the response. None if all were skipped."""
     tokenizer = loaded.tokenizer

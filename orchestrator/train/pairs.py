@@ -29,7 +29,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from orchestrator.model.llava import LoadedLlava, pixel_values
+from orchestrator.model.families import LoadedModel
+
+from orchestrator.model.llava import pixel_values
 from orchestrator.model.templates import IGNORE_INDEX, encode_answer
 from orchestrator.train.collate import Collated, collate_preference, encode_pairs, template_prompt_ids
 from orchestrator.train.losses import token_logps
@@ -105,7 +107,7 @@ def attention_mask(segments: torch.Tensor, attn_implementation: str, dtype: torc
                      f"not {attn_implementation!r}")
 
 
-def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, template: str, max_length: int,
+def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedModel, template: str, max_length: int,
                        answer_columns: Sequence[str] = ("chosen", "rejected")) -> int:
     """Tokens of the longest prompt + answer row of `rows` (cut at max_length), as the planner counts a row."""
     tokenizer = loaded.tokenizer
@@ -122,7 +124,7 @@ def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedLlava, t
     return min(longest, max_length) if longest else max_length
 
 
-def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
+def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                    max_length: int = 2048, pad_to_multiple_of: int = 1) -> PackedPairs | None:
     """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped."""
     kept, skipped = encode_pairs(batch, loaded, template, max_length)
@@ -174,7 +176,7 @@ def pack_pairs(token_pairs: Sequence[tuple[list[int], list[int], list[int]]], pi
     )
 
 
-def collate_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedLlava, template: str = "v1",
+def collate_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                   max_length: int = 2048, packed: bool = True, pad_to_multiple_of: int = 1
                   ) -> PackedPairs | Collated | None:
     """Preference rows in the packed or the plain layout (`train.prefix_sharing`)."""

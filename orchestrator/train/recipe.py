@@ -75,7 +75,7 @@ from orchestrator.eval.model_adapter import LlavaModel
 from orchestrator.eval.probe import objective_of, probe_values, score_probe
 from orchestrator.files import write_json_atomic
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
-from orchestrator.model.llava import LoadedLlava, load_llava
+from orchestrator.model.families import LoadedModel, load_model
 from orchestrator.model.lora import add_lora, freeze_vision, set_lora_input_casting
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
 from orchestrator.timing import process_start_time
@@ -123,7 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from transformers import LlavaForConditionalGeneration  # noqa: F401  (timed apart: seconds of imports)
 
         lap("import modeling")
-        loaded = load_llava(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
+        loaded = load_model(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
                             device=device, attn_implementation=cfg.model.attn_implementation)
         lap("model")
         rows = pending_rows.result()
@@ -296,7 +296,7 @@ def gpu_memory_gib(device: torch.device, world: int) -> float | None:
     return float(total.item())
 
 
-def plan_stage(cfg: ExperimentConfig, train: TrainConfig, plan: StagePlan, rows, loaded: LoadedLlava,
+def plan_stage(cfg: ExperimentConfig, train: TrainConfig, plan: StagePlan, rows, loaded: LoadedModel,
                base_model: str, device: torch.device, world: int) -> tuple[ExperimentConfig, str, bool]:
     """The run as the planner resolves it on the workers: (config with the ZeRO stage chosen, why,
     gradient checkpointing on?). "auto" settings are planned for this GPU's memory and the longest row."""
@@ -317,7 +317,7 @@ def plan_stage(cfg: ExperimentConfig, train: TrainConfig, plan: StagePlan, rows,
 # Forward and loss.
 
 
-def collate_stage(batch: dict[str, list], loaded: LoadedLlava, stage: str, cfg: ExperimentConfig,
+def collate_stage(batch: dict[str, list], loaded: LoadedModel, stage: str, cfg: ExperimentConfig,
                   cached_reference: dict[str, tuple[float, float]] | None) -> Collated | PackedPairs | None:
     """A micro-batch's model inputs; DPO pairs packed or plain, with their cached reference log-probs."""
     train = cfg.train
@@ -428,7 +428,7 @@ def reference_logps(engine: Engine, reference, inputs: Collated | PackedPairs, m
     return pair_token_logps(logits, inputs).sums()
 
 
-def probe_objective(engine: Engine, loaded: LoadedLlava, probe: dict[str, Any], rank: int, world: int, bf16: bool,
+def probe_objective(engine: Engine, loaded: LoadedModel, probe: dict[str, Any], rank: int, world: int, bf16: bool,
                     step: int) -> dict[str, Any]:
     """Score the sweep's POPE subset with the policy in memory (all ranks); rank 0 gets the objective and the
     subset's POPE values (``probe/pope/...``), numbered by `evaluations` (see orchestrator/eval/probe.py)."""

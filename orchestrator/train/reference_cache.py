@@ -287,13 +287,15 @@ class ReferenceScorer:
     def __init__(self, settings: ReferenceSettings):
         import torch
 
-        from orchestrator.model.llava import load_llava, resolve_dtype
+        from orchestrator.model.families import load_model
+
+        from orchestrator.model.llava import resolve_dtype
 
         self.settings = settings
         started = time.time()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.torch_dtype = resolve_dtype(settings.dtype, self.device)
-        self.loaded = load_llava(settings.model_path, dtype=settings.dtype, device=self.device,
+        self.loaded = load_model(settings.model_path, dtype=settings.dtype, device=self.device,
                                  attn_implementation=settings.attn_implementation)
         self.model = self.loaded.model.eval().requires_grad_(False)
         log.info("reference scorer: %s loaded (%s, %s) in %.1fs", settings.model_path, self.device,

@@ -25,10 +25,10 @@ def bench():
 
 
 def test_random_weights_are_filled_in_place_and_the_buffers_computed_as_usual(bench, tiny_model_dir):
-    from orchestrator.model.llava import load_llava
+    from orchestrator.model.families import load_model
 
     model = bench.random_model(tiny_model_dir, "cpu")
-    reference = load_llava(tiny_model_dir).model
+    reference = load_model(tiny_model_dir).model
     assert not any(p.is_meta for p in model.parameters()) and {p.dtype for p in model.parameters()} == {torch.float32}
     ours, theirs = (dict(m.named_buffers(remove_duplicate=False)) for m in (model, reference))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)  # rotary, positions

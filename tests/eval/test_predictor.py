@@ -124,9 +124,9 @@ def test_lora_adapter_is_loaded_and_merged(tiny_model_dir, pope_rows, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from orchestrator.model.llava import load_llava
+    from orchestrator.model.families import load_model
 
-    loaded = load_llava(tiny_model_dir)
+    loaded = load_model(tiny_model_dir)
     torch.manual_seed(0)
     peft_model = get_peft_model(loaded.model, LoraConfig(
         r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)", init_lora_weights=False))

@@ -311,10 +311,10 @@ def test_prefix_generate_with_a_lora_adapter_merged_or_not(tiny_model_dir, llava
 
     from orchestrator.eval.model_adapter import LlavaModel
     from orchestrator.eval.prefix_cache import PrefixReuse
-    from orchestrator.model.llava import load_llava
+    from orchestrator.model.families import load_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(load_llava(tiny_model_dir).model, LoraConfig(
+    peft_model = get_peft_model(load_model(tiny_model_dir).model, LoraConfig(
         r=4, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)", init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     tuned = LlavaModel({"model_path": str(tiny_model_dir), "adapter_path": str(tmp_path / "adapter"),

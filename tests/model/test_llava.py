@@ -4,8 +4,9 @@ import torch
 from PIL import Image
 
 from orchestrator.config import ModelConfig, TinyModelConfig
-from orchestrator.model.llava import (build_word_tokenizer, ensure_model, expand_to_square, load_llava,
-                                      pixel_values, tokens_per_image)
+from orchestrator.model.families import load_model
+from orchestrator.model.llava import build_word_tokenizer, expand_to_square, pixel_values, tokens_per_image
+from orchestrator.model.tiny import ensure_model
 from orchestrator.model.templates import build_prompt, encode_prompt
 
 
@@ -21,14 +22,14 @@ def test_tiny_model_is_an_ordinary_llava_hf_folder(tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
-    loaded = load_llava(tiny_model_dir)
+    loaded = load_model(tiny_model_dir)
     assert loaded.tokens_per_image == (48 // 16) ** 2
     assert loaded.tokenizer.padding_side == "left"
 
 
 def test_processor_and_our_encoding_agree(tiny_model_dir):
     """The hand-built ids (used by training) equal what LlavaProcessor makes for the same prompt."""
-    loaded = load_llava(tiny_model_dir)
+    loaded = load_model(tiny_model_dir)
     prompt = build_prompt("Is there a cat in the image?", "llava_v1")
     ours = encode_prompt(loaded.tokenizer, prompt, loaded.image_token_id, loaded.tokens_per_image)
     theirs = loaded.processor(text=[prompt], images=[Image.new("RGB", (64, 64))], return_tensors="pt")
@@ -36,7 +37,7 @@ def test_processor_and_our_encoding_agree(tiny_model_dir):
 
 
 def test_forward_with_image_gives_a_finite_loss(tiny_model_dir):
-    loaded = load_llava(tiny_model_dir)
+    loaded = load_model(tiny_model_dir)
     ids = encode_prompt(loaded.tokenizer, build_prompt("Describe this image in detail."),
                         loaded.image_token_id, loaded.tokens_per_image)
     pixels = pixel_values(loaded, [Image.new("RGB", (80, 40), (200, 10, 10))])
@@ -60,14 +61,14 @@ def test_ensure_model_builds_once_and_honours_a_given_path(tmp_path):
 
 
 def test_image_token_count_follows_the_vision_config(tiny_model_dir):
-    loaded = load_llava(tiny_model_dir)
+    loaded = load_model(tiny_model_dir)
     assert tokens_per_image(loaded.model.config) == 9
 
 
-def test_load_llava_places_the_checkpoint_on_the_device_unchanged(tiny_model_dir):
+def test_load_model_places_the_checkpoint_on_the_device_unchanged(tiny_model_dir):
     from transformers import LlavaForConditionalGeneration
 
-    loaded = load_llava(tiny_model_dir, device=torch.device("cpu"))   # read through device_map={"": device}
+    loaded = load_model(tiny_model_dir, device=torch.device("cpu"))   # read through device_map={"": device}
     plain = LlavaForConditionalGeneration.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
                                                           local_files_only=True)
     ours, theirs = loaded.model.state_dict(), plain.state_dict()

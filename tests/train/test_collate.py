@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orchestrator.data import datasets
-from orchestrator.model.llava import load_llava
+from orchestrator.model.families import load_model
 from orchestrator.model.templates import IGNORE_INDEX
 from orchestrator.train.collate import collate_preference, collate_sft, labelled_window, pad_sequences
 from orchestrator.train.losses import sequence_logps
@@ -13,7 +13,7 @@ from tests.train import as_batch, sample_preference_rows, tiny_config
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_llava(tiny_model_dir)
+    return load_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -162,10 +162,10 @@ def test_token_logps_rejects_mismatched_shapes():
 
 
 def test_labels_exclude_prompt_and_image_positions_and_include_end_of_sequence(tiny_model_dir):
-    from orchestrator.model.llava import load_llava
+    from orchestrator.model.families import load_model
     from orchestrator.model.templates import build_prompt, encode_prompt
 
-    loaded = load_llava(tiny_model_dir)
+    loaded = load_model(tiny_model_dir)
     tokenizer = loaded.tokenizer
     prompt_ids = encode_prompt(tokenizer, build_prompt("Is there a cat in the image?"), loaded.image_token_id,
                                loaded.tokens_per_image)

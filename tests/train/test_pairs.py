@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.model.llava import load_llava
+from orchestrator.model.families import load_model
 from orchestrator.train.collate import collate_preference
 from orchestrator.train.losses import sequence_logps
 from orchestrator.train.pairs import (CHOSEN, PAD, PROMPT, REJECTED, attention_mask, collate_packed, pair_forward,
@@ -13,7 +13,7 @@ from tests.train import as_batch, sample_preference_rows
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def loaded(request, tiny_model_dir):
-    return load_llava(tiny_model_dir, attn_implementation=request.param)
+    return load_model(tiny_model_dir, attn_implementation=request.param)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orchestrator.data import datasets
-from orchestrator.model.llava import load_llava
+from orchestrator.model.families import load_model
 from orchestrator.train.collate import collate_preference
 from orchestrator.model.lora import add_lora, freeze_vision, lora_target_regex
 from orchestrator.train.recipe import reference_logps
@@ -20,7 +20,7 @@ from tests.train import tiny_config
 def setup(tiny_model_dir, synth_world, tmp_path_factory):
     world, _ = synth_world
     cfg = tiny_config(tmp_path_factory.mktemp("runs"), world, "train.lora.dropout=0.05")
-    loaded = load_llava(tiny_model_dir)
+    loaded = load_model(tiny_model_dir)
     rows = datasets.preference_rows(cfg)[:3]
     inputs = collate_preference({k: [r[k] for r in rows] for k in rows[0]}, loaded, "v1", 256)
     return cfg, loaded, inputs

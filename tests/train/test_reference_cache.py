@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orchestrator.data import datasets
-from orchestrator.model.llava import load_llava
+from orchestrator.model.families import load_model
 from orchestrator.files import file_sha256
 from orchestrator.train.pairs import collate_pairs, score_pairs
 from orchestrator.train.reference_cache import (ReferenceCache, file_fingerprint, open_reference_cache,
@@ -65,7 +65,7 @@ def test_cached_values_equal_the_in_loop_reference(first_pass, cfg, rows, tiny_m
     assert meta["model_path"] == str(tiny_model_dir.resolve()) and meta["template"] == cfg.model.train_template
 
     # the same pairs scored directly, in other batches than the pass used (it sorts by length)
-    loaded = load_llava(tiny_model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation)
+    loaded = load_model(tiny_model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation)
     model = loaded.model.eval()
     some = [rows[0], rows[7], rows[3], rows[10], rows[5]]
     with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.model.llava import load_llava
+from orchestrator.model.families import load_model
 from orchestrator.train.trainer import run_training
 from tests.train import tiny_config
 
@@ -175,7 +175,7 @@ def test_saved_adapter_loads_with_plain_peft_and_holds_only_lora_weights(run, re
     assert weights and all(".lora_A." in key or ".lora_B." in key for key in weights)
     assert all("language_model" in key for key in weights)
     assert any(tensor.abs().max() > 0 for key, tensor in weights.items() if "lora_B" in key)  # trained
-    base = load_llava(tiny_model_dir).model
+    base = load_model(tiny_model_dir).model
     model = PeftModel.from_pretrained(base, result.checkpoint_path)
     loaded = {name: p for name, p in model.named_parameters() if "lora_B" in name}
     assert len(loaded) == sum("lora_B" in key for key in weights)
@@ -204,11 +204,11 @@ def sft_then_dpo(preference_rows, synth_world, tiny_model_dir, tmp_path_factory)
     return sft, dpo
 
 
-def test_sft_full_finetune_saves_a_model_that_load_llava_loads(sft_then_dpo, tiny_model_dir):
+def test_sft_full_finetune_saves_a_model_that_load_model_loads(sft_then_dpo, tiny_model_dir):
     (cfg, result, curves), _ = sft_then_dpo
     assert result.checkpoint_path.endswith("/model") and [row["step"] for row in curves] == [2, 4]
     assert curves[-1]["loss"] < curves[0]["loss"]
-    trained, base = load_llava(result.checkpoint_path), load_llava(tiny_model_dir)
+    trained, base = load_model(result.checkpoint_path), load_model(tiny_model_dir)
     weight = lambda loaded, name: dict(loaded.model.named_parameters())[name]  # noqa: E731
     assert not torch.equal(weight(trained, "lm_head.weight"), weight(base, "lm_head.weight"))
     projector = "model.multi_modal_projector.linear_1.weight"
@@ -221,5 +221,5 @@ def test_dpo_with_ddp_trains_lora_on_top_of_the_sft_model(sft_then_dpo):
 
     (_, sft, _), (_, dpo, curves) = sft_then_dpo
     assert curves[-1]["loss"] < LN2 - 0.005 and curves[-1]["rewards/margins"] > 0
-    model = PeftModel.from_pretrained(load_llava(sft.checkpoint_path).model, dpo.checkpoint_path)
+    model = PeftModel.from_pretrained(load_model(sft.checkpoint_path).model, dpo.checkpoint_path)
     assert model.peft_config["default"].base_model_name_or_path == sft.checkpoint_path

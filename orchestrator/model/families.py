@@ -1,0 +1,307 @@
+"""Model families behind one interface: LLaVA-1.5, LLaVA-NeXT (llava-hf v1.6) and Qwen2.5-VL.
+
+Training and evaluation never name a model class. They ask the loaded model's `ModelFamily` for what
+differs between families:
+
+- how images become the model's vision inputs (`vision_inputs`): LLaVA-1.5 pads each image to a square and
+  gives one fixed-size tile (576 tokens at 336 px); LLaVA-NeXT tiles it at the best of its grid
+  resolutions ("anyres": base tile + grid tiles, `image_sizes`, ~2,000 tokens at 336 px); Qwen2.5-VL cuts
+  it into 14 px patches merged 2x2 at its own resolution (`image_grid_thw`, tokens vary with the image);
+- what a prompt holds per image before expansion (`image_text`) and how many tokens each image expands to
+  (`VisionInputs.tokens`, known once the images are processed);
+- whether a sequence's positions are plain 1-D counts, so pairs can be packed (chosen and rejected answers
+  after one shared prompt) and POPE's image prefix reused (`one_d_positions`); Qwen2.5-VL's multimodal
+  rotary positions are computed by the model from the whole row, so it takes the plain paths;
+- nothing about LoRA: every family keeps its language model under ``language_model`` (LoRA goes there,
+  `lora.lora_target_regex`) and everything outside it and the output head stays frozen (`lora.freeze_vision`).
+
+The family is read from the folder's ``config.json`` (``model_type``) unless the config names it
+(`model.family`); a folder of another family is refused naming both.
+
+Prompts: LLaVA-1.5 keeps HA-DPO's ``v1`` / ``llava_v1`` text templates (`templates.build_prompt`); every
+family can also use its own chat template (``chat``: the processor's or tokenizer's Jinja template,
+rendered with one image entry per image before the question, or in place of each ``<image>`` of a
+MileBench context).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from orchestrator.model.templates import IMAGE_PLACEHOLDER, build_prompt
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATE = "chat"  # the template name that means "the model's own chat template"
+
+
+@dataclass
+class VisionInputs:
+    """The vision side of a model call for a list of images (in order)."""
+
+    tensors: dict[str, torch.Tensor]   # keyword arguments of the model's forward: pixel_values, ...
+    tokens: list[int]                  # image tokens each image expands to in the prompt
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+           ) -> dict[str, torch.Tensor]:
+        """The tensors on `device`, floating ones (the pixels) cast to `dtype`."""
+        out = {}
+        for name, tensor in self.tensors.items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[name] = tensor.to(device) if device is not None else tensor
+        return out
+
+    @staticmethod
+    def concat(parts: Sequence["VisionInputs"]) -> "VisionInputs":
+        """Several lists' inputs as one (the images one after the other), e.g. one per training row."""
+        parts = [part for part in parts if part.tokens]
+        if not parts:
+            return VisionInputs({}, [])
+        names = parts[0].tensors.keys()
+        tensors = {}
+        for name in names:
+            pieces = [part.tensors[name] for part in parts]
+            if pieces[0].dim() == 5:  # LLaVA-NeXT tiles [images, tiles, 3, H, W]: pad to the most tiles
+                most = max(piece.shape[1] for piece in pieces)
+                pieces = [torch.nn.functional.pad(piece, (0, 0, 0, 0, 0, 0, 0, most - piece.shape[1]))
+                          for piece in pieces]
+            tensors[name] = torch.cat(pieces)
+        return VisionInputs(tensors, [count for part in parts for count in part.tokens])
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between model families (see the module docstring); LLaVA-1.5 is the base."""
+
+    name: str
+    model_type: str                  # config.json's model_type
+    model_class: str                 # the transformers class `load_model` gets through the Auto class
+    image_text: str = IMAGE_PLACEHOLDER   # what a prompt holds per image before expansion
+    one_d_positions: bool = True     # plain 1-D positions: pairs can be packed and prefixes reused
+    pad_to_square: bool = False      # LLaVA-1.5's image_aspect_ratio=pad
+
+    def image_token_id(self, model_config) -> int:
+        value = getattr(model_config, "image_token_id", None)
+        if value is None:
+            value = getattr(model_config, "image_token_index", None)
+        if value is None:
+            raise ValueError(f"{self.name}: the model config names no image token (image_token_id)")
+        return int(value)
+
+    def vision_inputs(self, loaded: "LoadedModel", images: Sequence[Image.Image]) -> VisionInputs:
+        images = [image.convert("RGB") for image in images]
+        if not images:
+            return VisionInputs({}, [])
+        if self.name == "llava":
+            from orchestrator.model.llava import pixel_values
+
+            return VisionInputs({"pixel_values": pixel_values(loaded, images)}, [loaded.tokens_per_image] * len(images))
+        if self.name == "llava_next":
+            # The processor expands one <image> per text to that image's anyres token count.
+            processed = loaded.processor(text=[IMAGE_PLACEHOLDER] * len(images), images=images,
+                                         return_tensors="pt", padding=True)
+            tokens = (processed["input_ids"] == loaded.image_token_id).sum(-1).tolist()
+            return VisionInputs({"pixel_values": processed["pixel_values"],
+                                 "image_sizes": processed["image_sizes"]}, [int(count) for count in tokens])
+        processed = loaded.image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        merge = int(getattr(loaded.image_processor, "merge_size", 2))
+        tokens = (grid.prod(-1) // (merge * merge)).tolist()
+        return VisionInputs({"pixel_values": processed["pixel_values"], "image_grid_thw": grid},
+                            [int(count) for count in tokens])
+
+
+FAMILIES = {
+    "llava": ModelFamily("llava", "llava", "LlavaForConditionalGeneration", pad_to_square=True),
+    "llava_next": ModelFamily("llava_next", "llava_next", "LlavaNextForConditionalGeneration"),
+    "qwen2_5_vl": ModelFamily("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+                              image_text="<|vision_start|><|image_pad|><|vision_end|>", one_d_positions=False),
+}
+FAMILY_NAMES = tuple(FAMILIES)
+
+
+def family_of(path: str | Path) -> str:
+    """The family of a model folder, from its config.json's ``model_type``."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    for family in FAMILIES.values():
+        if family.model_type == model_type:
+            return family.name
+    raise ValueError(f"{config_path}: model_type {model_type!r} is not a supported family "
+                     f"(supported: {', '.join(f.model_type for f in FAMILIES.values())})")
+
+
+def resolve_family(configured: str, path: str | Path) -> ModelFamily:
+    """`configured` ("auto" reads the folder), checked against the folder's own model_type."""
+    found = family_of(path)
+    if configured not in ("auto", found):
+        raise ValueError(f"model.family is {configured!r} but {path} holds a {found!r} model "
+                         f"(config.json model_type); set model.family: auto or {found}")
+    return FAMILIES[found]
+
+
+@dataclass
+class LoadedModel:
+    """A model of any family with what training and evaluation need to feed it."""
+
+    model: torch.nn.Module
+    family: ModelFamily
+    tokenizer: Any
+    image_processor: Any
+    processor: Any | None            # the full processor where the family needs it (LLaVA, LLaVA-NeXT)
+    image_token_id: int
+    tokens_per_image: int            # LLaVA-1.5: exact; other families: the most one image may take
+    image_mean: tuple[float, float, float]
+    chat_template: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def vision_inputs(self, images: Sequence[Image.Image]) -> VisionInputs:
+        return self.family.vision_inputs(self, images)
+
+    def save_processing(self, folder: str | Path) -> None:
+        """What turns text and images into this model's inputs (processor or tokenizer + image processor,
+        chat template), saved beside a model's weights so the folder loads on its own."""
+        if self.processor is not None:
+            self.processor.save_pretrained(str(folder))
+            return
+        self.tokenizer.save_pretrained(str(folder))
+        self.image_processor.save_pretrained(str(folder))
+        if self.chat_template:
+            (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
+
+    def prompt_text(self, question: str, template: str, num_images: int = 1) -> str:
+        """The prompt up to where the answer starts, one `family.image_text` per image (not yet expanded).
+
+        `template` is ``v1`` / ``llava_v1`` (HA-DPO's text templates) or ``chat`` (the model's chat
+        template). A question that holds ``<image>`` placeholders (MileBench contexts) keeps them where
+        they are; otherwise the images come first.
+        """
+        if template == CHAT_TEMPLATE:
+            if not self.chat_template:
+                raise ValueError(f"template 'chat': the {self.family.name} model folder has no chat template "
+                                 "(chat_template.jinja/.json or the tokenizer's); use v1 or llava_v1")
+            parts = question.split(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in question else \
+                [""] * num_images + [question]
+            content: list[dict] = []
+            for index, text in enumerate(parts):
+                if index:
+                    content.append({"type": "image"})
+                if text.strip():
+                    content.append({"type": "text", "text": text.strip()})
+            if IMAGE_PLACEHOLDER not in question:  # images first, then the question
+                content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                      chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
+            return text
+        text = build_prompt(question, template, num_images)
+        return text if self.family.image_text == IMAGE_PLACEHOLDER else \
+            text.replace(IMAGE_PLACEHOLDER, self.family.image_text)
+
+    def encode(self, text: str, image_tokens: Sequence[int]) -> list[int]:
+        """Token ids of a prompt text, each image token repeated as often as its image needs.
+
+        BOS is added where the tokenizer adds one and the text does not already start with it."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        found = sum(1 for token in ids if token == self.image_token_id)
+        if found != len(image_tokens):
+            raise ValueError(f"prompt holds {found} image placeholders but {len(image_tokens)} images were given")
+        out: list[int] = []
+        counts = iter(image_tokens)
+        for token in ids:
+            out.extend([token] * next(counts) if token == self.image_token_id else [token])
+        return out
+
+    def prompt_ids(self, question: str, template: str, image_tokens: Sequence[int]) -> list[int]:
+        """`encode(prompt_text(...))`: ids of `question` in `template` with these images' token counts."""
+        return self.encode(self.prompt_text(question, template, len(image_tokens)), image_tokens)
+
+
+def read_chat_template(path: str | Path, *holders) -> str | None:
+    """The folder's chat template: the processor's or tokenizer's, else chat_template.jinja / .json."""
+    for holder in holders:
+        template = getattr(holder, "chat_template", None)
+        if isinstance(template, str) and template:
+            return template
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def max_image_tokens(family: ModelFamily, model_config, image_processor) -> int:
+    """Tokens one image takes at most (exact for LLaVA-1.5): what prompt budgets count per image."""
+    from orchestrator.model.llava import tokens_per_image
+
+    if family.name == "llava":
+        return tokens_per_image(model_config)
+    if family.name == "llava_next":
+        vision = model_config.vision_config
+        side = vision.image_size // vision.patch_size
+        pinpoints = model_config.image_grid_pinpoints
+        most_tiles = max((h // vision.image_size) * (w // vision.image_size) for h, w in pinpoints)
+        # the base tile, plus the grid tiles unpadded with one image_newline per row at most
+        return side * side + most_tiles * side * side + int(max(max(p) for p in pinpoints) // vision.patch_size)
+    merge = int(getattr(image_processor, "merge_size", 2))
+    patch = int(getattr(image_processor, "patch_size", 14))
+    size = getattr(image_processor, "size", None) or {}
+    most_pixels = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or 12845056)
+    return most_pixels // (patch * patch * merge * merge)
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
+               attn_implementation: str = "sdpa", family: str = "auto") -> LoadedModel:
+    """Load a model folder of any supported family (tiny or real) from local disk only."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from orchestrator.model.llava import resolve_dtype
+
+    path = Path(path)
+    chosen = resolve_family(family, path)
+    torch_dtype = resolve_dtype(dtype, device)
+    placement = {}
+    if not is_deepspeed_zero3_enabled():  # ZeRO-3 partitions the weights itself and refuses a device_map
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        # the safetensors are read straight into `device`: no CPU copy of a 7B model first
+        placement["device_map"] = {"": target}
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation, **placement,
+    ).to(device)
+    processor = None
+    if chosen.name == "qwen2_5_vl":
+        # Qwen2.5-VL's processor class also wants a video processor (torchvision): the tokenizer and the image
+        # processor are all we use
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+        tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return LoadedModel(
+        model=model, family=chosen, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
+        image_token_id=chosen.image_token_id(model.config),
+        tokens_per_image=max_image_tokens(chosen, model.config, image_processor),
+        image_mean=tuple(getattr(image_processor, "image_mean", (0.5, 0.5, 0.5))),
+        chat_template=read_chat_template(path, processor, tokenizer),
+    )
