@@ -112,6 +112,11 @@ def handle_stop_signals() -> Callable[[], None]:
     return restore
 
 
+def stop_signals_handled() -> bool:
+    """Whether `handle_stop_signals` is in force (a `hadpo` command's boundary): Ctrl-C is ours to handle."""
+    return bool(_stop_handling["on"])
+
+
 def received_signal() -> int | None:
     """The stop signal that arrived last (None if none did)."""
     return _stop_handling["received"]

@@ -31,7 +31,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.data import datasets
 from orchestrator.model.base_model import base_model_path
 from orchestrator.plan import reference_fill
-from orchestrator.ray_session import init_ray
+from orchestrator.ray_session import init_ray, stop_signals_handled
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
 from orchestrator.train.recipe import train_loop_per_worker
@@ -115,7 +115,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = (_trainer_keeping_our_stop_signals() if stop_signals_handled() else TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "stage": stage, "base_model": str(base),
                            "step_hook": step_hook, "reference_cache": reference_cache,
@@ -149,6 +149,20 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
         run_path=_join(storage, name),
         timings=timings,
     )
+
+
+def _trainer_keeping_our_stop_signals():
+    from ray.train.torch import TorchTrainer
+
+    class TrainerKeepingOurStopSignals(TorchTrainer):
+        """Ray Train's trainer without its Ctrl-C handler. Ray Train puts one in at `fit` that aborts the run and
+        exits 0 or 1 with nothing said; under a `hadpo` command, Ctrl-C stays the boundary's: Ray stops, the
+        line says which checkpoint was kept and how to resume, and the exit code is 130."""
+
+        def _register_sigint_handler(self, controller) -> None:
+            return None
+
+    return TrainerKeepingOurStopSignals
 
 
 def _join(root: str, *parts: str) -> str:

@@ -39,12 +39,12 @@ def wait_for(lines, words, process, timeout):
     pytest.fail(f"never saw {words!r}:\n" + "".join(lines[-40:]))
 
 
-def config_file(tmp_path):
+def config_file(tmp_path, extra: str = ""):
     path = tmp_path / "c.yaml"
     # POPE in 8 one-image blocks: the evaluation is still answering when the signal comes
     path.write_text(f"name: sig\noutput_root: {tmp_path / 'runs'}\n"
                     "data: {synthetic: {num_images: 12, num_pope_images: 8, image_size: 48, milebench_tasks: 0}}\n"
-                    "eval: {batch_size: 4, prefix_images: 1, cpus_per_actor: 0.5}\n")
+                    "eval: {batch_size: 4, prefix_images: 1, cpus_per_actor: 0.5}\n" + extra)
     return path
 
 
@@ -69,3 +69,22 @@ def test_a_signal_stops_ray_says_what_was_kept_and_leaves_no_ray_process(tmp_pat
     assert "answers of evaluation" in line and f"Run the same command again to resume: hadpo eval" in line
     gone, alive = psutil.wait_procs(ours, timeout=30)
     assert not alive, [(p.pid, p.cmdline()[:3]) for p in alive if p.is_running()]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_is_the_boundarys_not_ray_trains(tmp_path):
+    """Ray Train puts its own Ctrl-C handler in at `fit` (abort, then exit 0 or 1 with nothing said); under
+    `hadpo` the boundary keeps it: exit 130 and the line that says what was kept and how to resume."""
+    process, lines, reader = start(tmp_path, "train", str(config_file(tmp_path, "train: {epochs: 300}\n")))
+    wait_for(lines, "[dpo] step", process, timeout=300)  # the workers are training
+    process.send_signal(signal.SIGINT)
+    try:
+        assert process.wait(timeout=60) == 130, "".join(lines[-40:])
+    finally:
+        process.kill()
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert "Traceback" not in output, output[-3000:]
+    (line,) = [line for line in lines if line.startswith("interrupted by ")]
+    assert f"interrupted by SIGINT: Ray work stopped; kept under {tmp_path / 'runs' / 'sig'}" in line
+    assert "Run the same command again to resume: hadpo train" in line
