@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hadpo demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # the fast lane: no test that starts Ray or trains (those are marked slow; starting Ray here is an error)
 test-fast: $(STAMP)
