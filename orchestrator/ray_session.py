@@ -78,11 +78,22 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
     else:
         temp_dir = ray_temp_dir(Path(config.output_root))
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), **kwargs)
+        _local_without_dashboard["on"] = True
     if _stop_handling["on"]:
         _install_stop_handlers()  # Ray's core worker has just replaced SIGTERM's handler with an abort
     console.attach_ray()  # worker output and Ray's logs to the run's log file (outside a command: no change)
     log.info("Ray resources: %s", ray.cluster_resources())
     return ray
+
+
+_local_without_dashboard = {"on": False}
+
+
+def state_api_available() -> bool:
+    """False on the local Ray `init_ray` starts: it runs no dashboard, and Ray's state API is served by it."""
+    import ray
+
+    return not (_local_without_dashboard["on"] and ray.is_initialized())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.data import datasets
 from orchestrator.model.base_model import base_model_path
 from orchestrator.plan import reference_fill
-from orchestrator.ray_session import init_ray, stop_signals_handled
+from orchestrator.ray_session import init_ray, state_api_available, stop_signals_handled
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
 from orchestrator.train.recipe import train_loop_per_worker
@@ -80,8 +80,6 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
     timings = {"started": time.time()}
@@ -115,7 +113,7 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    trainer = (_trainer_keeping_our_stop_signals() if stop_signals_handled() else TorchTrainer)(
+    trainer = _torch_trainer()(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "stage": stage, "base_model": str(base),
                            "step_hook": step_hook, "reference_cache": reference_cache,
@@ -151,18 +149,30 @@ def run_training(cfg: ExperimentConfig, stage: str = "dpo", base_model: str | No
     )
 
 
-def _trainer_keeping_our_stop_signals():
+def _torch_trainer():
+    """Ray Train's `TorchTrainer`, less two parts that work against a `hadpo` run:
+
+    - its Ctrl-C handler (put in at `fit`: abort the run, then exit 0 or 1 with nothing said), under a `hadpo`
+      command, where Ctrl-C stays the boundary's: Ray stops, the line says which checkpoint was kept and how to
+      resume, and the exit code is 130;
+    - its placement-group cleaner on the local Ray `init_ray` starts: the cleaner asks Ray's state API, which
+      that Ray (no dashboard) does not serve, and logs a warning every second of the run; a local Ray's
+      placement groups go with the process anyway.
+    """
     from ray.train.torch import TorchTrainer
 
-    class TrainerKeepingOurStopSignals(TorchTrainer):
-        """Ray Train's trainer without its Ctrl-C handler. Ray Train puts one in at `fit` that aborts the run and
-        exits 0 or 1 with nothing said; under a `hadpo` command, Ctrl-C stays the boundary's: Ray stops, the
-        line says which checkpoint was kept and how to resume, and the exit code is 130."""
-
+    class HadpoTorchTrainer(TorchTrainer):
         def _register_sigint_handler(self, controller) -> None:
-            return None
+            if not stop_signals_handled():
+                super()._register_sigint_handler(controller)
 
-    return TrainerKeepingOurStopSignals
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if state_api_available():
+                return callbacks
+            return [callback for callback in callbacks if type(callback).__name__ != "PlacementGroupCleanerCallback"]
+
+    return HadpoTorchTrainer
 
 
 def _join(root: str, *parts: str) -> str:
