@@ -78,7 +78,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
     else:
         temp_dir = ray_temp_dir(Path(config.output_root))
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), **kwargs)
-        _local_without_dashboard["on"] = True
+        _local_session["on"] = True
     if _stop_handling["on"]:
         _install_stop_handlers()  # Ray's core worker has just replaced SIGTERM's handler with an abort
     console.attach_ray()  # worker output and Ray's logs to the run's log file (outside a command: no change)
@@ -86,14 +86,15 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
     return ray
 
 
-_local_without_dashboard = {"on": False}
+_local_session = {"on": False}
 
 
-def state_api_available() -> bool:
-    """False on the local Ray `init_ray` starts: it runs no dashboard, and Ray's state API is served by it."""
+def local_session() -> bool:
+    """Whether Ray runs as the local one `init_ray` started in this process: one machine, no autoscaler (an
+    autoscaler config file lying in the home folder is not this Ray's), no dashboard and so no state API."""
     import ray
 
-    return not (_local_without_dashboard["on"] and ray.is_initialized())
+    return _local_session["on"] and ray.is_initialized()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -301,10 +301,13 @@ def check_resources(request: ResourceRequest, wait_s: float = 0.0, poll_s: float
 
 
 def preflight(cfg, *requests: ResourceRequest) -> None:
-    """`check_resources` for each request, waiting at most ``scaling.resource_wait_s`` for an autoscaler."""
+    """`check_resources` for each request, waiting at most ``scaling.resource_wait_s`` for an autoscaler (none
+    on the local Ray a command starts: a stale autoscaler config in the home folder must not make it wait)."""
+    from orchestrator.ray_session import local_session
+
+    autoscaling_config = None if local_session() else cfg.scaling.autoscaling_config
     for request in requests:
-        check_resources(request, wait_s=cfg.scaling.resource_wait_s,
-                        view=lambda: cluster_view(cfg.scaling.autoscaling_config))
+        check_resources(request, wait_s=cfg.scaling.resource_wait_s, view=lambda: cluster_view(autoscaling_config))
 
 
 def _request_from_autoscaler(bundles: list[dict[str, float]]) -> None:

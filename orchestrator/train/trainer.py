@@ -31,7 +31,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.data import datasets
 from orchestrator.model.base_model import base_model_path
 from orchestrator.plan import reference_fill
-from orchestrator.ray_session import init_ray, state_api_available, stop_signals_handled
+from orchestrator.ray_session import init_ray, local_session, stop_signals_handled
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
 from orchestrator.train.recipe import train_loop_per_worker
@@ -168,7 +168,7 @@ def _torch_trainer():
 
         def _create_default_callbacks(self) -> list:
             callbacks = super()._create_default_callbacks()
-            if state_api_available():
+            if not local_session():
                 return callbacks
             return [callback for callback in callbacks if type(callback).__name__ != "PlacementGroupCleanerCallback"]
 

@@ -6,6 +6,7 @@ The rules are pure functions of a request and a cluster view; the slow tests ask
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -203,3 +204,27 @@ def test_evaluation_on_a_gpu_the_cluster_lacks_fails_before_any_actor_starts(ray
     with pytest.raises(ResourceError, match=r"evaluation \(1 actor\(s\)\) asks for 1 x \{CPU: 0.5, GPU: 1\}"):
         run_eval(config, model_path=str(tmp_path / "none"), benchmarks=("pope",))
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_a_local_run_ignores_an_autoscaler_config_left_in_the_home_folder(tmp_path):
+    """The local Ray a command starts has no autoscaler: node types in a stale ~/ray_bootstrap_config.yaml
+    (the default `scaling.autoscaling_config`) must not make it wait for nodes that never come."""
+    import subprocess
+    import sys
+
+    from orchestrator.cluster import load_cluster_yaml, local_autoscaling_config
+
+    stale = tmp_path / "ray_bootstrap_config.yaml"
+    stale.write_text(yaml.safe_dump(local_autoscaling_config(load_cluster_yaml(ROOT / "cluster.yaml"),
+                                                             gcs_address="h:1")))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: stale\noutput_root: {tmp_path / 'runs'}\ndata: {{synthetic: {{num_images: 8}}}}\n"
+                      f"scaling: {{resources_per_worker: {{gpu_stand_in: 1}}, "
+                      f"autoscaling_config: {stale}, resource_wait_s: 300}}\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(config)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no node has that" in done.stderr and "waiting up to" not in done.stdout + done.stderr, done.stderr
+    assert time.monotonic() - started < 120
