@@ -165,6 +165,14 @@ class LoadedModel:
     chat_template: str | None = None
     extra: dict = field(default_factory=dict)
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square pixel tensor a LLaVA-1.5 image becomes (its image processor's crop)."""
+        crop = getattr(self.image_processor, "crop_size", None)
+        if crop:
+            return int(crop["height"])
+        return int(getattr(self.model.config.vision_config, "image_size", 0) or 0)
+
     def vision_inputs(self, images: Sequence[Image.Image]) -> VisionInputs:
         return self.family.vision_inputs(self, images)
 
