@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from orchestrator.model.image_tokens import QWEN2_5_VL_MAX_PIXELS, llava_next_max_image_tokens, qwen_max_image_tokens
 from orchestrator.model.templates import IMAGE_PLACEHOLDER, build_prompt
 
 log = logging.getLogger(__name__)
@@ -244,23 +245,20 @@ def read_chat_template(path: str | Path, *holders) -> str | None:
 
 
 def max_image_tokens(family: ModelFamily, model_config, image_processor) -> int:
-    """Tokens one image takes at most (exact for LLaVA-1.5): what prompt budgets count per image."""
+    """Tokens one image takes at most (exact for LLaVA-1.5): what prompt budgets count per image
+    (`image_tokens` says how each family counts; the planner counts the same way)."""
     from orchestrator.model.llava import tokens_per_image
 
     if family.name == "llava":
         return tokens_per_image(model_config)
     if family.name == "llava_next":
         vision = model_config.vision_config
-        side = vision.image_size // vision.patch_size
-        pinpoints = model_config.image_grid_pinpoints
-        most_tiles = max((h // vision.image_size) * (w // vision.image_size) for h, w in pinpoints)
-        # the base tile, plus the grid tiles unpadded with one image_newline per row at most
-        return side * side + most_tiles * side * side + int(max(max(p) for p in pinpoints) // vision.patch_size)
+        return llava_next_max_image_tokens(vision.image_size, vision.patch_size, model_config.image_grid_pinpoints)
     merge = int(getattr(image_processor, "merge_size", 2))
     patch = int(getattr(image_processor, "patch_size", 14))
     size = getattr(image_processor, "size", None) or {}
-    most_pixels = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or 12845056)
-    return most_pixels // (patch * patch * merge * merge)
+    most_pixels = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or QWEN2_5_VL_MAX_PIXELS)
+    return qwen_max_image_tokens(most_pixels, patch, merge)
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
