@@ -29,8 +29,15 @@ What one GPU (one Ray Train worker) holds, per component:
 - logits: rows x seq x vocab x (4 bytes fp32 log-softmax + the bf16 logits).
 - a fixed CUDA context / NCCL / allocator overhead (`OVERHEAD_GB`).
 
+Models (`ModelShape`): LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL, from the folder's config.json (`shape_from_config`),
+their parameters counted as transformers builds them (tested against its modules). Images count at the most
+tokens one may take (`model/image_tokens.py`: LLaVA-NeXT 2,928 at 336 px tiles, Qwen2.5-VL max_pixels / 28^2),
+which only matters for packed pairs: rows are planned at `train.max_length`. Qwen2.5-VL's pairs are never
+packed (its multimodal rotary positions), so `train.prefix_sharing` plans two rows per pair for it.
+
 Components are summed, which is conservative: their peaks do not all coincide. The frozen vision tower's
-activations (no gradient flows into it) and DeepSpeed's own buffers beyond the reduce bucket are ignored.
+activations (no gradient flows into it; LLaVA-NeXT runs it on 5 tiles per image) and DeepSpeed's own buffers
+beyond the reduce bucket are ignored.
 
 Calibration: `ACTIVATION_CALIBRATION` was fitted on ONE measured point (shared/docs/GPU.md: LLaVA-1.5-7B
 shape, LoRA r128 on all LM linears, 4 pairs/GPU, 739 tokens/row, gradient checkpointing, reference =
@@ -38,7 +45,7 @@ adapters disabled, one H100, bf16: 22.9 GB peak allocated). With it, everything 
 to 22.9 GB there, and the total with `OVERHEAD_GB` (what nvidia-smi would show) to 24.4 GB; the raw
 per-tensor count (calibration 1.0) gives 23.7 GB allocated, 25.2 GB in total. One point cannot
 tell the per-tensor count's overstatement apart from non-coinciding peaks; figures far from that shape
-(full fine-tuning, eager attention, much longer rows) are extrapolations: read them as +-25%.
+(full fine-tuning, eager attention, much longer rows, the other families) are extrapolations: read them as +-25%.
 Without gradient checkpointing every layer's activations are kept and the same count undershoots:
 `NO_CHECKPOINT_CALIBRATION` was fitted on two points measured by benchmarks/dpo_step.py (2026-11-30, one
 H200: packed pairs of 631 + 2 x 128 tokens, LoRA r128 dropout 0.05, bf16, no checkpointing, cached
@@ -463,6 +470,7 @@ class MemoryPlan:
     components: dict[str, float]
     cpu_components: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    image_tokens: int = 0      # the most tokens one image takes (ModelShape.image_tokens)
 
     @property
     def total_gb(self) -> float:
@@ -667,6 +675,7 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         offload_params=offload_par, num_workers=workers, rows=rows, seq_len=row_tokens,
         gradient_checkpointing=bool(checkpointing), bf16=train_cfg.bf16,
         gpu_memory_gb=planned_gpu_memory_gb(scaling), components=components, cpu_components=cpu, notes=notes,
+        image_tokens=shape.image_tokens,
     )
 
 
@@ -895,7 +904,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"ZeRO-{plan.zero_stage} over {plan.num_workers} worker(s)"
         + (f", CPU offload of {' and '.join(offload)}" if offload else "")
         + f"; {plan.rows} rows x {plan.seq_len} tokens per GPU"
-        + f", gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        + f", gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"
+        + (f"; up to {plan.image_tokens} tokens per image" if plan.image_tokens else ""),
         "",
     ]
     width = max(len(name) for name in list(plan.components) + ["total per GPU"]) + 2
