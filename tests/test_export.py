@@ -71,14 +71,25 @@ def base_plus_adapter_logits(base_dir: Path, adapter: Path, inputs) -> torch.Ten
         return model(**inputs).logits
 
 
+def assert_merged_gives_base_plus_adapter_logits(merged_dir: Path, base_dir: Path, adapter: Path, inputs) -> None:
+    """The merged folder, loaded by plain transformers, computes base + adapter (to ATOL), and the adapter
+    changes the base's logits (so the comparison has teeth)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.no_grad():
+        ours = AutoModelForImageTextToText.from_pretrained(str(merged_dir)).eval()(**inputs).logits
+        plain_base = AutoModelForImageTextToText.from_pretrained(str(base_dir)).eval()(**inputs).logits
+    expected = base_plus_adapter_logits(base_dir, adapter, inputs)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    assert (expected - plain_base).abs().max() > 1e-2
+
+
 def default_config(**sections):
     return config_from_dict(sections)
 
 
 def test_merged_export_loads_with_plain_transformers_and_gives_base_plus_adapter_logits(tiny_model_dir, adapter_dir,
                                                                                          tmp_path):
-    from transformers import AutoModelForImageTextToText
-
     config = default_config(export={"max_shard_size": "200KB"})
     out = tmp_path / "merged"
     result = export_model(adapter_dir, out, config, merge=True, base_model=tiny_model_dir)
@@ -91,13 +102,7 @@ def test_merged_export_loads_with_plain_transformers_and_gives_base_plus_adapter
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # the tiny base's own dtype
 
     inputs = model_inputs(tiny_model_dir)
-    merged = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
-    with torch.no_grad():
-        ours = merged(**inputs).logits
-        plain_base = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir)).eval()(**inputs).logits
-    expected = base_plus_adapter_logits(tiny_model_dir, adapter_dir, inputs)
-    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
-    assert (expected - plain_base).abs().max() > 1e-2  # the adapter changes the model: the check has teeth
+    assert_merged_gives_base_plus_adapter_logits(out, tiny_model_dir, adapter_dir, inputs)
     torch.testing.assert_close(model_inputs(out)["input_ids"], inputs["input_ids"])  # the base's processor
 
 
@@ -312,8 +317,6 @@ def chat_inputs(model_dir: Path):
 
 def test_merged_export_of_each_family_loads_with_plain_transformers_and_gives_base_plus_adapter_logits(
         tiny_family_dir, family_adapter, tmp_path):
-    from transformers import AutoModelForImageTextToText
-
     family = json.loads((tiny_family_dir / "config.json").read_text())["model_type"]
     out = tmp_path / "merged"
     export_model(family_adapter, out, default_config(export={"max_shard_size": "200KB"}), merge=True,
@@ -336,13 +339,7 @@ def test_merged_export_of_each_family_loads_with_plain_transformers_and_gives_ba
     inputs = chat_inputs(tiny_family_dir)
     for name, tensor in chat_inputs(out).items():  # the exported folder makes the same inputs
         torch.testing.assert_close(tensor, inputs[name], atol=0, rtol=0)
-    merged = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
-    with torch.no_grad():
-        ours = merged(**inputs).logits
-        plain_base = AutoModelForImageTextToText.from_pretrained(str(tiny_family_dir)).eval()(**inputs).logits
-    expected = base_plus_adapter_logits(tiny_family_dir, family_adapter, inputs)
-    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
-    assert (expected - plain_base).abs().max() > 1e-2  # the adapter changes the model: the check has teeth
+    assert_merged_gives_base_plus_adapter_logits(out, tiny_family_dir, family_adapter, inputs)
 
     card = (out / "README.md").read_text()
     title = {"llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL"}[family]
