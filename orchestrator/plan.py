@@ -150,7 +150,8 @@ class ModelShape:
         h, i = self.vision_hidden, self.vision_intermediate
         if self.family == "qwen2_5_vl":
             patch_embed = 3 * self.temporal_patch_size * self.patch_size ** 2 * h       # Conv3d, no bias
-            layer = (h * 3 * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h) + 2 * h  # qkv, proj, gate+up, down, 2 RMSNorms
+            # qkv, proj, gate + up, down (all with biases), 2 RMSNorms
+            layer = (h * 3 * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h) + 2 * h
             return patch_embed + self.vision_layers * layer
         positions = (self.image_size // self.patch_size) ** 2 + 1                       # one tile's patches + CLS
         embeddings = 3 * self.patch_size ** 2 * h + h + positions * h                   # patch conv, CLS, positions

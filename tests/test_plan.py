@@ -388,7 +388,8 @@ def test_llava_next_and_qwen_7b_parameter_counts_match_transformers_and_the_publ
     assert LLAVA_NEXT_VICUNA_7B.total_params() == LLAVA_15_7B.total_params() + 4096
     assert LLAVA_NEXT_MISTRAL_7B.total_params() == COUNTED["LLaVA-NeXT-Mistral-7B"] == pytest.approx(7.57e9, rel=0.005)
     assert QWEN2_5_VL_7B.total_params() == COUNTED["Qwen2.5-VL-7B"] == pytest.approx(8.29e9, rel=0.005)
-    assert QWEN2_5_VL_7B.vision_params() + QWEN2_5_VL_7B.projector_params() == COUNTED["Qwen2.5-VL-7B visual (ViT + merger)"]
+    visual = QWEN2_5_VL_7B.vision_params() + QWEN2_5_VL_7B.projector_params()
+    assert visual == COUNTED["Qwen2.5-VL-7B visual (ViT + merger)"]
     # merger by hand: RMSNorm(1280) + Linear(5120 -> 5120) + Linear(5120 -> 3584), with biases
     assert QWEN2_5_VL_7B.projector_params() == 1280 + 5120 * 5120 + 5120 + 5120 * 3584 + 3584
     # one Qwen2 decoder layer by hand: q/o 3584x3584, k/v 3584x512 (4 kv heads of 128), q/k/v biases, SwiGLU, 2 norms
@@ -494,7 +495,8 @@ def test_tiny_family_shapes_count_exactly_what_the_built_models_hold(tiny_model_
         shape = shape_from_config(config_from_dict({"model": {"path": str(folder)}}))
         assert shape.family == family
         assert shape.total_params() == sum(p.numel() for p in loaded.model.parameters()), family
-        built = tiny_shape(TinyModelConfig(), vocab_size=loaded.model.config.get_text_config().vocab_size, family=family)
+        vocab_size = loaded.model.config.get_text_config().vocab_size
+        built = tiny_shape(TinyModelConfig(), vocab_size=vocab_size, family=family)
         assert replace(built, name="") == replace(shape, name=""), family
         assert shape.image_tokens == loaded.tokens_per_image, family
     # the largest image the tiny family takes is cut into exactly image_tokens tokens by its own processing
