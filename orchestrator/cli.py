@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=int, help="tokens per row (default: train.max_length, the worst case)")
     plan.set_defaults(func=cmd_plan)
 
-    export = commands.add_parser("export", help="a run's adapter as a peft adapter or merged llava-hf model, "
+    export = commands.add_parser("export", help="a run's adapter as a peft adapter or merged model, "
                                  "with a model card; optionally uploaded to the hub")
     export.add_argument("source", help="run folder (<output_root>/<name>) or LoRA adapter / checkpoint folder")
     export.add_argument("--out", required=True, help="new folder to write")
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
     export.add_argument("--stage", help="the training stage whose adapter to export when the run has several "
                         "(e.g. dpo_seed2)")
-    export.add_argument("--base-model", help="llava-hf folder the adapter was trained on (default: the run record's)")
+    export.add_argument("--base-model", help="model folder the adapter was trained on (default: the run record's)")
     export.add_argument("--base-model-id", help="the base model's hub id, written into the card and adapter_config")
     export.add_argument("--config", help="experiment config (default: the run's config.yaml, else the defaults)")
     export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -3,12 +3,16 @@
 What it writes into `out_dir`:
 - without `merge`: the adapter in peft's layout (``adapter_config.json``, ``adapter_model.safetensors``),
   loadable with ``PeftModel.from_pretrained(base, out_dir)`` on the base model it was trained on;
-- with `merge`: a complete llava-hf folder (sharded safetensors, ``config.json``, the processor's files,
-  ``generation_config.json``) that plain ``AutoModelForImageTextToText.from_pretrained(out_dir)`` loads,
-  and the unmerged adapter beside it in ``adapter/`` (not at the top level: transformers would then try
-  to load the folder as an adapter);
-- ``README.md``, a model card: the run's POPE / MileBench tables and its run record (base model,
-  config, data-file hashes, package versions), rendered by `orchestrator.report`, nothing recomputed.
+- with `merge`: a complete transformers folder of the base's family (LLaVA-1.5 or LLaVA-NeXT in the llava-hf
+  layout, Qwen2.5-VL; sharded safetensors, ``config.json``, the processing files, ``generation_config.json``)
+  that plain ``AutoModelForImageTextToText.from_pretrained(out_dir)`` loads, and the unmerged adapter beside
+  it in ``adapter/`` (not at the top level: transformers would then try to load the folder as an adapter).
+  The processing files are the base's, read and written the family's way (`families.load_processing`: the
+  processor for the LLaVA families; Qwen2.5-VL's tokenizer, image processor and chat template, since its
+  processor class needs torchvision for video);
+- ``README.md``, a model card naming the model family and the prompt template: the run's POPE / MileBench
+  tables and its run record (base model, config, data-file hashes, package versions), rendered by
+  `orchestrator.report`, nothing recomputed.
 
 The merge loads the base in float32, adds the LoRA delta there (one rounding, when the result is cast to
 `export.dtype`, by default the base's own dtype) and needs about 4 bytes per parameter of CPU memory
@@ -68,7 +72,7 @@ class ExportResult:
     repo_url: str | None = None
 
     def summary(self) -> str:
-        what = "merged llava-hf model" if self.merged else "peft adapter"
+        what = "merged model" if self.merged else "peft adapter"
         lines = [f"{what} exported to {self.out_dir} ({len(self.files)} files)", f"adapter: {self.source.adapter}",
                  f"base model: {self.source.base_model or '(unknown)'}"]
         if self.repo_url:
@@ -219,16 +223,17 @@ def merged_dtype(name: str, base_config: dict):
 
 def merge_adapter(base_model: Path, adapter: Path, out_dir: Path, dtype: str = "auto",
                   max_shard_size: str = "5GB") -> None:
-    """Base + adapter merged (in float32) and saved as a complete llava-hf folder with the base's processor."""
+    """Base + adapter merged (in float32) and saved as a complete folder of the base's family, with the base's
+    processing files."""
     # torch, peft and transformers only for a merge: an unmerged export and its card never load them
     import torch
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from orchestrator.model.llava import load_processor
+    from orchestrator.model.families import (FAMILIES, family_of, load_processing, read_chat_template,
+                                             save_processing_files)
 
-    if not (base_model / "config.json").is_file():
-        raise FileNotFoundError(f"base model {base_model}: not a llava-hf model folder (no config.json)")
+    family = FAMILIES[family_of(base_model)]  # a folder of no supported family is refused, naming its model_type
     target = merged_dtype(dtype, _read_json(base_model / "config.json"))
     model = AutoModelForImageTextToText.from_pretrained(str(base_model), dtype=torch.float32, local_files_only=True)
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -237,8 +242,11 @@ def merge_adapter(base_model: Path, adapter: Path, out_dir: Path, dtype: str = "
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     if not (out_dir / "generation_config.json").is_file():
         model.generation_config.save_pretrained(str(out_dir))
-    load_processor(base_model).save_pretrained(str(out_dir))
-    log.info("merged %s into %s (%s) -> %s", adapter, base_model, str(target).replace("torch.", ""), out_dir)
+    processor, tokenizer, image_processor = load_processing(base_model, family)
+    save_processing_files(out_dir, processor, tokenizer, image_processor,
+                          read_chat_template(base_model, processor, tokenizer))
+    log.info("merged %s into %s (%s, %s) -> %s", adapter, base_model, family.name,
+             str(target).replace("torch.", ""), out_dir)
 
 
 def matching_evaluations(run, source: ExportSource):
@@ -265,30 +273,75 @@ def without_extra_env_values(run):
     return dataclasses.replace(run, record={**run.record, "config": hidden})
 
 
+# config.json model_type -> how the card names the family (the families `families.FAMILIES` loads)
+FAMILY_TITLES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL"}
+TEXT_TEMPLATES = ("v1", "llava_v1")   # HA-DPO's LLaVA-1.5 templates; "chat" is the model's own
+
+
+def base_family(base_model: Path | None) -> str | None:
+    """The base model's family (its config.json ``model_type``) when the folder is here and of a known family."""
+    if base_model is None or not (base_model / "config.json").is_file():
+        return None
+    model_type = _read_json(base_model / "config.json").get("model_type")
+    return model_type if model_type in FAMILY_TITLES else None
+
+
+def run_templates(run_dir: Path | None) -> tuple[str | None, str | None]:
+    """(train, eval) prompt templates the run's record says it used, or Nones."""
+    record = layout.run_record_path(run_dir) if run_dir is not None else None
+    if record is None or not record.is_file():
+        return None, None
+    model = (_read_json(record).get("config") or {}).get("model") or {}
+    return model.get("train_template"), model.get("eval_template")
+
+
+def prompt_lines(family: str | None, train_template: str | None, eval_template: str | None) -> list[str]:
+    """How the model was prompted: HA-DPO's text templates or the model's own chat template. Without a run
+    record, each family's usual templates (v1 / llava_v1 for LLaVA-1.5, chat for the others) are named."""
+    recorded = train_template is not None
+    if not recorded:
+        train_template, eval_template = ("v1", "llava_v1") if family in (None, "llava") else ("chat", "chat")
+    source = "the run's config below" if recorded else "the family's usual templates; no run record was found"
+    if train_template in TEXT_TEMPLATES:
+        return [f"Prompts: LLaVA-1.5's `USER: <image>\\n{{question}} ASSISTANT:` after the system prompt (HA-DPO "
+                f"trains with the `{train_template}` template and evaluates POPE with `{eval_template}`: {source})."]
+    lines = ["Prompts: the model's own chat template, one image entry before the question "
+             f"(`processor.apply_chat_template(messages, add_generation_prompt=True)`; templates `{train_template}` "
+             f"in training, `{eval_template}` in evaluation: {source})."]
+    if family == "qwen2_5_vl":
+        lines.append("Qwen2.5-VL's `AutoProcessor` needs torchvision (its video processor); `AutoTokenizer` and "
+                     "`AutoImageProcessor` load the same folder without it.")
+    return lines
+
+
 def model_card(source: ExportSource, merged: bool, base_model_id: str | None = None,
                repo_id: str | None = None) -> str:
-    """README.md: what the folder is, how to load it, and the run's results and record."""
+    """README.md: what the folder is (the model family), how to load and prompt it, and the run's results and
+    record."""
     base_name = base_model_id or (str(source.base_model) if source.base_model else "(not recorded)")
+    family = base_family(source.base_model)
+    title = FAMILY_TITLES.get(family, "a vision-language model")
     front = {"library_name": "transformers" if merged else "peft", "pipeline_tag": "image-text-to-text",
-             "tags": ["llava", "dpo", "ha-dpo", "hallucination", "lora", "hadpo-orchestrator"]}
+             "tags": ([family] if family else []) + ["dpo", "ha-dpo", "hallucination", "lora", "hadpo-orchestrator"]}
     if base_model_id:  # the hub checks that base_model names a hub repo; a local path would be rejected
         front["base_model"] = base_model_id
     name = repo_id or (source.run_dir.name if source.run_dir else source.adapter.parent.name)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {name}: LLaVA with HA-DPO (hallucination-aware DPO)", ""]
+             f"# {name}: {title} with HA-DPO (hallucination-aware DPO)", ""]
+    family_words = f"{title} (`model_type: {family}`)" if family else "model"
     if merged:
         lines += [f"The LoRA adapter trained by hadpo-orchestrator merged into the base model `{base_name}`: a "
-                  "complete llava-hf model. The unmerged adapter is in `adapter/`.", "",
+                  f"complete {family_words}. The unmerged adapter is in `adapter/`.", "",
                   "```python", "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
                   f'model = AutoModelForImageTextToText.from_pretrained("{repo_id or "<this folder>"}")',
                   f'processor = AutoProcessor.from_pretrained("{repo_id or "<this folder>"}")', "```"]
     else:
-        lines += [f"A LoRA adapter (peft) for the base model `{base_name}`, trained by hadpo-orchestrator.", "",
+        lines += [f"A LoRA adapter (peft) for the base model `{base_name}`"
+                  + (f", a {family_words}" if family else "") + ", trained by hadpo-orchestrator.", "",
                   "```python", "from peft import PeftModel", "from transformers import AutoModelForImageTextToText", "",
                   f'base = AutoModelForImageTextToText.from_pretrained("{base_model_id or "<base model>"}")',
                   f'model = PeftModel.from_pretrained(base, "{repo_id or "<this folder>"}")', "```"]
-    lines += ["", "LLaVA-1.5 prompts: `USER: <image>\\n{question} ASSISTANT:` after the system prompt "
-              "(HA-DPO trains with the `v1` template and evaluates POPE with `llava_v1`, see the config below).", ""]
+    lines += [""] + prompt_lines(family, *run_templates(source.run_dir)) + [""]
     lines += ["## Results and run record", ""]
     if source.run_dir is None:
         lines.append(f"The adapter `{source.adapter}` was exported on its own: no run folder "

@@ -29,8 +29,15 @@ What one GPU (one Ray Train worker) holds, per component:
 - logits: rows x seq x vocab x (4 bytes fp32 log-softmax + the bf16 logits).
 - a fixed CUDA context / NCCL / allocator overhead (`OVERHEAD_GB`).
 
+Models (`ModelShape`): LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL, from the folder's config.json (`shape_from_config`),
+their parameters counted as transformers builds them (tested against its modules). Images count at the most
+tokens one may take (`model/image_tokens.py`: LLaVA-NeXT 2,928 at 336 px tiles, Qwen2.5-VL max_pixels / 28^2),
+which only matters for packed pairs: rows are planned at `train.max_length`. Qwen2.5-VL's pairs are never
+packed (its multimodal rotary positions), so `train.prefix_sharing` plans two rows per pair for it.
+
 Components are summed, which is conservative: their peaks do not all coincide. The frozen vision tower's
-activations (no gradient flows into it) and DeepSpeed's own buffers beyond the reduce bucket are ignored.
+activations (no gradient flows into it; LLaVA-NeXT runs it on 5 tiles per image) and DeepSpeed's own buffers
+beyond the reduce bucket are ignored.
 
 Calibration: `ACTIVATION_CALIBRATION` was fitted on ONE measured point (shared/docs/GPU.md: LLaVA-1.5-7B
 shape, LoRA r128 on all LM linears, 4 pairs/GPU, 739 tokens/row, gradient checkpointing, reference =
@@ -38,7 +45,7 @@ adapters disabled, one H100, bf16: 22.9 GB peak allocated). With it, everything 
 to 22.9 GB there, and the total with `OVERHEAD_GB` (what nvidia-smi would show) to 24.4 GB; the raw
 per-tensor count (calibration 1.0) gives 23.7 GB allocated, 25.2 GB in total. One point cannot
 tell the per-tensor count's overstatement apart from non-coinciding peaks; figures far from that shape
-(full fine-tuning, eager attention, much longer rows) are extrapolations: read them as +-25%.
+(full fine-tuning, eager attention, much longer rows, the other families) are extrapolations: read them as +-25%.
 Without gradient checkpointing every layer's activations are kept and the same count undershoots:
 `NO_CHECKPOINT_CALIBRATION` was fitted on two points measured by benchmarks/dpo_step.py (2026-11-30, one
 H200: packed pairs of 631 + 2 x 128 tokens, LoRA r128 dropout 0.05, bf16, no checkpointing, cached
@@ -53,10 +60,13 @@ ZeRO-3 against 75.9 under ZeRO-2, the same with every weight resident) and full-
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from orchestrator.config import ExperimentConfig, ScalingSection, TinyModelConfig, TrainConfig
+from orchestrator.model.image_tokens import (QWEN2_5_VL_MAX_PIXELS, QWEN_PROCESSOR_DEFAULT_MAX_PIXELS,
+                                             llava_image_tokens, llava_next_max_image_tokens, qwen_max_image_tokens)
 
 GB = 1e9
 OVERHEAD_GB = 1.5                    # CUDA context, NCCL communicators, allocator slack
@@ -77,7 +87,20 @@ FASTEST_LORA_STAGE = 2
 # --------------------------------------------------------------------------------------------- shapes
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes that decide memory: a CLIP ViT, the 2-layer MLP projector, a Llama language model."""
+    """The sizes that decide memory, for each model family (`family`, as `model.family` names them):
+
+    - ``llava`` (LLaVA-1.5): a CLIP ViT (patch conv, CLS, learned positions, LayerNorms, GELU MLP), the 2-layer
+      MLP projector, a Llama (or Mistral) language model; one `image_size` tile per image;
+    - ``llava_next`` (LLaVA-NeXT): the same towers, plus ``image_newline`` (one `text_hidden` vector, counted
+      with the projector) and anyres tiling over `grid_pinpoints` ((height, width) px);
+    - ``qwen2_5_vl``: Qwen's ViT (3-D patch conv without bias over `temporal_patch_size` frames, RMSNorms,
+      SwiGLU MLP with biases, rotary positions: no position table), its patch merger as the projector
+      (RMSNorm, Linear 4v -> 4v, GELU, Linear 4v -> text_hidden for `merge_size` 2), a Qwen2 language model
+      whose q/k/v projections have biases (`qkv_bias`); images at their own resolution up to `max_pixels`
+      (`image_size` is unused: 0).
+
+    `image_tokens` counts as `orchestrator.model.image_tokens` says (the loader counts the same way).
+    """
 
     name: str
     vision_hidden: int
@@ -94,11 +117,29 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool = False
     projector_bias: bool = True
+    family: str = "llava"
+    qkv_bias: bool = False
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    max_pixels: int = 0
+    merge_size: int = 2
+    temporal_patch_size: int = 2
 
     @property
     def image_tokens(self) -> int:
-        """Tokens one image becomes (CLS dropped, LLaVA's `default` feature strategy)."""
-        return (self.image_size // self.patch_size) ** 2
+        """Tokens one image becomes at most: LLaVA-1.5 (size/patch)^2 (CLS dropped); LLaVA-NeXT the base tile +
+        the largest anyres grid + its newlines; Qwen2.5-VL max_pixels / (patch x merge)^2."""
+        if self.family == "llava_next":
+            return llava_next_max_image_tokens(self.image_size, self.patch_size, self.grid_pinpoints)
+        if self.family == "qwen2_5_vl":
+            return qwen_max_image_tokens(self.max_pixels, self.patch_size, self.merge_size)
+        return llava_image_tokens(self.image_size, self.patch_size)
+
+    @property
+    def packs_pairs(self) -> bool:
+        """Whether a pair can be one packed row [prompt, chosen, rejected] (`train.prefix_sharing`): only with
+        plain 1-D positions (`families.ModelFamily.one_d_positions`); Qwen2.5-VL's multimodal rotary positions
+        are computed from the whole row, so its pairs stay two rows."""
+        return self.family != "qwen2_5_vl"
 
     @property
     def kv_dim(self) -> int:
@@ -107,18 +148,30 @@ class ModelShape:
     # Parameter counts -----------------------------------------------------------------------------
     def vision_params(self) -> int:
         h, i = self.vision_hidden, self.vision_intermediate
-        embeddings = 3 * self.patch_size ** 2 * h + h + (self.image_tokens + 1) * h   # patch conv, CLS, positions
-        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h             # attn, fc1, fc2, 2 LayerNorms
-        return embeddings + 2 * h + self.vision_layers * layer + 2 * h                # pre/post LayerNorm
+        if self.family == "qwen2_5_vl":
+            patch_embed = 3 * self.temporal_patch_size * self.patch_size ** 2 * h       # Conv3d, no bias
+            # qkv, proj, gate + up, down (all with biases), 2 RMSNorms
+            layer = (h * 3 * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h) + 2 * h
+            return patch_embed + self.vision_layers * layer
+        positions = (self.image_size // self.patch_size) ** 2 + 1                       # one tile's patches + CLS
+        embeddings = 3 * self.patch_size ** 2 * h + h + positions * h                   # patch conv, CLS, positions
+        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h                 # attn, fc1, fc2, 2 LayerNorms
+        return embeddings + 2 * h + self.vision_layers * layer + 2 * h                    # pre/post LayerNorm
 
     def projector_params(self) -> int:
-        bias = 1 if self.projector_bias else 0
+        """What joins the towers: LLaVA's 2-layer MLP (+ LLaVA-NeXT's image_newline), Qwen2.5-VL's merger."""
         v, t = self.vision_hidden, self.text_hidden
-        return v * t + bias * t + t * t + bias * t
+        if self.family == "qwen2_5_vl":
+            merged = v * self.merge_size ** 2
+            return v + (merged * merged + merged) + (merged * t + t)                     # RMSNorm, Linear, Linear
+        bias = 1 if self.projector_bias else 0
+        newline = t if self.family == "llava_next" else 0
+        return v * t + bias * t + t * t + bias * t + newline
 
     def lm_layer_params(self) -> int:
         h, i, kv = self.text_hidden, self.text_intermediate, self.kv_dim
-        return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h                           # q,o + k,v + MLP + 2 RMSNorms
+        biases = h + 2 * kv if self.qkv_bias else 0
+        return 2 * h * h + 2 * h * kv + biases + 3 * h * i + 2 * h                     # q,o + k,v + MLP + 2 RMSNorms
 
     def lm_params_without_embeddings(self) -> int:
         return self.text_layers * self.lm_layer_params() + self.text_hidden          # + final RMSNorm
@@ -148,6 +201,10 @@ class ModelShape:
         return self.text_layers * per_layer
 
 
+FAMILY_NAMES = ("llava", "llava_next", "qwen2_5_vl")   # as `model.family` and `families.FAMILIES` name them
+# llava-v1.6's anyres grid resolutions (height, width), the llava_next config's default
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
 LLAVA_15_7B = ModelShape(
     name="LLaVA-1.5-7B", vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
     image_size=336, patch_size=14, text_hidden=4096, text_intermediate=11008, text_layers=32, text_heads=32,
@@ -155,63 +212,214 @@ LLAVA_15_7B = ModelShape(
 )
 LLAVA_15_13B = replace(LLAVA_15_7B, name="LLaVA-1.5-13B", text_hidden=5120, text_intermediate=13824,
                        text_layers=40, text_heads=40, text_kv_heads=40)
+# llava-hf/llava-v1.6-vicuna-7b-hf: LLaVA-1.5-7B's towers and Vicuna-7B, anyres tiling, image_newline
+LLAVA_NEXT_VICUNA_7B = replace(LLAVA_15_7B, name="LLaVA-NeXT-Vicuna-7B (v1.6)", family="llava_next",
+                               grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+LLAVA_NEXT_VICUNA_13B = replace(LLAVA_15_13B, name="LLaVA-NeXT-Vicuna-13B (v1.6)", family="llava_next",
+                                grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+# llava-hf/llava-v1.6-mistral-7b-hf: Mistral-7B (SwiGLU 14336, 8 key/value heads), vocabulary 32064
+LLAVA_NEXT_MISTRAL_7B = replace(LLAVA_NEXT_VICUNA_7B, name="LLaVA-NeXT-Mistral-7B (v1.6)", text_intermediate=14336,
+                                text_kv_heads=8)
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json and preprocessor_config.json (max_pixels 12845056)
+QWEN2_5_VL_7B = ModelShape(
+    name="Qwen2.5-VL-7B", family="qwen2_5_vl", vision_hidden=1280, vision_intermediate=3420, vision_layers=32,
+    vision_heads=16, image_size=0, patch_size=14, text_hidden=3584, text_intermediate=18944, text_layers=28,
+    text_heads=28, text_kv_heads=4, vocab_size=152064, qkv_bias=True, max_pixels=QWEN2_5_VL_MAX_PIXELS,
+)
 
 
-def tiny_shape(tiny: TinyModelConfig, vocab_size: int = TINY_VOCAB_ESTIMATE) -> ModelShape:
-    """The built-in tiny LLaVA (orchestrator/model/llava.py builds it with these sizes)."""
-    return ModelShape(
+def tiny_shape(tiny: TinyModelConfig, vocab_size: int = TINY_VOCAB_ESTIMATE, family: str = "llava") -> ModelShape:
+    """The built-in tiny model of `family` (orchestrator/model/tiny.py builds it with these sizes)."""
+    llava = ModelShape(
         name="tiny LLaVA", vision_hidden=tiny.vision_hidden, vision_intermediate=4 * tiny.vision_hidden,
         vision_layers=tiny.vision_layers, vision_heads=tiny.vision_heads, image_size=tiny.image_size,
         patch_size=tiny.patch_size, text_hidden=tiny.text_hidden, text_intermediate=tiny.text_intermediate,
         text_layers=tiny.text_layers, text_heads=tiny.text_heads, text_kv_heads=tiny.text_heads,
         vocab_size=vocab_size,
     )
+    size = tiny.image_size
+    if family == "llava":
+        return llava
+    if family == "llava_next":  # anyres over 1x2, 2x1 and 2x2 grids of tiles
+        return replace(llava, name="tiny LLaVA-NeXT", family=family,
+                       grid_pinpoints=((size, 2 * size), (2 * size, size), (2 * size, 2 * size)))
+    if family == "qwen2_5_vl":  # 14 px patches merged 2x2; images resized to about image_size px, square
+        side = -(-size // 28) * 28
+        return replace(llava, name="tiny Qwen2.5-VL", family=family, image_size=0, patch_size=14, qkv_bias=True,
+                       max_pixels=side * side)
+    raise ValueError(f"model.family: no tiny model of family {family!r} (known: {', '.join(FAMILY_NAMES)})")
 
 
-def shape_from_hf_config(config: dict, name: str = "llava-hf model") -> ModelShape:
-    """Shape from a llava-hf ``config.json`` dict. Missing keys take the transformers defaults
-    (LlamaConfig / CLIPVisionConfig), as the llava-hf exports rely on them."""
-    vision = config.get("vision_config") or {}
-    text = config.get("text_config") or {}
-    heads = text.get("num_attention_heads", 32)
+def _sub_config(config: dict, key: str, source: str) -> dict | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{source}: {key} should be a JSON object, got {type(value).__name__}")
+    return value
+
+
+# transformers' defaults for keys a config.json leaves out (LlamaConfig, MistralConfig, Qwen2_5_VLTextConfig)
+TEXT_DEFAULTS = {
+    "llama": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": None, "vocab_size": 32000},
+    "mistral": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "vocab_size": 32000},
+    "qwen2_5_vl_text": {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+                        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064},
+}
+
+
+def _text_sizes(text: dict, model_type: str, source: str) -> dict:
+    """The language model's sizes from a text config (missing keys: transformers' defaults for its type)."""
+    if model_type not in TEXT_DEFAULTS:
+        raise ValueError(f"{source}: text model_type {model_type!r}; the planner knows "
+                         f"{', '.join(TEXT_DEFAULTS)} language models")
+    sizes = {key: text.get(key, default) for key, default in TEXT_DEFAULTS[model_type].items()}
+    sizes["num_key_value_heads"] = sizes["num_key_value_heads"] or sizes["num_attention_heads"]
+    if model_type != "qwen2_5_vl_text" and (text.get("attention_bias") or text.get("mlp_bias")):
+        raise ValueError(f"{source}: attention_bias / mlp_bias is true; the planner counts Llama layers without biases")
+    head_dim = text.get("head_dim")
+    if head_dim and head_dim != sizes["hidden_size"] // sizes["num_attention_heads"]:
+        raise ValueError(f"{source}: head_dim {head_dim} is not hidden_size / num_attention_heads; the planner "
+                         "assumes it is")
+    return sizes
+
+
+def shape_from_hf_config(config: dict, name: str = "model", max_pixels: int | None = None,
+                         source: str = "config.json") -> ModelShape:
+    """Shape from a model folder's ``config.json`` dict: llava-hf LLaVA-1.5 or LLaVA-NeXT, or Qwen2.5-VL
+    (whose text keys sit at the top level in the hub's file, or under ``text_config``). Missing keys take
+    the transformers defaults (CLIPVisionConfig, LlamaConfig / MistralConfig, Qwen2_5_VL*Config), as the
+    exports rely on them. `max_pixels`: Qwen2.5-VL's image budget (its preprocessor_config.json), default
+    transformers' image processor's."""
+    model_type = config.get("model_type", "llava")
+    if model_type == "qwen2_5_vl":
+        return _qwen_shape(config, name, max_pixels, source)
+    if model_type not in ("llava", "llava_next"):
+        raise ValueError(f"{source}: model_type {model_type!r} is not a family the planner knows "
+                         f"({', '.join(FAMILY_NAMES)})")
+    vision = _sub_config(config, "vision_config", source)
+    if vision is None:  # the llava configs' own default tower: CLIP ViT-L/14 at 336 px
+        vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "image_size": 336, "patch_size": 14}
+    text = _sub_config(config, "text_config", source) or {}
+    sizes = _text_sizes(text, text.get("model_type", "llama"), source)
+    pinpoints = ()
+    if model_type == "llava_next":
+        pinpoints = tuple(tuple(int(side) for side in pair)
+                          for pair in config.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS)
     return ModelShape(
-        name=name,
+        name=name, family=model_type,
         vision_hidden=vision.get("hidden_size", 768), vision_intermediate=vision.get("intermediate_size", 3072),
         vision_layers=vision.get("num_hidden_layers", 12), vision_heads=vision.get("num_attention_heads", 12),
         image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 32),
-        text_hidden=text.get("hidden_size", 4096), text_intermediate=text.get("intermediate_size", 11008),
-        text_layers=text.get("num_hidden_layers", 32), text_heads=heads,
-        text_kv_heads=text.get("num_key_value_heads") or heads,
-        vocab_size=text.get("vocab_size", 32000),
+        text_hidden=sizes["hidden_size"], text_intermediate=sizes["intermediate_size"],
+        text_layers=sizes["num_hidden_layers"], text_heads=sizes["num_attention_heads"],
+        text_kv_heads=sizes["num_key_value_heads"], vocab_size=sizes["vocab_size"],
         tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-        projector_bias=bool(config.get("multimodal_projector_bias", True)),
+        projector_bias=bool(config.get("multimodal_projector_bias", True)), grid_pinpoints=pinpoints,
     )
 
 
+def _qwen_shape(config: dict, name: str, max_pixels: int | None, source: str) -> ModelShape:
+    text = _sub_config(config, "text_config", source) or config     # the hub's file keeps text keys at the top
+    vision = _sub_config(config, "vision_config", source) or {}
+    sizes = _text_sizes(text, "qwen2_5_vl_text", source)
+
+    def vision_value(key: str, alias: str, default: int) -> int:
+        return int(vision.get(key, vision.get(alias, default)))
+
+    out_hidden = vision_value("out_hidden_size", "out_hidden_size", 3584)
+    if out_hidden != sizes["hidden_size"]:
+        raise ValueError(f"{source}: vision_config.out_hidden_size {out_hidden} differs from the language model's "
+                         f"hidden_size {sizes['hidden_size']}")
+    return ModelShape(
+        name=name, family="qwen2_5_vl",
+        vision_hidden=vision_value("hidden_size", "embed_dim", 3584),
+        vision_intermediate=vision_value("intermediate_size", "intermediate_size", 3420),
+        vision_layers=vision_value("depth", "num_hidden_layers", 32),
+        vision_heads=vision_value("num_heads", "num_attention_heads", 16), image_size=0,
+        patch_size=vision_value("patch_size", "spatial_patch_size", 14),
+        merge_size=vision_value("spatial_merge_size", "spatial_merge_size", 2),
+        temporal_patch_size=vision_value("temporal_patch_size", "temporal_patch_size", 2),
+        text_hidden=sizes["hidden_size"], text_intermediate=sizes["intermediate_size"],
+        text_layers=sizes["num_hidden_layers"], text_heads=sizes["num_attention_heads"],
+        text_kv_heads=sizes["num_key_value_heads"], vocab_size=sizes["vocab_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
+        qkv_bias=True, max_pixels=int(max_pixels or QWEN_PROCESSOR_DEFAULT_MAX_PIXELS),
+    )
+
+
+def processor_max_pixels(folder: Path) -> int | None:
+    """Qwen2.5-VL's image budget as its folder's ``preprocessor_config.json`` sets it (``max_pixels``, or
+    ``size.longest_edge`` as transformers 5 saves it); None when the folder sets none."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    value = raw.get("max_pixels") or (raw.get("size") or {}).get("longest_edge")
+    return int(value) if value else None
+
+
+def shape_by_name(folder_name: str) -> ModelShape | None:
+    """A released model recognised by its folder's name ("llava-1.5-7b-hf", "llava-v1.6-mistral-7b-hf",
+    "Qwen2.5-VL-7B-Instruct", ...), or None."""
+    lowered = folder_name.lower().replace("_", "-")
+    size = re.search(r"(?<![\d.])(\d+)b(?![a-z])", lowered)
+    billions = size.group(1) if size else None
+    if "qwen2.5-vl" in lowered or "qwen2-5-vl" in lowered:
+        return QWEN2_5_VL_7B if billions == "7" else None
+    if "llava" not in lowered:
+        return None
+    if any(mark in lowered for mark in ("v1.6", "1.6-", "next")):
+        if "mistral" in lowered:
+            return LLAVA_NEXT_MISTRAL_7B if billions == "7" else None
+        return {"7": LLAVA_NEXT_VICUNA_7B, "13": LLAVA_NEXT_VICUNA_13B}.get(billions)
+    return {"7": LLAVA_15_7B, "13": LLAVA_15_13B}.get(billions)
+
+
+def _check_family(configured: str, found: str, where: str) -> None:
+    if configured not in ("auto", found):
+        raise ValueError(f"model.family is {configured!r} but {where} is a {found!r} model; "
+                         f"set model.family: auto or {found}")
+
+
 def shape_from_config(cfg: ExperimentConfig) -> ModelShape:
-    """The shape of the model `cfg` names: its folder's config.json, else the tiny built-in model.
+    """The shape of the model `cfg` names: its folder's config.json, else the tiny built-in model of
+    `model.family` (``auto``: LLaVA-1.5, as `tiny.tiny_family`).
 
     A `model.path` that is not on this machine (e.g. a cluster's /mnt/shared) is recognised by name
-    ("llava-1.5-7b", "llava-v1.5-13b", ...); any other missing folder is an error.
+    (`shape_by_name`); any other missing folder is an error. Qwen2.5-VL's image budget is
+    `model.max_image_pixels`, else the folder's preprocessor_config.json, else the released model's.
     """
+    budget = cfg.model.max_image_pixels
     if not cfg.model.path:
-        return tiny_shape(cfg.model.tiny)
-    folder = Path(cfg.model.path).expanduser()
-    config_file = folder / "config.json"
-    if config_file.is_file():
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_file}: not valid JSON ({error})") from None
-        return shape_from_hf_config(raw, name=folder.name)
-    lowered = folder.name.lower().replace("_", "-")
-    if "llava" in lowered and "7b" in lowered:
-        return replace(LLAVA_15_7B, name=f"{LLAVA_15_7B.name} (assumed from the name {folder.name!r})")
-    if "llava" in lowered and "13b" in lowered:
-        return replace(LLAVA_15_13B, name=f"{LLAVA_15_13B.name} (assumed from the name {folder.name!r})")
-    raise ValueError(f"model.path {cfg.model.path}: no config.json there, and the folder name does not say "
-                     "which LLaVA it is; plan on a machine that has the model, or name the folder like "
-                     "llava-1.5-7b-hf")
+        family = "llava" if cfg.model.family == "auto" else cfg.model.family
+        shape = tiny_shape(cfg.model.tiny, family=family)
+    else:
+        folder = Path(cfg.model.path).expanduser()
+        config_file = folder / "config.json"
+        if config_file.is_file():
+            try:
+                raw = json.loads(config_file.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+            shape = shape_from_hf_config(raw, name=folder.name, max_pixels=processor_max_pixels(folder),
+                                         source=str(config_file))
+            _check_family(cfg.model.family, shape.family, f"{folder} (config.json model_type)")
+        else:
+            known = shape_by_name(folder.name)
+            if known is None:
+                raise ValueError(f"model.path {cfg.model.path}: no config.json there, and the folder name does not "
+                                 "say which model it is; plan on a machine that has the model, or name the folder "
+                                 "like llava-1.5-7b-hf, llava-v1.6-vicuna-7b-hf or Qwen2.5-VL-7B-Instruct")
+            _check_family(cfg.model.family, known.family, f"the folder named {folder.name!r}")
+            shape = replace(known, name=f"{known.name} (assumed from the name {folder.name!r})")
+    if budget and shape.family == "qwen2_5_vl":
+        shape = replace(shape, max_pixels=budget)
+    return shape
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -263,6 +471,7 @@ class MemoryPlan:
     components: dict[str, float]
     cpu_components: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    image_tokens: int = 0      # the most tokens one image takes (ModelShape.image_tokens)
 
     @property
     def total_gb(self) -> float:
@@ -435,7 +644,11 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         checkpointing = not fits(without)
         notes.append(f"gradient checkpointing auto: {'on' if checkpointing else 'off'} "
                      f"({without.total_gb:.1f} GB without it, {planned_gpu_memory_gb(scaling):g} GB per GPU)")
-    if train_cfg.prefix_sharing:  # one packed row [prompt, chosen, rejected] per pair
+    packed = train_cfg.prefix_sharing and shape.packs_pairs
+    if train_cfg.prefix_sharing and not packed:
+        notes.append(f"train.prefix_sharing: {shape.family} takes no packed pairs (its positions are not 1-D): "
+                     "two rows per pair")
+    if packed:  # one packed row [prompt, chosen, rejected] per pair
         rows = train_cfg.batch_size_per_worker
         row_tokens = max(seq, 2 * seq - min(seq, shape.image_tokens + PROMPT_TEXT_TOKENS))
     else:
@@ -454,7 +667,8 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
     components["CUDA/NCCL overhead"] = overhead_gb
 
     if shape.image_tokens + 32 > seq:
-        notes.append(f"seq_len {seq} leaves little room beside the {shape.image_tokens} image tokens")
+        notes.append(f"seq_len {seq} leaves little room beside the {shape.image_tokens} image tokens one image may "
+                     "take" + (" (model.max_image_pixels lowers it)" if shape.family == "qwen2_5_vl" else ""))
     return MemoryPlan(
         model=shape.name, total_params=shape.total_params(), lora_params=lora_params,
         trainable_params=trainable, lora=lora,
@@ -462,6 +676,7 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         offload_params=offload_par, num_workers=workers, rows=rows, seq_len=row_tokens,
         gradient_checkpointing=bool(checkpointing), bf16=train_cfg.bf16,
         gpu_memory_gb=planned_gpu_memory_gb(scaling), components=components, cpu_components=cpu, notes=notes,
+        image_tokens=shape.image_tokens,
     )
 
 
@@ -690,7 +905,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"ZeRO-{plan.zero_stage} over {plan.num_workers} worker(s)"
         + (f", CPU offload of {' and '.join(offload)}" if offload else "")
         + f"; {plan.rows} rows x {plan.seq_len} tokens per GPU"
-        + f", gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        + f", gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"
+        + (f"; up to {plan.image_tokens} tokens per image" if plan.image_tokens else ""),
         "",
     ]
     width = max(len(name) for name in list(plan.components) + ["total per GPU"]) + 2

@@ -3,7 +3,9 @@ by plain transformers / peft; the model card from a run folder; the upload again
 (a cloud service cannot exist here); offline mode and a missing token fail before any work.
 
 Tolerance of merged vs unmerged logits: float32, atol 1e-5, rtol 0 (the merged weight W + s·BA and the
-unmerged path Wx + s·B(Ax) differ only by rounding; measured: max |difference| 3.7e-6 on logits up to 3.7).
+unmerged path Wx + s·B(Ax) differ only by rounding; measured: max |difference| 3.7e-6 on logits up to 3.7 for
+LLaVA-1.5, 2.4e-6 on logits up to 4.1 for LLaVA-NeXT, 3.5e-6 on logits up to 3.6 for Qwen2.5-VL). The tiny
+LLaVA-NeXT and Qwen2.5-VL are exported merged the same way and prompted through their chat templates.
 """
 
 from __future__ import annotations
@@ -27,25 +29,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_test_token_0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter on the tiny model with random, non-zero A and B (peft's init would make B zero)."""
+def random_adapter(model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter on a tiny model with random, non-zero A and B (peft's init would make B zero)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
     from orchestrator.model.lora import lora_target_regex
 
     torch.manual_seed(5)
-    base = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir))
+    base = AutoModelForImageTextToText.from_pretrained(str(model_dir))
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                  target_modules=lora_target_regex(["q_proj", "v_proj", "down_proj"])))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.2)
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
     peft_model.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    return random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
 
 
 def model_inputs(model_dir: Path):
@@ -66,14 +71,25 @@ def base_plus_adapter_logits(base_dir: Path, adapter: Path, inputs) -> torch.Ten
         return model(**inputs).logits
 
 
+def assert_merged_gives_base_plus_adapter_logits(merged_dir: Path, base_dir: Path, adapter: Path, inputs) -> None:
+    """The merged folder, loaded by plain transformers, computes base + adapter (to ATOL), and the adapter
+    changes the base's logits (so the comparison has teeth)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.no_grad():
+        ours = AutoModelForImageTextToText.from_pretrained(str(merged_dir)).eval()(**inputs).logits
+        plain_base = AutoModelForImageTextToText.from_pretrained(str(base_dir)).eval()(**inputs).logits
+    expected = base_plus_adapter_logits(base_dir, adapter, inputs)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    assert (expected - plain_base).abs().max() > 1e-2
+
+
 def default_config(**sections):
     return config_from_dict(sections)
 
 
 def test_merged_export_loads_with_plain_transformers_and_gives_base_plus_adapter_logits(tiny_model_dir, adapter_dir,
                                                                                          tmp_path):
-    from transformers import AutoModelForImageTextToText
-
     config = default_config(export={"max_shard_size": "200KB"})
     out = tmp_path / "merged"
     result = export_model(adapter_dir, out, config, merge=True, base_model=tiny_model_dir)
@@ -86,13 +102,7 @@ def test_merged_export_loads_with_plain_transformers_and_gives_base_plus_adapter
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # the tiny base's own dtype
 
     inputs = model_inputs(tiny_model_dir)
-    merged = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
-    with torch.no_grad():
-        ours = merged(**inputs).logits
-        plain_base = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir)).eval()(**inputs).logits
-    expected = base_plus_adapter_logits(tiny_model_dir, adapter_dir, inputs)
-    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
-    assert (expected - plain_base).abs().max() > 1e-2  # the adapter changes the model: the check has teeth
+    assert_merged_gives_base_plus_adapter_logits(out, tiny_model_dir, adapter_dir, inputs)
     torch.testing.assert_close(model_inputs(out)["input_ids"], inputs["input_ids"])  # the base's processor
 
 
@@ -273,3 +283,82 @@ def test_job_entrypoint_runs_the_export(adapter_dir, tmp_path):
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file() and "peft adapter exported" in done.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Other model families: LLaVA-NeXT and Qwen2.5-VL
+
+
+@pytest.fixture(scope="module")
+def family_adapter(tiny_family_dir, tmp_path_factory):
+    return random_adapter(tiny_family_dir, tmp_path_factory.mktemp("family-adapter") / "adapter")
+
+
+def chat_inputs(model_dir: Path):
+    """A chat-template prompt with one image, made by plain transformers from the folder's own files: the
+    processor for LLaVA-NeXT; for Qwen2.5-VL (whose processor class needs torchvision) its tokenizer and image
+    processor, each <|image_pad|> repeated once per merged 2x2 block of patches as its processor would."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    image = Image.new("RGB", (64, 40), (10, 200, 30))
+    image.paste((250, 20, 20), (0, 0, 24, 24))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a dog in the image?"}]}]
+    if json.loads((model_dir / "config.json").read_text())["model_type"] != "qwen2_5_vl":
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        return processor(text=text, images=image, return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    vision = AutoImageProcessor.from_pretrained(str(model_dir))(images=[image], return_tensors="pt")
+    pads = int(vision["image_grid_thw"].prod()) // 4
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * pads), return_tensors="pt")
+    return {**inputs, "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+
+
+def test_merged_export_of_each_family_loads_with_plain_transformers_and_gives_base_plus_adapter_logits(
+        tiny_family_dir, family_adapter, tmp_path):
+    family = json.loads((tiny_family_dir / "config.json").read_text())["model_type"]
+    out = tmp_path / "merged"
+    export_model(family_adapter, out, default_config(export={"max_shard_size": "200KB"}), merge=True,
+                 base_model=tiny_family_dir)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "adapter/adapter_model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    # the base's tokenizer settings, unchanged (the loader's left padding is not written into them); transformers
+    # adds how it was loaded (is_local, local_files_only) to any tokenizer it saves again
+    def tokenizer_settings(folder: Path) -> dict:
+        saved = json.loads((folder / "tokenizer_config.json").read_text())
+        return {key: value for key, value in saved.items() if key not in ("is_local", "local_files_only")}
+    assert tokenizer_settings(out) == tokenizer_settings(tiny_family_dir)
+    if family == "llava_next":  # the processor (image processor settings inside processor_config.json)
+        assert (out / "processor_config.json").is_file()
+    else:  # no processor class for Qwen2.5-VL: tokenizer, image processor and chat template
+        assert (out / "preprocessor_config.json").is_file() and not (out / "processor_config.json").exists()
+        assert json.loads((out / "chat_template.json").read_text())["chat_template"] == \
+            json.loads((tiny_family_dir / "chat_template.json").read_text())["chat_template"]
+
+    inputs = chat_inputs(tiny_family_dir)
+    for name, tensor in chat_inputs(out).items():  # the exported folder makes the same inputs
+        torch.testing.assert_close(tensor, inputs[name], atol=0, rtol=0)
+    assert_merged_gives_base_plus_adapter_logits(out, tiny_family_dir, family_adapter, inputs)
+
+    card = (out / "README.md").read_text()
+    title = {"llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL"}[family]
+    assert f": {title} with HA-DPO" in card and f"`model_type: {family}`" in card and f"- {family}" in card
+    assert "the model's own chat template" in card and "USER: <image>" not in card
+
+
+def test_card_of_a_llava_1_5_adapter_names_the_family_and_hadpo_templates(tiny_model_dir, adapter_dir, tmp_path):
+    out = tmp_path / "llava-card"
+    export_model(adapter_dir, out, default_config(), base_model=tiny_model_dir)
+    card = (out / "README.md").read_text()
+    assert ": LLaVA-1.5 with HA-DPO" in card and "`model_type: llava`" in card
+    assert "`v1` template" in card and "`llava_v1`" in card and "no run record was found" in card
+
+
+def test_merging_onto_a_folder_of_no_supported_family_is_refused(adapter_dir, tmp_path):
+    base = tmp_path / "other-model"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    with pytest.raises(ValueError, match="model_type 'idefics3' is not a supported family"):
+        export_model(adapter_dir, tmp_path / "never", default_config(), merge=True, base_model=base)
+    assert not (tmp_path / "never").exists()

@@ -5,7 +5,7 @@ light (torch, Ray) still has to respect the layers, and none may be there to bre
 
     bottom:        files, timing, versions, images, paths, layout, errors, retry, console
                    (import nothing of ours above)
-    config:        config, data.schema, plan, resources, cluster, ray_session
+    config:        config, data.schema, model.image_tokens, plan, resources, cluster, ray_session
     data / model:  data.*, model.*
     train / eval:  train.*, eval.*          (eval never imports train)
     pipeline/tune: pipeline, tune
@@ -26,8 +26,9 @@ SOURCE = ROOT / PACKAGE
 
 LAYERS = (
     ("bottom", ("files", "timing", "versions", "images", "paths", "layout", "errors", "retry", "console")),
-    # data.schema is the rows and the error type the config refers to, so it sits with the config
-    ("config", ("config", "data.schema", "plan", "resources", "cluster", "ray_session")),
+    # data.schema is the rows and the error type the config refers to, so it sits with the config;
+    # model.image_tokens is arithmetic the planner and the model loader share
+    ("config", ("config", "data.schema", "model.image_tokens", "plan", "resources", "cluster", "ray_session")),
     ("data/model", ("data", "model")),
     ("train/eval", ("train", "eval")),
     ("pipeline/tune", ("pipeline", "tune")),

@@ -1,6 +1,9 @@
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from orchestrator.config import ScalingSection, TinyModelConfig, TrainConfig, config_from_dict
 from orchestrator.plan import (LLAVA_15_7B, MemoryPlan, advise, estimate_memory, find_fix, fits, format_plan,
@@ -341,3 +344,200 @@ def test_reference_fill_resolves_auto_from_lora(changes, stage, expected):
 def test_reference_fill_loop_without_lora_is_refused_when_the_config_loads():
     with pytest.raises(ValueError, match="reference_fill: loop .* needs LoRA"):
         config_from_dict({"train": {"lora": {"enabled": False}, "reference_fill": "loop"}}, "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model families: LLaVA-NeXT and Qwen2.5-VL
+
+# config.json as the hub's releases hold them (llava-hf/llava-v1.6-vicuna-7b-hf; Qwen/Qwen2.5-VL-7B-Instruct keeps
+# its text keys at the top level)
+LLAVA_NEXT_VICUNA_7B_CONFIG = {
+    "model_type": "llava_next", "image_token_index": 32000, "projector_hidden_act": "gelu",
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "tie_word_embeddings": False, "use_image_newline_parameter": True, "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default", "vocab_size": 32064,
+    "text_config": {"model_type": "llama", "max_position_embeddings": 4096, "pad_token_id": 0,
+                    "rms_norm_eps": 1e-05, "vocab_size": 32064},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+}
+QWEN2_5_VL_7B_CONFIG = {
+    "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_size": 3584,
+    "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "max_position_embeddings": 128000, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+    "vocab_size": 152064, "image_token_id": 151655, "video_token_id": 151656,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+}
+# Counted by building each model from these configs in transformers 5.23 on the meta device
+# (sum of parameter numel; not repeated here: slow). Published: LLaVA-1.6-vicuna-7B 7.06B, -mistral-7B 7.57B,
+# Qwen2.5-VL-7B 8.29B.
+COUNTED = {"LLaVA-NeXT-Vicuna-7B": 7_063_431_168, "LLaVA-NeXT-Mistral-7B": 7_566_747_648,
+           "Qwen2.5-VL-7B": 8_292_166_656, "Qwen2.5-VL-7B visual (ViT + merger)": 676_550_144}
+
+
+def test_llava_next_and_qwen_7b_parameter_counts_match_transformers_and_the_published_sizes():
+    from orchestrator.plan import LLAVA_NEXT_MISTRAL_7B, LLAVA_NEXT_VICUNA_7B, QWEN2_5_VL_7B
+
+    assert LLAVA_NEXT_VICUNA_7B.total_params() == COUNTED["LLaVA-NeXT-Vicuna-7B"] == pytest.approx(7.06e9, rel=0.005)
+    # LLaVA-1.5-7B's towers and language model plus image_newline (one 4096 vector)
+    assert LLAVA_NEXT_VICUNA_7B.total_params() == LLAVA_15_7B.total_params() + 4096
+    assert LLAVA_NEXT_MISTRAL_7B.total_params() == COUNTED["LLaVA-NeXT-Mistral-7B"] == pytest.approx(7.57e9, rel=0.005)
+    assert QWEN2_5_VL_7B.total_params() == COUNTED["Qwen2.5-VL-7B"] == pytest.approx(8.29e9, rel=0.005)
+    visual = QWEN2_5_VL_7B.vision_params() + QWEN2_5_VL_7B.projector_params()
+    assert visual == COUNTED["Qwen2.5-VL-7B visual (ViT + merger)"]
+    # merger by hand: RMSNorm(1280) + Linear(5120 -> 5120) + Linear(5120 -> 3584), with biases
+    assert QWEN2_5_VL_7B.projector_params() == 1280 + 5120 * 5120 + 5120 + 5120 * 3584 + 3584
+    # one Qwen2 decoder layer by hand: q/o 3584x3584, k/v 3584x512 (4 kv heads of 128), q/k/v biases, SwiGLU, 2 norms
+    h, kv, i = 3584, 512, 18944
+    assert QWEN2_5_VL_7B.lm_layer_params() == 2 * h * h + 2 * h * kv + (h + 2 * kv) + 3 * h * i + 2 * h
+    assert QWEN2_5_VL_7B.lora_params(128) == 28 * 128 * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))
+
+
+def test_image_tokens_per_family_count_base_tile_grid_and_newlines_or_the_pixel_budget():
+    from orchestrator.plan import LLAVA_NEXT_VICUNA_7B, QWEN2_5_VL_7B
+
+    assert LLAVA_15_7B.image_tokens == 576
+    # the 672x672 grid: base tile 24x24 + 48x48 grid features + one newline per grid row (48)
+    assert LLAVA_NEXT_VICUNA_7B.image_tokens == 576 + 48 * 48 + 48 == 2928
+    assert QWEN2_5_VL_7B.image_tokens == 12_845_056 // (28 * 28) == 16384        # the 7B folder's max_pixels
+    assert replace(QWEN2_5_VL_7B, max_pixels=1280 * 28 * 28).image_tokens == 1280
+
+
+def test_llava_next_token_count_is_what_its_processor_makes_for_the_largest_image():
+    """The real LlavaNextProcessor at llava-v1.6's sizes (336 px tiles, 14 px patches, its pinpoints): a 672x672
+    image takes the most tokens, the count `image_tokens` plans for; a 1008x336 one (3 tiles) fewer."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from orchestrator.model.llava import CLIP_MEAN, CLIP_STD, build_word_tokenizer
+    from orchestrator.plan import LLAVA_NEXT_VICUNA_7B
+
+    pinpoints = [list(pair) for pair in LLAVA_NEXT_VICUNA_7B.grid_pinpoints]
+    tokenizer = build_word_tokenizer(["is there a dog"])
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                   image_grid_pinpoints=pinpoints, image_mean=CLIP_MEAN,
+                                                   image_std=CLIP_STD),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def tokens(width: int, height: int) -> int:
+        ids = processor(text="<image>", images=Image.new("RGB", (width, height)), return_tensors="pt")["input_ids"]
+        return int((ids == image_id).sum())
+
+    assert tokens(672, 672) == LLAVA_NEXT_VICUNA_7B.image_tokens
+    assert tokens(336, 1008) < tokens(672, 672) and tokens(500, 375) < tokens(672, 672)
+
+
+def test_shapes_are_read_from_the_released_config_jsons(tmp_path):
+    from orchestrator.plan import LLAVA_NEXT_VICUNA_7B, QWEN2_5_VL_7B
+
+    def shape_of(folder_name: str, config: dict, preprocessor: dict | None = None, **model):
+        folder = tmp_path / folder_name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        if preprocessor is not None:
+            (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+        return shape_from_config(config_from_dict({"model": {"path": str(folder), **model}}))
+
+    next_shape = shape_of("next", LLAVA_NEXT_VICUNA_7B_CONFIG)
+    assert next_shape.family == "llava_next"
+    assert replace(next_shape, name="") == replace(LLAVA_NEXT_VICUNA_7B, name="")
+    qwen = shape_of("qwen", QWEN2_5_VL_7B_CONFIG, {"max_pixels": 12845056, "min_pixels": 3136, "merge_size": 2})
+    assert replace(qwen, name="") == replace(QWEN2_5_VL_7B, name="")
+    # transformers 5 saves the text keys under text_config and the budget as size.longest_edge
+    nested = {key: value for key, value in QWEN2_5_VL_7B_CONFIG.items()
+              if key in ("model_type", "vision_config", "image_token_id")}
+    nested["text_config"] = {key: QWEN2_5_VL_7B_CONFIG[key] for key in
+                             ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                              "num_key_value_heads", "vocab_size")}
+    budgeted = shape_of("qwen-nested", nested, {"size": {"longest_edge": 1280 * 28 * 28, "shortest_edge": 3136}})
+    assert budgeted.total_params() == QWEN2_5_VL_7B.total_params() and budgeted.image_tokens == 1280
+    # model.max_image_pixels is the budget the config sets over the folder's
+    assert shape_of("qwen-capped", QWEN2_5_VL_7B_CONFIG, None, max_image_pixels=256 * 28 * 28).image_tokens == 256
+
+
+def test_a_folder_of_another_family_than_the_config_names_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_5_VL_7B_CONFIG))
+    with pytest.raises(ValueError, match="model.family is 'llava_next' but .* is a 'qwen2_5_vl' model"):
+        shape_from_config(config_from_dict({"model": {"path": str(tmp_path), "family": "llava_next"}}))
+    with pytest.raises(ValueError, match="model.family is 'llava' but the folder named 'Qwen2.5-VL-7B-Instruct'"):
+        shape_from_config(config_from_dict({"model": {"path": "/mnt/x/Qwen2.5-VL-7B-Instruct", "family": "llava"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    with pytest.raises(ValueError, match="config.json: model_type 'idefics3' is not a family the planner knows"):
+        shape_from_config(config_from_dict({"model": {"path": str(tmp_path)}}))
+
+
+@pytest.mark.parametrize("folder, expected", [
+    ("llava-1.5-7b-hf", "LLAVA_15_7B"), ("llava-v1.5-13b", "LLAVA_15_13B"),
+    ("llava-v1.6-vicuna-7b-hf", "LLAVA_NEXT_VICUNA_7B"), ("llava-v1.6-vicuna-13b-hf", "LLAVA_NEXT_VICUNA_13B"),
+    ("llava-v1.6-mistral-7b-hf", "LLAVA_NEXT_MISTRAL_7B"), ("Qwen2.5-VL-7B-Instruct", "QWEN2_5_VL_7B"),
+    ("Qwen2.5-VL-72B-Instruct", None), ("my-model", None),
+])
+def test_released_models_are_recognised_by_their_folder_names(folder, expected):
+    import orchestrator.plan as plan
+
+    assert plan.shape_by_name(folder) == (getattr(plan, expected) if expected else None)
+
+
+def test_tiny_family_shapes_count_exactly_what_the_built_models_hold(tiny_model_dir, tiny_family_dir):
+    """Each tiny model built from configs: the planner's parameter count is the module's sum of numel, its
+    tiny_shape is the shape its config.json gives, and its image tokens are what the loader counts."""
+    from orchestrator.model.families import family_of, load_model
+
+    for folder in (tiny_model_dir, tiny_family_dir):
+        family = family_of(folder)
+        loaded = load_model(folder)
+        shape = shape_from_config(config_from_dict({"model": {"path": str(folder)}}))
+        assert shape.family == family
+        assert shape.total_params() == sum(p.numel() for p in loaded.model.parameters()), family
+        vocab_size = loaded.model.config.get_text_config().vocab_size
+        built = tiny_shape(TinyModelConfig(), vocab_size=vocab_size, family=family)
+        assert replace(built, name="") == replace(shape, name=""), family
+        assert shape.image_tokens == loaded.tokens_per_image, family
+    # the largest image the tiny family takes is cut into exactly image_tokens tokens by its own processing
+    largest = {"llava_next": Image.new("RGB", (96, 96)), "qwen2_5_vl": Image.new("RGB", (56, 56))}[family]
+    assert loaded.vision_inputs([largest]).tokens == [shape.image_tokens]
+
+
+def test_a_config_without_a_model_path_plans_the_tiny_model_of_its_family():
+    for family, name in [("auto", "tiny LLaVA"), ("llava_next", "tiny LLaVA-NeXT"), ("qwen2_5_vl", "tiny Qwen2.5-VL")]:
+        shape = shape_from_config(config_from_dict({"model": {"family": family}}))
+        assert shape.name == name and fits(plan_for(config_from_dict({"model": {"family": family}})))
+
+
+def test_packed_pairs_are_planned_only_for_families_with_1d_positions():
+    from orchestrator.model.families import FAMILIES
+    from orchestrator.plan import FAMILY_NAMES, LLAVA_NEXT_VICUNA_7B, QWEN2_5_VL_7B
+
+    assert set(FAMILY_NAMES) == set(FAMILIES)
+    for shape in (LLAVA_15_7B, LLAVA_NEXT_VICUNA_7B, QWEN2_5_VL_7B):
+        assert shape.packs_pairs == FAMILIES[shape.family].one_d_positions
+    packed = estimate_memory(LLAVA_NEXT_VICUNA_7B, train(prefix_sharing=True, max_length=4096), scaling(1))
+    assert packed.rows == 4 and packed.seq_len == 2 * 4096 - (2928 + 55)     # the image + prompt counted once
+    qwen = estimate_memory(QWEN2_5_VL_7B, train(prefix_sharing=True), scaling(1))
+    assert qwen.rows == 8 and qwen.seq_len == MEASURED_SEQ                     # two rows per pair
+    assert any("qwen2_5_vl takes no packed pairs" in note for note in qwen.notes)
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.name)
+def test_hadpo_plan_prints_a_plan_for_every_shipped_config(path, capsys):
+    from orchestrator.config import load_config
+
+    cfg = load_config(path)
+    code = main_plan(cfg)
+    out = capsys.readouterr().out
+    assert "total per GPU" in out and "verdict:" in out
+    shape = shape_from_config(cfg)
+    assert shape.family == ("llava" if cfg.model.family == "auto" else cfg.model.family)
+    assert f"up to {shape.image_tokens} tokens per image" in out
+    if path.name.endswith("_7b_hadpo.yaml"):  # the 7B recipes fit the 80 GB cards they are planned for
+        assert code == 0 and "FITS" in out
+        assert shape.image_tokens + 64 <= cfg.train.max_length   # room for an image, the prompt and an answer

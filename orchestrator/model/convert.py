@@ -23,6 +23,12 @@ script fills the new rows with samples from N(mean, 1e-5 * covariance) of the ol
 itself, so a conversion is reproducible (the rows are the image placeholder, the padding and unused ids).
 The converted processor has no chat template: the orchestrator builds LLaVA's v1 / llava_v1 prompts itself.
 
+LLaVA-1.5 only. A transformers folder of a supported family (llava-hf LLaVA-1.5 or LLaVA-NeXT, Qwen2.5-VL) loads
+as it is and is refused here naming its family; so are LLaVA-NeXT's original checkpoints (``mm_patch_merge_type``
+``spatial_unpad``, or ``LlavaMistralForCausalLM``): their llava-hf releases need no conversion. An adapter's
+``--base`` must be a LLaVA-1.5 (``model_type`` ``llava``): HA-DPO's LoRA would otherwise fit a LLaVA-NeXT's
+identically named modules without complaint.
+
 HA-DPO's released LoRA adapter for LLaVA-1.5 (opendatalab/HA-DPO ``train_dpo.py``) is a peft adapter on that
 layout: targets every linear layer of the language model (``find_all_linear_names``: q/k/v/o/gate/up/down,
 not the projector, the tower or ``lm_head``), keys ``base_model.model.model.layers.N.<block>.<proj>.lora_{A,B}
@@ -44,6 +50,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.model.adapter import ADAPTER_CONFIG
+from orchestrator.model.families import FAMILIES
 from orchestrator.model.lora import lora_target_regex
 
 log = logging.getLogger("hadpo.convert")
@@ -184,9 +191,17 @@ def select_strategy(original: dict, source: str) -> str:
 def check_original_config(original: dict, source: str) -> None:
     """Refuse what llava-hf's LLaVA cannot represent, naming the config key."""
     architectures = original.get("architectures") or []
+    loadable = {family.model_class: family.name for family in FAMILIES.values()}
+    already = [loadable[name] for name in architectures if name in loadable]
+    if already:
+        raise ConversionError(f"{source}: architectures {architectures}: a transformers {already[0]!r} model folder, "
+                              "which needs no conversion (set model.path to it, model.family: auto); hadpo convert "
+                              f"reads LLaVA-1.5's original layout only ({SUPPORTED_ARCHITECTURES[0]})")
     if not any(name in SUPPORTED_ARCHITECTURES for name in architectures):
         raise ConversionError(f"{source}: architectures {architectures} is not an original LLaVA-Llama checkpoint "
-                              f"({SUPPORTED_ARCHITECTURES[0]}); a llava-hf folder needs no conversion")
+                              f"({SUPPORTED_ARCHITECTURES[0]}); hadpo convert reads LLaVA-1.5's original layout only "
+                              "(LLaVA-NeXT and Qwen2.5-VL load from their transformers releases, e.g. "
+                              "llava-hf/llava-v1.6-vicuna-7b-hf, with no conversion)")
     for key in REQUIRED_LLAMA_KEYS + ("mm_hidden_size",):
         if key not in original:
             raise ConversionError(f"{source}: missing key {key!r}")
@@ -199,7 +214,8 @@ def check_original_config(original: dict, source: str) -> None:
                                   "(LLaVA-1.5 trains with both false)")
     merge_type = original.get("mm_patch_merge_type", "flat")
     if merge_type != "flat":
-        raise ConversionError(f"{source}: mm_patch_merge_type {merge_type!r} (LLaVA-NeXT); only LLaVA-1.5's 'flat'")
+        raise ConversionError(f"{source}: mm_patch_merge_type {merge_type!r} (LLaVA-NeXT); only LLaVA-1.5's 'flat' "
+                              "is converted: use LLaVA-NeXT's transformers release (llava-hf/llava-v1.6-*-hf) as it is")
     select_strategy(original, source)
 
 
@@ -432,8 +448,13 @@ def expected_lora_shapes(text: dict, block: str, module: str, rank: int) -> tupl
 
 
 def check_against_base(tensors: dict[str, torch.Tensor], base: Path, rank: int, source: str) -> None:
-    """LoRA and projector shapes against the llava-hf base's config.json (no weights loaded)."""
+    """LoRA and projector shapes against the llava-hf base's config.json (no weights loaded); the base must be a
+    LLaVA-1.5 (HA-DPO's adapters are LoRAs on it: on a LLaVA-NeXT the same module names would take them silently)."""
     config = read_json(base / "config.json")
+    if config.get("model_type") != "llava":
+        raise ConversionError(f"{base / 'config.json'}: model_type {config.get('model_type')!r}; the adapters "
+                              "`hadpo convert adapter` reads are LoRAs on LLaVA-1.5, so --base must be the llava-hf "
+                              "LLaVA-1.5 folder (model_type 'llava', e.g. made by `hadpo convert llava`)")
     text = config.get("text_config") or {}
     vision = config.get("vision_config") or {}
     for key, value in tensors.items():

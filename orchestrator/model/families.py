@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from orchestrator.model.image_tokens import QWEN2_5_VL_MAX_PIXELS, llava_next_max_image_tokens, qwen_max_image_tokens
 from orchestrator.model.templates import IMAGE_PLACEHOLDER, build_prompt
 
 log = logging.getLogger(__name__)
@@ -179,13 +180,7 @@ class LoadedModel:
     def save_processing(self, folder: str | Path) -> None:
         """What turns text and images into this model's inputs (processor or tokenizer + image processor,
         chat template), saved beside a model's weights so the folder loads on its own."""
-        if self.processor is not None:
-            self.processor.save_pretrained(str(folder))
-            return
-        self.tokenizer.save_pretrained(str(folder))
-        self.image_processor.save_pretrained(str(folder))
-        if self.chat_template:
-            (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
+        save_processing_files(folder, self.processor, self.tokenizer, self.image_processor, self.chat_template)
 
     def prompt_text(self, question: str, template: str, num_images: int = 1) -> str:
         """The prompt up to where the answer starts, one `family.image_text` per image (not yet expanded).
@@ -237,6 +232,33 @@ class LoadedModel:
         return self.encode(self.prompt_text(question, template, len(image_tokens)), image_tokens)
 
 
+def save_processing_files(folder: str | Path, processor, tokenizer, image_processor, chat_template: str | None) -> None:
+    """The processor where the family has one, else the tokenizer, the image processor and the chat template."""
+    if processor is not None:
+        processor.save_pretrained(str(folder))
+        return
+    tokenizer.save_pretrained(str(folder))
+    image_processor.save_pretrained(str(folder))
+    if chat_template:
+        (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}))
+
+
+def load_processing(path: str | Path, family: ModelFamily) -> tuple[Any | None, Any, Any]:
+    """(processor or None, tokenizer, image processor) of a model folder, as saved there.
+
+    Qwen2.5-VL's processor class also wants a video processor (torchvision): its tokenizer and image processor
+    are all we use, so no processor is built for it."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if family.name == "qwen2_5_vl":
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return None, tokenizer, AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    return processor, processor.tokenizer, processor.image_processor
+
+
 def read_chat_template(path: str | Path, *holders) -> str | None:
     """The folder's chat template: the processor's or tokenizer's, else chat_template.jinja / .json."""
     for holder in holders:
@@ -252,29 +274,26 @@ def read_chat_template(path: str | Path, *holders) -> str | None:
 
 
 def max_image_tokens(family: ModelFamily, model_config, image_processor) -> int:
-    """Tokens one image takes at most (exact for LLaVA-1.5): what prompt budgets count per image."""
+    """Tokens one image takes at most (exact for LLaVA-1.5): what prompt budgets count per image
+    (`image_tokens` says how each family counts; the planner counts the same way)."""
     from orchestrator.model.llava import tokens_per_image
 
     if family.name == "llava":
         return tokens_per_image(model_config)
     if family.name == "llava_next":
         vision = model_config.vision_config
-        side = vision.image_size // vision.patch_size
-        pinpoints = model_config.image_grid_pinpoints
-        most_tiles = max((h // vision.image_size) * (w // vision.image_size) for h, w in pinpoints)
-        # the base tile, plus the grid tiles unpadded with one image_newline per row at most
-        return side * side + most_tiles * side * side + int(max(max(p) for p in pinpoints) // vision.patch_size)
+        return llava_next_max_image_tokens(vision.image_size, vision.patch_size, model_config.image_grid_pinpoints)
     merge = int(getattr(image_processor, "merge_size", 2))
     patch = int(getattr(image_processor, "patch_size", 14))
     size = getattr(image_processor, "size", None) or {}
-    most_pixels = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or 12845056)
-    return most_pixels // (patch * patch * merge * merge)
+    most_pixels = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or QWEN2_5_VL_MAX_PIXELS)
+    return qwen_max_image_tokens(most_pixels, patch, merge)
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa", family: str = "auto") -> LoadedModel:
     """Load a model folder of any supported family (tiny or real) from local disk only."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from orchestrator.model.llava import resolve_dtype
@@ -292,17 +311,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation, **placement,
     ).to(device)
-    processor = None
-    if chosen.name == "qwen2_5_vl":
-        # Qwen2.5-VL's processor class also wants a video processor (torchvision): the tokenizer and the image
-        # processor are all we use
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-    else:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-        tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    processor, tokenizer, image_processor = load_processing(path, chosen)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token

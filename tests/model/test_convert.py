@@ -422,3 +422,22 @@ def test_cli_converts_checkpoint_and_adapter(original, tmp_path):
     original_adapter(tmp_path / "hadpo")
     assert main(["convert", "adapter", str(tmp_path / "hadpo"), "--base", str(out), "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_a_transformers_folder_of_any_family_is_refused_as_needing_no_conversion(tiny_model_dir, tiny_family_dir,
+                                                                                 tmp_path):
+    from orchestrator.model.families import family_of
+
+    for folder in (tiny_model_dir, tiny_family_dir):
+        family = family_of(folder)
+        with pytest.raises(ConversionError, match=f"a transformers '{family}' model folder, which needs no conversion"):
+            convert_llava_checkpoint(folder, tmp_path / "out")
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_adapter_onto_a_base_of_another_family_is_refused(tiny_family_dir, tmp_path):
+    """HA-DPO's LoRA names LLaVA-1.5's modules; a LLaVA-NeXT has the same names and would take it silently."""
+    original_adapter(tmp_path / "adapter")
+    with pytest.raises(ConversionError, match=r"model_type '(llava_next|qwen2_5_vl)'.*--base must be the llava-hf "
+                                              r"LLaVA-1\.5 folder"):
+        convert_llava_adapter(tmp_path / "adapter", tmp_path / "out", base_model=tiny_family_dir)
