@@ -268,6 +268,7 @@ class ReferenceSettings:
     """Everything a scoring actor needs; plain values so Ray can ship it."""
 
     model_path: str
+    family: str                    # model.family ("auto": the folder's config.json says)
     dtype: str                     # "float32" | "bfloat16"
     template: str
     max_length: int
@@ -296,7 +297,7 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.torch_dtype = resolve_dtype(settings.dtype, self.device)
         self.loaded = load_model(settings.model_path, dtype=settings.dtype, device=self.device,
-                                 attn_implementation=settings.attn_implementation)
+                                 attn_implementation=settings.attn_implementation, family=settings.family)
         self.model = self.loaded.model.eval().requires_grad_(False)
         log.info("reference scorer: %s loaded (%s, %s) in %.1fs", settings.model_path, self.device,
                  settings.dtype, time.time() - started)
@@ -323,6 +324,7 @@ class ReferenceScorer:
     def _run(self, group: list[dict], outputs: dict[str, dict]) -> None:
         import torch
 
+        from orchestrator.train.collate import row_image_paths
         from orchestrator.train.pairs import collate_pairs, score_pairs
 
         s = self.settings
@@ -332,8 +334,7 @@ class ReferenceScorer:
             # every row was skipped, and collate_pairs returns no list of reasons then; it skips a row for
             # exactly two reasons: its image does not open, or its prompt does not fit max_length
             for row in group:
-                paths = [str(path) for path in row["images"]] if row.get("images") is not None else [str(row["image"])]
-                reasons = [f"{path}: {reason}" for path in paths if (reason := image_error(path))]
+                reasons = [f"{path}: {reason}" for path in row_image_paths(row) if (reason := image_error(path))]
                 outputs[str(row["sample_id"])]["error"] = (  # worded as collate_pairs words its skips
                     reasons[0] if reasons else f"prompt does not fit max_length {s.max_length}")
             return
@@ -464,7 +465,7 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
     from ray.data import ActorPoolStrategy
 
     settings = ReferenceSettings(
-        model_path=str(base_model_path), dtype=dtype, template=cfg.model.train_template,
+        model_path=str(base_model_path), family=cfg.model.family, dtype=dtype, template=cfg.model.train_template,
         max_length=int(cfg.train.max_length), packed=bool(getattr(cfg.train, "prefix_sharing", True)),
         attn_implementation=cfg.model.attn_implementation, batch_size=int(cfg.train.batch_size_per_worker),
     )
