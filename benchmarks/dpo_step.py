@@ -112,7 +112,8 @@ def plain_collated(inputs, labels, pairs: int):
     from orchestrator.train.collate import Collated, labelled_window
 
     keep = labelled_window(labels)
-    vision = VisionInputs({"pixel_values": inputs["pixel_values"]}, (inputs["input_ids"] == IMAGE_TOKEN).sum(-1).tolist())
+    image_tokens = (inputs["input_ids"] == IMAGE_TOKEN).sum(-1).tolist()
+    vision = VisionInputs({"pixel_values": inputs["pixel_values"]}, image_tokens)
     return Collated(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                     labels=labels[:, -keep:], vision=vision, logits_to_keep=keep,
                     num_examples=pairs, num_tokens=int(inputs["attention_mask"].sum()))

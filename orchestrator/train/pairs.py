@@ -142,12 +142,17 @@ def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedModel, t
 
 def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                    max_length: int = 2048, pad_to_multiple_of: int = 1) -> PackedPairs | None:
-    """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped."""
+    """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped. Only for families
+    with 1-D positions (`collate_pairs` chooses the layout)."""
+    refusal = packing_refusal(loaded)
+    if refusal:
+        raise ValueError(f"packed pairs: {refusal}; use the plain rows (collate_pairs picks them)")
     kept, skipped = encode_pairs(batch, loaded, template, max_length)
     if not kept:
         return None
     return pack_pairs([(prompt, chosen, rejected) for _, _, prompt, chosen, rejected in kept],
-                      VisionInputs.concat([vision for _, vision, *_ in kept]), loaded.tokenizer.pad_token_id, sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped,
+                      VisionInputs.concat([vision for _, vision, *_ in kept]), loaded.tokenizer.pad_token_id,
+                      sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped,
                       pad_to_multiple_of=pad_to_multiple_of)
 
 

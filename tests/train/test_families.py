@@ -14,7 +14,7 @@ from orchestrator.model.families import load_model
 from orchestrator.model.templates import IGNORE_INDEX
 from orchestrator.train.collate import Collated, collate_preference, collate_sft
 from orchestrator.train.losses import dpo_loss, sequence_logps
-from orchestrator.train.pairs import PackedPairs, collate_pairs, longest_row_tokens, score_pairs
+from orchestrator.train.pairs import PackedPairs, collate_packed, collate_pairs, longest_row_tokens, score_pairs
 from tests.train import as_batch, sample_preference_rows, tiny_config
 
 SIZES = [(64, 40), (40, 64), (64, 64)]  # wide, tall, square: different tiles (NeXT) and grids (Qwen)
@@ -92,6 +92,23 @@ def test_longest_row_tokens_counts_each_images_own_tokens(loaded, rows):
     assert longest_row_tokens(rows, loaded, "v1", 512) == longest
 
 
+def test_a_full_finetune_folder_collates_and_scores_as_its_base(loaded, rows, tmp_path):
+    """What a full fine-tune checkpoint holds (checkpoints.save_checkpoint): the weights and the files
+    `save_processing` writes, enough for the folder to load on its own and build the same inputs."""
+    loaded.model.save_pretrained(tmp_path)
+    loaded.save_processing(tmp_path)
+    again = load_model(tmp_path, dtype="float32")
+    assert again.family == loaded.family and again.chat_template == loaded.chat_template
+    batch = as_batch(rows[:3])
+    ours, theirs = collate_preference(batch, loaded, "chat", 512), collate_preference(batch, again, "chat", 512)
+    assert torch.equal(ours.input_ids, theirs.input_ids) and ours.vision.tokens == theirs.vision.tokens
+    for name, tensor in ours.vision.tensors.items():
+        assert torch.equal(tensor, theirs.vision.tensors[name]), name
+    with torch.no_grad():
+        saved, base = score_pairs(again.model.eval(), theirs, "cpu"), score_pairs(loaded.model.eval(), ours, "cpu")
+    assert all(torch.equal(got, want) for got, want in zip(saved, base))
+
+
 @pytest.mark.parametrize("tiny_family_dir", ["llava_next"], indirect=True)
 def test_llava_next_packed_pairs_score_what_the_plain_rows_score(loaded, rows):
     """NeXT's anyres features replace its image tokens one for one, so packed positions stay 1-D counts; rows
@@ -119,6 +136,8 @@ def test_qwen_pairs_stay_plain_rows_with_one_log_line(tiny_family_dir, rows, cap
     assert isinstance(first, Collated) and isinstance(again, Collated)
     said = [record.getMessage() for record in caplog.records if "prefix_sharing" in record.getMessage()]
     assert len(said) == 1 and "qwen2_5_vl" in said[0] and "multimodal rotary positions" in said[0]
+    with pytest.raises(ValueError, match="multimodal rotary positions"):
+        collate_packed(as_batch(rows[:2]), loaded, "v1", 512)
     inputs = first.model_inputs()
     assert "position_ids" not in inputs and "image_grid_thw" in inputs  # the model computes its 3-D positions
 
