@@ -154,15 +154,19 @@ def model_files(base_model_path: str | Path) -> list[Path]:
 
 def key_inputs(base_model_path: str | Path, cfg: ExperimentConfig, dtype: str) -> dict[str, Any]:
     """Everything the cached numbers depend on (hashed by `reference_key`, recorded in meta.json)."""
+    from orchestrator.model.families import FAMILIES, family_of
+
     root = Path(base_model_path)
+    packed = getattr(cfg.train, "prefix_sharing", True) and FAMILIES[family_of(root)].one_d_positions
     return {
         "format": CACHE_FORMAT,
         "files": {path.relative_to(root).as_posix(): file_fingerprint(path) for path in model_files(root)},
         "template": cfg.model.train_template,
         "max_length": int(cfg.train.max_length),
         "dtype": dtype,
-        # same numbers in exact arithmetic, not bit for bit in bf16: packed vs plain rows, attention kernel
-        "layout": "packed" if getattr(cfg.train, "prefix_sharing", True) else "plain",
+        # same numbers in exact arithmetic, not bit for bit in bf16: packed vs plain rows (the layout the family
+        # allows: Qwen2.5-VL's pairs are always plain), attention kernel
+        "layout": "packed" if packed else "plain",
         "attn_implementation": cfg.model.attn_implementation,
     }
 
@@ -177,7 +181,8 @@ def reference_key(base_model_path: str | Path, cfg: ExperimentConfig, dtype: str
     Hashes the fingerprint of every file of the model folder (`file_fingerprint`: small files whole,
     large weight files by size, safetensors header and sampled blocks), ``model.train_template``,
     ``train.max_length``, `dtype` ("float32" on CPU, "bfloat16" on GPU with ``train.bf16``; see
-    `reference_dtype`), the pair layout (``train.prefix_sharing``) and ``model.attn_implementation``.
+    `reference_dtype`), the pair layout (``train.prefix_sharing`` where the family packs) and
+    ``model.attn_implementation``.
     The model's path is not part of it: an identical copy of the folder has the same key.
     """
     return _hash(key_inputs(base_model_path, cfg, dtype))

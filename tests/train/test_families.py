@@ -220,3 +220,14 @@ def test_qwen_dpo_with_lora_trains_checkpoints_and_fills_the_reference_cache(ray
     torch.testing.assert_close(cached[:, 0], reference[0].double(), atol=1e-4, rtol=0)
     torch.testing.assert_close(cached[:, 1], reference[1].double(), atol=1e-4, rtol=0)
     assert not torch.allclose(policy[0], reference[0])  # the saved adapter is the trained one
+
+
+def test_the_reference_cache_key_names_the_layout_the_family_scores_with(tiny_family_dir, synth_world, tmp_path):
+    """Qwen2.5-VL's pairs are plain rows whatever train.prefix_sharing says, so its cache is shared by both
+    settings; LLaVA-NeXT's packed and plain numbers are kept apart (equal in exact arithmetic, not in bf16)."""
+    from orchestrator.model.families import family_of
+    from orchestrator.train.reference_cache import reference_key
+
+    keys = [reference_key(tiny_family_dir, tiny_config(tmp_path, synth_world[0], f"train.prefix_sharing={on}"),
+                          "float32") for on in ("true", "false")]
+    assert (keys[0] == keys[1]) == (family_of(tiny_family_dir) == "qwen2_5_vl")
