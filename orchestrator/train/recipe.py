@@ -21,6 +21,9 @@ Supports
 - LoRA (peft) on the language model's linear layers only, chosen by a regex on module names, so the
   vision tower's own q/k/v projections, the projector and lm_head are never adapted. The vision tower
   and projector are frozen in every mode.
+- Every model family (`model.family`: LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL): each image counted at its own
+  token count; pairs packed (`train.prefix_sharing`) only where the family's positions are 1-D, Qwen2.5-VL's
+  trained as plain rows (the set-up log line says so).
 - Reference log-probs: the same model with its adapters disabled (exact, no extra memory); without
   LoRA, a frozen deep copy made before training. With `train.reference_cache` they come from the cache;
   with `reference_fill: loop` the pairs it lacks are computed here in the first epoch and each rank adds
