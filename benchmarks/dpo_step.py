@@ -94,22 +94,28 @@ def make_batch(model, pairs: int, answer_tokens: int, device: str, dtype: torch.
 
 def make_packed(model, plain_inputs, labels, pairs: int, device: str, dtype):
     """The same pairs as `make_batch`'s 2B rows, packed as B rows [prompt, chosen, rejected]."""
+    from orchestrator.model.families import VisionInputs
     from orchestrator.train.pairs import pack_pairs
 
     ids = plain_inputs["input_ids"].cpu()
     prompt_len = int((labels[0] == -100).sum())
     token_pairs = [(ids[k, :prompt_len].tolist(), ids[k, prompt_len:].tolist(), ids[pairs + k, prompt_len:].tolist())
                    for k in range(pairs)]
-    return pack_pairs(token_pairs, plain_inputs["pixel_values"][:pairs].cpu(), pad_id=0)
+    image_tokens = prompt_len - PROMPT_BEFORE_IMAGE - PROMPT_AFTER_IMAGE
+    vision = VisionInputs({"pixel_values": plain_inputs["pixel_values"][:pairs].cpu()}, [image_tokens] * pairs)
+    return pack_pairs(token_pairs, vision, pad_id=0)
 
 
 def plain_collated(inputs, labels, pairs: int):
     """`make_batch`'s rows as the recipe's plain `Collated` (labels cut to the answer window)."""
+    from orchestrator.model.families import VisionInputs
     from orchestrator.train.collate import Collated, labelled_window
 
     keep = labelled_window(labels)
+    image_tokens = (inputs["input_ids"] == IMAGE_TOKEN).sum(-1).tolist()
+    vision = VisionInputs({"pixel_values": inputs["pixel_values"]}, image_tokens)
     return Collated(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    labels=labels[:, -keep:], pixel_values=inputs["pixel_values"], logits_to_keep=keep,
+                    labels=labels[:, -keep:], vision=vision, logits_to_keep=keep,
                     num_examples=pairs, num_tokens=int(inputs["attention_mask"].sum()))
 
 

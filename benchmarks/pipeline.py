@@ -243,7 +243,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
     caches = sorted(default_cache_root(cfg).glob("*/"), key=lambda p: p.stat().st_mtime)
     cached = open_reference_cache(caches[-1]).load() if caches and cached_reference else None
     loaded = load_model(cfg.model.path, dtype="bfloat16" if cuda else "float32", device=device,
-                        attn_implementation=cfg.model.attn_implementation)
+                        attn_implementation=cfg.model.attn_implementation, family=cfg.model.family)
     kernels = apply_fused_kernels(loaded.model, resolve_fused_kernels(cfg.train.fused_kernels, cuda))  # as the recipe
     freeze_vision(loaded.model)
     pairs = cfg.train.batch_size_per_worker

@@ -30,6 +30,17 @@ def load_image(path: str) -> Image.Image:
         raise ImageLoadError(path, f"unreadable image ({type(error).__name__}: {error})") from None
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding it, or ImageLoadError saying why not."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found") from None
+    except Exception as error:
+        raise ImageLoadError(path, f"unreadable image ({type(error).__name__}: {error})") from None
+
+
 def image_error(path: str) -> str:
     """'' if the image opens and decodes, else the reason."""
     try:

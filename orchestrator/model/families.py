@@ -88,6 +88,7 @@ class ModelFamily:
     image_text: str = IMAGE_PLACEHOLDER   # what a prompt holds per image before expansion
     one_d_positions: bool = True     # plain 1-D positions: pairs can be packed and prefixes reused
     pad_to_square: bool = False      # LLaVA-1.5's image_aspect_ratio=pad
+    fixed_image_tokens: bool = False  # every image expands to tokens_per_image (LLaVA-1.5's one tile)
 
     def image_token_id(self, model_config) -> int:
         value = getattr(model_config, "image_token_id", None)
@@ -121,7 +122,8 @@ class ModelFamily:
 
 
 FAMILIES = {
-    "llava": ModelFamily("llava", "llava", "LlavaForConditionalGeneration", pad_to_square=True),
+    "llava": ModelFamily("llava", "llava", "LlavaForConditionalGeneration", pad_to_square=True,
+                         fixed_image_tokens=True),
     "llava_next": ModelFamily("llava_next", "llava_next", "LlavaNextForConditionalGeneration"),
     "qwen2_5_vl": ModelFamily("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
                               image_text="<|vision_start|><|image_pad|><|vision_end|>", one_d_positions=False),
@@ -176,6 +178,18 @@ class LoadedModel:
 
     def vision_inputs(self, images: Sequence[Image.Image]) -> VisionInputs:
         return self.family.vision_inputs(self, images)
+
+    def image_tokens(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """Image tokens each image of these (width, height) sizes expands to, without its pixels: every family's
+        count follows from the image's size alone, so a blank image of that size is processed once per size.
+        What token budgets count before the images themselves are decoded."""
+        if self.family.fixed_image_tokens:
+            return [self.tokens_per_image] * len(sizes)
+        by_size = self.extra.setdefault("image_tokens_by_size", {})
+        for size in dict.fromkeys(sizes):
+            if size not in by_size:
+                by_size[size] = self.vision_inputs([Image.new("RGB", size)]).tokens[0]
+        return [by_size[size] for size in sizes]
 
     def save_processing(self, folder: str | Path) -> None:
         """What turns text and images into this model's inputs (processor or tokenizer + image processor,

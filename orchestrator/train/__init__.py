@@ -1,4 +1,4 @@
-"""Training: DPO / supervised warm-up of LLaVA on Ray Train.
+"""Training: DPO / supervised warm-up of LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL on Ray Train.
 
 - `losses`: the objectives as pure functions (sequence log-probs, DPO sigmoid / IPO / hinge, LM loss).
 - `collate`: dataset rows -> model inputs (chosen and rejected batched as 2B rows).

@@ -1,14 +1,21 @@
-"""Batches of dataset rows -> model inputs (token ids, labels, attention mask, pixel values).
+"""Batches of dataset rows -> model inputs (token ids, labels, attention mask, the vision inputs).
 
 A *preference* batch of B pairs becomes 2B sequences, the B chosen answers first and then the B
 rejected ones, each with its own copy of the image (CONTEXT.md section 3: "chosen and rejected are
-batched together as 2B rows, images duplicated"). The prompt is built with the config's train
-template (`build_prompt`), tokenized once per pair (`encode_prompt`, image tokens expanded), and each
-answer is appended by `encode_example` (labels -100 on the prompt, the answer's ``</s>`` labelled).
+batched together as 2B rows, images duplicated"). Every model family goes through the same steps: a
+row's images are processed first (`LoadedModel.vision_inputs`: the vision tensors and how many image
+tokens each image expands to, which varies with the image for LLaVA-NeXT and Qwen2.5-VL), then the
+prompt is built with the config's train template and tokenized once per pair with those counts
+(`LoadedModel.prompt_ids`), and each answer is appended as `encode_example` appends it (labels -100 on
+the prompt, the answer's end of sequence labelled). The vision inputs travel as a `VisionInputs`
+(pixel_values, plus image_sizes for LLaVA-NeXT or image_grid_thw for Qwen2.5-VL), the rows' images
+one after the other.
 
 Padding uses the tokenizer's pad id with label -100 and attention 0. Right padding is the default for
 training: Llama's position ids count from the start of the row, so right padding leaves every real
-token's position unchanged (left padding would shift them). Both sides are supported.
+token's position unchanged (left padding would shift them). Both sides are supported. No position ids
+are passed: each model computes them from the attention mask (Qwen2.5-VL its 3-D multimodal ones from
+input_ids, image_grid_thw and the mask), so a padded row scores as it does alone.
 
 `logits_to_keep` tells the model to compute logits only for the last positions that can carry a
 label (from just before the earliest answer token to the end): for LLaVA's 611-token prompts and
@@ -29,10 +36,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from orchestrator.images import ImageLoadError, load_image
-from orchestrator.model.families import LoadedModel
-from orchestrator.model.llava import pixel_values
-from orchestrator.model.templates import (IGNORE_INDEX, build_prompt, encode_answer, encode_example,
-                                          encode_prompt)
+from orchestrator.model.families import LoadedModel, VisionInputs
+from orchestrator.model.templates import IGNORE_INDEX, encode_answer, encode_example
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ class Collated:
     input_ids: torch.Tensor        # [N, T]
     attention_mask: torch.Tensor   # [N, T]
     labels: torch.Tensor           # [N, K]: the last K positions (K = logits_to_keep)
-    pixel_values: torch.Tensor     # [N, 3, H, W]
+    vision: VisionInputs           # the N rows' images, row by row (pixel_values and the family's extras)
     logits_to_keep: int
     num_examples: int              # pairs (DPO) or examples (SFT) kept
     num_tokens: int                # non-padding tokens of the N rows
@@ -54,11 +59,10 @@ class Collated:
 
     def model_inputs(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
                      ) -> dict[str, Any]:
-        """Keyword arguments for `LlavaForConditionalGeneration.forward` (without labels)."""
-        pixels = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
+        """Keyword arguments for the model's forward (without labels); float vision tensors cast to `dtype`."""
         return {
             "input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-            "pixel_values": pixels.to(device), "logits_to_keep": self.logits_to_keep,
+            **self.vision.to(device, dtype), "logits_to_keep": self.logits_to_keep,
         }
 
 
@@ -98,12 +102,12 @@ def labelled_window(labels: torch.Tensor) -> int:
     return labels.shape[1] - int(labelled[0]) + 1
 
 
-def _finish(ids, labels, images, loaded, pad_id, padding_side, sample_ids, skipped) -> Collated:
+def _finish(ids, labels, vision: VisionInputs, pad_id, padding_side, sample_ids, skipped) -> Collated:
     input_ids, full_labels, mask = pad_sequences(ids, labels, pad_id, padding_side)
     keep = labelled_window(full_labels)
     return Collated(
         input_ids=input_ids, attention_mask=mask, labels=full_labels[:, -keep:],
-        pixel_values=pixel_values(loaded, images), logits_to_keep=keep, num_examples=len(sample_ids),
+        vision=vision, logits_to_keep=keep, num_examples=len(sample_ids),
         num_tokens=int(mask.sum()), skipped=skipped, sample_ids=sample_ids,
     )
 
@@ -117,13 +121,6 @@ def _load(path: str, sample_id: str, skipped: list[dict[str, str]]):
         return None
 
 
-def template_prompt_ids(loaded: LoadedModel, prompt: str, template: str, num_images: int = 1) -> list[int]:
-    """Token ids of `prompt` in the conversation `template`, each image placeholder expanded to the model's
-    image tokens."""
-    return encode_prompt(loaded.tokenizer, build_prompt(prompt, template, num_images), loaded.image_token_id,
-                         loaded.tokens_per_image)
-
-
 def row_images(batch: Mapping[str, Sequence[Any]]) -> list[list[str]]:
     """Each row's image paths: the `images` column (multi-image sources) or the one `image`."""
     if "images" in batch:
@@ -131,28 +128,47 @@ def row_images(batch: Mapping[str, Sequence[Any]]) -> list[list[str]]:
     return [[path] for path in _column(batch, "image")]
 
 
+def row_image_paths(row: Mapping[str, Any]) -> list[str]:
+    """One row's image paths (a row as a dict), as `row_images` reads them from a batch."""
+    if row.get("images") is not None:
+        return [str(path) for path in row["images"]]
+    return [str(row["image"])]
+
+
+def load_row_images(sample_id: str, paths: Sequence[str], loaded: LoadedModel, skipped: list[dict[str, str]]
+                    ) -> VisionInputs | None:
+    """A row's images as the model's vision inputs (with each image's token count); None, with the row
+    added to `skipped`, if one of them cannot be loaded."""
+    images = [_load(path, sample_id, skipped) for path in paths]
+    if any(image is None for image in images):
+        return None
+    return loaded.vision_inputs(images)
+
+
 def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str, max_length: int):
-    """(sample_id, images, prompt ids, chosen answer ids, rejected answer ids) per usable row, and the skipped.
+    """(sample_id, vision inputs, prompt ids, chosen answer ids, rejected answer ids) per usable row, and the
+    skipped.
 
     Answers are cut as `encode_example` cuts them (to max_length - prompt), so the plain and the packed
     layout (`pairs.collate_packed`) score exactly the same tokens. A row may have several images (the
-    `images` column): the prompt gets one image placeholder per image, and the images follow in order.
+    `images` column): the prompt gets one image placeholder per image, each expanded to that image's token
+    count, and the images follow in order.
     """
     tokenizer = loaded.tokenizer
     kept, skipped = [], []
     for sample_id, paths, prompt, chosen, rejected in zip(
             _column(batch, "sample_id"), row_images(batch), _column(batch, "prompt"),
             _column(batch, "chosen"), _column(batch, "rejected")):
-        images = [_load(path, str(sample_id), skipped) for path in paths]
-        if any(image is None for image in images):
+        vision = load_row_images(str(sample_id), paths, loaded, skipped)
+        if vision is None:
             continue
-        prompt_ids = template_prompt_ids(loaded, prompt, template, len(images))
+        prompt_ids = loaded.prompt_ids(prompt, template, vision.tokens)
         room = max_length - len(prompt_ids)
         if room <= 0:
             skipped.append({"sample_id": str(sample_id),
                             "reason": f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}"})
             continue
-        kept.append((str(sample_id), images, prompt_ids, encode_answer(tokenizer, chosen)[:room],
+        kept.append((str(sample_id), vision, prompt_ids, encode_answer(tokenizer, chosen)[:room],
                      encode_answer(tokenizer, rejected)[:room]))
     return kept, skipped
 
@@ -169,30 +185,29 @@ def collate_preference(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, 
             prompt_ids, answer_ids = pair[2], pair[answer]
             ids.append(prompt_ids + answer_ids)
             labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-    images = [image for _, pair_images, *_ in kept for image in pair_images]  # the rows' images, row by row
-    return _finish(ids, labels, images + images, loaded, loaded.tokenizer.pad_token_id, padding_side,
-                   [sample_id for sample_id, *_ in kept], skipped)
+    rows_vision = [vision for _, vision, *_ in kept]
+    return _finish(ids, labels, VisionInputs.concat(rows_vision + rows_vision), loaded.tokenizer.pad_token_id,
+                   padding_side, [sample_id for sample_id, *_ in kept], skipped)
 
 
 def collate_sft(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                 max_length: int = 2048, padding_side: str = "right") -> Collated | None:
     """Supervised rows (SFT_COLUMNS) -> B sequences labelled on the response. None if all were skipped."""
     tokenizer = loaded.tokenizer
-    ids, labels, images, kept = [], [], [], []
+    ids, labels, visions, kept = [], [], [], []
     skipped: list[dict[str, str]] = []
-    for sample_id, path, prompt, response in zip(
-            _column(batch, "sample_id"), _column(batch, "image"), _column(batch, "prompt"),
-            _column(batch, "response")):
-        image = _load(path, str(sample_id), skipped)
-        if image is None:
+    for sample_id, paths, prompt, response in zip(
+            _column(batch, "sample_id"), row_images(batch), _column(batch, "prompt"), _column(batch, "response")):
+        vision = load_row_images(str(sample_id), paths, loaded, skipped)
+        if vision is None:
             continue
         try:
-            row_ids, row_labels = encode_example(tokenizer, template_prompt_ids(loaded, prompt, template), response,
-                                                 max_length)
+            row_ids, row_labels = encode_example(tokenizer, loaded.prompt_ids(prompt, template, vision.tokens),
+                                                 response, max_length)
         except ValueError as error:
             skipped.append({"sample_id": str(sample_id), "reason": str(error)})
             continue
-        ids.append(row_ids), labels.append(row_labels), images.append(image), kept.append(str(sample_id))
-    if not images:
+        ids.append(row_ids), labels.append(row_labels), visions.append(vision), kept.append(str(sample_id))
+    if not kept:
         return None
-    return _finish(ids, labels, images, loaded, tokenizer.pad_token_id, padding_side, kept, skipped)
+    return _finish(ids, labels, VisionInputs.concat(visions), tokenizer.pad_token_id, padding_side, kept, skipped)

@@ -20,21 +20,29 @@ token to the position whose logits score it, so no shifted-label trick is needed
 The mask is built on the device at forward time from a small `segments` tensor (0 padding, 1 prompt,
 2 chosen, 3 rejected), in the form the attention implementation wants: boolean for SDPA, additive
 float for eager. transformers passes a 4D mask through unchanged.
+
+Packing needs plain 1-D positions (`ModelFamily.one_d_positions`): LLaVA-1.5 and LLaVA-NeXT (its anyres
+image features take the place of its image tokens one for one, so positions stay token counts).
+Qwen2.5-VL computes 3-D multimodal rotary positions from the whole row (input_ids, image_grid_thw and
+the attention mask), which the restarted positions above cannot express: `collate_pairs` gives it the
+plain rows, saying so once per loaded model.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from orchestrator.model.families import LoadedModel
-
-from orchestrator.model.llava import pixel_values
+from orchestrator.images import ImageLoadError, image_size
+from orchestrator.model.families import LoadedModel, VisionInputs
 from orchestrator.model.templates import IGNORE_INDEX, encode_answer
-from orchestrator.train.collate import Collated, collate_preference, encode_pairs, template_prompt_ids
+from orchestrator.train.collate import Collated, collate_preference, encode_pairs, row_image_paths
 from orchestrator.train.losses import token_logps
+
+log = logging.getLogger(__name__)
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 
@@ -64,7 +72,7 @@ class PackedPairs:
     input_ids: torch.Tensor        # [B, T]
     segments: torch.Tensor         # [B, T] PAD / PROMPT / CHOSEN / REJECTED
     position_ids: torch.Tensor     # [B, T]
-    pixel_values: torch.Tensor     # [N, 3, H, W]: each pair's images (one for most data), pair by pair
+    vision: VisionInputs           # each pair's images (one for most data), pair by pair
     logits_to_keep: int            # logits are computed for the last K positions only
     chosen_source: torch.Tensor    # [B, Lc] position whose logits score chosen token j
     chosen_target: torch.Tensor    # [B, Lc] chosen token j (IGNORE_INDEX on padding)
@@ -78,11 +86,10 @@ class PackedPairs:
 
     def model_inputs(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                      attn_implementation: str = "sdpa") -> dict[str, Any]:
-        pixels = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
         return {
             "input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
             "attention_mask": attention_mask(self.segments.to(device), attn_implementation, dtype or torch.float32),
-            "pixel_values": pixels.to(device), "logits_to_keep": self.logits_to_keep,
+            **self.vision.to(device, dtype), "logits_to_keep": self.logits_to_keep,
         }
 
 
@@ -109,34 +116,47 @@ def attention_mask(segments: torch.Tensor, attn_implementation: str, dtype: torc
 
 def longest_row_tokens(rows: Sequence[Mapping[str, Any]], loaded: LoadedModel, template: str, max_length: int,
                        answer_columns: Sequence[str] = ("chosen", "rejected")) -> int:
-    """Tokens of the longest prompt + answer row of `rows` (cut at max_length), as the planner counts a row."""
+    """Tokens of the longest prompt + answer row of `rows` (cut at max_length), as the planner counts a row.
+
+    Each image counts its own tokens (`LoadedModel.image_tokens`, from the image's size: only the headers are
+    read, and only for families whose count varies); a row whose image cannot be opened is left out, as
+    collation leaves it out."""
     tokenizer = loaded.tokenizer
-    prompts: dict[str, int] = {}
+    prompts: dict[tuple[str, tuple[int, ...]], int] = {}
     longest = 0
     for row in rows:
         prompt = str(row["prompt"])
-        images = len(row["images"]) if row.get("images") is not None else 1
-        if (prompt, images) not in prompts:
-            prompts[prompt, images] = len(template_prompt_ids(loaded, prompt, template, images))
+        paths = row_image_paths(row)
+        try:
+            tokens = (loaded.tokens_per_image,) * len(paths) if loaded.family.fixed_image_tokens else \
+                tuple(loaded.image_tokens([image_size(path) for path in paths]))  # headers only
+        except ImageLoadError:
+            continue
+        if (prompt, tokens) not in prompts:
+            prompts[prompt, tokens] = len(loaded.prompt_ids(prompt, template, tokens))
         for column in answer_columns:
             if column in row:
-                longest = max(longest, prompts[prompt, images] + len(encode_answer(tokenizer, str(row[column]))))
+                longest = max(longest, prompts[prompt, tokens] + len(encode_answer(tokenizer, str(row[column]))))
     return min(longest, max_length) if longest else max_length
 
 
 def collate_packed(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                    max_length: int = 2048, pad_to_multiple_of: int = 1) -> PackedPairs | None:
-    """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped."""
+    """Preference rows (PREFERENCE_COLUMNS) -> B packed rows. None if every row was skipped. Only for families
+    with 1-D positions (`collate_pairs` chooses the layout)."""
+    refusal = packing_refusal(loaded)
+    if refusal:
+        raise ValueError(f"packed pairs: {refusal}; use the plain rows (collate_pairs picks them)")
     kept, skipped = encode_pairs(batch, loaded, template, max_length)
     if not kept:
         return None
     return pack_pairs([(prompt, chosen, rejected) for _, _, prompt, chosen, rejected in kept],
-                      pixel_values(loaded, [image for _, images, *_ in kept for image in images]),
-                      loaded.tokenizer.pad_token_id, sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped,
+                      VisionInputs.concat([vision for _, vision, *_ in kept]), loaded.tokenizer.pad_token_id,
+                      sample_ids=[sample_id for sample_id, *_ in kept], skipped=skipped,
                       pad_to_multiple_of=pad_to_multiple_of)
 
 
-def pack_pairs(token_pairs: Sequence[tuple[list[int], list[int], list[int]]], pixels: torch.Tensor, pad_id: int,
+def pack_pairs(token_pairs: Sequence[tuple[list[int], list[int], list[int]]], vision: VisionInputs, pad_id: int,
                sample_ids: list[str] | None = None, skipped: list[dict[str, str]] | None = None,
                pad_to_multiple_of: int = 1) -> PackedPairs:
     """(prompt ids, chosen answer ids, rejected answer ids) per pair -> right-padded packed rows.
@@ -169,7 +189,7 @@ def pack_pairs(token_pairs: Sequence[tuple[list[int], list[int], list[int]]], pi
         rejected_target[row, :r] = torch.tensor(list(rejected))
     first_scored = min(len(prompt) - 1 for prompt, _, _ in token_pairs)
     return PackedPairs(
-        input_ids=input_ids, segments=segments, position_ids=positions, pixel_values=pixels,
+        input_ids=input_ids, segments=segments, position_ids=positions, vision=vision,
         logits_to_keep=width - first_scored, chosen_source=chosen_source, chosen_target=chosen_target,
         rejected_source=rejected_source, rejected_target=rejected_target, num_examples=count,
         num_tokens=int((segments != PAD).sum()), sample_ids=list(sample_ids or []), skipped=list(skipped or []),
@@ -179,10 +199,25 @@ def pack_pairs(token_pairs: Sequence[tuple[list[int], list[int], list[int]]], pi
 def collate_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str = "v1",
                   max_length: int = 2048, packed: bool = True, pad_to_multiple_of: int = 1
                   ) -> PackedPairs | Collated | None:
-    """Preference rows in the packed or the plain layout (`train.prefix_sharing`)."""
+    """Preference rows in the packed or the plain layout (`train.prefix_sharing`). A family whose positions are
+    not 1-D gets the plain rows (`packing_refusal`), said once per loaded model."""
+    if packed:
+        refusal = packing_refusal(loaded)
+        if refusal and not loaded.extra.get("packing_refusal_logged"):
+            loaded.extra["packing_refusal_logged"] = True
+            log.info("train.prefix_sharing: plain rows instead of packed pairs: %s", refusal)
+        packed = not refusal
     if packed:
         return collate_packed(batch, loaded, template, max_length, pad_to_multiple_of)
     return collate_preference(batch, loaded, template, max_length)
+
+
+def packing_refusal(loaded: LoadedModel) -> str:
+    """'' if this model's pairs can be packed (1-D positions), else why not."""
+    if loaded.family.one_d_positions:
+        return ""
+    return (f"{loaded.family.name} computes its multimodal rotary positions from the whole row, so the rejected "
+            "answer's positions cannot restart after a shared prompt")
 
 
 def _gathered_logps(logits: torch.Tensor, first: int, source: torch.Tensor, target: torch.Tensor

@@ -21,6 +21,9 @@ Supports
 - LoRA (peft) on the language model's linear layers only, chosen by a regex on module names, so the
   vision tower's own q/k/v projections, the projector and lm_head are never adapted. The vision tower
   and projector are frozen in every mode.
+- Every model family (`model.family`: LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL): each image counted at its own
+  token count; pairs packed (`train.prefix_sharing`) only where the family's positions are 1-D, Qwen2.5-VL's
+  trained as plain rows (the set-up log line says so).
 - Reference log-probs: the same model with its adapters disabled (exact, no extra memory); without
   LoRA, a frozen deep copy made before training. With `train.reference_cache` they come from the cache;
   with `reference_fill: loop` the pairs it lacks are computed here in the first epoch and each rank adds
@@ -75,7 +78,7 @@ from orchestrator.eval.model_adapter import LlavaModel
 from orchestrator.eval.probe import objective_of, probe_values, score_probe
 from orchestrator.files import write_json_atomic
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
-from orchestrator.model.families import LoadedModel, load_model
+from orchestrator.model.families import FAMILIES, LoadedModel, family_of, load_model
 from orchestrator.model.lora import add_lora, freeze_vision, set_lora_input_casting
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
 from orchestrator.timing import process_start_time
@@ -84,7 +87,7 @@ from orchestrator.train.collate import Collated, collate_sft
 from orchestrator.train.engine import Engine, make_engine
 from orchestrator.train.losses import dpo_loss, dpo_metrics, masked_nll, sft_nll
 from orchestrator.train.pairs import (PackedPairs, collate_pairs, longest_row_tokens, model_inputs_for,
-                                      pair_token_logps)
+                                      packing_refusal, pair_token_logps)
 from orchestrator.train.reference_cache import open_reference_cache, write_reference_values
 from orchestrator.train.schedule import (StagePlan, micro_batches, plan_schedule, read_rows, stage_plan,
                                          stage_train_config)
@@ -120,11 +123,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with ThreadPoolExecutor(max_workers=1) as reader:
         # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
         pending_rows = reader.submit(read_rows, ray.train.get_dataset_shard("train"))
-        from transformers import LlavaForConditionalGeneration  # noqa: F401  (timed apart: seconds of imports)
+        import transformers  # the family's modeling code, timed apart: seconds of imports
+
+        getattr(transformers, FAMILIES[family_of(config["base_model"])].model_class)
 
         lap("import modeling")
         loaded = load_model(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
-                            device=device, attn_implementation=cfg.model.attn_implementation)
+                            device=device, attn_implementation=cfg.model.attn_implementation, family=cfg.model.family)
         lap("model")
         rows = pending_rows.result()
     model = loaded.model
@@ -192,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  train.gradient_accumulation, schedule.steps_per_epoch, schedule.total_steps, start_step,
                  engine.describe() + ("" if zero_reason == "set in the config" else f" ({zero_reason})"),
                  ("on" if checkpointing else "off") + f", fused kernels {kernels}",
-                 "" if plan.stage != "dpo" else f", {'packed' if train.prefix_sharing else 'plain'} pairs, "
+                 "" if plan.stage != "dpo" else f", {pair_layout(train, loaded)} pairs, "
                  f"reference {reference_source(cached_reference, rows, fill_in_loop)}")
         log.info("setup %s", lap)
     clock = _StepClock(layout.timings_path(cfg.run_dir, plan.stage), lap, enabled=rank == 0,
@@ -323,13 +328,23 @@ def collate_stage(batch: dict[str, list], loaded: LoadedModel, stage: str, cfg: 
     train = cfg.train
     if stage == "sft":
         return collate_sft(batch, loaded, cfg.model.train_template, train.max_length)
-    inputs = collate_pairs(batch, loaded, cfg.model.train_template, train.max_length, packed=train.prefix_sharing,
+    # packed only where the family allows it; the set-up log line says why not (`pair_layout`), not every batch
+    inputs = collate_pairs(batch, loaded, cfg.model.train_template, train.max_length,
+                           packed=train.prefix_sharing and not packing_refusal(loaded),
                            pad_to_multiple_of=train.pad_to_multiple_of)
     # a micro-batch with a pair the cache lacks (reference_fill: loop) computes the reference for all its pairs
     if inputs is not None and cached_reference is not None and all(i in cached_reference for i in inputs.sample_ids):
         values = torch.tensor([cached_reference[sample_id] for sample_id in inputs.sample_ids], dtype=torch.float32)
         inputs.reference = (values[:, 0], values[:, 1])
     return inputs
+
+
+def pair_layout(train: TrainConfig, loaded: LoadedModel) -> str:
+    """How this run lays out its DPO pairs, for the set-up log line: packed, plain, or plain and why."""
+    if not train.prefix_sharing:
+        return "plain"
+    refusal = packing_refusal(loaded)
+    return f"plain (train.prefix_sharing is on, but {refusal})" if refusal else "packed"
 
 
 def load_cached_reference(path: str, rows: list[dict[str, Any]], rank: int,

@@ -154,15 +154,19 @@ def model_files(base_model_path: str | Path) -> list[Path]:
 
 def key_inputs(base_model_path: str | Path, cfg: ExperimentConfig, dtype: str) -> dict[str, Any]:
     """Everything the cached numbers depend on (hashed by `reference_key`, recorded in meta.json)."""
+    from orchestrator.model.families import FAMILIES, family_of
+
     root = Path(base_model_path)
+    packed = getattr(cfg.train, "prefix_sharing", True) and FAMILIES[family_of(root)].one_d_positions
     return {
         "format": CACHE_FORMAT,
         "files": {path.relative_to(root).as_posix(): file_fingerprint(path) for path in model_files(root)},
         "template": cfg.model.train_template,
         "max_length": int(cfg.train.max_length),
         "dtype": dtype,
-        # same numbers in exact arithmetic, not bit for bit in bf16: packed vs plain rows, attention kernel
-        "layout": "packed" if getattr(cfg.train, "prefix_sharing", True) else "plain",
+        # same numbers in exact arithmetic, not bit for bit in bf16: packed vs plain rows (the layout the family
+        # allows: Qwen2.5-VL's pairs are always plain), attention kernel
+        "layout": "packed" if packed else "plain",
         "attn_implementation": cfg.model.attn_implementation,
     }
 
@@ -177,7 +181,8 @@ def reference_key(base_model_path: str | Path, cfg: ExperimentConfig, dtype: str
     Hashes the fingerprint of every file of the model folder (`file_fingerprint`: small files whole,
     large weight files by size, safetensors header and sampled blocks), ``model.train_template``,
     ``train.max_length``, `dtype` ("float32" on CPU, "bfloat16" on GPU with ``train.bf16``; see
-    `reference_dtype`), the pair layout (``train.prefix_sharing``) and ``model.attn_implementation``.
+    `reference_dtype`), the pair layout (``train.prefix_sharing`` where the family packs) and
+    ``model.attn_implementation``.
     The model's path is not part of it: an identical copy of the folder has the same key.
     """
     return _hash(key_inputs(base_model_path, cfg, dtype))
@@ -268,6 +273,7 @@ class ReferenceSettings:
     """Everything a scoring actor needs; plain values so Ray can ship it."""
 
     model_path: str
+    family: str                    # model.family ("auto": the folder's config.json says)
     dtype: str                     # "float32" | "bfloat16"
     template: str
     max_length: int
@@ -296,7 +302,7 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.torch_dtype = resolve_dtype(settings.dtype, self.device)
         self.loaded = load_model(settings.model_path, dtype=settings.dtype, device=self.device,
-                                 attn_implementation=settings.attn_implementation)
+                                 attn_implementation=settings.attn_implementation, family=settings.family)
         self.model = self.loaded.model.eval().requires_grad_(False)
         log.info("reference scorer: %s loaded (%s, %s) in %.1fs", settings.model_path, self.device,
                  settings.dtype, time.time() - started)
@@ -323,6 +329,7 @@ class ReferenceScorer:
     def _run(self, group: list[dict], outputs: dict[str, dict]) -> None:
         import torch
 
+        from orchestrator.train.collate import row_image_paths
         from orchestrator.train.pairs import collate_pairs, score_pairs
 
         s = self.settings
@@ -332,8 +339,7 @@ class ReferenceScorer:
             # every row was skipped, and collate_pairs returns no list of reasons then; it skips a row for
             # exactly two reasons: its image does not open, or its prompt does not fit max_length
             for row in group:
-                paths = [str(path) for path in row["images"]] if row.get("images") is not None else [str(row["image"])]
-                reasons = [f"{path}: {reason}" for path in paths if (reason := image_error(path))]
+                reasons = [f"{path}: {reason}" for path in row_image_paths(row) if (reason := image_error(path))]
                 outputs[str(row["sample_id"])]["error"] = (  # worded as collate_pairs words its skips
                     reasons[0] if reasons else f"prompt does not fit max_length {s.max_length}")
             return
@@ -464,7 +470,7 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
     from ray.data import ActorPoolStrategy
 
     settings = ReferenceSettings(
-        model_path=str(base_model_path), dtype=dtype, template=cfg.model.train_template,
+        model_path=str(base_model_path), family=cfg.model.family, dtype=dtype, template=cfg.model.train_template,
         max_length=int(cfg.train.max_length), packed=bool(getattr(cfg.train, "prefix_sharing", True)),
         attn_implementation=cfg.model.attn_implementation, batch_size=int(cfg.train.batch_size_per_worker),
     )

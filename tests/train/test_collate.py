@@ -32,7 +32,8 @@ def test_pairs_become_2b_rows_with_chosen_first_and_images_duplicated(loaded, pr
     inputs = collate_preference(as_batch(preference_rows), loaded, "v1", 256)
     pairs = len(preference_rows)
     assert inputs.num_examples == pairs and inputs.input_ids.shape[0] == 2 * pairs
-    assert torch.equal(inputs.pixel_values[:pairs], inputs.pixel_values[pairs:])
+    pixels = inputs.vision.tensors["pixel_values"]
+    assert torch.equal(pixels[:pairs], pixels[pairs:])
     labels = full_labels(inputs)
     tokenizer = loaded.tokenizer
     for i, row in enumerate(preference_rows):

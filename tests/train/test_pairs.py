@@ -93,7 +93,7 @@ def test_packed_rows_share_one_prompt_and_restart_positions(loaded, rows):
     prompt = int((segments == PROMPT).sum())
     chosen = int((segments == CHOSEN).sum())
     rejected = int((segments == REJECTED).sum())
-    assert packed.pixel_values.shape[0] == 1  # one image per pair
+    assert packed.vision.tensors["pixel_values"].shape[0] == 1  # one image per pair
     assert positions[prompt:prompt + chosen].tolist() == list(range(prompt, prompt + chosen))
     assert positions[prompt + chosen:prompt + chosen + rejected].tolist() == list(range(prompt, prompt + rejected))
     assert packed.chosen_source[0, 0] == packed.rejected_source[0, 0] == prompt - 1
@@ -146,7 +146,8 @@ def test_multi_image_rows_put_one_image_per_placeholder_and_score_alike_in_both_
     batch = as_batch(multi)
     plain = collate_preference(batch, loaded, "v1", 512)
     packed = collate_packed(batch, loaded, "v1", 512)
-    assert packed.pixel_values.shape[0] == 5 and plain.pixel_values.shape[0] == 10  # plain: chosen rows, then rejected
+    pixels = packed.vision.tensors["pixel_values"]
+    assert pixels.shape[0] == 5 and plain.vision.tensors["pixel_values"].shape[0] == 10  # plain: chosen, then rejected
     image_tokens = (packed.input_ids == loaded.image_token_id).sum(1) // loaded.tokens_per_image
     assert image_tokens.tolist() == [2, 1, 2]
     with torch.no_grad():
@@ -156,7 +157,7 @@ def test_multi_image_rows_put_one_image_per_placeholder_and_score_alike_in_both_
     assert torch.allclose(packed_rejected, plain_rejected, atol=1e-4, rtol=0)
     # the second image is seen: swapping it changes the two-image row's score, not the one-image row's
     swapped = as_batch([{**multi[0], "images": [first["image"], first["image"]]}, multi[1]])
-    assert not torch.equal(collate_packed(swapped, loaded, "v1", 512).pixel_values, packed.pixel_values[:3])
+    assert not torch.equal(collate_packed(swapped, loaded, "v1", 512).vision.tensors["pixel_values"], pixels[:3])
     with torch.no_grad():
         swapped_chosen, _ = score_pairs(model, collate_packed(swapped, loaded, "v1", 512), "cpu")
     assert not torch.isclose(swapped_chosen[0], packed_chosen[0], atol=1e-5)
