@@ -218,8 +218,8 @@ class ModelConfig(_Section):
     max_image_pixels: int | None = Field(
         None, gt=0, description="Qwen2.5-VL: the most pixels one image is resized to (its image processor's "
         "max_pixels), so at most max_image_pixels / 28^2 image tokens (1003520 = 1280 x 28 x 28 -> 1280). Unset: the "
-        "folder's preprocessor_config.json (Qwen2.5-VL-7B-Instruct: 12845056 px, up to 16384 tokens). `hadpo plan` "
-        "counts image tokens with it; LLaVA families ignore it (fixed tiles)")
+        "folder's preprocessor_config.json (Qwen2.5-VL-7B-Instruct: 12845056 px, up to 16384 tokens). Training, the "
+        "reference cache (part of its key), evaluation and `hadpo plan` use it; LLaVA families ignore it (fixed tiles)")
     train_template: Literal["v1", "llava_v1", "chat"] = Field(
         "v1", description="v1 / llava_v1: HA-DPO's LLaVA-1.5 text templates; chat: the model's own chat template "
         "(what LLaVA-NeXT and Qwen2.5-VL were tuned with)")

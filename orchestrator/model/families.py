@@ -257,16 +257,28 @@ def save_processing_files(folder: str | Path, processor, tokenizer, image_proces
         (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}))
 
 
-def load_processing(path: str | Path, family: ModelFamily) -> tuple[Any | None, Any, Any]:
+def load_processing(path: str | Path, family: ModelFamily, max_image_pixels: int | None = None
+                    ) -> tuple[Any | None, Any, Any]:
     """(processor or None, tokenizer, image processor) of a model folder, as saved there.
 
     Qwen2.5-VL's processor class also wants a video processor (torchvision): its tokenizer and image processor
-    are all we use, so no processor is built for it."""
+    are all we use, so no processor is built for it. `max_image_pixels` (``model.max_image_pixels``) lowers
+    Qwen2.5-VL's per-image pixel budget (its image processor's ``size.longest_edge``, i.e. max_pixels); the
+    LLaVA families' tiles are fixed and ignore it."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     if family.name == "qwen2_5_vl":
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        return None, tokenizer, AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        if max_image_pixels:
+            size = dict(getattr(image_processor, "size", None) or {})
+            size["longest_edge"] = int(max_image_pixels)
+            size["shortest_edge"] = min(int(size.get("shortest_edge") or max_image_pixels), int(max_image_pixels))
+            image_processor.size = size
+            for name, key in (("max_pixels", "longest_edge"), ("min_pixels", "shortest_edge")):
+                if getattr(image_processor, name, None) is not None:  # older processors keep the budget here too
+                    setattr(image_processor, name, size[key])
+        return None, tokenizer, image_processor
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
@@ -305,8 +317,10 @@ def max_image_tokens(family: ModelFamily, model_config, image_processor) -> int:
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa", family: str = "auto") -> LoadedModel:
-    """Load a model folder of any supported family (tiny or real) from local disk only."""
+               attn_implementation: str = "sdpa", family: str = "auto", max_image_pixels: int | None = None
+               ) -> LoadedModel:
+    """Load a model folder of any supported family (tiny or real) from local disk only (`max_image_pixels`:
+    see `load_processing`)."""
     from transformers import AutoModelForImageTextToText
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -325,7 +339,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation, **placement,
     ).to(device)
-    processor, tokenizer, image_processor = load_processing(path, chosen)
+    processor, tokenizer, image_processor = load_processing(path, chosen, max_image_pixels)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token

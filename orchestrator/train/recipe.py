@@ -129,7 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         lap("import modeling")
         loaded = load_model(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
-                            device=device, attn_implementation=cfg.model.attn_implementation, family=cfg.model.family)
+                            device=device, attn_implementation=cfg.model.attn_implementation, family=cfg.model.family,
+                            max_image_pixels=cfg.model.max_image_pixels)
         lap("model")
         rows = pending_rows.result()
     model = loaded.model

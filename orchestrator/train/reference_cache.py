@@ -157,7 +157,11 @@ def key_inputs(base_model_path: str | Path, cfg: ExperimentConfig, dtype: str) -
     from orchestrator.model.families import FAMILIES, family_of
 
     root = Path(base_model_path)
-    packed = getattr(cfg.train, "prefix_sharing", True) and FAMILIES[family_of(root)].one_d_positions
+    family = FAMILIES[family_of(root)]
+    packed = getattr(cfg.train, "prefix_sharing", True) and family.one_d_positions
+    extra = {}
+    if family.name == "qwen2_5_vl" and cfg.model.max_image_pixels:  # its image tokens, hence every number
+        extra["max_image_pixels"] = int(cfg.model.max_image_pixels)
     return {
         "format": CACHE_FORMAT,
         "files": {path.relative_to(root).as_posix(): file_fingerprint(path) for path in model_files(root)},
@@ -168,6 +172,7 @@ def key_inputs(base_model_path: str | Path, cfg: ExperimentConfig, dtype: str) -
         # allows: Qwen2.5-VL's pairs are always plain), attention kernel
         "layout": "packed" if packed else "plain",
         "attn_implementation": cfg.model.attn_implementation,
+        **extra,
     }
 
 
@@ -280,6 +285,7 @@ class ReferenceSettings:
     packed: bool                   # train.prefix_sharing: [prompt, chosen, rejected] rows
     attn_implementation: str
     batch_size: int                # pairs per forward
+    max_image_pixels: int | None = None  # model.max_image_pixels (Qwen2.5-VL's image budget)
 
 
 class ReferenceScorer:
@@ -302,7 +308,8 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.torch_dtype = resolve_dtype(settings.dtype, self.device)
         self.loaded = load_model(settings.model_path, dtype=settings.dtype, device=self.device,
-                                 attn_implementation=settings.attn_implementation, family=settings.family)
+                                 attn_implementation=settings.attn_implementation, family=settings.family,
+                                 max_image_pixels=settings.max_image_pixels)
         self.model = self.loaded.model.eval().requires_grad_(False)
         log.info("reference scorer: %s loaded (%s, %s) in %.1fs", settings.model_path, self.device,
                  settings.dtype, time.time() - started)
@@ -473,6 +480,7 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
         model_path=str(base_model_path), family=cfg.model.family, dtype=dtype, template=cfg.model.train_template,
         max_length=int(cfg.train.max_length), packed=bool(getattr(cfg.train, "prefix_sharing", True)),
         attn_implementation=cfg.model.attn_implementation, batch_size=int(cfg.train.batch_size_per_worker),
+        max_image_pixels=cfg.model.max_image_pixels,
     )
     # similar lengths side by side: a model batch pads to its longest pair
     todo = sorted(todo, key=lambda row: len(str(row["prompt"])) + len(str(row["chosen"])) + len(str(row["rejected"])))

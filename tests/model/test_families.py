@@ -102,3 +102,15 @@ def test_the_tiny_model_of_the_configured_family_is_built(tmp_path):
     folder = ensure_model(ModelConfig(family="qwen2_5_vl", tiny=TinyModelConfig(text_layers=1, vision_layers=1)),
                           ["a cat"], tmp_path / "m")
     assert family_of(folder) == "qwen2_5_vl"
+
+
+@pytest.mark.parametrize("tiny_family_dir", ["qwen2_5_vl"], indirect=True)
+def test_model_max_image_pixels_lowers_qwens_image_budget(tiny_family_dir):
+    from orchestrator.model.image_tokens import qwen_max_image_tokens
+
+    default = load_model(tiny_family_dir)
+    budget = 28 * 28 * 2  # two merged patches
+    lowered = load_model(tiny_family_dir, max_image_pixels=budget)
+    assert lowered.tokens_per_image == qwen_max_image_tokens(budget) == 2 < default.tokens_per_image
+    square = IMAGES[0]
+    assert lowered.vision_inputs([square]).tokens[0] <= 2 < default.vision_inputs([square]).tokens[0]
