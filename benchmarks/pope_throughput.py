@@ -88,7 +88,7 @@ if str(ROOT) not in sys.path:
 import pandas as pd  # noqa: E402
 
 from benchmarks.common import LLAVA_15_7B, fmt, llava_config, shape_processor  # noqa: E402
-from orchestrator.eval.model_adapter import LlavaModel  # noqa: E402
+from orchestrator.eval.model_adapter import VisionLanguageModel  # noqa: E402
 from orchestrator.eval.pope import answer_agreement  # noqa: E402
 
 # Figures from shared/docs/GPU.md (H100 80GB, transformers 5.17, 2026-11-25), questions/s.
@@ -209,8 +209,7 @@ def random_loaded(model_dir: Path | str, device: str, timings: dict | None = Non
     seconds per step go into `timings` if given."""
     import torch
 
-    from orchestrator.model.families import LoadedModel
-
+    from orchestrator.model.families import FAMILIES, LoadedModel, read_chat_template
     from orchestrator.model.llava import load_processor, tokens_per_image
 
     timings = {} if timings is None else timings
@@ -236,33 +235,28 @@ def random_loaded(model_dir: Path | str, device: str, timings: dict | None = Non
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     image_processor = processor.image_processor
-    loaded = LoadedModel(model=model, processor=processor, tokenizer=tokenizer,
-                         image_token_id=model.config.image_token_index,
-                         tokens_per_image=tokens_per_image(model.config),
-                         image_size=image_processor.crop_size["height"], image_mean=tuple(image_processor.image_mean))
+    loaded = LoadedModel(model=model, family=FAMILIES["llava"], tokenizer=tokenizer, image_processor=image_processor,
+                         processor=processor, image_token_id=model.config.image_token_index,
+                         tokens_per_image=tokens_per_image(model.config), image_mean=tuple(image_processor.image_mean),
+                         chat_template=read_chat_template(model_dir, processor, tokenizer))
     lap("processor_s")
     return loaded
 
 
-class RandomInitLlava(LlavaModel):
-    """`LlavaModel` whose weights are random bf16, built on the GPU from the folder's config (no weight file)."""
+class RandomInitLlava(VisionLanguageModel):
+    """`VisionLanguageModel` (LLaVA-1.5) with random bf16 weights, built on the GPU from the folder's config (no
+    weight file)."""
 
     name = "llava-random-init"
 
     def init_components(self, config: dict) -> None:
         import torch
 
-        self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.template = config.get("template", "llava_v1")
+        device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.load_timings = {}   # the predictor reports these steps of the model's start-up
-        self.loaded = random_loaded(config["model_path"], str(self.device), self.load_timings)
-        self.model = self.loaded.model
-        self.tokenizer = self.loaded.tokenizer
-        self.tokens_per_image = self.loaded.tokens_per_image
-        self.image_token = self.tokenizer.convert_ids_to_tokens(self.loaded.image_token_id)
-        self.max_length = int(self.model.config.text_config.max_position_embeddings)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._yes_no = None
+        loaded = random_loaded(config["model_path"], str(device), self.load_timings)
+        self._attach(loaded, loaded.model, config.get("template", "llava_v1"), device,
+                     config.get("milebench_template") or "auto")
 
 
 def build_llava15_7b_shape(out_dir: Path, texts: list[str], device: str, save_weights: bool) -> Path:

@@ -395,15 +395,20 @@ class EvalConfig(_Section):
         "samples); a sample with more is answered alone; 1 answers one sample at a time, as MileBench's worker does")
     milebench_token_budget: int = Field(
         4096, gt=0, description="MileBench's max_context_len: tokens the instruction + context may take, each kept "
-        "image counted at the model's tokens per image (576 for LLaVA-1.5); the context is left-truncated to it. "
+        "image counted at the model's tokens per image (576 for LLaVA-1.5; for LLaVA-NeXT and Qwen2.5-VL the most one "
+        "image may take, an upper bound: images are counted before they are opened); the context is left-truncated "
+        "to it. "
         "MileBench's repository gives no value for llava-v1.5-7b; 4096 is LLaVA-1.5's context ('Maximum number "
         "of tokens the model can handle', utils.py). The template and the answer are not counted, as upstream")
     milebench_fit_context: bool = Field(
         False, description="not MileBench's: lower the token budget so that template + context + "
         "milebench_max_new_tokens fit the model's positions (upstream generates past them)")
-    milebench_template: Literal["llava_llama_2", "v1", "llava_v1", "chat"] = Field(
-        "llava_llama_2", description="MileBench's conversation template: llava_llama_2 is MileBench's LLaVA worker; "
-        "v1 / llava_v1 (LLaVA's own) are not MileBench's")
+    milebench_template: Literal["auto", "llava_llama_2", "v1", "llava_v1", "chat"] = Field(
+        "auto", description="MileBench's conversation template. auto: llava_llama_2 (MileBench's LLaVA worker) for "
+        "LLaVA-1.5, chat (the model's own chat template, recorded as such) for LLaVA-NeXT and Qwen2.5-VL, which "
+        "MileBench has no worker for (it runs each model it has a worker for in its own format; LLaVA-NeXT's llava-hf "
+        "chat template puts a turn's images before its text); llava_llama_2 named for another family is an error; "
+        "v1 / llava_v1 (LLaVA's own) are not MileBench's. docs/milebench.md")
     milebench_max_new_tokens: int = Field(512, gt=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 512")
     milebench_min_new_tokens: int = Field(1, ge=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 1")
     prefix_reuse: bool = Field(True, description="POPE, score and generate mode: the image + system prefix computed "

@@ -2,7 +2,7 @@
 
 - `pope`: POPE's answer parsing, metrics and metric names (pure).
 - `milebench`: MileBench prompts and scores (pure).
-- `model_adapter`: the model every evaluation calls (`MileBenchModel` interface, `LlavaModel`).
+- `model_adapter`: the model every evaluation calls (`MileBenchModel` interface, `VisionLanguageModel`).
 - `predictor`: the Ray Data actor that answers items.
 - `prefix_cache`: POPE with each image's prefix computed once and its KV cache reused.
 - `results`: the parquet answer store (atomic writes, resume, dedupe), run ids and metric rows.

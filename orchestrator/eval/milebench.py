@@ -12,7 +12,7 @@ around these functions; the functions themselves have none.
    walked fragment by fragment from its end, images handed to placeholders from the end of
    ``images_path`` whatever their ``{image#k}`` number. `llava_worker_prompt` and
    `LLAVA_WORKER_GEN_KWARGS` are the worker's conversation template and generation settings,
-   which `model_adapter.LlavaModel` uses for MileBench.
+   which `model_adapter.VisionLanguageModel` uses for MileBench.
 
 2. **Scores** (pure). `score_sample` is ``evaluate.py``'s ``Eval``: answers normalised by
    `normalize_answer` (``Eval.process``), open-ended tasks scored by ROUGE-L F (`rouge_l`, the
@@ -186,7 +186,7 @@ def build_milebench_question(
 
 
 # The LLaVA worker's conversation (LLaVA's conv_templates["llava_llama_2"], SeparatorStyle.LLAMA_2)
-# and generation settings (configs/model_configs.yaml, llava-v1.5-7b), used by model_adapter.LlavaModel
+# and generation settings (configs/model_configs.yaml, llava-v1.5-7b), used by model_adapter.VisionLanguageModel
 # for MileBench.
 LLAVA_WORKER_TEMPLATE = "llava_llama_2"
 LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. "

@@ -1,4 +1,4 @@
-"""The model adapter every evaluation calls: the reference harness's interface and LLaVA behind it.
+"""The model adapter every evaluation calls: the reference harness's interface and our models behind it.
 
 `MileBenchModel` has MileBench's reference harness's interface (its ``workers/model_workers.py``):
 ``init_components(config)`` and ``forward(questions, image_paths, device, gen_kwargs) -> list[str]``, plus
@@ -6,12 +6,13 @@ what our predictor needs to build prompts (token counting, left truncation), ``a
 (the predictor's call: a model whose prompt depends on the benchmark overrides it) and, optionally,
 ``score_yes_no`` for POPE's one-forward scoring.
 
-`LlavaModel` implements it for any llava-hf folder (plus an optional LoRA adapter, merged), or, through
-`LlavaModel.from_loaded`, for a model already in memory (a training worker's policy, for a sweep's probe):
-MileBench questions go through MileBench's LLaVA worker template (`milebench.llava_worker_prompt`), POPE
-questions through the configured one (``llava_v1``). To evaluate another model, subclass `MileBenchModel`
-and pass the class (or ``"module:Class"``) as ``run_eval(..., model_adapter=...)``; `load_model_adapter`
-resolves it.
+`VisionLanguageModel` implements it for a model folder of any family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL;
+plus an optional LoRA adapter, merged), or, through `VisionLanguageModel.from_loaded`, for a model already
+in memory (a training worker's policy, for a sweep's probe): MileBench questions go through
+`milebench_template_for` (LLaVA-1.5: MileBench's LLaVA worker template, `milebench.llava_worker_prompt`;
+other families: their chat template), POPE questions through the configured one (``llava_v1``). To evaluate
+another model, subclass `MileBenchModel` and pass the class (or ``"module:Class"``) as
+``run_eval(..., model_adapter=...)``; `load_model_adapter` resolves it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from orchestrator.eval.milebench import (IMAGE_TOKEN, LLAVA_WORKER_GEN_KWARGS, L
 from orchestrator.eval.pope import strip_special_tokens
 from orchestrator.images import load_image
 from orchestrator.model.adapter import find_adapter
-from orchestrator.model.templates import TEMPLATES, build_prompt, encode_prompt
+from orchestrator.model.templates import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, TEMPLATES
+
+AUTO_TEMPLATE = "auto"  # eval.milebench_template: LLaVA-1.5's worker template for LLaVA-1.5, else the chat template
 
 # ----------------------------------------------------------------------------------------------
 # Batching helper shared by model adapters
@@ -105,23 +108,60 @@ class MileBenchModel:
         raise NotImplementedError(f"{type(self).__name__} cannot score yes/no; use eval.mode=generate")
 
 
-MILEBENCH_TEMPLATES = (LLAVA_WORKER_TEMPLATE, *TEMPLATES)   # what LlavaModel's milebench_template may name
+MILEBENCH_TEMPLATES = (AUTO_TEMPLATE, LLAVA_WORKER_TEMPLATE, *TEMPLATES, CHAT_TEMPLATE)  # milebench_template's values
 
 
-class LlavaModel(MileBenchModel):
-    """Any llava-hf folder (tiny or LLaVA-1.5-7B), optionally with a LoRA adapter merged in.
+def milebench_template_for(configured: str, family: str) -> str:
+    """The MileBench template a model of `family` answers in: ``auto`` is MileBench's LLaVA worker
+    (``llava_llama_2``) for LLaVA-1.5, the model's own chat template (``chat``) for the other families
+    (MileBench runs every model it has a worker for in that model's own conversation format; its LLaVA
+    worker's template is LLaVA-1.5's). ``llava_llama_2`` named for another family is an error."""
+    if configured not in MILEBENCH_TEMPLATES:
+        raise ValueError(f"eval.milebench_template {configured!r}: expected one of {MILEBENCH_TEMPLATES}")
+    if configured == AUTO_TEMPLATE:
+        return LLAVA_WORKER_TEMPLATE if family == "llava" else CHAT_TEMPLATE
+    if configured == LLAVA_WORKER_TEMPLATE and family != "llava":
+        raise ValueError(f"eval.milebench_template {LLAVA_WORKER_TEMPLATE!r} is MileBench's LLaVA-1.5 worker "
+                         f"template, not a {family} model's; use 'chat' (the model's chat template) or 'auto'")
+    return configured
 
-    config: ``model_path``, ``adapter_path`` (optional), ``dtype`` ("auto" = bf16 on GPU, fp32 on
-    CPU), ``attn_implementation``, ``device``, and the conversation templates: ``template`` for
-    POPE (``llava_v1``, as HA-DPO evaluates it) and ``milebench_template`` for MileBench
-    (``llava_llama_2``, MileBench's LLaVA worker: `llava_worker_prompt`; ``v1`` / ``llava_v1``
-    are not MileBench's). `forward`, the reference harness's call, answers MileBench questions.
-    Batches are left-padded with an attention mask and real-token position ids, so an answer does
-    not depend on what else is in its batch (exactly in fp32; in bf16 a GPU's kernels may round
-    differently for another batch shape).
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the model's generation config's (Qwen2.5-VL-Instruct lists two), else the
+    tokenizer's EOS."""
+    config = getattr(model, "generation_config", None)
+    value = getattr(config, "eos_token_id", None) if config is not None else None
+    if value is None:
+        value = tokenizer.eos_token_id
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+class VisionLanguageModel(MileBenchModel):
+    """A model folder of any family `families.load_model` knows (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; tiny or
+    7B), optionally with a LoRA adapter merged in.
+
+    config: ``model_path``, ``adapter_path`` (optional), ``family`` (``auto``: the folder's config.json),
+    ``dtype`` ("auto" = bf16 on GPU, fp32 on CPU), ``attn_implementation``, ``device``, and the conversation
+    templates: ``template`` for POPE (``llava_v1``, as HA-DPO evaluates LLaVA-1.5; ``chat``: the model's chat
+    template) and ``milebench_template`` for MileBench (`milebench_template_for`: ``llava_llama_2``,
+    MileBench's LLaVA worker, `llava_worker_prompt`, for LLaVA-1.5 only; ``chat``; ``v1`` / ``llava_v1``,
+    not MileBench's). `forward`, the reference harness's call, answers MileBench questions.
+
+    Each image expands to the tokens its family's vision code makes for it (`LoadedModel.vision_inputs`:
+    576 for LLaVA-1.5, per image for LLaVA-NeXT's anyres tiles and Qwen2.5-VL's patches). Prompt budgets
+    (`prompt_length`, MileBench's truncation) count each image at `tokens_per_image` before the images are
+    opened: exact for LLaVA-1.5, the most one image may take for the other families (an upper bound).
+
+    Batches are left-padded with an attention mask; for families with 1-D positions the position ids
+    count real tokens only, and Qwen2.5-VL computes its multimodal rotary positions from the attention
+    mask itself. So an answer does not depend on what else is in its batch (exactly in fp32; in bf16 a
+    GPU's kernels may round differently for another batch shape). Generation stops at the model's EOS ids
+    (`eos_token_ids`).
     """
 
-    name = "llava"
+    name = "vlm"
     template = "llava_v1"
     milebench_template = LLAVA_WORKER_TEMPLATE
 
@@ -131,47 +171,51 @@ class LlavaModel(MileBenchModel):
         from orchestrator.model.families import load_model
 
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.milebench_template = config.get("milebench_template") or LLAVA_WORKER_TEMPLATE
-        if self.milebench_template not in MILEBENCH_TEMPLATES:
-            raise ValueError(f"milebench_template {self.milebench_template!r}: expected one of {MILEBENCH_TEMPLATES}")
         loaded = load_model(config["model_path"], dtype=config.get("dtype", "auto"), device=torch.device(device),
-                            attn_implementation=config.get("attn_implementation", "sdpa"))
+                            attn_implementation=config.get("attn_implementation", "sdpa"),
+                            family=config.get("family") or "auto")
         model = loaded.model
         if config.get("adapter_path"):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(find_adapter(config["adapter_path"])))
             model = model.merge_and_unload()
-        self._attach(loaded, model.eval(), config.get("template", "llava_v1"), torch.device(device))
+        self._attach(loaded, model.eval(), config.get("template", "llava_v1"), torch.device(device),
+                     config.get("milebench_template") or AUTO_TEMPLATE)
 
     @classmethod
-    def from_loaded(cls, loaded, model, template: str = "llava_v1") -> "LlavaModel":
+    def from_loaded(cls, loaded, model, template: str = "llava_v1") -> "VisionLanguageModel":
         """An adapter around a model already in memory, e.g. the policy a training worker is training (LoRA
         unmerged): the same prompts and scoring as an evaluation actor. The caller sets train/eval mode."""
         import torch
 
         adapter = cls.__new__(cls)
         adapter.config = {"template": template}
-        adapter._attach(loaded, model, template, next(model.parameters()).device)
+        adapter._attach(loaded, model, template, next(model.parameters()).device, AUTO_TEMPLATE)
         # no_grad, not inference_mode: a model in training must not get inference tensors (ZeRO-3 may keep the
         # weights it gathers for a forward and reuse them in the next training step)
         adapter._no_grad = torch.no_grad
         return adapter
 
-    def _attach(self, loaded, model, template: str, device) -> None:
+    def _attach(self, loaded, model, template: str, device, milebench_template: str) -> None:
         import torch
 
         self._no_grad = torch.inference_mode
         self.device = device
         self.template = template
         self.loaded = loaded
+        self.family = loaded.family
+        self.milebench_template = milebench_template_for(milebench_template, self.family.name)
         self.model = model
         self.tokenizer = self.loaded.tokenizer
         self.tokens_per_image = self.loaded.tokens_per_image
-        self.image_token = self.tokenizer.convert_ids_to_tokens(self.loaded.image_token_id)
+        # what a MileBench question holds per image: `LoadedModel.prompt_text` puts the family's own image
+        # text (Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>) in its place
+        self.image_token = IMAGE_PLACEHOLDER
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 0)) or None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self._yes_no: tuple[int, int] | None = None
 
     # token counting for prompt budgets
@@ -191,41 +235,39 @@ class LlavaModel(MileBenchModel):
     def template_for(self, benchmark: str) -> str:
         return self.milebench_template if benchmark == "milebench" else self.template
 
-    def prompt_ids(self, question: str, n_images: int, template: str | None = None) -> list[int]:
-        """Token ids (BOS first, image tokens expanded) of `question` in `template` (None: `self.template`).
+    def prompt_ids(self, question: str, image_tokens: Sequence[int], template: str | None = None) -> list[int]:
+        """Token ids (BOS first where the tokenizer adds one) of `question` in `template` (None:
+        `self.template`), image ``i`` expanded to ``image_tokens[i]`` tokens.
 
         ``llava_llama_2`` is MileBench's LLaVA worker (`llava_worker_prompt`): `question` must hold
-        its images' tokens, as MileBench's questions do; the other templates put missing ones first.
+        its images' ``<image>``, as MileBench's questions do; the other templates put missing ones first.
         """
         template = template or self.template
         if template == LLAVA_WORKER_TEMPLATE:
-            prompt = llava_worker_prompt(question)
-        else:
-            prompt = build_prompt(question, template, num_images=n_images)
-        ids = encode_prompt(self.tokenizer, prompt, self.loaded.image_token_id, self.tokens_per_image)
-        found = sum(1 for token in ids if token == self.loaded.image_token_id)
-        if found != n_images * self.tokens_per_image:
-            raise ValueError(f"prompt holds {found // max(self.tokens_per_image, 1)} image tokens "
-                             f"but {n_images} images were given")
-        return ids
+            return self.loaded.encode(llava_worker_prompt(question), image_tokens)
+        return self.loaded.prompt_ids(question, template, image_tokens)
 
     def prompt_length(self, question: str, n_images: int, benchmark: str = "milebench") -> int:
-        return len(self.prompt_ids(question, n_images, self.template_for(benchmark)))
+        """Tokens of the prompt with each image counted at `tokens_per_image` (exact for LLaVA-1.5, an upper
+        bound for the other families: the images are not opened yet)."""
+        return len(self.prompt_ids(question, [self.tokens_per_image] * n_images, self.template_for(benchmark)))
 
     def _inputs(self, questions, image_paths, images, template: str | None = None):
-        from orchestrator.model.llava import pixel_values
-
+        """The model's keyword arguments for a left-padded batch: ids with each image expanded to its own
+        token count, attention mask, 1-D position ids where the family has them, and the vision inputs."""
         if images is None:
             images = [self.load_images(paths) for paths in image_paths]
-        ids = [self.prompt_ids(question, len(item_images), template)
+        flat = [image for item_images in images for image in item_images]
+        vision = self.loaded.vision_inputs(flat)
+        counts = iter(vision.tokens)
+        ids = [self.prompt_ids(question, [next(counts) for _ in item_images], template)
                for question, item_images in zip(questions, images)]
         input_ids, attention_mask, position_ids = left_pad(ids, self.pad_id)
-        flat = [image for item_images in images for image in item_images]
-        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
-                  "position_ids": position_ids.to(self.device)}
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        if self.family.one_d_positions:
+            inputs["position_ids"] = position_ids.to(self.device)
         if flat:
-            dtype = next(self.model.parameters()).dtype
-            inputs["pixel_values"] = pixel_values(self.loaded, flat).to(self.device, dtype)
+            inputs.update(vision.to(self.device, next(self.model.parameters()).dtype))
         return inputs
 
     def forward(self, questions: list[str], image_paths: list[list[str]], device=None,
@@ -237,7 +279,7 @@ class LlavaModel(MileBenchModel):
 
     def answer(self, benchmark: str, questions: list[str], image_paths: list[list[str]],
                gen_kwargs: dict | None = None, images: list[list] | None = None) -> list[str]:
-        """`generate` in the benchmark's template: MileBench's worker template, POPE's `template`."""
+        """`generate` in the benchmark's template: MileBench's (`milebench_template`), POPE's `template`."""
         return self.generate(questions, image_paths, dict(gen_kwargs or {}), images, self.template_for(benchmark))
 
     def generate(self, questions: list[str], image_paths: list[list[str]], gen_kwargs: dict,
@@ -252,8 +294,8 @@ class LlavaModel(MileBenchModel):
             # (transformers would only warn that it is set)
             kwargs.pop("temperature", None)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, pad_token_id=self.pad_id,
-                                         eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+            output = self.model.generate(**inputs, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
+                                         **kwargs)
         return self.decode_answers(output[:, inputs["input_ids"].shape[1]:])
 
     def decode_answers(self, new_tokens) -> list[str]:
@@ -262,7 +304,7 @@ class LlavaModel(MileBenchModel):
         return [strip_special_tokens(text) for text in texts]
 
     def yes_no_ids(self) -> tuple[int, int]:
-        """Token ids of "Yes" and "No" as the first answer token (LLaMA: "▁Yes", "▁No")."""
+        """Token ids of "Yes" and "No" as the first answer token (LLaMA: "▁Yes", "▁No"; Qwen: "Yes", "No")."""
         if self._yes_no is None:
             ids = []
             for word in ("Yes", "No"):
@@ -291,7 +333,7 @@ class LlavaModel(MileBenchModel):
 def load_model_adapter(spec) -> type[MileBenchModel]:
     """A model adapter class from a class, or a ``"package.module:ClassName"`` string."""
     if spec is None:
-        return LlavaModel
+        return VisionLanguageModel
     if isinstance(spec, type):
         return spec
     module_name, _, class_name = str(spec).partition(":")

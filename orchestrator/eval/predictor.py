@@ -3,7 +3,8 @@
 Both benchmarks are turned into one item shape (ITEM_SCHEMA: benchmark, split, item_id, images,
 question or instruction/context/choices, label, version) so one actor pool answers both. Each
 `Predictor` actor loads the model once, through a model adapter (`orchestrator.eval.model_adapter`:
-`LlavaModel` by default: the llava-hf folder plus an optional LoRA adapter, merged), then for
+`VisionLanguageModel` by default: a model folder of any family (``settings.family``, `families.load_model`)
+plus an optional LoRA adapter, merged), then for
 each Ray Data batch:
 
 1. prepares every item without touching pixels: empty question -> error row; MileBench prompt
@@ -18,16 +19,19 @@ each Ray Data batch:
 4. answers: POPE in ``score`` mode with one forward pass (answer = the higher of the "Yes"/"No"
    logits at the last prompt position, p_yes = softmax over the two), everything else with greedy
    ``generate`` through the adapter's ``answer(benchmark, ...)``: POPE in ``eval_template`` with
-   ``eval.max_new_tokens``, MileBench in MileBench's LLaVA worker template (``llava_llama_2``) with
-   its generation settings (``eval.milebench_max_new_tokens`` 512, ``milebench_min_new_tokens`` 1).
-   Each row stops at its own EOS, the batch when all have; left padding with attention mask and
-   position ids keeps answers independent of the batch (exactly in fp32; bf16 kernels may round
-   differently per batch shape: ``eval.milebench_image_budget=1`` answers one sample at a time, as
-   MileBench's worker does). A batch that raises is retried item by item; an item that still raises
-   becomes an error row. The run always finishes.
+   ``eval.max_new_tokens``, MileBench in MileBench's LLaVA worker template (``llava_llama_2``; other
+   families: their chat template, `model_adapter.milebench_template_for`) with its generation settings
+   (``eval.milebench_max_new_tokens`` 512, ``milebench_min_new_tokens`` 1).
+   Each row stops at its own EOS (the model's EOS ids), the batch when all have; left padding with
+   attention mask and position ids (Qwen2.5-VL: its own multimodal positions, from the mask) keeps
+   answers independent of the batch (exactly in fp32; bf16 kernels may round differently per batch
+   shape: ``eval.milebench_image_budget=1`` answers one sample at a time, as MileBench's worker does).
+   A batch that raises is retried item by item; an item that still raises becomes an error row. The
+   run always finishes.
 
-With ``settings.prefix_reuse`` (llava-hf models), POPE items are instead grouped by image, in
-both modes: the image + system prefix is computed once per image and its KV cache reused by all the
+With ``settings.prefix_reuse`` (LLaVA-1.5 models; the other families answer POPE on the plain path
+above, and each actor logs why once: `prefix_cache.prefix_reuse_blocker`), POPE items are instead
+grouped by image, in both modes: the image + system prefix is computed once per image and its KV cache reused by all the
 image's questions, in score mode for the one forward, in generate mode in the prefill and in every
 greedy decode step (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
 (default ``batch_size``) images with all their questions, and a batch that raises is retried image by
@@ -70,9 +74,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, LLAVA_WORKER_TEMPLATE, build_milebench_question,
+from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, build_milebench_question,
                                          image_budget_batches)
-from orchestrator.eval.model_adapter import LlavaModel, load_model_adapter
+from orchestrator.eval.model_adapter import VisionLanguageModel, load_model_adapter, milebench_template_for
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
 from orchestrator.eval.results import ANSWER_COLUMNS, block_name, to_answer_table, write_answers
 from orchestrator.files import write_json_atomic
@@ -169,6 +173,7 @@ class PredictorSettings:
     run_id: str
     model_path: str
     adapter_path: str = ""
+    family: str = "auto"                 # model.family: auto reads the folder's config.json
     mode: str = "score"                  # "score" | "generate" (POPE; MileBench always generates)
     template: str = "llava_v1"           # POPE's conversation template
     answer_suffix: str = ""
@@ -177,13 +182,13 @@ class PredictorSettings:
     batch_size: int = 16
     image_budget: int = 24               # MileBench: images per model batch
     token_budget: int = 4096             # MileBench's max_context_len (see EvalConfig.milebench_token_budget)
-    milebench_template: str = LLAVA_WORKER_TEMPLATE
+    milebench_template: str = "auto"     # per family: model_adapter.milebench_template_for
     milebench_max_new_tokens: int = LLAVA_WORKER_GEN_KWARGS["max_new_tokens"]
     milebench_min_new_tokens: int = LLAVA_WORKER_GEN_KWARGS["min_new_tokens"]
     milebench_fit_context: bool = False  # not MileBench's: budget lowered so prompt + new tokens fit the model
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
-    model_adapter: Any = None            # None (LlavaModel), a class, or "module:Class"
+    model_adapter: Any = None            # None (VisionLanguageModel), a class, or "module:Class"
     image_cache: int = 256               # decoded images kept per actor (POPE asks 6 questions per image)
     prefix_reuse: bool = False           # POPE: image prefix computed once per image (prefix_cache.py), both modes
     prefix_images: int = 0               # images per prefix-reuse model batch (0: batch_size)
@@ -194,15 +199,39 @@ class PredictorSettings:
     timings_dir: str = ""                # when set, each actor writes its start-up and call timings here
     fault: dict = field(default_factory=dict)  # tests: {"exit_on_call": N, "marker": path}, see _maybe_fail
 
+    @property
+    def reuses_prefix(self) -> bool:
+        """`prefix_reuse` where the model's family allows it (LLaVA-1.5; a plug-in adapter's actor decides)."""
+        if not self.prefix_reuse:
+            return False
+        from orchestrator.eval.prefix_cache import prefix_reuse_blocker
+
+        return not prefix_reuse_blocker(self.model_family())
+
+    def model_family(self) -> str:
+        """`family`, or with ``auto`` the folder's (config.json); "" for a folder that is not a HF model's."""
+        if self.family != "auto":
+            return self.family
+        from orchestrator.model.families import family_of
+
+        try:
+            return family_of(self.model_path)
+        except (OSError, ValueError):
+            return ""
+
     def decoding(self) -> dict:
         """The settings that can change an answer (recorded with every row and hashed into run_id)."""
         return decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
-                                 self.dtype, prefix_reuse=self.prefix_reuse,
+                                 self.dtype, prefix_reuse=self.reuses_prefix,
                                  min_new_tokens=self.min_new_tokens, milebench=self.milebench_generation())
 
     def milebench_generation(self) -> dict:
-        """How MileBench answers are generated: template, generate() arguments, context budget."""
-        return {"template": self.milebench_template, "gen_kwargs": self.milebench_gen_kwargs(),
+        """How MileBench answers are generated: template (``auto`` resolved for the model's family),
+        generate() arguments, context budget."""
+        template, family = self.milebench_template, self.model_family() if self.milebench_template == "auto" else ""
+        if family:
+            template = milebench_template_for(template, family)
+        return {"template": template, "gen_kwargs": self.milebench_gen_kwargs(),
                 "token_budget": int(self.token_budget), "fit_context": bool(self.milebench_fit_context)}
 
     def milebench_gen_kwargs(self) -> dict:
@@ -268,17 +297,21 @@ class Predictor:
         import transformers  # noqa: F401
 
         cls = load_model_adapter(settings.model_adapter)
-        if issubclass(cls, LlavaModel):
+        if issubclass(cls, VisionLanguageModel):
             # the LLaVA modeling import (it pulls in torch._dynamo, torch.distributed.tensor and sympy
             # through transformers: ~2 s on a CPU, 8.9 s measured on a GPU host), timed as an import
             import transformers.models.llava.modeling_llava  # noqa: F401
         self.timings["imports_done"] = started = time.time()
         self.model = cls({
-            "model_path": settings.model_path, "adapter_path": settings.adapter_path or None,
+            "model_path": settings.model_path, "adapter_path": settings.adapter_path or None, "family": settings.family,
             "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
             "template": settings.template, "milebench_template": settings.milebench_template,
         })
         self.decoding_json = json.dumps(settings.decoding(), sort_keys=True)
+        if self.model.tokens_per_image > settings.token_budget:
+            log.warning("predictor %s: MileBench's budget counts each image at %d tokens (the most one image of this "
+                        "model may take), more than eval.milebench_token_budget %d: no MileBench image will fit",
+                        settings.run_id, self.model.tokens_per_image, settings.token_budget)
         pope_kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
         if settings.min_new_tokens:
             pope_kwargs["min_new_tokens"] = settings.min_new_tokens
@@ -287,9 +320,14 @@ class Predictor:
         self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
         self.prefix = None
         if settings.prefix_reuse:
-            from orchestrator.eval.prefix_cache import PrefixReuse
+            from orchestrator.eval.prefix_cache import PrefixReuse, prefix_reuse_blocker
 
-            if PrefixReuse.supports(self.model, settings.mode):
+            family = getattr(getattr(self.model, "loaded", None), "family", None)
+            blocker = prefix_reuse_blocker(family.name) if family is not None else ""
+            if blocker:
+                log.info("predictor %s: no image prefix reuse for POPE (%s); plain batches of %d questions",
+                         settings.run_id, blocker, settings.batch_size)
+            elif PrefixReuse.supports(self.model, settings.mode):
                 self.prefix = PrefixReuse(self.model, cache_images=settings.prefix_cache_images)
             else:
                 log.warning("predictor %s: %s cannot reuse the image prefix; scoring whole prompts",
@@ -322,7 +360,7 @@ class Predictor:
         try:
             import torch
 
-            size = getattr(self.model.loaded, "image_size", 336)
+            size = self.model.loaded.image_processor.crop_size["height"]   # LLaVA-1.5's square tile
             image = torch.zeros((3, size, size))
             stats = dict(self.prefix.stats)
             if self.settings.mode == "score":
@@ -778,7 +816,7 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
             batch_size = _largest_block_rows(ds)
     if max_restarts is not None:
         kwargs.update(max_restarts=max_restarts, max_task_retries=max_restarts)
-    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.prefix_reuse else 0
+    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.reuses_prefix else 0
     if free_cpus > 0:
         # decode + preprocess the images on the CPUs the actors leave free, ahead of the GPU: one task
         # per block, at most 2 at a time per actor (a task preprocesses ~100 images/s, an H100 answers

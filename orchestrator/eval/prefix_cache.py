@@ -25,13 +25,16 @@ for every question on an image: about 611 of ~630 tokens. `PrefixReuse` therefor
    suffix and its own earlier new tokens only, at position ``prefix + len(own suffix) + t``, so
    each question decodes exactly as alone with its full prompt, while the image's prefix KV is
    stored once and read once per step for all its questions. A question stops at its own EOS (the
-   tokenizer's, as `LlavaModel.forward`) or at ``max_new_tokens``; finished questions are ignored
+   tokenizer's, as `VisionLanguageModel.forward`) or at ``max_new_tokens``; finished questions are ignored
    (their slots keep computing until their whole row is done: a row whose questions have all
    finished is dropped from the batch and its cache); the loop ends when all are done. Everything
    stays on the device; the only host sync per step is the stop check. ``min_new_tokens`` forbids
    EOS before that many new tokens, as transformers' `MinNewTokensLengthLogitsProcessor` (with
    ``min_new_tokens == max_new_tokens`` every question gets exactly that many: throughput runs
    with random weights).
+
+LLaVA-1.5 only: the other families take the predictor's plain batched path (`prefix_reuse_blocker`
+says why: LLaVA-NeXT's per-image anyres token counts, Qwen2.5-VL's multimodal rotary positions).
 
 Identical (image, question) pairs, e.g. POPE's yes-questions, which the three splits share, are
 computed once. A small LRU keeps the prefix KV of the last images of a call (``cache_images``), so
@@ -53,6 +56,20 @@ from typing import Any, Sequence
 import torch
 
 from orchestrator.model.llava import pixel_values
+
+
+# Families whose POPE prompts take the plain batched path, and why (`prefix_reuse_blocker`).
+PREFIX_REUSE_BLOCKERS = {
+    "llava_next": "LLaVA-NeXT's image tokens vary per image (anyres tiles with image_sizes), and the prefix path "
+                  "preprocesses images as LLaVA-1.5's single padded tile",
+    "qwen2_5_vl": "Qwen2.5-VL computes its multimodal rotary positions from the whole row (image_grid_thw), "
+                  "so a cached prefix cannot be continued with 1-D position ids",
+}
+
+
+def prefix_reuse_blocker(family: str) -> str:
+    """Why a model family cannot reuse the image prefix ("" when it can: LLaVA-1.5, or an unknown plug-in)."""
+    return PREFIX_REUSE_BLOCKERS.get(family, "")
 
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,7 +188,7 @@ class PrefixReuse:
     """POPE answers with the image prefix computed once per image (see the module doc): p(yes) by
     `score`, greedy answers by `generate`.
 
-    `model` is a `LlavaModel` (``orchestrator.eval.model_adapter``): it provides ``prompt_ids``,
+    `model` is a `VisionLanguageModel` (``orchestrator.eval.model_adapter``): it provides ``prompt_ids``,
     ``loaded`` (processor, image token id), ``model`` (a llava-hf `LlavaForConditionalGeneration`,
     LoRA merged or a peft wrapper around one), ``pad_id``, ``device``, and for scoring ``yes_no_ids``,
     for generating ``tokenizer`` (its EOS).
@@ -191,7 +208,10 @@ class PrefixReuse:
 
     @staticmethod
     def supports(model, mode: str = "score") -> bool:
-        """Whether `model` is a llava-hf adapter this class can drive in `mode` (else: the plain path)."""
+        """Whether `model` is a LLaVA-1.5 adapter this class can drive in `mode` (else: the plain path)."""
+        family = getattr(getattr(model, "loaded", None), "family", None)
+        if family is not None and prefix_reuse_blocker(family.name):
+            return False
         net = _base_model(getattr(model, "model", None))
         needed = ("prompt_ids", "loaded", "pad_id") + (("yes_no_ids",) if mode == "score" else ("tokenizer",))
         return (all(hasattr(model, name) for name in needed)
@@ -204,7 +224,7 @@ class PrefixReuse:
         found = self._splits.get(question)
         if found is not None:
             return found
-        ids = list(self.adapter.prompt_ids(question, 1))
+        ids = list(self.adapter.prompt_ids(question, [self.adapter.tokens_per_image]))
         last = max((k for k, token in enumerate(ids) if token == self.image_token_id), default=-1)
         if last < 0 or last == len(ids) - 1:
             raise ValueError("the prompt has no text after its image")
@@ -420,4 +440,5 @@ class PrefixReuse:
         self._lru.clear()
 
 
-__all__ = ["PrefixReuse", "SuffixLayout", "suffix_layout", "additive_mask", "cache_tensors", "build_cache"]
+__all__ = ["PrefixReuse", "prefix_reuse_blocker", "SuffixLayout", "suffix_layout", "additive_mask", "cache_tensors",
+           "build_cache"]

@@ -6,7 +6,7 @@ a model load per chunk), a callback that ships checkpoints to an evaluation acto
 memory per trial), or scoring a small fixed subset with the model the workers already hold. This is the
 third: every `tune.eval_every_steps` optimizer steps, each training worker scores its share of the
 subset with the in-memory policy (LoRA unmerged, dropout off, no gradients) through the same adapter and
-prompts the evaluation actors use (`LlavaModel.from_loaded`, score mode: p(yes) from the "Yes"/"No"
+prompts the evaluation actors use (`VisionLanguageModel.from_loaded`, score mode: p(yes) from the "Yes"/"No"
 logits, "Yes" when >= 0.5), rank 0 gathers the answers and scores them with `pope.summarise`, and the
 result travels with that step's `ray.train.report` to Tune. The final objective comes from the full POPE
 evaluation after training (`orchestrator.tune.run_trial`).
@@ -79,8 +79,8 @@ def probe_values(answers: pd.DataFrame) -> dict[str, float]:
 def score_probe(scorer, rows: Sequence[dict], rank: int, world: int, batch_size: int) -> pd.DataFrame | None:
     """Score this rank's share of `rows` (rows[rank::world]) and gather all answers on rank 0.
 
-    `scorer`: a `LlavaModel` (see `LlavaModel.from_loaded`). Every rank runs the same number of batches
-    (padded by repeating its first question; the repeats are dropped). Returns the answers (split, label,
+    `scorer`: a `VisionLanguageModel` (see `VisionLanguageModel.from_loaded`). Every rank runs the same number of
+    batches (padded by repeating its first question; the repeats are dropped). Returns the answers (split, label,
     answer, p_yes) on rank 0, None elsewhere. Call on every rank, in eval mode and without gradients.
     """
     import torch.distributed as dist

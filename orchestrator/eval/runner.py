@@ -9,8 +9,8 @@ Read top to bottom, a run is:
    versions); results go to ``<run_dir>/eval/<run_id>/``;
 3. **resume**: items that already have an answer there are skipped (anti-join on benchmark,
    split, item id);
-4. **inference**: the rest go, sorted by length (POPE with ``eval.prefix_reuse``, in score and
-   generate mode: grouped by image, whole images per block) and cut into blocks, through a pool of
+4. **inference**: the rest go, sorted by length (POPE with ``eval.prefix_reuse`` on a LLaVA-1.5 model,
+   in score and generate mode: grouped by image, whole images per block) and cut into blocks, through a pool of
    `Predictor` actors (`cfg.eval.num_actors`, each with `cpus_per_actor` / `gpus_per_actor` /
    `resources_per_actor`);
    each actor writes every block it finishes atomically as a parquet file (named by the block's
@@ -51,6 +51,7 @@ from orchestrator.data.schema import POPE_DEFAULT_DATASET
 from orchestrator.eval import completeness
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
+from orchestrator.eval.model_adapter import milebench_template_for
 from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
                                          pope_items, predict, resolved_dtype)
 from orchestrator.eval.results import (answered_keys, anti_join, block_name, compute_run_id, item_key,
@@ -58,6 +59,7 @@ from orchestrator.eval.results import (answered_keys, anti_join, block_name, com
                                        write_metrics)
 from orchestrator.files import write_json_atomic
 from orchestrator.model.base_model import base_model_path
+from orchestrator.model.families import resolve_family
 from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight
 from orchestrator.timing import PassRate, format_rate, format_seconds
@@ -162,11 +164,6 @@ def _sort_key(item: dict) -> tuple:
             item["item_id"])
 
 
-def _by_image(cfg: ExperimentConfig) -> bool:
-    """POPE items grouped by image (the image prefix reused, in score and generate mode)."""
-    return cfg.eval.prefix_reuse
-
-
 def _image_sort_key(item: dict) -> tuple:
     return (item["benchmark"], tuple(item["images"]), item["split"], item["item_id"])
 
@@ -186,10 +183,10 @@ def _image_block_end(items: list[dict], start: int, max_rows: int, images: int =
     return end
 
 
-def _items_dataset(items: list[dict], cfg: ExperimentConfig):
+def _items_dataset(items: list[dict], cfg: ExperimentConfig, by_image: bool):
     """Items sorted by size and cut into blocks (the unit of work and of writing).
 
-    With prefix reuse, POPE items are sorted by image instead, and a block holds whole images with
+    With prefix reuse (`by_image`), POPE items are sorted by image instead, and a block holds whole images with
     all their questions (from all three splits; ``eval.prefix_images`` images, by default
     ``eval.batch_size``: one model batch, see the predictor), so each image's prefix is computed once,
     in one model batch with the block's other images. (Blocks of ~4 x batch_size rows, i.e. 3-4 images,
@@ -198,7 +195,6 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig):
     import ray
 
     rows_per_block = {"pope": cfg.eval.batch_size * 4, "milebench": cfg.eval.batch_size}
-    by_image = _by_image(cfg)
     items = sorted(items, key=_image_sort_key if by_image else _sort_key)
     table = items_table(items)
     tables = []
@@ -257,16 +253,20 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     # 2. run id
     model = str(Path(model_path).expanduser().resolve()) if model_path else str(base_model_path(cfg))
     adapter_path = str(Path(adapter).expanduser().resolve()) if adapter else ""
+    family, milebench_template = cfg.model.family, cfg.eval.milebench_template
+    if model_adapter is None:  # checked here, before any actor starts: the folder's family, its MileBench template
+        family = resolve_family(cfg.model.family, model).name
+        milebench_template = milebench_template_for(milebench_template, family)
     settings = PredictorSettings(
-        run_id="", model_path=model, adapter_path=adapter_path, mode=cfg.eval.mode,
+        run_id="", model_path=model, adapter_path=adapter_path, family=family, mode=cfg.eval.mode,
         template=cfg.model.eval_template, answer_suffix=cfg.eval.answer_suffix,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, prefix_images=cfg.eval.prefix_images,
         image_budget=cfg.eval.milebench_image_budget, token_budget=cfg.eval.milebench_token_budget,
-        milebench_template=cfg.eval.milebench_template, milebench_max_new_tokens=cfg.eval.milebench_max_new_tokens,
+        milebench_template=milebench_template, milebench_max_new_tokens=cfg.eval.milebench_max_new_tokens,
         milebench_min_new_tokens=cfg.eval.milebench_min_new_tokens, milebench_fit_context=cfg.eval.milebench_fit_context,
         dtype=resolved_dtype(cfg.model.dtype, cfg.eval.gpus_per_actor),
         attn_implementation=cfg.model.attn_implementation, model_adapter=model_adapter, fault=dict(fault or {}),
-        prefix_reuse=_by_image(cfg),
+        prefix_reuse=cfg.eval.prefix_reuse,
     )
     if model_adapter is not None:
         decoding = {**settings.decoding(), "model_adapter": getattr(model_adapter, "__qualname__", str(model_adapter))}
@@ -302,7 +302,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     computed = 0
     if todo:
         answered = predict(
-            _items_dataset(todo, cfg), settings, num_actors=cfg.eval.num_actors,
+            _items_dataset(todo, cfg, settings.reuses_prefix), settings, num_actors=cfg.eval.num_actors,
             cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
             resources_per_actor=cfg.eval.resources_per_actor,
         )

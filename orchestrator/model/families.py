@@ -36,11 +36,9 @@ import torch
 from PIL import Image
 
 from orchestrator.model.image_tokens import QWEN2_5_VL_MAX_PIXELS, llava_next_max_image_tokens, qwen_max_image_tokens
-from orchestrator.model.templates import IMAGE_PLACEHOLDER, build_prompt
+from orchestrator.model.templates import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, build_prompt
 
 log = logging.getLogger(__name__)
-
-CHAT_TEMPLATE = "chat"  # the template name that means "the model's own chat template"
 
 
 @dataclass

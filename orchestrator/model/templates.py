@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
+CHAT_TEMPLATE = "chat"  # the template name that means "the model's own chat template" (families.py)
 IGNORE_INDEX = -100
 
 

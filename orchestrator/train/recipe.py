@@ -74,7 +74,7 @@ import torch.distributed as dist
 
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig, TrainConfig
-from orchestrator.eval.model_adapter import LlavaModel
+from orchestrator.eval.model_adapter import VisionLanguageModel
 from orchestrator.eval.probe import objective_of, probe_values, score_probe
 from orchestrator.files import write_json_atomic
 from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
@@ -454,8 +454,8 @@ def probe_objective(engine: Engine, loaded: LoadedModel, probe: dict[str, Any], 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and engine.ds is None) else nullcontext()
     try:
         with torch.no_grad(), autocast:
-            answers = score_probe(LlavaModel.from_loaded(loaded, module, probe["template"]), probe["rows"], rank,
-                                  world, probe["batch_size"])
+            scorer = VisionLanguageModel.from_loaded(loaded, module, probe["template"])
+            answers = score_probe(scorer, probe["rows"], rank, world, probe["batch_size"])
     finally:
         module.train(was_training)
     if answers is None:  # only rank 0's report reaches Tune

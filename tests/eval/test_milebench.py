@@ -167,19 +167,21 @@ def test_image_budget_batches_are_milebench_batches_for_samples_of_one_image_cou
 
 
 def test_the_default_settings_are_milebench_llava_workers():
-    """configs/model_configs.yaml (llava-v1.5-7b gen_kwargs), model_workers.py LLaVA (llava_llama_2), eval.sh
-    (--batch-image 24); max_context_len 4096: LLaVA-1.5's context (not in MileBench's repository)."""
+    """configs/model_configs.yaml (llava-v1.5-7b gen_kwargs), model_workers.py LLaVA (llava_llama_2: what the
+    default ``auto`` is for LLaVA-1.5), eval.sh (--batch-image 24); max_context_len 4096: LLaVA-1.5's context (not
+    in MileBench's repository)."""
     from orchestrator.config import EvalConfig
     from orchestrator.eval.milebench import LLAVA_WORKER_TEMPLATE
+    from orchestrator.eval.model_adapter import milebench_template_for
     from orchestrator.eval.predictor import PredictorSettings
 
     cfg = EvalConfig()
-    assert (cfg.milebench_template, cfg.milebench_max_new_tokens, cfg.milebench_min_new_tokens,
-            cfg.milebench_token_budget, cfg.milebench_image_budget, cfg.milebench_fit_context) == \
-        (LLAVA_WORKER_TEMPLATE, 512, 1, 4096, 24, False)
+    assert (milebench_template_for(cfg.milebench_template, "llava"), cfg.milebench_max_new_tokens,
+            cfg.milebench_min_new_tokens, cfg.milebench_token_budget, cfg.milebench_image_budget,
+            cfg.milebench_fit_context) == (LLAVA_WORKER_TEMPLATE, 512, 1, 4096, 24, False)
     settings = PredictorSettings(run_id="t", model_path="m")
     assert settings.milebench_gen_kwargs() == LLAVA_WORKER_GEN_KWARGS
-    assert (settings.milebench_template, settings.token_budget, settings.image_budget) == (LLAVA_WORKER_TEMPLATE, 4096, 24)
+    assert (settings.milebench_template, settings.token_budget, settings.image_budget) == ("auto", 4096, 24)
 
 
 # -- normalisation: evaluate.py Eval.process / processPunctuation -----------------------------------

@@ -55,7 +55,7 @@ def test_prompt_split_concatenates_to_the_full_prompt(tiny_model_dir, all_pope_i
     assert isinstance(scorer, PrefixReuse)
     prefixes = set()
     for item in all_pope_items:
-        full = predictor.model.prompt_ids(item["question"], 1)
+        full = predictor.model.prompt_ids(item["question"], [predictor.model.tokens_per_image])
         prefix, suffix = scorer.split(item["question"])
         assert list(prefix) + list(suffix) == full
         assert prefix[-1] == scorer.image_token_id and scorer.image_token_id not in suffix
@@ -209,9 +209,9 @@ def test_suffix_layout_masks_and_positions_worked_by_hand():
 
 @pytest.fixture(scope="module")
 def llava(tiny_model_dir):
-    from orchestrator.eval.model_adapter import LlavaModel
+    from orchestrator.eval.model_adapter import VisionLanguageModel
 
-    return LlavaModel({"model_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"})
+    return VisionLanguageModel({"model_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"})
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def plain_new_tokens(model, question, image, max_new_tokens, eos, min_new_tokens
 
     from orchestrator.model.llava import pixel_values
 
-    ids = model.prompt_ids(question, 1)
+    ids = model.prompt_ids(question, [model.tokens_per_image])
     input_ids = torch.tensor([ids])
     with torch.inference_mode():
         out = model.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -290,10 +290,10 @@ def test_prefix_generate_gives_the_token_ids_of_plain_generate_question_by_quest
 def test_prefix_generate_in_bfloat16_runs_and_mostly_agrees(tiny_model_dir, groups):
     import torch
 
-    from orchestrator.eval.model_adapter import LlavaModel
+    from orchestrator.eval.model_adapter import VisionLanguageModel
     from orchestrator.eval.prefix_cache import PrefixReuse
 
-    model = LlavaModel({"model_path": str(tiny_model_dir), "dtype": "bfloat16", "device": "cpu"})
+    model = VisionLanguageModel({"model_path": str(tiny_model_dir), "dtype": "bfloat16", "device": "cpu"})
     prefix = PrefixReuse(model)
     assert prefix.dtype == torch.bfloat16
     ours = prefix.generate(groups, max_new_tokens=4)
@@ -309,7 +309,7 @@ def test_prefix_generate_with_a_lora_adapter_merged_or_not(tiny_model_dir, llava
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from orchestrator.eval.model_adapter import LlavaModel
+    from orchestrator.eval.model_adapter import VisionLanguageModel
     from orchestrator.eval.prefix_cache import PrefixReuse
     from orchestrator.model.families import load_model
 
@@ -317,13 +317,13 @@ def test_prefix_generate_with_a_lora_adapter_merged_or_not(tiny_model_dir, llava
     peft_model = get_peft_model(load_model(tiny_model_dir).model, LoraConfig(
         r=4, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)", init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
-    tuned = LlavaModel({"model_path": str(tiny_model_dir), "adapter_path": str(tmp_path / "adapter"),
+    tuned = VisionLanguageModel({"model_path": str(tiny_model_dir), "adapter_path": str(tmp_path / "adapter"),
                         "dtype": "float32", "device": "cpu"})
     eos = tuned.tokenizer.eos_token_id
     merged = PrefixReuse(tuned).generate(groups, max_new_tokens=5)
     assert merged == plain_generate_answers(tuned, groups, 5, eos)
     assert merged != PrefixReuse(llava).generate(groups, max_new_tokens=5)        # the adapter changes answers
-    unmerged = LlavaModel({"model_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"})
+    unmerged = VisionLanguageModel({"model_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"})
     unmerged.model = peft_model.eval()
     assert PrefixReuse.supports(unmerged, "generate")
     assert PrefixReuse(unmerged).generate(groups, max_new_tokens=5) == merged
