@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from orchestrator.config import config_from_dict
-from orchestrator.data import formats
 from orchestrator.eval.model_adapter import VisionLanguageModel
 from orchestrator.eval.predictor import Predictor, PredictorSettings, items_table, milebench_items, pope_items
 from orchestrator.eval.results import read_answers
@@ -28,18 +27,6 @@ FORCED = {"max_new_tokens": 4, "min_new_tokens": 4}   # every answer decodes 4 t
 def model(tiny_family_dir):
     return VisionLanguageModel({"model_path": str(tiny_family_dir), "dtype": "float32", "device": "cpu",
                                 "template": "chat"})
-
-
-@pytest.fixture(scope="module")
-def pope_rows(synth_world):
-    world, _ = synth_world
-    return formats.read_pope_questions(world / "pope/coco_pope_adversarial.json", image_root=str(world / "coco/val2014"))
-
-
-@pytest.fixture(scope="module")
-def mile_rows(synth_world):
-    world, _ = synth_world
-    return [row for task_dir in sorted((world / "milebench").iterdir()) for row in formats.read_milebench_task(task_dir)]
 
 
 def answer(predictor, items):

@@ -6,24 +6,8 @@ import math
 
 import pytest
 
-from orchestrator.data import formats
 from orchestrator.eval.model_adapter import MileBenchModel
 from orchestrator.eval.predictor import Predictor, PredictorSettings, items_table, milebench_items, pope_items
-
-
-@pytest.fixture(scope="module")
-def pope_rows(synth_world):
-    world, _ = synth_world
-    return formats.read_pope_questions(world / "pope/coco_pope_adversarial.json", image_root=str(world / "coco/val2014"))
-
-
-@pytest.fixture(scope="module")
-def mile_rows(synth_world):
-    world, _ = synth_world
-    rows = []
-    for task_dir in sorted((world / "milebench").iterdir()):
-        rows += formats.read_milebench_task(task_dir)
-    return rows
 
 
 def varied_pope_items(pope_rows, n=16):
