@@ -492,6 +492,8 @@ class Predictor:
         return out
 
     def _prompt_length(self, out: dict) -> int:
+        """The row's ``prompt_tokens``: images counted at the model's `tokens_per_image` (they are not opened
+        yet): exact for LLaVA-1.5, an upper bound for LLaVA-NeXT and Qwen2.5-VL."""
         if out["benchmark"] != "pope":
             return self.model.prompt_length(out["_prompt"], len(out["images"]), "milebench")
         length = self._pope_lengths.get(out["_prompt"])

@@ -254,7 +254,9 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     model = str(Path(model_path).expanduser().resolve()) if model_path else str(base_model_path(cfg))
     adapter_path = str(Path(adapter).expanduser().resolve()) if adapter else ""
     family, milebench_template = cfg.model.family, cfg.eval.milebench_template
-    if model_adapter is None:  # checked here, before any actor starts: the folder's family, its MileBench template
+    if model_adapter is None and (Path(model) / "config.json").is_file():
+        # checked here, before any actor starts: the folder's family and its MileBench template (a folder only
+        # the actors' nodes can read is checked by the actors)
         family = resolve_family(cfg.model.family, model).name
         milebench_template = milebench_template_for(milebench_template, family)
     settings = PredictorSettings(

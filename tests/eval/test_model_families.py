@@ -116,11 +116,13 @@ def test_pope_takes_the_plain_batched_path_with_one_log_line_where_the_prefix_ca
 @pytest.mark.slow
 def test_run_eval_answers_pope_on_a_tiny_qwen2_5_vl_end_to_end(ray_session, synth_world, tmp_path):
     world, _ = synth_world
-    cfg = config_from_dict({
-        "name": "qwen-eval", "output_root": str(tmp_path / "runs"), "data": {"synthetic_dir": str(world)},
-        "model": {"family": "qwen2_5_vl", "eval_template": "chat"},
-        "eval": {"mode": "score", "batch_size": 16, "cpus_per_actor": 1},
-    })
+    section = {"name": "qwen-eval", "output_root": str(tmp_path / "runs"), "data": {"synthetic_dir": str(world)},
+               "model": {"family": "qwen2_5_vl", "eval_template": "chat"},
+               "eval": {"mode": "score", "batch_size": 16, "cpus_per_actor": 1}}
+    worker_template = config_from_dict({**section, "eval": {**section["eval"], "milebench_template": "llava_llama_2"}})
+    with pytest.raises(ValueError, match="LLaVA-1.5 worker template, not a qwen2_5_vl model's; use 'chat'"):
+        run_eval(worker_template, benchmarks=("pope",), tag="refused")             # before any actor starts
+    cfg = config_from_dict(section)
     result = run_eval(cfg, benchmarks=("pope",), tag="qwen")
     assert result.counts["errors"] == 0 and result.counts["answered"] == result.counts["items"] > 0
     answers = read_answers(result.answers_dir)
