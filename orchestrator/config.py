@@ -412,7 +412,8 @@ class EvalConfig(_Section):
     milebench_max_new_tokens: int = Field(512, gt=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 512")
     milebench_min_new_tokens: int = Field(1, ge=0, description="MileBench's gen_kwargs for llava-v1.5-7b: 1")
     prefix_reuse: bool = Field(True, description="POPE, score and generate mode: the image + system prefix computed "
-                               "once per image and its KV cache shared by the image's questions (prefill and decoding)")
+                               "once per image and its KV cache shared by the image's questions (prefill and decoding); "
+                               "LLaVA-1.5 and LLaVA-NeXT (Qwen2.5-VL's multimodal rotary positions: the plain path)")
     prefix_images: int = Field(0, ge=0, description="images per prefix-reuse block and model batch, each with all "
                                "its questions (POPE: 18); 0: batch_size images")
 

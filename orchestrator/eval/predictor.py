@@ -29,8 +29,8 @@ each Ray Data batch:
    A batch that raises is retried item by item; an item that still raises becomes an error row. The
    run always finishes.
 
-With ``settings.prefix_reuse`` (LLaVA-1.5 models; the other families answer POPE on the plain path
-above, and each actor logs why once: `prefix_cache.prefix_reuse_blocker`), POPE items are instead
+With ``settings.prefix_reuse`` (LLaVA-1.5 and LLaVA-NeXT models; Qwen2.5-VL answers POPE on the plain
+path above, and each actor logs why once: `prefix_cache.prefix_reuse_blocker`), POPE items are instead
 grouped by image, in both modes: the image + system prefix is computed once per image and its KV cache reused by all the
 image's questions, in score mode for the one forward, in generate mode in the prefill and in every
 greedy decode step (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
@@ -38,7 +38,8 @@ greedy decode step (`orchestrator.eval.prefix_cache`); a model batch is then ``p
 image. Feed the rows grouped by image (`run_eval` does) so that a block holds whole images. `predict` then
 puts a CPU stage before the actors (`add_pixels`: Ray Data tasks on the CPUs the actors leave free)
 that decodes each block's images and preprocesses them for the vision tower, so the GPU actor does not
-wait on image decoding (the pixels come from the same `pixel_values` as in the actor: same answers).
+wait on image decoding (the pixels come from the same `pixel_values` as in the actor: same answers);
+LLaVA-1.5 only: a LLaVA-NeXT actor preprocesses its anyres tiles itself.
 
 Output rows have ANSWER_SCHEMA (`orchestrator.eval.results`). With ``settings.answers_dir`` set, the
 actor also writes each answered block there (atomically, named by the block's keys) before
@@ -342,6 +343,7 @@ class Predictor:
             # model runs. Tokenized here: fast tokenizers are not safe to share between threads.
             question = "Is there a cat in the image?" + settings.answer_suffix
             self.prefix.split(question)
+            self._warm_up_image = self._blank_image()
             if settings.mode == "score":
                 self.model.yes_no_ids()
             eos = getattr(getattr(self.model, "tokenizer", None), "eos_token_id", None)
@@ -360,8 +362,7 @@ class Predictor:
         try:
             import torch
 
-            size = self.model.loaded.image_processor.crop_size["height"]   # LLaVA-1.5's square tile
-            image = torch.zeros((3, size, size))
+            image = self._warm_up_image
             stats = dict(self.prefix.stats)
             if self.settings.mode == "score":
                 self.prefix.score([("<warm-up>", image, [question])])
@@ -375,6 +376,19 @@ class Predictor:
             self.timings["warm_up_s"] = time.time() - started
         except Exception as error:  # the first block then pays for it; a real problem surfaces there
             log.warning("predictor %s: warm-up failed (%s: %s)", self.settings.run_id, type(error).__name__, error)
+
+    def _blank_image(self):
+        """A blank image the prefix path takes as it is: LLaVA-1.5's pixel tensor, another family's vision
+        inputs (made here: their processor tokenizes, and the warm-up thread must not)."""
+        import torch
+
+        loaded = self.model.loaded
+        if not self.prefix.fixed_image_tokens:
+            from PIL import Image
+
+            return loaded.vision_inputs([Image.new("RGB", (64, 64))])
+        size = loaded.image_processor.crop_size["height"]   # LLaVA-1.5's square tile
+        return torch.zeros((3, size, size))
 
     def _join_warm_up(self) -> None:
         if self._warming is not None:
@@ -818,7 +832,10 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
             batch_size = _largest_block_rows(ds)
     if max_restarts is not None:
         kwargs.update(max_restarts=max_restarts, max_task_retries=max_restarts)
-    free_cpus = _free_cpus(num_actors * cpus_per_actor) if settings.reuses_prefix else 0
+    # LLaVA-1.5's pixels only (a plug-in model's too: `add_pixels` passes rows on untouched when its folder has no
+    # processor); other families' actors preprocess their images themselves
+    decode_ahead = settings.reuses_prefix and settings.model_family() in ("llava", "")
+    free_cpus = _free_cpus(num_actors * cpus_per_actor) if decode_ahead else 0
     if free_cpus > 0:
         # decode + preprocess the images on the CPUs the actors leave free, ahead of the GPU: one task
         # per block, at most 2 at a time per actor (a task preprocesses ~100 images/s, an H100 answers

@@ -33,8 +33,11 @@ for every question on an image: about 611 of ~630 tokens. `PrefixReuse` therefor
    ``min_new_tokens == max_new_tokens`` every question gets exactly that many: throughput runs
    with random weights).
 
-LLaVA-1.5 only: the other families take the predictor's plain batched path (`prefix_reuse_blocker`
-says why: LLaVA-NeXT's per-image anyres token counts, Qwen2.5-VL's multimodal rotary positions).
+LLaVA-1.5 and LLaVA-NeXT (1-D positions). A LLaVA-NeXT image expands to its own number of tokens (anyres
+tiles), so its prefix is the question-independent text with that image's count of image tokens, and its vision
+inputs (tiles and ``image_sizes``) come from `LoadedModel.vision_inputs`; prefixes of one length go in one batch.
+Qwen2.5-VL takes the predictor's plain batched path (`prefix_reuse_blocker` says why: its multimodal rotary
+positions).
 
 Identical (image, question) pairs, e.g. POPE's yes-questions, which the three splits share, are
 computed once. A small LRU keeps the prefix KV of the last images of a call (``cache_images``), so
@@ -60,15 +63,14 @@ from orchestrator.model.llava import pixel_values
 
 # Families whose POPE prompts take the plain batched path, and why (`prefix_reuse_blocker`).
 PREFIX_REUSE_BLOCKERS = {
-    "llava_next": "LLaVA-NeXT's image tokens vary per image (anyres tiles with image_sizes), and the prefix path "
-                  "preprocesses images as LLaVA-1.5's single padded tile",
     "qwen2_5_vl": "Qwen2.5-VL computes its multimodal rotary positions from the whole row (image_grid_thw), "
                   "so a cached prefix cannot be continued with 1-D position ids",
 }
 
 
 def prefix_reuse_blocker(family: str) -> str:
-    """Why a model family cannot reuse the image prefix ("" when it can: LLaVA-1.5, or an unknown plug-in)."""
+    """Why a model family cannot reuse the image prefix ("" when it can: LLaVA-1.5, LLaVA-NeXT, or an unknown
+    plug-in, whose actor then asks `PrefixReuse.supports`)."""
     return PREFIX_REUSE_BLOCKERS.get(family, "")
 
 
@@ -102,7 +104,7 @@ class _Unit:
     """One image (and prefix) with its distinct question suffixes."""
 
     key: tuple                                   # (image key, prefix ids)
-    image: Any
+    image: Any                                   # LLaVA-1.5: PIL image or pixel tensor; else VisionInputs
     prefix: tuple[int, ...]
     suffixes: dict[tuple[int, ...], int] = field(default_factory=dict)   # suffix ids -> index
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None            # per layer, [1, H, L, D]
@@ -189,9 +191,9 @@ class PrefixReuse:
     `score`, greedy answers by `generate`.
 
     `model` is a `VisionLanguageModel` (``orchestrator.eval.model_adapter``): it provides ``prompt_ids``,
-    ``loaded`` (processor, image token id), ``model`` (a llava-hf `LlavaForConditionalGeneration`,
-    LoRA merged or a peft wrapper around one), ``pad_id``, ``device``, and for scoring ``yes_no_ids``,
-    for generating ``tokenizer`` (its EOS).
+    ``loaded`` (processor, image token id, family), ``model`` (a llava-hf `LlavaForConditionalGeneration` or
+    `LlavaNextForConditionalGeneration`, LoRA merged or a peft wrapper around one), ``pad_id``, ``device``,
+    and for scoring ``yes_no_ids``, for generating ``tokenizer`` (its EOS).
     """
 
     def __init__(self, model, cache_images: int = 4):
@@ -201,6 +203,8 @@ class PrefixReuse:
         self.body = getattr(base, "model", None)               # LlavaModel: vision + projector + LM
         self.head = base.get_output_embeddings()               # lm_head
         self.image_token_id = int(model.loaded.image_token_id)
+        # LLaVA-1.5: every image is one tile of `tokens_per_image` tokens; other families: counted per image
+        self.fixed_image_tokens = getattr(getattr(model.loaded, "family", None), "name", "llava") == "llava"
         self.cache_images = max(int(cache_images), 0)
         self._lru: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._splits: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # POPE repeats its questions
@@ -208,19 +212,21 @@ class PrefixReuse:
 
     @staticmethod
     def supports(model, mode: str = "score") -> bool:
-        """Whether `model` is a LLaVA-1.5 adapter this class can drive in `mode` (else: the plain path)."""
+        """Whether `model` is a LLaVA-1.5 / LLaVA-NeXT adapter this class can drive in `mode` (else: the plain
+        path)."""
         family = getattr(getattr(model, "loaded", None), "family", None)
         if family is not None and prefix_reuse_blocker(family.name):
             return False
         net = _base_model(getattr(model, "model", None))
-        needed = ("prompt_ids", "loaded", "pad_id") + (("yes_no_ids",) if mode == "score" else ("tokenizer",))
+        needed = ("prompt_ids", "loaded", "pad_id", "tokens_per_image") + (("yes_no_ids",) if mode == "score" else ("tokenizer",))
         return (all(hasattr(model, name) for name in needed)
                 and net is not None and getattr(net, "model", None) is not None
                 and hasattr(net, "get_output_embeddings") and net.get_output_embeddings() is not None)
 
     # -- prompts --------------------------------------------------------------------------------
     def split(self, question: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(prefix ids, suffix ids) of a one-image prompt, cut right after its last image token."""
+        """(prefix ids, suffix ids) of a one-image prompt, cut right after its last image token (the image
+        counted at ``tokens_per_image``: `image_prefix` gives another image's count)."""
         found = self._splits.get(question)
         if found is not None:
             return found
@@ -233,6 +239,23 @@ class PrefixReuse:
         found = self._splits[question] = (tuple(ids[: last + 1]), tuple(ids[last + 1:]))
         return found
 
+    def image_prefix(self, prefix: tuple[int, ...], image_tokens: int) -> tuple[int, ...]:
+        """`prefix` (from `split`) with its image expanded to `image_tokens` tokens instead of ``tokens_per_image``."""
+        counted = int(self.adapter.tokens_per_image)
+        if image_tokens == counted:
+            return prefix
+        return prefix[:len(prefix) - counted] + (self.image_token_id,) * int(image_tokens)
+
+    def _vision(self, image):
+        """(image tokens, what `_prefixes` feeds the vision tower) of one image: LLaVA-1.5's PIL image or
+        pixel tensor as it is; another family's image through `LoadedModel.vision_inputs` (once per call)."""
+        from orchestrator.model.families import VisionInputs
+
+        if self.fixed_image_tokens:
+            return int(self.adapter.tokens_per_image), image
+        vision = image if isinstance(image, VisionInputs) else self.adapter.loaded.vision_inputs([image])
+        return vision.tokens[0], vision
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
@@ -241,8 +264,9 @@ class PrefixReuse:
     def score(self, groups: Sequence[tuple[str, Any, Sequence[str]]]) -> list[list[float]]:
         """p(yes) per question for groups (image key, image, questions on that image).
 
-        An image is a PIL image, or its pixel tensor [3, H, W] already preprocessed by `pixel_values`
-        (the predictor's decode stage makes them off the GPU actor's critical path).
+        An image is a PIL image, or for LLaVA-1.5 its pixel tensor [3, H, W] already preprocessed by
+        `pixel_values` (the predictor's decode stage makes them off the GPU actor's critical path), or for the
+        other families its `VisionInputs`.
 
         The prefixes of all images not in the LRU are computed in one batch, then every suffix in
         one more; the caller decides how many images go together (GPU memory grows with it).
@@ -274,8 +298,10 @@ class PrefixReuse:
         where: list[list[tuple[_Unit, int]]] = []
         for image_key, image, questions in groups:
             placed = []
+            image_tokens, image = self._vision(image)
             for question in questions:
                 prefix, suffix = self.split(question)
+                prefix = self.image_prefix(prefix, image_tokens)
                 key = (image_key, prefix)
                 unit = units.get(key)
                 if unit is None:
@@ -325,8 +351,13 @@ class PrefixReuse:
         input_ids = torch.tensor(missing[0].prefix, dtype=torch.long, device=device).expand(len(missing), length)
         if any(unit.prefix != missing[0].prefix for unit in missing):
             input_ids = torch.tensor([unit.prefix for unit in missing], dtype=torch.long, device=device)
-        pixels = self._pixel_batch([unit.image for unit in missing]).to(device, self.dtype)
-        out = self.body(input_ids=input_ids.contiguous(), pixel_values=pixels, use_cache=True)
+        if self.fixed_image_tokens:
+            vision = {"pixel_values": self._pixel_batch([unit.image for unit in missing]).to(device, self.dtype)}
+        else:
+            from orchestrator.model.families import VisionInputs
+
+            vision = VisionInputs.concat([unit.image for unit in missing]).to(device, self.dtype)
+        out = self.body(input_ids=input_ids.contiguous(), use_cache=True, **vision)
         tensors = cache_tensors(out.past_key_values)
         for row, unit in enumerate(missing):
             unit.kv = [(keys[row:row + 1], values[row:row + 1]) for keys, values in tensors]

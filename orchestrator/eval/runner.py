@@ -9,7 +9,7 @@ Read top to bottom, a run is:
    versions); results go to ``<run_dir>/eval/<run_id>/``;
 3. **resume**: items that already have an answer there are skipped (anti-join on benchmark,
    split, item id);
-4. **inference**: the rest go, sorted by length (POPE with ``eval.prefix_reuse`` on a LLaVA-1.5 model,
+4. **inference**: the rest go, sorted by length (POPE with ``eval.prefix_reuse``, LLaVA-1.5 or LLaVA-NeXT,
    in score and generate mode: grouped by image, whole images per block) and cut into blocks, through a pool of
    `Predictor` actors (`cfg.eval.num_actors`, each with `cpus_per_actor` / `gpus_per_actor` /
    `resources_per_actor`);

@@ -1,7 +1,7 @@
 """POPE and MileBench on the other model families (tiny LLaVA-NeXT, then tiny Qwen2.5-VL; fp32): a left-padded batch
 answers and scores as each question alone, generation stops at the model's EOS, MileBench's multi-image questions
-go through the model's chat template, and POPE takes the plain path (one log line) where the image prefix cannot be
-reused. One slow end-to-end `run_eval` on the tiny Qwen2.5-VL."""
+go through the model's chat template, LLaVA-NeXT reuses each image's prefix (at that image's token count) and
+Qwen2.5-VL takes the plain path (one log line). One slow end-to-end `run_eval` on the tiny Qwen2.5-VL."""
 
 import json
 import logging
@@ -94,7 +94,38 @@ def test_milebench_questions_go_through_the_chat_template_with_each_image_where_
             assert len(spans) > 1 and all("Image" in span.split("<|vision_end|>")[1] for span in spans[:-1])
 
 
-def test_pope_takes_the_plain_batched_path_with_one_log_line_where_the_prefix_cannot_be_reused(
+@pytest.mark.parametrize("tiny_family_dir", ["llava_next"], indirect=True)
+def test_llava_next_reuses_each_images_prefix_at_its_own_token_count_with_the_plain_answers(model):
+    from orchestrator.eval.prefix_cache import PrefixReuse
+
+    assert len(set(model.loaded.vision_inputs(IMAGES).tokens)) == 2       # two prefix lengths (two anyres grids)
+    groups = [(f"image-{k}", image, QUESTIONS) for k, image in enumerate(IMAGES)]
+    prefix = PrefixReuse(model)
+    scores = prefix.score(groups)
+    assert prefix.stats["prefix_computed"] == 3 and prefix.stats["forwards"] == 2   # one batch per prefix length
+    generated = PrefixReuse(model).generate(groups, **FORCED)
+    for (_, image, questions), p_yes, new_tokens in zip(groups, scores, generated):
+        assert p_yes == pytest.approx(model.score_yes_no(questions, [[]] * 3, images=[[image]] * 3), abs=1e-5)
+        assert model.decode_answers(new_tokens) == model.answer("pope", questions, [[]] * 3, dict(FORCED),
+                                                                 images=[[image]] * 3)
+
+
+@pytest.mark.parametrize("tiny_family_dir", ["llava_next"], indirect=True)
+def test_a_llava_next_predictor_with_prefix_reuse_warms_up_and_answers_as_the_plain_one(tiny_family_dir, pope_rows):
+    items = pope_items(pope_rows[:12])
+    common = dict(run_id="t", model_path=str(tiny_family_dir), mode="score", template="chat", batch_size=4)
+    settings = PredictorSettings(prefix_reuse=True, warm_up=True, **common)
+    assert settings.reuses_prefix and settings.decoding()["prefix_reuse"] is True
+    predictor = Predictor(settings)
+    reused = answer(predictor, items)
+    assert predictor.timings["warm_up_s"] > 0 and predictor.prefix.stats["prefix_computed"] == 2   # 6 questions each
+    plain = answer(Predictor(PredictorSettings(**common)), items)
+    assert [row["answer"] for row in reused] == [row["answer"] for row in plain]
+    assert [row["p_yes"] for row in reused] == pytest.approx([row["p_yes"] for row in plain], abs=1e-5)
+
+
+@pytest.mark.parametrize("tiny_family_dir", ["qwen2_5_vl"], indirect=True)
+def test_qwen_takes_the_plain_batched_path_with_one_log_line_saying_why_the_prefix_is_not_reused(
         tiny_family_dir, pope_rows, caplog):
     items = pope_items(pope_rows[:12])
     common = dict(run_id="t", model_path=str(tiny_family_dir), mode="score", template="chat", prefix_reuse=True)
@@ -103,7 +134,7 @@ def test_pope_takes_the_plain_batched_path_with_one_log_line_where_the_prefix_ca
     with caplog.at_level(logging.INFO, logger="orchestrator.eval.predictor"):
         predictor = Predictor(settings)
     lines = [record.getMessage() for record in caplog.records if "prefix reuse" in record.getMessage()]
-    assert len(lines) == 1 and ("anyres" in lines[0] or "rotary positions" in lines[0])
+    assert len(lines) == 1 and "multimodal rotary positions" in lines[0]
     assert predictor.prefix is None
     many = answer(predictor, items)
     one = answer(Predictor(PredictorSettings(batch_size=1, **common)), items)
