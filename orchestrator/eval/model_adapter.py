@@ -143,16 +143,18 @@ class VisionLanguageModel(MileBenchModel):
     7B), optionally with a LoRA adapter merged in.
 
     config: ``model_path``, ``adapter_path`` (optional), ``family`` (``auto``: the folder's config.json),
-    ``dtype`` ("auto" = bf16 on GPU, fp32 on CPU), ``attn_implementation``, ``device``, and the conversation
-    templates: ``template`` for POPE (``llava_v1``, as HA-DPO evaluates LLaVA-1.5; ``chat``: the model's chat
-    template) and ``milebench_template`` for MileBench (`milebench_template_for`: ``llava_llama_2``,
+    ``max_image_pixels`` (Qwen2.5-VL's per-image pixel budget, ``model.max_image_pixels``), ``dtype`` ("auto" =
+    bf16 on GPU, fp32 on CPU), ``attn_implementation``, ``device``, and the conversation templates: ``template``
+    for POPE (``llava_v1``, as HA-DPO evaluates LLaVA-1.5; ``chat``: the model's chat template) and
+    ``milebench_template`` for MileBench (`milebench_template_for`: ``llava_llama_2``,
     MileBench's LLaVA worker, `llava_worker_prompt`, for LLaVA-1.5 only; ``chat``; ``v1`` / ``llava_v1``,
     not MileBench's). `forward`, the reference harness's call, answers MileBench questions.
 
     Each image expands to the tokens its family's vision code makes for it (`LoadedModel.vision_inputs`:
     576 for LLaVA-1.5, per image for LLaVA-NeXT's anyres tiles and Qwen2.5-VL's patches). Prompt budgets
     (`prompt_length`, MileBench's truncation) count each image at `tokens_per_image` before the images are
-    opened: exact for LLaVA-1.5, the most one image may take for the other families (an upper bound).
+    opened: exact for LLaVA-1.5, the most one image may take for the other families (an upper bound; for
+    Qwen2.5-VL ``max_image_pixels`` / 28^2).
 
     Batches are left-padded with an attention mask; for families with 1-D positions the position ids
     count real tokens only, and Qwen2.5-VL computes its multimodal rotary positions from the attention
@@ -173,7 +175,7 @@ class VisionLanguageModel(MileBenchModel):
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(config["model_path"], dtype=config.get("dtype", "auto"), device=torch.device(device),
                             attn_implementation=config.get("attn_implementation", "sdpa"),
-                            family=config.get("family") or "auto")
+                            family=config.get("family") or "auto", max_image_pixels=config.get("max_image_pixels"))
         model = loaded.model
         if config.get("adapter_path"):
             from peft import PeftModel

@@ -175,6 +175,7 @@ class PredictorSettings:
     model_path: str
     adapter_path: str = ""
     family: str = "auto"                 # model.family: auto reads the folder's config.json
+    max_image_pixels: int | None = None  # model.max_image_pixels: Qwen2.5-VL's per-image pixel budget
     mode: str = "score"                  # "score" | "generate" (POPE; MileBench always generates)
     template: str = "llava_v1"           # POPE's conversation template
     answer_suffix: str = ""
@@ -222,9 +223,12 @@ class PredictorSettings:
 
     def decoding(self) -> dict:
         """The settings that can change an answer (recorded with every row and hashed into run_id)."""
-        return decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
-                                 self.dtype, prefix_reuse=self.reuses_prefix,
-                                 min_new_tokens=self.min_new_tokens, milebench=self.milebench_generation())
+        settings = decoding_settings(self.mode, self.template, self.answer_suffix, self.max_new_tokens,
+                                     self.dtype, prefix_reuse=self.reuses_prefix,
+                                     min_new_tokens=self.min_new_tokens, milebench=self.milebench_generation())
+        if self.max_image_pixels:  # Qwen2.5-VL's images are resized to it: other image tokens, other answers
+            settings["max_image_pixels"] = int(self.max_image_pixels)
+        return settings
 
     def milebench_generation(self) -> dict:
         """How MileBench answers are generated: template (``auto`` resolved for the model's family),
@@ -305,6 +309,7 @@ class Predictor:
         self.timings["imports_done"] = started = time.time()
         self.model = cls({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None, "family": settings.family,
+            "max_image_pixels": settings.max_image_pixels,
             "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
             "template": settings.template, "milebench_template": settings.milebench_template,
         })
@@ -387,8 +392,7 @@ class Predictor:
             from PIL import Image
 
             return loaded.vision_inputs([Image.new("RGB", (64, 64))])
-        size = loaded.image_processor.crop_size["height"]   # LLaVA-1.5's square tile
-        return torch.zeros((3, size, size))
+        return torch.zeros((3, loaded.image_size, loaded.image_size))   # LLaVA-1.5's square tile
 
     def _join_warm_up(self) -> None:
         if self._warming is not None:

@@ -204,7 +204,7 @@ class PrefixReuse:
         self.head = base.get_output_embeddings()               # lm_head
         self.image_token_id = int(model.loaded.image_token_id)
         # LLaVA-1.5: every image is one tile of `tokens_per_image` tokens; other families: counted per image
-        self.fixed_image_tokens = getattr(getattr(model.loaded, "family", None), "name", "llava") == "llava"
+        self.fixed_image_tokens = getattr(getattr(model.loaded, "family", None), "fixed_image_tokens", True)
         self.cache_images = max(int(cache_images), 0)
         self._lru: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._splits: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # POPE repeats its questions

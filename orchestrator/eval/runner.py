@@ -260,7 +260,8 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         family = resolve_family(cfg.model.family, model).name
         milebench_template = milebench_template_for(milebench_template, family)
     settings = PredictorSettings(
-        run_id="", model_path=model, adapter_path=adapter_path, family=family, mode=cfg.eval.mode,
+        run_id="", model_path=model, adapter_path=adapter_path, family=family,
+        max_image_pixels=cfg.model.max_image_pixels, mode=cfg.eval.mode,
         template=cfg.model.eval_template, answer_suffix=cfg.eval.answer_suffix,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, prefix_images=cfg.eval.prefix_images,
         image_budget=cfg.eval.milebench_image_budget, token_budget=cfg.eval.milebench_token_budget,

@@ -166,3 +166,13 @@ def test_run_eval_answers_pope_on_a_tiny_qwen2_5_vl_end_to_end(ray_session, synt
     metrics = pq.read_table(result.metrics_path).to_pandas()
     f1 = metrics[(metrics.benchmark == "pope") & (metrics.name == "mean") & (metrics.metric == "f1")]
     assert f1["value"].iloc[0] == pytest.approx(result.pope_table["f1"].iloc[-1])
+
+
+@pytest.mark.parametrize("tiny_family_dir", ["qwen2_5_vl"], indirect=True)
+def test_model_max_image_pixels_reaches_the_evaluation_actor_and_its_decoding_record(tiny_family_dir, pope_rows):
+    settings = PredictorSettings(run_id="t", model_path=str(tiny_family_dir), template="chat", max_image_pixels=28 * 28)
+    predictor = Predictor(settings)
+    assert predictor.model.tokens_per_image == 1 and predictor.model.loaded.vision_inputs(IMAGES).tokens == [1, 1, 1]
+    rows = answer(predictor, pope_items(pope_rows[:2]))
+    assert all(row["error"] == "" for row in rows) and json.loads(rows[0]["decoding"])["max_image_pixels"] == 784
+    assert "max_image_pixels" not in PredictorSettings(run_id="t", model_path=str(tiny_family_dir)).decoding()
