@@ -267,6 +267,7 @@ class SftStageConfig(_Section):
         False, description="also train the vision tower and projector (a tiny model built from scratch needs it)")
     first_token_weight: float = Field(
         1.0, ge=0.0, description="loss weight of each answer's first token (the Yes/No of a QA answer)")
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="default: train.checkpoint_every_steps")
 
 
 class TrainConfig(_Section):
@@ -355,6 +356,11 @@ class ScalingSection(_Section):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(
+        None, gt=0, description="threads each training worker's torch computes with; empty: Ray's setting, the "
+        "worker's CPUs rounded down (at least 1). More than cpus_per_worker lends the worker cores Ray keeps free "
+        "for data tasks: worth it where training runs alone on a small machine (the demo: 2 threads on 2 cores "
+        "with cpus_per_worker 1, about 1.4x the CPU step), a loss where other work shares the cores")
     gpus_per_worker: float = Field(1.0, ge=0.0)
     gpu_memory_gb: float | None = Field(
         None, gt=0.0, description="memory of one GPU in GiB for the planner (ZeRO stage and checkpointing auto); "

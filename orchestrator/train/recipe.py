@@ -116,6 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if on_gpu:  # the recipe trains with tf32 matmuls where bf16 does not apply
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     _quiet_libraries(rank)
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
     lap = _Laps()
 
     # 1. Model (same seed on every rank, so LoRA's random init agrees) while the rows are read.
@@ -194,12 +196,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     probe: dict[str, Any] | None = config.get("probe")  # a sweep's objective on a POPE subset (eval/probe.py)
     if rank == 0:
         log.info("%s: %d rows, %d workers x %d x %d accumulation, %d steps/epoch, %d steps (from %d), %s, "
-                 "gradient checkpointing %s%s", plan.stage, len(rows), world, train.batch_size_per_worker,
+                 "gradient checkpointing %s%s, %d torch threads", plan.stage, len(rows), world,
+                 train.batch_size_per_worker,
                  train.gradient_accumulation, schedule.steps_per_epoch, schedule.total_steps, start_step,
                  engine.describe() + ("" if zero_reason == "set in the config" else f" ({zero_reason})"),
                  ("on" if checkpointing else "off") + f", fused kernels {kernels}",
                  "" if plan.stage != "dpo" else f", {pair_layout(train, loaded)} pairs, "
-                 f"reference {reference_source(cached_reference, rows, fill_in_loop)}")
+                 f"reference {reference_source(cached_reference, rows, fill_in_loop)}", torch.get_num_threads())
         log.info("setup %s", lap)
     clock = _StepClock(layout.timings_path(cfg.run_dir, plan.stage), lap, enabled=rank == 0,
                        engine=engine.describe(), engine_reason=zero_reason)
@@ -587,4 +590,4 @@ class _StepClock:
         write_json_atomic(self.path, {
             "process_started": self.process_started, "setup_started": self.laps.marks[0][1],
             "setup": self.laps.as_list(), "step_ends": self.step_ends, "peak_allocated_gb": peak,
-            "engine": self.engine, "engine_reason": self.engine_reason})
+            "engine": self.engine, "engine_reason": self.engine_reason, "torch_threads": torch.get_num_threads()})

@@ -41,10 +41,14 @@ class StagePlan:
 
 
 def stage_train_config(train: TrainConfig, stage: str) -> TrainConfig:
-    """The train section as a stage sees it: the sft stage may use its own micro-batch size."""
-    if stage == "sft" and train.sft.batch_size_per_worker:
-        return train.model_copy(update={"batch_size_per_worker": train.sft.batch_size_per_worker})
-    return train
+    """The train section as a stage sees it: the sft stage may use its own micro-batch size and checkpoint
+    interval."""
+    if stage != "sft":
+        return train
+    own = {"batch_size_per_worker": train.sft.batch_size_per_worker,
+           "checkpoint_every_steps": train.sft.checkpoint_every_steps}
+    update = {key: value for key, value in own.items() if value}
+    return train.model_copy(update=update) if update else train
 
 
 def stage_plan(train: TrainConfig, stage: str) -> StagePlan:
