@@ -213,9 +213,8 @@ DPO_ONLY_TRAIN_KEYS = ("loss", "label_smoothing", "beta", "sft_gamma", "learning
 def warmup_train_settings(config: ExperimentConfig) -> dict[str, Any]:
     """The train settings the warm-up stage depends on (its input hash)."""
     settings = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in DPO_ONLY_TRAIN_KEYS}
-    for key in ("batch_size_per_worker", "checkpoint_every_steps"):  # the warm-up's own value is in settings["sft"]
-        if getattr(config.train.sft, key):
-            settings.pop(key)
+    if config.train.sft.batch_size_per_worker:
+        settings.pop("batch_size_per_worker")
     return settings
 
 
