@@ -356,11 +356,6 @@ class ScalingSection(_Section):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    torch_threads: int | None = Field(
-        None, gt=0, description="threads each training worker's torch computes with; empty: Ray's setting, the "
-        "worker's CPUs rounded down (at least 1). More than cpus_per_worker lends the worker cores Ray keeps free "
-        "for data tasks: worth it where training runs alone on a small machine (the demo: 2 threads on 2 cores "
-        "with cpus_per_worker 1, about 1.4x the CPU step), a loss where other work shares the cores")
     gpus_per_worker: float = Field(1.0, ge=0.0)
     gpu_memory_gb: float | None = Field(
         None, gt=0.0, description="memory of one GPU in GiB for the planner (ZeRO stage and checkpointing auto); "

@@ -116,8 +116,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if on_gpu:  # the recipe trains with tf32 matmuls where bf16 does not apply
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     _quiet_libraries(rank)
-    if cfg.scaling.torch_threads:
-        torch.set_num_threads(cfg.scaling.torch_threads)
     lap = _Laps()
 
     # 1. Model (same seed on every rank, so LoRA's random init agrees) while the rows are read.
