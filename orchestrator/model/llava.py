@@ -108,12 +108,19 @@ def build_tiny_llava(out_dir: str | Path, texts: list[str], spec: TinyModelConfi
     config.pad_token_id = 0
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    processor = llava_processor(tokenizer, spec.image_size, spec.patch_size)
+    return save_tiny_model(out_dir, "LLaVA", model, llava_processor(tokenizer, spec.image_size, spec.patch_size),
+                           vocab=len(tokenizer))
+
+
+def save_tiny_model(out_dir: Path, label: str, model, *processing, vocab: int) -> Path:
+    """Save a tiny model built from configs and what turns text and images into its inputs (`processing`: a
+    processor, or a tokenizer and an image processor) as one Hugging Face folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    log.info("built tiny LLaVA (%d parameters, vocab %d) at %s",
-             sum(p.numel() for p in model.parameters()), len(tokenizer), out_dir)
+    for part in processing:
+        part.save_pretrained(out_dir)
+    log.info("built tiny %s (%d parameters, vocab %d) at %s",
+             label, sum(p.numel() for p in model.parameters()), vocab, out_dir)
     return out_dir
 
 

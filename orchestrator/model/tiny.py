@@ -16,16 +16,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 
 from orchestrator.config import ModelConfig, TinyModelConfig
-from orchestrator.model.llava import CLIP_MEAN, CLIP_STD, build_tiny_llava, build_word_tokenizer
+from orchestrator.model.llava import CLIP_MEAN, CLIP_STD, build_tiny_llava, build_word_tokenizer, save_tiny_model
 from orchestrator.model.templates import IMAGE_PLACEHOLDER
-
-log = logging.getLogger(__name__)
 
 # LLaVA-NeXT's Vicuna chat template as llava-hf ships it for llava-v1.6-vicuna (system line, USER/ASSISTANT)
 LLAVA_NEXT_CHAT_TEMPLATE = (
@@ -91,13 +88,8 @@ def build_tiny_llava_next(out_dir: str | Path, texts: list[str], spec: TinyModel
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=LLAVA_NEXT_CHAT_TEMPLATE)
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    log.info("built tiny LLaVA-NeXT (%d parameters, vocab %d) at %s",
-             sum(p.numel() for p in model.parameters()), len(tokenizer), out_dir)
-    return out_dir
+    return save_tiny_model(out_dir, "LLaVA-NeXT", LlavaNextForConditionalGeneration(config), processor,
+                           vocab=len(tokenizer))
 
 
 def qwen_rope_sections(head_dim: int) -> list[int]:
@@ -152,13 +144,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, texts: list[str], spec: TinyModel
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)
+    save_tiny_model(out_dir, "Qwen2.5-VL", model, tokenizer, image_processor, vocab=len(tokenizer))
     (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}, indent=2))
-    log.info("built tiny Qwen2.5-VL (%d parameters, vocab %d) at %s",
-             sum(p.numel() for p in model.parameters()), len(tokenizer), out_dir)
     return out_dir
 
 
