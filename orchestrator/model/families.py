@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from orchestrator.model.image_tokens import QWEN2_5_VL_MAX_PIXELS, llava_next_max_image_tokens, qwen_max_image_tokens
-from orchestrator.model.templates import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, build_prompt
+from orchestrator.model.templates import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, build_prompt, expand_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,6 @@ class ModelFamily:
     model_class: str                 # the transformers class `load_model` gets through the Auto class
     image_text: str = IMAGE_PLACEHOLDER   # what a prompt holds per image before expansion
     one_d_positions: bool = True     # plain 1-D positions: pairs can be packed and prefixes reused
-    pad_to_square: bool = False      # LLaVA-1.5's image_aspect_ratio=pad
     fixed_image_tokens: bool = False  # every image expands to tokens_per_image (LLaVA-1.5's one tile)
 
     def image_token_id(self, model_config) -> int:
@@ -120,13 +119,11 @@ class ModelFamily:
 
 
 FAMILIES = {
-    "llava": ModelFamily("llava", "llava", "LlavaForConditionalGeneration", pad_to_square=True,
-                         fixed_image_tokens=True),
+    "llava": ModelFamily("llava", "llava", "LlavaForConditionalGeneration", fixed_image_tokens=True),
     "llava_next": ModelFamily("llava_next", "llava_next", "LlavaNextForConditionalGeneration"),
     "qwen2_5_vl": ModelFamily("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
                               image_text="<|vision_start|><|image_pad|><|vision_end|>", one_d_positions=False),
 }
-FAMILY_NAMES = tuple(FAMILIES)
 
 
 def family_of(path: str | Path) -> str:
@@ -205,20 +202,18 @@ class LoadedModel:
             if not self.chat_template:
                 raise ValueError(f"template 'chat': the {self.family.name} model folder has no chat template "
                                  "(chat_template.jinja/.json or the tokenizer's); use v1 or llava_v1")
-            parts = question.split(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in question else \
-                [""] * num_images + [question]
-            content: list[dict] = []
-            for index, text in enumerate(parts):
-                if index:
-                    content.append({"type": "image"})
-                if text.strip():
-                    content.append({"type": "text", "text": text.strip()})
-            if IMAGE_PLACEHOLDER not in question:  # images first, then the question
+            if IMAGE_PLACEHOLDER in question:  # a MileBench context: each image where it stands
+                content: list[dict] = []
+                for index, text in enumerate(question.split(IMAGE_PLACEHOLDER)):
+                    if index:
+                        content.append({"type": "image"})
+                    if text.strip():
+                        content.append({"type": "text", "text": text.strip()})
+            else:  # images first, then the question
                 content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                       chat_template=self.chat_template, tokenize=False,
                                                       add_generation_prompt=True)
-            return text
         text = build_prompt(question, template, num_images)
         return text if self.family.image_text == IMAGE_PLACEHOLDER else \
             text.replace(IMAGE_PLACEHOLDER, self.family.image_text)
@@ -230,14 +225,7 @@ class LoadedModel:
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
         ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
-        found = sum(1 for token in ids if token == self.image_token_id)
-        if found != len(image_tokens):
-            raise ValueError(f"prompt holds {found} image placeholders but {len(image_tokens)} images were given")
-        out: list[int] = []
-        counts = iter(image_tokens)
-        for token in ids:
-            out.extend([token] * next(counts) if token == self.image_token_id else [token])
-        return out
+        return expand_image_tokens(ids, self.image_token_id, list(image_tokens))
 
     def prompt_ids(self, question: str, template: str, image_tokens: Sequence[int]) -> list[int]:
         """`encode(prompt_text(...))`: ids of `question` in `template` with these images' token counts."""

@@ -13,6 +13,7 @@ gets after "ASSISTANT:").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 IMAGE_PLACEHOLDER = "<image>"
 CHAT_TEMPLATE = "chat"  # the template name that means "the model's own chat template" (families.py)
@@ -64,11 +65,19 @@ def template_words(template: str) -> list[str]:
     return build_prompt("", template, num_images=0).split()
 
 
-def expand_image_tokens(ids: list[int], image_token_id: int, tokens_per_image: int) -> list[int]:
-    """Repeat each image token id `tokens_per_image` times (llava-hf models expect the expanded form)."""
+def expand_image_tokens(ids: list[int], image_token_id: int, tokens_per_image: int | Sequence[int]) -> list[int]:
+    """Repeat each image token id `tokens_per_image` times (llava-hf models expect the expanded form); a
+    sequence gives each image its own count, in order (LLaVA-NeXT's anyres tiles, Qwen2.5-VL's patches), and
+    must name exactly as many images as `ids` holds."""
+    counts = [tokens_per_image] * ids.count(image_token_id) if isinstance(tokens_per_image, int) \
+        else list(tokens_per_image)
+    found = ids.count(image_token_id)
+    if found != len(counts):
+        raise ValueError(f"prompt holds {found} image placeholders but {len(counts)} images were given")
+    remaining = iter(counts)
     out: list[int] = []
     for token in ids:
-        out.extend([token] * tokens_per_image if token == image_token_id else [token])
+        out.extend([token] * next(remaining) if token == image_token_id else [token])
     return out
 
 

@@ -1,3 +1,5 @@
+import pytest
+
 from orchestrator.model.templates import (IGNORE_INDEX, build_prompt, encode_example, encode_prompt,
                                           expand_image_tokens)
 
@@ -23,6 +25,10 @@ def test_prompt_with_placeholders_is_kept_and_images_can_be_omitted():
 
 def test_image_tokens_expand_in_place():
     assert expand_image_tokens([1, 5, 9, 5], image_token_id=5, tokens_per_image=3) == [1, 5, 5, 5, 9, 5, 5, 5]
+    # one count per image, in order (images of other sizes take other counts)
+    assert expand_image_tokens([1, 5, 9, 5], image_token_id=5, tokens_per_image=[2, 1]) == [1, 5, 5, 9, 5]
+    with pytest.raises(ValueError, match="prompt holds 2 image placeholders but 3 images were given"):
+        expand_image_tokens([1, 5, 9, 5], image_token_id=5, tokens_per_image=[2, 1, 4])
 
 
 def test_labels_cover_only_the_answer_and_its_eos(tiny_model_dir):
