@@ -61,17 +61,17 @@ import torch
 from orchestrator.model.llava import pixel_values
 
 
-# Families whose POPE prompts take the plain batched path, and why (`prefix_reuse_blocker`).
-PREFIX_REUSE_BLOCKERS = {
-    "qwen2_5_vl": "Qwen2.5-VL computes its multimodal rotary positions from the whole row (image_grid_thw), "
-                  "so a cached prefix cannot be continued with 1-D position ids",
-}
-
-
 def prefix_reuse_blocker(family: str) -> str:
-    """Why a model family cannot reuse the image prefix ("" when it can: LLaVA-1.5, LLaVA-NeXT, or an unknown
-    plug-in, whose actor then asks `PrefixReuse.supports`)."""
-    return PREFIX_REUSE_BLOCKERS.get(family, "")
+    """Why a model family cannot reuse the image prefix: its positions are not 1-D
+    (`ModelFamily.one_d_positions`: Qwen2.5-VL). "" when it can: LLaVA-1.5, LLaVA-NeXT, or an unknown
+    plug-in, whose actor then asks `PrefixReuse.supports`."""
+    from orchestrator.model.families import FAMILIES
+
+    known = FAMILIES.get(family)
+    if known is None or known.one_d_positions:
+        return ""
+    return (f"{known.name} computes its multimodal rotary positions from the whole row (image_grid_thw), "
+            "so a cached prefix cannot be continued with 1-D position ids")
 
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -218,7 +218,8 @@ class PrefixReuse:
         if family is not None and prefix_reuse_blocker(family.name):
             return False
         net = _base_model(getattr(model, "model", None))
-        needed = ("prompt_ids", "loaded", "pad_id", "tokens_per_image") + (("yes_no_ids",) if mode == "score" else ("tokenizer",))
+        needed = ("prompt_ids", "loaded", "pad_id", "tokens_per_image") + (
+            ("yes_no_ids",) if mode == "score" else ("tokenizer",))
         return (all(hasattr(model, name) for name in needed)
                 and net is not None and getattr(net, "model", None) is not None
                 and hasattr(net, "get_output_embeddings") and net.get_output_embeddings() is not None)
