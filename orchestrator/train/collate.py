@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from orchestrator.images import ImageLoadError, load_image
+from orchestrator.images import ImageLoadError
 from orchestrator.model.families import LoadedModel, VisionInputs
 from orchestrator.model.templates import IGNORE_INDEX, encode_answer, encode_example
 
@@ -112,15 +112,6 @@ def _finish(ids, labels, vision: VisionInputs, pad_id, padding_side, sample_ids,
     )
 
 
-def _load(path: str, sample_id: str, skipped: list[dict[str, str]]):
-    try:
-        return load_image(path)
-    except ImageLoadError as error:
-        skipped.append({"sample_id": sample_id, "reason": str(error)})
-        log.warning("skipping %s: %s", sample_id, error)
-        return None
-
-
 def row_images(batch: Mapping[str, Sequence[Any]]) -> list[list[str]]:
     """Each row's image paths: the `images` column (multi-image sources) or the one `image`."""
     if "images" in batch:
@@ -139,10 +130,12 @@ def load_row_images(sample_id: str, paths: Sequence[str], loaded: LoadedModel, s
                     ) -> VisionInputs | None:
     """A row's images as the model's vision inputs (with each image's token count); None, with the row
     added to `skipped`, if one of them cannot be loaded."""
-    images = [_load(path, sample_id, skipped) for path in paths]
-    if any(image is None for image in images):
+    try:
+        return VisionInputs.concat([loaded.image_file_inputs(path) for path in paths])
+    except ImageLoadError as error:
+        skipped.append({"sample_id": sample_id, "reason": str(error)})
+        log.warning("skipping %s: %s", sample_id, error)
         return None
-    return loaded.vision_inputs(images)
 
 
 def encode_pairs(batch: Mapping[str, Sequence[Any]], loaded: LoadedModel, template: str, max_length: int):

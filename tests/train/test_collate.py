@@ -1,5 +1,8 @@
 """Rows -> model inputs: 2B rows chosen first, images duplicated, labels and padding, bad images skipped."""
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -105,3 +108,53 @@ def test_sft_rows_are_labelled_on_the_response(loaded, synth_world, tmp_path):
         answer = row_labels[row_labels != IGNORE_INDEX].tolist()
         tokenizer = loaded.tokenizer
         assert answer == tokenizer(row["response"].strip(), add_special_tokens=False)["input_ids"] + [2]
+
+
+def test_an_image_is_processed_once_and_again_only_when_its_file_changes(loaded, preference_rows, tmp_path):
+    from PIL import Image
+
+    from orchestrator.model.families import ImageInputsCache
+
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    loaded.image_cache = ImageInputsCache()
+    made = []
+    original = loaded.vision_inputs
+    loaded.vision_inputs = lambda images: made.append(1) or original(images)
+    try:
+        rows = [dict(preference_rows[0], sample_id=f"r{i}", image=str(path)) for i in range(3)]
+        first = collate_preference(as_batch(rows), loaded, "v1", 256)
+        assert len(made) == 1 and len(loaded.image_cache) == 1   # three rows, one image processed
+        assert torch.equal(first.vision.tensors["pixel_values"][0], original([Image.open(path)]).tensors["pixel_values"][0])
+        Image.new("RGB", (40, 30), (10, 10, 200)).save(path)      # the same path, new content
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        second = collate_preference(as_batch(rows), loaded, "v1", 256)
+        assert len(made) == 2
+        assert not torch.equal(first.vision.tensors["pixel_values"], second.vision.tensors["pixel_values"])
+    finally:
+        del loaded.vision_inputs
+        loaded.image_cache = ImageInputsCache()
+
+
+def test_the_image_cache_keeps_the_most_recently_used_inputs_within_its_bytes(tmp_path):
+    from orchestrator.model.families import ImageInputsCache, VisionInputs
+
+    def inputs(value):
+        return VisionInputs({"pixel_values": torch.full((1, 3, 4, 4), float(value))}, [1])   # 192 bytes
+
+    paths = []
+    for name in "abc":
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(name)
+    cache = ImageInputsCache(max_bytes=2 * 192)
+    made = []
+
+    def get(index):
+        return cache.get(paths[index], lambda: made.append(index) or inputs(index))
+
+    get(0), get(1), get(0), get(2)        # 1 is the least recently used when 2 arrives
+    assert made == [0, 1, 2] and len(cache) == 2 and cache.held == 2 * 192
+    get(0), get(1)
+    assert made == [0, 1, 2, 1]            # 0 stayed, 1 was made again
+    assert cache.get(str(tmp_path / "missing"), lambda: inputs(9)).tensors["pixel_values"][0, 0, 0, 0] == 9
+    assert len(cache) == 2                 # what cannot be stat'ed is not kept
