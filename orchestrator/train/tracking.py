@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,23 +97,46 @@ class Tracker:
         self.curves: CurveLog | None = None
         self.tensorboard: TensorBoardLog | None = None
         self.mlflow: MlflowFileRun | None = None
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
         if not enabled:
             return
         self.curves = CurveLog(layout.curves_path(cfg.run_dir, stage), resume_step)
-        if "tensorboard" in cfg.tracking:
-            self.tensorboard = TensorBoardLog(cfg.tensorboard_dir / stage, resume_step)
-        if "mlflow" in cfg.tracking:
-            self.mlflow = MlflowFileRun(cfg.mlflow_store, cfg.mlflow.experiment or cfg.name, layout.train_run_name(cfg.name, stage),
-                                        resume_step)
-            self.mlflow.log_params(flat_params(cfg.model_dump(mode="json")))
-            self.mlflow.set_tags({"stage": stage, "config_hash": cfg.content_hash()})
-        mode = wandb_mode(cfg) if "wandb" in cfg.tracking else "disabled"
-        if mode != "disabled":
-            self.run = _start_wandb(cfg, stage, mode)
+        # The trackers start beside the first steps (importing tensorboardX and wandb and starting wandb's
+        # service took ~2 s of every training stage's set-up); the first `log` waits for them, and a tracker
+        # that failed to start fails it.
+        self._starting = threading.Thread(target=self._start, args=(cfg, stage, resume_step), name="trackers-start",
+                                          daemon=True)
+        self._starting.start()
+
+    def _start(self, cfg: ExperimentConfig, stage: str, resume_step: int) -> None:
+        try:
+            if "tensorboard" in cfg.tracking:
+                self.tensorboard = TensorBoardLog(cfg.tensorboard_dir / stage, resume_step)
+            if "mlflow" in cfg.tracking:
+                self.mlflow = MlflowFileRun(cfg.mlflow_store, cfg.mlflow.experiment or cfg.name,
+                                            layout.train_run_name(cfg.name, stage), resume_step)
+                self.mlflow.log_params(flat_params(cfg.model_dump(mode="json")))
+                self.mlflow.set_tags({"stage": stage, "config_hash": cfg.content_hash()})
+            mode = wandb_mode(cfg) if "wandb" in cfg.tracking else "disabled"
+            if mode != "disabled":
+                self.run = _start_wandb(cfg, stage, mode)
+        except BaseException as error:  # noqa: BLE001 - raised on the training thread by `started`
+            self._start_error = error
+
+    def started(self) -> None:
+        """Wait until the trackers have started; raise what stopped one from starting."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            raise error
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self.started()
         row = {"step": step, **metrics, "time": metrics.get("time", time.time())}
         self.curves.append(row)
         scalars = numeric_metrics(row)
@@ -124,11 +148,13 @@ class Tracker:
             self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
+        self.started()
         if self.run is not None:
             for key, value in values.items():
                 self.run.summary[key] = value
 
     def close(self) -> None:
+        self.started()
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
@@ -141,6 +167,7 @@ class Tracker:
 
     @property
     def wandb_dir(self) -> str | None:
+        self.started()
         return getattr(self.run, "dir", None) if self.run is not None else None
 
 

@@ -88,3 +88,19 @@ def test_tensorboard_and_mlflow_get_the_same_steps_and_a_resume_drops_the_redone
     history = client.get_metric_history(run.info.run_id, "rewards/accuracies")
     assert sorted((m.step, round(m.value, 6)) for m in history) == [(1, 0.6), (2, 0.7), (3, 0.9), (4, 0.95)]
     assert run.data.metrics["loss"] == 0.2
+
+
+def test_a_tracker_that_fails_to_start_fails_the_first_log_on_the_training_thread(tmp_path, monkeypatch):
+    import pytest
+
+    from orchestrator.train import tracking
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("tensorboard folder is read-only")
+
+    monkeypatch.setattr(tracking, "TensorBoardLog", refuse)
+    cfg = config_from_dict({"name": "broken", "output_root": str(tmp_path), "tracking": ["tensorboard"]})
+    tracker = Tracker(cfg, "dpo")  # starts beside the first steps: nothing raised yet
+    with pytest.raises(PermissionError, match="read-only"):
+        tracker.log(1, {"loss": 1.0})
+    assert not curves_path(cfg.run_dir, "dpo").exists()  # the step that raised logged nothing
