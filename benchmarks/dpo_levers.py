@@ -2,7 +2,7 @@
 
     python benchmarks/dpo_levers.py --json $OUT/levers.json          # every variant, ~6 min on one H200
     python benchmarks/dpo_levers.py --tiny                           # CPU smoke test of the script
-    python benchmarks/dpo_levers.py --variants zero2 zero3 loop      # a subset
+    python benchmarks/dpo_levers.py --variants zero2 zero3 zero3-leaf    # a subset
 
 Every variant trains the same LoRA (r128, alpha 256, dropout 0.05 on every LM linear) on the same packed
 pairs (benchmarks/dpo_step.py's `make_batch` / `make_packed`: 631 prompt+image tokens, 128-token answers)
@@ -11,8 +11,11 @@ with cached reference log-probs and no gradient checkpointing, the recipe's defa
   zero2-expandable        zero2 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (what runs now set);
   zero0 / zero1 / zero2   the recipe's own engine (`orchestrator.train.engine.make_engine`: DeepSpeed,
                           bf16, torch AdamW) and loss (`recipe.compute_loss`) with that ZeRO stage;
-  zero3                   the same with ZeRO-3 as the recipe now configures it (LoRA weights resident);
-  zero3-plain             ZeRO-3 as before (DeepSpeed's defaults: LoRA weights partitioned too);
+  zero3                   the same with ZeRO-3, LoRA weights resident, DeepSpeed's per-module hooks
+                          (`train.deepspeed.zero3_leaf_layers: false`: ~1,600 hooked modules per step);
+  zero3-leaf              ZeRO-3 as the recipe now configures it: zero3 with each decoder layer a leaf
+                          module (fetched as one unit, one hooked module per layer; engine.py says why);
+  zero3-plain             zero3 with DeepSpeed's defaults (LoRA weights partitioned too);
   zero3-prefetch          zero3 with large prefetch / live-parameter buckets (whole layers in flight);
   zero3-resident          zero3 with every weight resident (nothing gathered: what the hooks alone cost);
   loop, loop-16           dpo_step.py's plain torch loop (no DeepSpeed) at --pairs and 16 pairs per step;
@@ -41,25 +44,28 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import load_benchmark  # noqa: E402
 
+# "deepspeed": settings of the train.deepspeed section; "extra": DeepSpeed config merged in (its `config`)
+HOOKS = {"zero3_leaf_layers": False}  # the zero3 variants measured before leaf layers: DeepSpeed's per-module hooks
 ENGINE_VARIANTS = {
     "zero0": {"stage": 0},
     "zero1": {"stage": 1},
     "zero2": {"stage": 2},
     "zero2-expandable": {"stage": 2, "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
-    "zero3": {"stage": 3},
-    "zero3-plain": {"stage": 3, "extra": {"zero_optimization": {
+    "zero3": {"stage": 3, "deepspeed": HOOKS},
+    "zero3-leaf": {"stage": 3},
+    "zero3-plain": {"stage": 3, "deepspeed": HOOKS, "extra": {"zero_optimization": {
         "stage3_param_persistence_threshold": 100_000}}},   # DeepSpeed's default
-    "zero3-prefetch": {"stage": 3, "extra": {"zero_optimization": {
+    "zero3-prefetch": {"stage": 3, "deepspeed": HOOKS, "extra": {"zero_optimization": {
         "stage3_prefetch_bucket_size": 500_000_000, "stage3_max_live_parameters": 3_000_000_000,
         "stage3_max_reuse_distance": 3_000_000_000}}},
-    "zero3-resident": {"stage": 3, "extra": {"zero_optimization": {   # nothing partitioned: the hooks' own cost
+    "zero3-resident": {"stage": 3, "deepspeed": HOOKS, "extra": {"zero_optimization": {   # nothing partitioned
         "stage3_param_persistence_threshold": 100_000_000_000}}},
-    "zero3-torchlinear": {"stage": 3, "extra": {"zero_optimization": {   # torch's F.linear, not DeepSpeed's autograd one
-        "memory_efficient_linear": False}}},
+    "zero3-torchlinear": {"stage": 3, "deepspeed": HOOKS, "extra": {"zero_optimization": {   # torch's F.linear,
+        "memory_efficient_linear": False}}},                                              # not DeepSpeed's
 }
 LOOP_VARIANTS = ("loop", "loop-16", "loop-compile", "loop-liger")
-DEFAULT_VARIANTS = ("zero2", "zero3", "zero3-plain", "zero3-prefetch", "zero3-resident", "zero0", "loop", "loop-16",
-                    "loop-compile", "loop-liger")
+DEFAULT_VARIANTS = ("zero2", "zero3", "zero3-leaf", "zero3-plain", "zero3-prefetch", "zero3-resident", "zero0", "loop",
+                    "loop-16", "loop-compile", "loop-liger")
 
 
 def _step_times(step, warmup: int, steps: int, cuda: bool) -> tuple[list[float], float | None]:
@@ -131,7 +137,8 @@ def run_engine_variant(name: str, args) -> dict:
     rank = 8 if args.tiny else 128
     train = TrainConfig.model_validate({
         "batch_size_per_worker": args.pairs, "lora": {"rank": rank, "alpha": 2 * rank, "dropout": 0.05},
-        "deepspeed": {"zero_stage": spec["stage"], "torch_adam": True, "config": spec.get("extra")},
+        "deepspeed": {"zero_stage": spec["stage"], "torch_adam": True, "config": spec.get("extra"),
+                      **spec.get("deepspeed", {})},
         "gradient_checkpointing": False, "beta": 0.1})
     model = add_lora(model, train)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -146,7 +153,7 @@ def run_engine_variant(name: str, args) -> dict:
 
     times, peak = _step_times(step, args.warmup, args.steps, cuda)
     return _summary(name, times, args.warmup, args.pairs, peak, setup_s=round(setup_s, 1),
-                    engine=engine.describe())
+                    engine=engine.describe(), leaf_layers=engine.leaf_layers)
 
 
 def run_loop_variants(names: list[str], args) -> list[dict]:

@@ -249,6 +249,10 @@ class DeepSpeedConfig(_Section):
     torch_adam: bool = Field(
         True, description="torch AdamW (fused on GPU) instead of DeepSpeed's FusedAdam op, which is compiled "
         "on first use (tens of seconds before the first step)")
+    zero3_leaf_layers: bool = Field(
+        True, description="ZeRO-3: fetch and release each transformer layer (language model, vision encoder) "
+        "as one unit (DeepSpeed leaf modules): DeepSpeed hooks the layer instead of each of its sub-modules "
+        "(five per LoRA linear); false: DeepSpeed's per-module hooks")
     config: dict[str, Any] | str | None = Field(
         None, description="your own DeepSpeed settings (a dict, or the path of a ds_config.json), merged into the "
         "generated config; keys the recipe owns (batch sizes, precision, gradient clipping, the ZeRO stage "

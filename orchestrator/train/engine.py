@@ -9,11 +9,22 @@ when it is `auto`, the schedule): a user value for one of them must be absent, `
 transformers' ds configs) or equal to the recipe's, otherwise the run stops before any work with the
 key, both values and the config field to change instead.
 
-ZeRO-3 with LoRA: the frozen base is gathered for every forward and backward, and DeepSpeed's
-per-module hooks run for every small LoRA module. The LoRA weights, small and trained every step, stay
-resident (`stage3_param_persistence_threshold` above their size); benchmarks/RESULTS.md has what each
-ZeRO-3 setting measured. (ZeRO-3 leaf modules, which would fetch a decoder layer's weights in one go,
-fail in the backward of peft's LoRA layers with DeepSpeed 0.19.8: not used.)
+ZeRO-3 with LoRA: the frozen base is gathered for every forward and backward. The LoRA weights, small
+and trained every step, stay resident (`stage3_param_persistence_threshold` above their size). DeepSpeed
+hooks every module it manages (pre/post forward and backward), five per LoRA-adapted linear: ~1,600 per
+step at 7B, which cost half of ZeRO-2's speed even with nothing to gather. So each transformer layer (the
+language model's decoder layers, the vision encoder's layers) is a ZeRO-3 *leaf module*
+(`train.deepspeed.zero3_leaf_layers`, `set_zero3_leaf_layers`): its weights are fetched and released as
+one unit and only the layer is hooked (LLaVA-1.5-7B with LoRA: DeepSpeed hooks 78 modules, not 2,966).
+DeepSpeed reduces a leaf's gradients in a full backward hook on it, which PyTorch fires once the
+gradients of the layer's positional inputs are computed, or, when none needs one, as soon as its output's
+gradient arrives, before the layer's own backward has run. With LoRA the first decoder layer's input
+(frozen embeddings and projector) needs none: DeepSpeed then reduces placeholder zeros for its adapters,
+empty where the weights were released ("size of tensor a (0) must match the size of tensor b (8)" when the
+real gradients accumulate), otherwise right only because the real gradients are added into the
+placeholders before the bucket is reduced. `require_input_grads` makes the embeddings' output require a
+gradient, which costs the first layer's input gradient (<1 % of a 32-layer backward). (A frozen vision
+tower has no gradients to reduce.) benchmarks/RESULTS.md has what each ZeRO-3 setting measured.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import copy
 import json
 import logging
 import math
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -239,8 +251,9 @@ class Engine:
     """forward / backward / step over DeepSpeed or DDP; `module` is the unwrapped (peft) model."""
 
     def __init__(self, module, forward, optimizer, scheduler, accumulation: int, max_grad_norm: float,
-                 deepspeed_engine=None, ddp=None):
+                 deepspeed_engine=None, ddp=None, leaf_layers: int = 0):
         self.module, self.forward = module, forward
+        self.leaf_layers = leaf_layers  # ZeRO-3: transformer layers fetched as one unit (set_zero3_leaf_layers)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
         self.ds, self.ddp = deepspeed_engine, ddp
@@ -299,11 +312,42 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.stack(norms).norm()) if norms else float("nan")
 
 
+# The transformer layers: the language model's (every family keeps it under `language_model`) and the vision
+# encoder's (LLaVA's CLIP `vision_tower...encoder.layers.N`, Qwen2.5-VL's `visual.blocks.N`).
+TRANSFORMER_LAYER_NAME = re.compile(
+    r"(?:.*\.)?(?:language_model\.(?:.*\.)?layers|(?:vision_tower|visual)\.(?:.*\.)?(?:layers|blocks))\.\d+")
+
+
+def set_zero3_leaf_layers(model: torch.nn.Module) -> int:
+    """Mark the transformer layers as ZeRO-3 leaf modules (before `deepspeed.initialize`, which installs the
+    hooks); returns how many."""
+    from deepspeed.utils import set_z3_leaf_modules_by_name
+
+    names = [name for name, _ in model.named_modules() if TRANSFORMER_LAYER_NAME.fullmatch(name)]
+    if names:
+        set_z3_leaf_modules_by_name(model, names)
+    return len(names)
+
+
+def require_input_grads(model: torch.nn.Module) -> None:
+    """The language model's input embeddings come out requiring a gradient, so the first decoder layer's
+    input does and a ZeRO-3 leaf's gradient hook fires after the layer's backward (module docstring).
+    transformers' `enable_input_require_grads` would also do it to the vision tower's patch embeddings, and
+    then back-propagate through the frozen tower: only the language model's are hooked here."""
+
+    def hook(module, inputs, output):
+        if torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_(True)
+
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
 def make_engine(model, trainable, train: TrainConfig, *, learning_rate: float, total_steps: int, use_ds: bool,
                 on_gpu: bool, bf16: bool, world_size: int = 1, stage_from_config: bool = True) -> Engine:
     """The engine for `model`: DeepSpeed (`use_ds`, ZeRO stage resolved) or DDP through Ray Train."""
     if use_ds:
         import deepspeed
+        from deepspeed.utils import get_z3_leaf_modules
 
         text_config = getattr(getattr(model, "config", None), "text_config", None)
         hidden = int(getattr(text_config, "hidden_size", 0) or getattr(model.config, "hidden_size", 4096))
@@ -316,11 +360,17 @@ def make_engine(model, trainable, train: TrainConfig, *, learning_rate: float, t
             optimizer = make_optimizer(trainable, train, learning_rate,
                                        allow_fused=not train.deepspeed.offload_optimizer)
         schedule_fn = lambda opt: make_schedule(opt, train, total_steps)  # noqa: E731
+        zero3 = ds_config["zero_optimization"].get("stage") == 3  # a user's config may name the stage
+        leaf_layers = set_zero3_leaf_layers(model) if zero3 and train.deepspeed.zero3_leaf_layers else 0
+        if leaf_layers:
+            log.info("ZeRO-3: %d transformer layers are leaf modules (train.deepspeed.zero3_leaf_layers)", leaf_layers)
         ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=schedule_fn,
             config=ds_config, dist_init_required=False)
+        if zero3 and get_z3_leaf_modules(model):  # ours, or leaf_module classes in the user's config
+            require_input_grads(model)
         return Engine(ds_engine.module, ds_engine, ds_optimizer, ds_scheduler, train.gradient_accumulation,
-                      train.max_grad_norm, deepspeed_engine=ds_engine)
+                      train.max_grad_norm, deepspeed_engine=ds_engine, leaf_layers=leaf_layers)
 
     import ray.train.torch
 

@@ -1,6 +1,9 @@
-"""The DeepSpeed config the engine runs with: the train section mapped, and a user's ds_config merged."""
+"""The DeepSpeed config the engine runs with (the train section mapped, a user's ds_config merged), and
+ZeRO-3 with leaf decoder layers training LoRA exactly as ZeRO-2 does."""
 
 import json
+import os
+import socket
 
 import pytest
 
@@ -95,3 +98,104 @@ def test_cpu_optimizer_is_not_fused():
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert not make_optimizer(params, TrainConfig(), 1e-3).defaults.get("fused")
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one in this process, as a single-GPU DeepSpeed run has (no Ray)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _train_lora(model_dir, rows, zero_stage: int, leaf_layers: bool, steps: int = 3):
+    """`steps` DPO steps of LoRA through the recipe's engine and loss: each step's loss and LoRA gradients,
+    then the LoRA weights, all gathered in full; and the modules made ZeRO-3 leaves."""
+    import deepspeed
+    import torch
+
+    from orchestrator.model.families import load_model
+    from orchestrator.model.lora import add_lora, freeze_vision
+    from orchestrator.train.engine import make_engine
+    from orchestrator.train.pairs import collate_packed
+    from orchestrator.train.recipe import compute_loss
+    from tests.train import as_batch
+
+    loaded = load_model(model_dir)
+    model = loaded.model
+    model.config.use_cache = False
+    freeze_vision(model)
+    # ZeRO-3: the LoRA matrices (rank 4: <= 4 x 192) resident, every base matrix (>= 96 x 96) partitioned
+    # and gathered, as the recipe's threshold splits them at 7B
+    zero3 = {"zero_optimization": {"stage3_param_persistence_threshold": 4 * 192}}
+    train = TrainConfig(batch_size_per_worker=len(rows), warmup_ratio=0.0, lr_schedule="constant", beta=0.1,
+                        lora={"rank": 4, "alpha": 8, "dropout": 0.05},
+                        deepspeed={"zero_stage": zero_stage, "zero3_leaf_layers": leaf_layers,
+                                   "config": zero3 if zero_stage == 3 else None})
+    torch.manual_seed(0)
+    model = add_lora(model, train)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    engine = make_engine(model, [p for _, p in named], train, learning_rate=1e-2, total_steps=steps, use_ds=True,
+                         on_gpu=False, bf16=False)
+    batch = collate_packed(as_batch(rows), loaded, "v1", 512)
+    # cached reference log-probs (the recipe's default): only the policy's forward runs. (After a reference
+    # forward with the adapters off, the first layer's weights are still gathered when its gradient hook
+    # fires early, and the real gradients land in DeepSpeed's placeholders: right by luck, and no failure.)
+    pairs = torch.arange(len(rows), dtype=torch.float32)
+    batch.reference = (-30.0 - pairs, -29.0 - 2 * pairs)
+    torch.manual_seed(1)  # LoRA dropout
+    losses, grads = [], []
+    for _ in range(steps):
+        loss, _ = compute_loss(engine, None, batch, "dpo", train, torch.device("cpu"), False, "sdpa")
+        engine.backward(loss)
+        grads.append({name: deepspeed.utils.safe_get_full_grad(p).clone() for name, p in named})
+        engine.step()
+        losses.append(loss.item())
+    weights = {name: deepspeed.utils.safe_get_full_fp32_param(p).clone() for name, p in named}
+    leaves = [name for name, module in model.named_modules() if getattr(module, "_z3_leaf", False)]
+    return losses, grads, weights, leaves
+
+
+@pytest.mark.slow  # two DeepSpeed engines on the tiny LLaVA (~15 s on 2 cores)
+def test_zero3_with_leaf_layers_trains_lora_exactly_as_zero2(one_process_group, tiny_model_dir, synth_world,
+                                                             tmp_path):
+    """Leaf layers (one hooked module per transformer layer) must not change what trains: the same losses, LoRA
+    gradients and updated LoRA weights as ZeRO-2, fp32 on the CPU. Without `require_input_grads` this
+    fails in the first layer's backward (engine.py's docstring says why)."""
+    from tests.train import sample_preference_rows
+
+    rows = sample_preference_rows(tmp_path, synth_world[0], per_source=1)
+    zero2_losses, zero2_grads, zero2_weights, _ = _train_lora(tiny_model_dir, rows, 2, leaf_layers=False)
+    losses, grads, weights, leaves = _train_lora(tiny_model_dir, rows, 3, leaf_layers=True)
+
+    # the vision encoder's and the language model's layers (not the projector's Sequential, not their parts)
+    prefix = "base_model.model.model."
+    assert leaves == [prefix + "vision_tower.encoder.layers.0", prefix + "vision_tower.encoder.layers.1",
+                      prefix + "language_model.layers.0", prefix + "language_model.layers.1"]
+    assert zero2_losses[-1] < zero2_losses[0]  # it trained
+    assert losses == pytest.approx(zero2_losses, abs=1e-5)
+    for step, (got, want) in enumerate(zip(grads, zero2_grads)):
+        assert got.keys() == want.keys() and len(got) == 2 * 7 * 2
+        for name in want:
+            assert want[name].abs().max() > 0 or step == 0, (step, name)  # lora_B starts at 0: lora_A's grad too
+            assert (got[name] - want[name]).abs().max().item() <= 1e-5, (step, name)
+    for name in zero2_weights:
+        assert (weights[name] - zero2_weights[name]).abs().max().item() <= 1e-5, name
