@@ -239,22 +239,43 @@ def processes_of(directory: str | Path) -> list:
 
 
 def down(directory: str | Path, timeout_s: float = 10) -> int:
-    """Stop every process of the cluster in `directory` (and nothing else); return how many there were."""
+    """Stop every process of the cluster in `directory` (and nothing else); return how many there were.
+
+    In the order `ray stop` uses: the raylets, then the other processes (workers, agents, dashboard, autoscaler),
+    the GCS last, each group SIGKILLed after `timeout_s`. Sent SIGTERM all at once, the raylets and the
+    autoscaler hang in their shutdown calls to a GCS that is going too, and every `down` waited the whole
+    `timeout_s` for the SIGKILL (10 s; in order it takes 2-5 s).
+    """
     import psutil
 
-    mine = processes_of(directory)
-    for process in mine:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=timeout_s)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return len(mine)
+    stopped: set[int] = set()
+    groups = (lambda name: name == "raylet", lambda name: name not in ("raylet", "gcs_server"), lambda name: True)
+    for in_group in groups:
+        group = [process for process in processes_of(directory)
+                 if process.pid not in stopped and in_group(_process_name(process))]
+        for process in group:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(group, timeout=timeout_s)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        stopped.update(process.pid for process in group)
+    return len(stopped)
+
+
+def _process_name(process) -> str:
+    """The executable's name ("raylet", "gcs_server", "python"...), "" for a process already gone."""
+    import psutil
+
+    try:
+        return process.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
 
 
 def reclaim_node(cluster: LocalCluster, node_id: str, timeout_s: float = 120) -> None:
