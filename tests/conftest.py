@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.commands import hadpo
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
@@ -106,16 +107,6 @@ def merged(base: dict, extra: dict) -> dict:
     return out
 
 
-def run_hadpo(cwd: Path, *args: str, ray_address: str | None = None, timeout: int = 600):
-    """`hadpo ARGS` as a user runs it, in `cwd`; with `ray_address`, joining that Ray (RAY_ADDRESS)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    env.pop("RAY_ADDRESS", None)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def _ray_products(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*") if p.suffix == ".parquet" or "checkpoint_" in p.name}
 
@@ -160,12 +151,12 @@ def demo_run(ray_session, ray_temp, tmp_path_factory) -> DemoRun:
     (folder / "demo.yaml").write_text(yaml.safe_dump(config))
     address = ray_session.get_runtime_context().gcs_address
     before = _ray_products(ray_temp)
-    ran = run_hadpo(folder, "run", "demo.yaml", ray_address=address)
+    ran = hadpo("run", "demo.yaml", cwd=folder, ray_address=address)
     assert ran.returncode == 0, (ran.stdout + ran.stderr)[-4000:]
     appeared = _ray_products(ray_temp) - before
     run_dir = folder / config["output_root"] / config["name"]
-    reported = run_hadpo(folder, "report", str(run_dir.relative_to(folder)), "--out",
-                         str((run_dir / "report").relative_to(folder)))
+    reported = hadpo("report", str(run_dir.relative_to(folder)), "--out", str((run_dir / "report").relative_to(folder)),
+                     cwd=folder)
     assert reported.returncode == 0, (reported.stdout + reported.stderr)[-4000:]
     return DemoRun(
         folder=folder, run_dir=run_dir, config=config, run=ran, report=reported,

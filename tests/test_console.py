@@ -18,6 +18,7 @@ import pytest
 from orchestrator import console
 from orchestrator.console import (Console, ConsoleHandler, adopt_library_loggers, console_kind, log_worker_lines,
                                   parse_marked, status_line)
+from tests.commands import hadpo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,15 +269,6 @@ NOISE = ["TrainingReport(", "Failed to query Ray Train Controller", "core_worker
          "Setting up process group", "\x1b[", "\r"]
 
 
-def hadpo(*args, ray_address: str | None = None, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    return result, result.stdout + result.stderr
-
-
 def tiny_config(tmp_path: Path) -> Path:
     """A small pipeline config (what `data check` reads of it: the synthetic world)."""
     config = tmp_path / "c.yaml"
@@ -326,7 +318,8 @@ def test_hadpo_run_shows_one_line_per_stage_and_its_progress_and_sends_the_rest_
 @pytest.mark.slow
 def test_verbose_brings_the_log_files_lines_back_to_the_terminal(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
-    result, terminal = hadpo("-v", "data", "check", str(tiny_config(tmp_path)), ray_address=address)
+    result = hadpo("-v", "data", "check", str(tiny_config(tmp_path)), ray_address=address)
+    terminal = result.stdout + result.stderr
     assert result.returncode == 0, terminal[-3000:]
     assert "preference:" in terminal and "sample row:" in terminal
     assert "INFO ray.data" in terminal and "Running Dataset" in terminal
