@@ -1,22 +1,11 @@
-"""The `hadpo` command line, run as a user would (a subprocess where Ray is involved)."""
+"""The `hadpo` command line, run as a user would (a subprocess joining the suite's Ray where Ray is involved)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def hadpo(*args, cwd=None, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from tests.commands import hadpo
 
 
 def test_data_synth_writes_the_world(tmp_path, capsys):
@@ -36,7 +25,7 @@ def test_invalid_config_exits_2_with_the_key_path(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_data_check_prints_counts_rejects_and_a_sample(tmp_path):
+def test_data_check_prints_counts_rejects_and_a_sample(ray_session, tmp_path):
     world = tmp_path / "world"
     assert main(["data", "synth", "--out", str(world), "--num-images", "12", "--num-pope-images", "6"]) == 0
     image_data = json.loads((world / "VG/image_data.json").read_text())
@@ -44,7 +33,7 @@ def test_data_check_prints_counts_rejects_and_a_sample(tmp_path):
     (world / "VG" / victim[-2] / victim[-1]).unlink()
     config = tmp_path / "c.yaml"
     config.write_text(f"name: check\noutput_root: {tmp_path / 'runs'}\ndata:\n  synthetic_dir: {world}\n")
-    result = hadpo("data", "check", str(config))
+    result = hadpo("data", "check", str(config), ray_address=ray_session.get_runtime_context().gcs_address)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "preference:" in out and "rejected (" in out and "file not found" in out
@@ -53,13 +42,13 @@ def test_data_check_prints_counts_rejects_and_a_sample(tmp_path):
 
 
 @pytest.mark.slow
-def test_data_check_reports_a_malformed_file_and_fails(tmp_path):
+def test_data_check_reports_a_malformed_file_and_fails(ray_session, tmp_path):
     world = tmp_path / "world"
     assert main(["data", "synth", "--out", str(world), "--num-images", "12", "--num-pope-images", "6"]) == 0
     (world / "hadpo/desc_data.json").write_text("{not json")
     config = tmp_path / "c.yaml"
     config.write_text(f"name: check\noutput_root: {tmp_path / 'runs'}\ndata:\n  synthetic_dir: {world}\n")
-    result = hadpo("data", "check", str(config))
+    result = hadpo("data", "check", str(config), ray_address=ray_session.get_runtime_context().gcs_address)
     assert result.returncode == 1
     assert "preference: ERROR" in result.stdout and "desc_data.json" in result.stdout
     assert "pope:" in result.stdout  # the other datasets are still checked

@@ -1,6 +1,6 @@
 """The terminal shows the stages, their progress, warnings and results; the run's log file everything else.
 
-Pure tests of the routing rules, then `hadpo` run as a user runs it (a subprocess: its own Ray).
+Pure tests of the routing rules, then `hadpo` run as a user runs it (a subprocess joining the suite's Ray).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from orchestrator import console
 from orchestrator.console import (Console, ConsoleHandler, adopt_library_loggers, console_kind, log_worker_lines,
                                   parse_marked, status_line)
+from tests.commands import hadpo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,17 +269,8 @@ NOISE = ["TrainingReport(", "Failed to query Ray Train Controller", "core_worker
          "Setting up process group", "\x1b[", "\r"]
 
 
-def hadpo(*args, ray_address: str | None = None, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    return result, result.stdout + result.stderr
-
-
 def tiny_config(tmp_path: Path) -> Path:
-    """The demo's pipeline, as small as it goes."""
+    """A small pipeline config (what `data check` reads of it: the synthetic world)."""
     config = tmp_path / "c.yaml"
     config.write_text(f"""name: quiet
 output_root: {tmp_path / 'runs'}
@@ -304,11 +296,10 @@ tracking: []
 
 
 @pytest.mark.slow
-def test_hadpo_run_shows_one_line_per_stage_and_its_progress_and_sends_the_rest_to_the_log_file(ray_session,
-                                                                                                 tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
-    result, terminal = hadpo("run", str(tiny_config(tmp_path)), ray_address=address)
-    assert result.returncode == 0, terminal[-3000:]
+def test_hadpo_run_shows_one_line_per_stage_and_its_progress_and_sends_the_rest_to_the_log_file(demo_run):
+    # `hadpo run` of the demo at its smallest, joining the suite's Ray (conftest.demo_run, shared with
+    # test_relative_output_root and test_pipeline)
+    terminal = demo_run.terminal
     lines = terminal.splitlines()
     for stage in ["data", "warmup", "eval_baseline", "dpo", "eval_hadpo"]:
         assert f"stage {stage}: running" in lines, (stage, terminal)
@@ -318,15 +309,17 @@ def test_hadpo_run_shows_one_line_per_stage_and_its_progress_and_sends_the_rest_
     assert "run record:" in terminal
     for noise in NOISE:
         assert noise not in terminal, (noise, terminal)
-    logged = (tmp_path / "runs" / "quiet" / "logs" / "hadpo.log").read_text()
-    assert "(RayTrainWorker pid=" in logged and "[sft] step 3/3" in logged  # where each worker line came from
+    logged = demo_run.log
+    steps = demo_run.config["train"]["sft"]["max_steps"]
+    assert "(RayTrainWorker pid=" in logged and f"[sft] step {steps}/{steps}" in logged  # where each line came from
     assert "TrainingReport(" in logged and "Running Dataset" in logged and "stage eval_hadpo: done in" in logged
 
 
 @pytest.mark.slow
 def test_verbose_brings_the_log_files_lines_back_to_the_terminal(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
-    result, terminal = hadpo("-v", "data", "check", str(tiny_config(tmp_path)), ray_address=address)
+    result = hadpo("-v", "data", "check", str(tiny_config(tmp_path)), ray_address=address)
+    terminal = result.stdout + result.stderr
     assert result.returncode == 0, terminal[-3000:]
     assert "preference:" in terminal and "sample row:" in terminal
     assert "INFO ray.data" in terminal and "Running Dataset" in terminal

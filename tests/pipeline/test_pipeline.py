@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from orchestrator.config import config_from_dict
+from orchestrator.config import config_from_dict, load_config
 from orchestrator.pipeline import run_pipeline
 
 SMALL = {
@@ -28,25 +28,28 @@ def config(tmp_path, **train):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_then_resumes_and_redoes_only_what_changed(ray_session, tmp_path):
-    first = run_pipeline(config(tmp_path))
-    assert first.ran == ["data", "warmup", "eval_baseline", "dpo", "eval_hadpo"]
-    run_dir = tmp_path / "pipe"
-    record = json.loads((run_dir / "run_record.json").read_text())
+def test_pipeline_runs_every_stage_then_resumes_and_redoes_only_what_changed(demo_run, monkeypatch):
+    # the first run: `hadpo run` of the demo at its smallest (conftest.demo_run, shared with test_console and
+    # test_relative_output_root), which prints run_pipeline's result
+    (ran,) = [line for line in demo_run.run.stdout.splitlines() if line.startswith("stages run: ")]
+    assert ran == "stages run: data, warmup, eval_baseline, dpo, eval_hadpo; up to date: none"
+    record = demo_run.run_record
     assert record["packages"]["torch"].startswith("2.13.0") and record["packages"]["ray"] == "2.60.0"
     assert {"pope_random", "pope_popular", "pope_adversarial", "hadpo_desc", "hadpo_pope"} <= set(record["data_files"])
     assert record["decoding"]["mode"] == "score" and record["git_sha"]
-    assert record["config"]["train"]["beta"] == 0.1
-    baseline = json.loads((run_dir / "stages/eval_baseline.json").read_text())["outputs"]
+    assert record["config"]["train"]["beta"] == demo_run.config["train"]["beta"] == 0.5
+    baseline = demo_run.stages["eval_baseline"]
     assert {row["split"] for row in baseline["pope"]} == {"random", "popular", "adversarial", "mean"}
 
-    again = run_pipeline(config(tmp_path))
-    assert again.ran == [] and again.skipped == first.ran
+    monkeypatch.chdir(demo_run.folder)  # the config's relative output_root, as the command read it
+    again = run_pipeline(load_config("demo.yaml"))
+    assert again.ran == [] and again.skipped == ["data", "warmup", "eval_baseline", "dpo", "eval_hadpo"]
 
-    changed = run_pipeline(config(tmp_path, beta=0.5))
+    changed = run_pipeline(load_config("demo.yaml", ["train.beta=0.3"]))
     assert changed.ran == ["dpo", "eval_hadpo"]  # the warm-up and baseline do not depend on beta
-    assert changed.outputs["dpo"]["adapter"] != first.outputs["dpo"]["adapter"] or \
-        changed.outputs["dpo"]["metrics"]["step"] == 2  # started over, not resumed past the old run
+    first_dpo = demo_run.stages["dpo"]
+    assert changed.outputs["dpo"]["metrics"]["resumed_from_step"] == 0  # started over, not resumed past the old run
+    assert changed.outputs["dpo"]["metrics"]["step"] == first_dpo["metrics"]["step"] == 2
 
 
 def test_dpo_only_settings_leave_the_warm_up_current(tmp_path):
