@@ -42,7 +42,7 @@ run_eval(config, adapter=trained.checkpoint_path, benchmarks=("pope",))
 from ray.util.state import list_actors
 
 placement = {}
-for actor in list_actors(limit=1000, detail=True):
+for actor in list_actors(address=cluster.address, limit=1000, detail=True):  # this cluster, not another Ray on the machine
     if actor.node_id:  # actors that never got placed have none
         placement.setdefault(actor.class_name, set()).add(actor.node_id)
 print("PLACEMENT " + json.dumps({name: sorted(nodes) for name, nodes in placement.items()}))
