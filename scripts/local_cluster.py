@@ -191,8 +191,12 @@ def up(directory: str | Path, cluster_yaml: str | Path = ROOT / "cluster.yaml", 
     for attempt in range(1, attempts + 1):
         port, dashboard, agent, client = free_port(), free_port(), free_port(), free_port()
         config = derived_config(Path(cluster_yaml), f"{ip}:{port}", idle_timeout_minutes)
+        # foreground_node_launch: the autoscaler launches in its update loop, not on a thread. The fake provider
+        # starts a node's processes while it holds its lock, seconds on a loaded machine; an update that listed
+        # the nodes while a background launch was under way counted the launch neither as a node nor, once it
+        # had finished, as pending, and launched one more (then removed it: "max_workers_per_type").
         config["provider"].update(type="external", module="reclaimable_provider.ReclaimableFakeProvider",
-                                  reclaim_dir=str(directory / RECLAIM_DIR))
+                                  reclaim_dir=str(directory / RECLAIM_DIR), foreground_node_launch=True)
         (directory / RECLAIM_DIR).mkdir(exist_ok=True)
         config_path = directory / "autoscaling.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
