@@ -206,7 +206,11 @@ def up(directory: str | Path, cluster_yaml: str | Path = ROOT / "cluster.yaml", 
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                    f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
                    f"--autoscaling-config={config_path}", "--disable-usage-stats"]
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+        # Every process of the cluster finds it by RAY_ADDRESS, not as Ray's "latest cluster" (the last one any user
+        # started on this machine, or none when several run): Ray Train's placement-group cleaner asks that cluster
+        # whether the run's controller lives, and removes the run's placement group when it does not know it.
+        started = subprocess.run(command, env={**env, "RAY_ADDRESS": f"{ip}:{port}"}, capture_output=True, text=True,
+                                 timeout=timeout_s)
         if started.returncode == 0:
             break
         down(directory)

@@ -20,7 +20,10 @@ from ray._common.utils import get_default_ray_temp_dir  # noqa: E402
 Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": sys.argv[2]})
 cluster.add_node(num_cpus=2)
-ray.init(address=cluster.address, runtime_env={"env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}})
+# RAY_ADDRESS: every worker of the run finds this cluster by it, not as the machine's "latest cluster", which may
+# be another user's (Ray Train's placement-group cleaner asks that one whether the run's controller lives)
+ray.init(address=cluster.address, runtime_env={"env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+                                                            "RAY_ADDRESS": cluster.address}})
 cluster.wait_for_nodes()
 # What is checked is where the workers and actors run, so the evaluation is the least that starts them all: two
 # POPE images, 36 questions (both actors start before any block runs, below; 12 images took twice as long).
