@@ -776,6 +776,8 @@ def parse_args(argv=None):
                         help="let the LoRA throughput runs write their final checkpoint (default: stop before it)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model folder even if it is there")
     parser.add_argument("--ray-temp", default=None, help="Ray's temp dir (default /tmp/ray-mg-<uid>)")
+    parser.add_argument("--ray-address", default=None,
+                        help="join the Ray at this address instead of starting a local one (the tests join theirs)")
     parser.add_argument("--zero-stage", choices=["auto", "0", "1", "2", "3"], default="auto",
                         help="train.deepspeed.zero_stage (auto, the default: the planner's choice, logged by the recipe)")
     parser.add_argument("--eval-mode", choices=["generate", "score"], default="generate",
@@ -925,8 +927,11 @@ def main(argv=None) -> int:
             runtime_env = {"env_vars": {"WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
                                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env_extra}}
             started = time.time()
-            ray.init(num_gpus=args.gpus if args.use_gpu else 0, num_cpus=os.cpu_count(), _temp_dir=temp,
-                     include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+            if args.ray_address:
+                ray.init(address=args.ray_address, log_to_driver=True, runtime_env=runtime_env)
+            else:
+                ray.init(num_gpus=args.gpus if args.use_gpu else 0, num_cpus=os.cpu_count(), _temp_dir=temp,
+                         include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
             say(f"Ray started in {time.time() - started:.1f}s: {ray.cluster_resources()}")
             ray.data.DataContext.get_current().enable_progress_bars = False
             state["dataset"] = ray.data.from_items(state["rows"])

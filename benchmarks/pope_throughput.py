@@ -143,6 +143,8 @@ def parse_args(argv=None):
                         help="MileBench samples per task, 2 tasks (default 64; tiny: 4)")
     parser.add_argument("--milebench-new-tokens", type=int, default=16, help="new tokens forced per MileBench answer")
     parser.add_argument("--workdir", default=None, help="model, world and Ray temp files (default: a temp dir)")
+    parser.add_argument("--ray-address", default=None,
+                        help="join the Ray at this address instead of starting a local one (the tests join theirs)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -676,7 +678,9 @@ def main(argv=None) -> int:
         import ray
 
         ray_started = time.perf_counter()
-        if not ray.is_initialized():
+        if args.ray_address:
+            ray.init(address=args.ray_address, log_to_driver=True)
+        elif not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), num_gpus=1 if use_gpu else 0, include_dashboard=False,
                      _temp_dir=str(workdir / "ray"), log_to_driver=True)
         ray_init_s = time.perf_counter() - ray_started

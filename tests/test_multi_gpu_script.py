@@ -1,16 +1,14 @@
 """benchmarks/multi_gpu.py runs end to end with --tiny on CPU (a check of the script's logic, not a timing).
 
-The script starts its own Ray in a subprocess. To stay within ~90 s on 2 cores it runs the model, data,
+The script runs in a subprocess joining the suite's Ray. To stay within ~90 s on 2 cores it runs the model, data,
 N-worker DPO and POPE sections; the 1-worker DPO, full fine-tune and kill sections (same code paths,
 another ~2 minutes) are skipped here and their skipped status is checked.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -20,17 +18,13 @@ SCRIPT = ROOT / "benchmarks" / "multi_gpu.py"
 
 
 @pytest.mark.slow
-def test_multi_gpu_script_tiny_runs_and_writes_the_expected_results(tmp_path):
-    ray_temp = tempfile.mkdtemp(prefix="rmg", dir="/tmp")  # short: Ray's socket paths are length-limited
+def test_multi_gpu_script_tiny_runs_and_writes_the_expected_results(ray_session, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), "--out", str(tmp_path / "mg"), "--tiny", "--steps", "4",
-             "--skip", "dpo1,full,kill", "--ray-temp", ray_temp],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "mg"), "--tiny", "--steps", "4",
+         "--skip", "dpo1,full,kill", "--ray-address", ray_session.get_runtime_context().gcs_address],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert "| section | status | result | seconds |" in proc.stdout  # the final Markdown table

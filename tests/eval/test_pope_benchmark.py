@@ -3,10 +3,8 @@
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,18 +46,15 @@ def test_random_weights_are_filled_in_place_and_the_buffers_computed_as_usual(be
 
 
 @pytest.mark.slow
-def test_tiny_run_answers_every_question_and_breaks_the_seconds_down(tmp_path):
-    workdir = tempfile.mkdtemp(prefix="pb", dir="/tmp")  # short: Ray's socket paths are length-limited
+def test_tiny_run_answers_every_question_and_breaks_the_seconds_down(ray_session, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "pope.json"
     modes = ["prefix", "generate", "prefix-generate", "generate-hadpo", "prefix-generate-hadpo", "milebench"]
-    try:
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--modes", *modes, "--hadpo-new-tokens", "6",
-                               "--workdir", workdir, "--json", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--modes", *modes, "--hadpo-new-tokens", "6",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out),
+                           "--ray-address", ray_session.get_runtime_context().gcs_address],  # the suite's Ray
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "ours: Ray Data, score, prefix reuse" in proc.stdout and "prefix reuse, end to end (s):" in proc.stdout
     results = json.loads(out.read_text())

@@ -4,7 +4,6 @@ trials' results in one parquet, and the best trial's config exported for `hadpo 
 import time
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -229,23 +228,3 @@ def test_asha_stops_the_trial_whose_objective_on_the_probe_is_worse(ray_session,
     while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
         assert time.time() < deadline, ray_session.available_resources()
         time.sleep(1)
-
-
-@pytest.mark.slow
-def test_the_probe_runs_on_two_zero3_workers_and_scores_every_question_once(ray_session, synth_world, tiny_model_dir,
-                                                                            tmp_path):
-    from orchestrator.train.trainer import run_training
-    from orchestrator.tune import probe_rows, probe_spec
-    from tests.train import tiny_config
-
-    config = tiny_config(tmp_path, synth_world[0], "name=probe3", "train.max_steps=2", "train.log_every_steps=2",
-                         "train.checkpoint_every_steps=2", "train.deepspeed.zero_stage=3", "wandb.mode=disabled",
-                         "tune.eval_every_steps=1", "tune.probe_questions=6", "tracking=[tensorboard]")
-    rows = probe_rows(config)  # 6 questions (half yes) per split: 18, an uneven share for 2 workers x batch 4
-    assert len(rows) == 18
-    spec = {**probe_spec(config, rows), "batch_size": 4}
-    result = run_training(config, "dpo", base_model=str(tiny_model_dir), probe=spec)
-    curves = pq.read_table(result.curves_path).to_pandas()
-    assert curves["step"].tolist() == [1, 2] and curves["evaluations"].tolist() == [1, 2]
-    assert curves["probe/questions"].tolist() == [18, 18] and curves["objective"].between(0, 1).all()
-    assert (tmp_path / "probe3" / "tensorboard" / "dpo").is_dir() and result.metrics["step"] == 2

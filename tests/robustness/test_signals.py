@@ -76,7 +76,9 @@ def test_a_signal_stops_ray_says_what_was_kept_and_leaves_no_ray_process(tmp_pat
 def test_ctrl_c_during_training_is_the_boundarys_not_ray_trains(tmp_path):
     """Ray Train puts its own Ctrl-C handler in at `fit` (abort, then exit 0 or 1 with nothing said); under
     `hadpo` the boundary keeps it: exit 130 and the line that says what was kept and how to resume."""
-    process, lines, reader = start(tmp_path, "train", str(config_file(tmp_path, "train: {epochs: 300}\n")))
+    # a progress line every step: the first says the workers are training (by default the 10th step's is the first)
+    config = config_file(tmp_path, "train: {epochs: 300, log_every_steps: 1}\n")
+    process, lines, reader = start(tmp_path, "train", str(config))
     wait_for(lines, "[dpo] step", process, timeout=300)  # the workers are training
     ours = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGINT)

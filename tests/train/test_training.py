@@ -26,9 +26,13 @@ COMMON = ("train.max_steps=6", "train.checkpoint_every_steps=2", "train.log_ever
           "train.learning_rate=1e-3", "train.warmup_ratio=0.0", "wandb.mode=disabled", "train.seed=3")
 
 
-def _train(tmp, world, model_dir, *overrides, stage="dpo", step_hook=None, dataset=None):
+def _train(tmp, world, model_dir, *overrides, stage="dpo", step_hook=None, dataset=None, probe_batch_size=None):
+    """One run; with `probe_batch_size`, the sweep's POPE probe (tune.*) measured in the loop at that batch size."""
+    from orchestrator.tune import probe_rows, probe_spec
+
     cfg = tiny_config(tmp, world, *COMMON, *overrides)
-    result = run_training(cfg, stage, base_model=str(model_dir), step_hook=step_hook, dataset=dataset)
+    probe = {**probe_spec(cfg, probe_rows(cfg)), "batch_size": probe_batch_size} if probe_batch_size else None
+    result = run_training(cfg, stage, base_model=str(model_dir), step_hook=step_hook, dataset=dataset, probe=probe)
     return cfg, result, pq.read_table(result.curves_path).to_pylist()
 
 
@@ -67,9 +71,12 @@ def zero2(ray_session, synth_world, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
+    """ZeRO-3, measuring a sweep's POPE probe every 2 steps as well: 6 questions per split, 18 in all, an uneven
+    share for 2 workers x batch 4 (the probe only reads the model: the trajectory stays zero0's and zero2's)."""
     tmp = tmp_path_factory.mktemp("zero3")
     return _train(tmp, synth_world[0], tiny_model_dir, "name=zero3", "train.deepspeed.zero_stage=3",
-                  "wandb.mode=offline", "train.reference_fill=pass", dataset=preference_rows)
+                  "wandb.mode=offline", "train.reference_fill=pass", "tune.eval_every_steps=2",
+                  "tune.probe_questions=6", dataset=preference_rows, probe_batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +151,14 @@ def test_the_loop_fills_the_reference_cache_with_the_values_a_pass_computes(zero
         assert (chosen, rejected) == pytest.approx(pass_values[sample_id], abs=1e-3), sample_id
     # the killed-and-resumed run kept what it had flushed at its step-2 checkpoint and filled the rest after
     assert len(cache_of(zero0_killed).load()) == expected
+
+
+def test_the_probe_runs_on_two_zero3_workers_and_scores_every_question_once(zero3):
+    cfg, result, curves = zero3
+    assert [row["step"] for row in curves] == [2, 4, 6] and [row["evaluations"] for row in curves] == [1, 2, 3]
+    assert [row["probe/questions"] for row in curves] == [18, 18, 18]
+    assert all(0 <= row["objective"] <= 1 for row in curves)
+    assert (cfg.run_dir / "tensorboard" / "dpo").is_dir() and result.metrics["step"] == 6
 
 
 def test_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(zero0_killed):
