@@ -8,17 +8,18 @@
 - `results`: the parquet answer store (atomic writes, resume, dedupe), run ids and metric rows.
 - `completeness`: answered against expected questions per split; means left out when a split is short.
 - `probe`: a sweep's objective measured by the training workers on a fixed POPE subset.
-- `runner`: `run_eval`, the stage's entry point, and the printed tables.
+- `runner`: `run_eval`, the stage's entry point, `run_evals` (several models, one actor pool), and the
+  printed tables.
 """
 
 from orchestrator.eval.pope import has_yes_no_word, parse_yes_no, pope_metrics, summarise
 
-__all__ = ["parse_yes_no", "has_yes_no_word", "pope_metrics", "summarise", "run_eval", "format_pope_table",
-           "EvalResult"]
+__all__ = ["parse_yes_no", "has_yes_no_word", "pope_metrics", "summarise", "run_eval", "run_evals",
+           "EvalRequest", "format_pope_table", "EvalResult"]
 
 
 def __getattr__(name):  # lazy: importing the package must not pull in Ray or torch
-    if name in ("run_eval", "format_pope_table", "EvalResult"):
+    if name in ("run_eval", "run_evals", "EvalRequest", "format_pope_table", "EvalResult"):
         from orchestrator.eval import runner
 
         return getattr(runner, name)

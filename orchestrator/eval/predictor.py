@@ -58,6 +58,7 @@ tests kill one mid-run or interrupt a run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -102,6 +103,7 @@ ITEM_SCHEMA = pa.schema([
     ("question_type", pa.string()),
     ("image_quantity_level", pa.string()),
     ("version", pa.string()),
+    ("run_id", pa.string()),             # the evaluation the row belongs to ("": the settings' own run)
 ])
 ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
 # Added by `add_pixels` on the first row of each POPE image of a block: the image's vision-tower input
@@ -200,6 +202,15 @@ class PredictorSettings:
     answers_dir: str = ""                # when set, each answered block is written here by the actor
     timings_dir: str = ""                # when set, each actor writes its start-up and call timings here
     fault: dict = field(default_factory=dict)  # tests: {"exit_on_call": N, "marker": path}, see _maybe_fail
+    # Several evaluations answered by one actor pool (`run_evals`): each a dict of RUN_FIELDS; the rows say
+    # which one they belong to (their ``run_id``), and an actor loads that run's model when its rows come
+    runs: tuple = ()
+
+    def run_settings(self) -> dict[str, "PredictorSettings"]:
+        """The settings of each run this pool answers, by run id (just these settings without `runs`)."""
+        if not self.runs:
+            return {self.run_id: self}
+        return {run["run_id"]: dataclasses.replace(self, runs=(), **run) for run in self.runs}
 
     @property
     def reuses_prefix(self) -> bool:
@@ -245,6 +256,10 @@ class PredictorSettings:
                 "min_new_tokens": int(self.milebench_min_new_tokens)}
 
 
+# What differs between the runs of one pool (`PredictorSettings.runs`); everything else they share
+RUN_FIELDS = ("run_id", "adapter_path", "answers_dir", "timings_dir")
+
+
 def decoding_settings(mode: str, template: str, answer_suffix: str, max_new_tokens: int, dtype: str,
                       prefix_reuse: bool = False, min_new_tokens: int = 0, milebench: dict | None = None) -> dict:
     """The decoding settings of a run: POPE's at the top level (`mode`, `template`, ...), MileBench's
@@ -286,6 +301,8 @@ class Predictor:
     """Callable class for ``ds.map_batches(Predictor, fn_constructor_kwargs={"settings": ...})``."""
 
     def __init__(self, settings: PredictorSettings):
+        self.runs = settings.run_settings()
+        settings = next(iter(self.runs.values()))   # the first run's model is loaded now, the others when they come
         self.settings = settings
         self.calls = 0
         # start-up phases (epoch seconds), written to settings.timings_dir for the benchmarks
@@ -301,13 +318,36 @@ class Predictor:
                          daemon=True).start()
         import transformers  # noqa: F401
 
-        cls = load_model_adapter(settings.model_adapter)
-        if issubclass(cls, VisionLanguageModel):
+        self.model_class = load_model_adapter(settings.model_adapter)
+        if issubclass(self.model_class, VisionLanguageModel):
             # the LLaVA modeling import (it pulls in torch._dynamo, torch.distributed.tensor and sympy
             # through transformers: ~2 s on a CPU, 8.9 s measured on a GPU host), timed as an import
             import transformers.models.llava.modeling_llava  # noqa: F401
         self.timings["imports_done"] = started = time.time()
-        self.model = cls({
+        self._images: OrderedDict[str, Any] = OrderedDict()
+        self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
+        self._load_model(settings)
+        self._warming: threading.Thread | None = None
+        on_gpu = str(getattr(self.model, "device", "cpu")).startswith("cuda")
+        if self.prefix is not None and (settings.warm_up if settings.warm_up is not None else on_gpu):
+            # answered while Ray hands over the first block and its rows are prepared; joined before the
+            # model runs. Tokenized here: fast tokenizers are not safe to share between threads.
+            question = "Is there a cat in the image?" + settings.answer_suffix
+            self.prefix.split(question)
+            self._warm_up_image = self._blank_image()
+            if settings.mode == "score":
+                self.model.yes_no_ids()
+            eos = getattr(getattr(self.model, "tokenizer", None), "eos_token_id", None)
+            self._warming = threading.Thread(target=self._warm_up, args=(question, eos), name="model-warm-up",
+                                             daemon=True)
+            self._warming.start()
+        self._write_timings()
+        log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
+
+    def _load_model(self, settings: PredictorSettings) -> None:
+        """The model of `settings` (its folder and adapter) with what goes with it: generation settings and the
+        prefix-reuse path."""
+        self.model = self.model_class({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None, "family": settings.family,
             "max_image_pixels": settings.max_image_pixels,
             "dtype": settings.dtype, "attn_implementation": settings.attn_implementation,
@@ -322,8 +362,6 @@ class Predictor:
         if settings.min_new_tokens:
             pope_kwargs["min_new_tokens"] = settings.min_new_tokens
         self.gen_kwargs = {"pope": pope_kwargs, "milebench": settings.milebench_gen_kwargs()}
-        self._images: OrderedDict[str, Any] = OrderedDict()
-        self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
         self.prefix = None
         if settings.prefix_reuse:
             from orchestrator.eval.prefix_cache import PrefixReuse, prefix_reuse_blocker
@@ -341,22 +379,39 @@ class Predictor:
         self.timings["model_ready"] = time.time()
         # an adapter may say what its start-up was made of (seconds per step), e.g. the benchmark's
         self.timings["model_steps"] = dict(getattr(self.model, "load_timings", None) or {})
-        self._warming: threading.Thread | None = None
-        on_gpu = str(getattr(self.model, "device", "cpu")).startswith("cuda")
-        if self.prefix is not None and (settings.warm_up if settings.warm_up is not None else on_gpu):
-            # answered while Ray hands over the first block and its rows are prepared; joined before the
-            # model runs. Tokenized here: fast tokenizers are not safe to share between threads.
-            question = "Is there a cat in the image?" + settings.answer_suffix
-            self.prefix.split(question)
-            self._warm_up_image = self._blank_image()
-            if settings.mode == "score":
-                self.model.yes_no_ids()
-            eos = getattr(getattr(self.model, "tokenizer", None), "eos_token_id", None)
-            self._warming = threading.Thread(target=self._warm_up, args=(question, eos), name="model-warm-up",
-                                             daemon=True)
-            self._warming.start()
+
+    def _use_run(self, run_id: str) -> None:
+        """Answer the next rows as `run_id`'s: its settings, and its model if that is another (the imports, the CUDA
+        context and the kernels stay: what a new actor would pay again). The model is loaded anew, not its
+        adapter swapped: merging and unmerging an adapter in bf16 would leave the base weights rounded."""
+        settings = self.runs.get(run_id or self.settings.run_id)
+        if settings is None:
+            raise ValueError(f"rows of run {run_id!r}, which this actor was not given ({sorted(self.runs)})")
+        if settings is self.settings:
+            return
+        self._join_warm_up()
+        switched = time.time()
+        reload = (settings.model_path, settings.adapter_path) != (self.settings.model_path, self.settings.adapter_path)
+        self.timings = {"pid": os.getpid(), "process_started": self.timings["process_started"],
+                        "module_imported": MODULE_IMPORTED_AT, "init_started": switched, "imports_done": switched,
+                        "reused_from_run": self.settings.run_id}
+        self.settings = settings
+        if reload:
+            import gc
+
+            import torch
+
+            self.model = self.prefix = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._load_model(settings)
+            log.info("predictor %s: model loaded in %.1fs (pid %d, the actor of run %s)", settings.run_id,
+                     time.time() - switched, os.getpid(), self.timings["reused_from_run"])
+        else:
+            self.decoding_json = json.dumps(settings.decoding(), sort_keys=True)
+            self.timings["model_ready"] = switched
         self._write_timings()
-        log.info("predictor %s: model loaded in %.1fs (pid %d)", settings.run_id, time.time() - started, os.getpid())
 
     def _warm_up(self, question: str, eos_token_id: int | None) -> None:
         """One tiny answer through the prefix path (a blank image, `question`, two new tokens), so the
@@ -443,6 +498,23 @@ class Predictor:
         self._maybe_fail(("exit_on_call", "raise_on_call"))
         rows = _records(batch)
         given_pixels = _given_pixels(rows)
+        # a block holds one run's rows, but Ray Data may cut a batch across two blocks
+        by_run: dict[str, list[int]] = {}
+        for position, row in enumerate(rows):
+            by_run.setdefault(_text(row.get("run_id")) or self.settings.run_id, []).append(position)
+        tables = []
+        for run_id, positions in by_run.items():
+            self._use_run(run_id)
+            tables.append(self._answer_rows([rows[k] for k in positions], given_pixels))
+        self._maybe_fail(("exit_after_call",))
+        self._record_call(started, len(rows))
+        if len(tables) == 1:
+            return tables[0]
+        answered_order = [k for positions in by_run.values() for k in positions]   # back to the batch's order
+        return pa.concat_tables(tables).take(np.argsort(answered_order))
+
+    def _answer_rows(self, rows: list[dict], given_pixels: dict[str, bytes]) -> pa.Table:
+        """The answers of one run's rows, written to its answers dir when it has one."""
         outputs = [self._prepare(row) for row in rows]
         self._join_warm_up()
         pending = [i for i, out in enumerate(outputs) if not out["error"]]
@@ -462,8 +534,6 @@ class Predictor:
             # survives whatever happens next, and a retried block replaces its own file
             keys = [(o["benchmark"], o["split"], o["item_id"]) for o in outputs]
             write_answers(table, self.settings.answers_dir, name=block_name(self.settings.run_id, keys))
-        self._maybe_fail(("exit_after_call",))
-        self._record_call(started, len(rows))
         return table
 
     def _prepare(self, row: dict) -> dict:

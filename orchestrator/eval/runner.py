@@ -1,4 +1,5 @@
-"""`run_eval`: POPE and MileBench for one model (+ optional LoRA adapter), resumable, on Ray actors.
+"""`run_eval`: POPE and MileBench for one model (+ optional LoRA adapter), resumable, on Ray actors;
+`run_evals`: several models (the base and each DPO adapter of a run) through one actor pool.
 
 Read top to bottom, a run is:
 
@@ -15,6 +16,9 @@ Read top to bottom, a run is:
    `resources_per_actor`);
    each actor writes every block it finishes atomically as a parquet file (named by the block's
    keys, so a retried block replaces its file); the driver logs progress and ETA;
+   `run_evals` queues several evaluations' blocks one evaluation after the other (each row carries its run id)
+   through one pool, whose actors load the next model when its first block comes: the actor's imports, CUDA
+   context and kernel warm-up are paid once per pool, not once per evaluation;
 5. **metrics**: all answers of the run are read back (deduplicated on the key) and scored:
    POPE per dataset and split and each dataset's mean F1, MileBench per task, image-quantity level and
    task group; one row per metric goes to ``metrics.parquet``, with each split's answered / expected
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import time
@@ -52,8 +57,8 @@ from orchestrator.eval import completeness
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
 from orchestrator.eval.model_adapter import milebench_template_for
-from orchestrator.eval.predictor import (PredictorSettings, base_answer_row, items_table, milebench_items,
-                                         pope_items, predict, resolved_dtype)
+from orchestrator.eval.predictor import (RUN_FIELDS, PredictorSettings, base_answer_row, items_table,
+                                         milebench_items, pope_items, predict, resolved_dtype)
 from orchestrator.eval.results import (answered_keys, anti_join, block_name, compute_run_id, item_key,
                                        milebench_metric_rows, pope_metric_rows, read_answers, write_answers,
                                        write_metrics)
@@ -183,8 +188,9 @@ def _image_block_end(items: list[dict], start: int, max_rows: int, images: int =
     return end
 
 
-def _items_dataset(items: list[dict], cfg: ExperimentConfig, by_image: bool):
-    """Items sorted by size and cut into blocks (the unit of work and of writing).
+def _item_blocks(items: list[dict], cfg: ExperimentConfig, by_image: bool, run_id: str = "") -> list:
+    """Items sorted by size and cut into blocks (the unit of work and of writing), as Arrow tables of
+    ITEM_SCHEMA rows, each row marked with `run_id`.
 
     With prefix reuse (`by_image`), POPE items are sorted by image instead, and a block holds whole images with
     all their questions (from all three splits; ``eval.prefix_images`` images, by default
@@ -192,10 +198,8 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig, by_image: bool):
     in one model batch with the block's other images. (Blocks of ~4 x batch_size rows, i.e. 3-4 images,
     left the GPU mostly idle: 78 questions/s at 7B where 32-image blocks reach 320-560.)
     """
-    import ray
-
     rows_per_block = {"pope": cfg.eval.batch_size * 4, "milebench": cfg.eval.batch_size}
-    items = sorted(items, key=_image_sort_key if by_image else _sort_key)
+    items = sorted(({**item, "run_id": run_id} for item in items), key=_image_sort_key if by_image else _sort_key)
     table = items_table(items)
     tables = []
     start = 0
@@ -215,11 +219,38 @@ def _items_dataset(items: list[dict], cfg: ExperimentConfig, by_image: bool):
         end = min(end, len(items))
         tables.append(table.slice(start, end - start))
         start = end
-    return ray.data.from_arrow(tables)
+    return tables
 
 
 # ----------------------------------------------------------------------------------------------
 # The run
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """One model to evaluate: the config (its run dir and eval settings), the model folder (default: the
+    config's), an optional LoRA adapter, and a tag hashed into the run id."""
+
+    cfg: ExperimentConfig
+    model_path: str | None = None
+    adapter: str | None = None
+    tag: str = ""
+
+
+@dataclass
+class _Planned:
+    """An evaluation between its set-up and its metrics: what it asks, what is left to compute."""
+
+    request: EvalRequest
+    questions: _Questions
+    expected: dict
+    run_id: str
+    settings: PredictorSettings
+    total: int
+    skipped: int
+    todo: list[dict]
+    started: float
+    computed: int = 0
 
 
 def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str | None = None,
@@ -232,27 +263,57 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     recomputes items whose earlier answer was an error; `allow_partial` keeps the means over splits
     even when a split has fewer answers than questions; `fault` is for tests (see `Predictor`).
     """
+    return run_evals([EvalRequest(cfg, model_path, adapter, tag)], benchmarks, model_adapter=model_adapter,
+                     retry_errors=retry_errors, allow_partial=allow_partial, fault=fault)[0]
+
+
+def run_evals(requests: Sequence[EvalRequest], benchmarks: Sequence[str] = BENCHMARKS, *,
+              model_adapter: Any = None, retry_errors: bool = False, allow_partial: bool = False,
+              fault: dict | None = None) -> list[EvalResult]:
+    """`run_eval` for several models in one pass: evaluations that differ only in their adapter (and run
+    directory) share one actor pool, which imports, creates its CUDA context and warms its kernels once and
+    loads each model when that model's blocks come (the blocks are queued model after model). Each
+    evaluation keeps its own run id, answers, resume and metrics, exactly as if run alone. Evaluations with
+    other settings (another base model, decoding, actor resources) get a pool of their own, one after the
+    other. Returns one result per request, in order."""
     benchmarks = tuple(dict.fromkeys(benchmarks))
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown or not benchmarks:
         raise ValueError(f"benchmarks must be among {BENCHMARKS}, got {list(benchmarks)}")
+    if not requests:
+        return []
     import ray
 
     if not ray.is_initialized():
-        init_ray(cfg)
-    preflight(cfg, eval_request(cfg))  # an actor pool the cluster can never hold fails here, in seconds
-    started = time.time()
+        init_ray(requests[0].cfg)
+    for cfg in {id(r.cfg): r.cfg for r in requests}.values():
+        preflight(cfg, eval_request(cfg))  # an actor pool the cluster can never hold fails here, in seconds
 
-    # 1. questions
-    questions = load_questions(cfg, benchmarks)
+    questions: dict[str, _Questions] = {}   # by the data section: seeded runs share their questions
+    planned = []
+    for request in requests:
+        data_key = json.dumps(request.cfg.model_dump(mode="json")["data"], sort_keys=True)
+        if data_key not in questions:
+            questions[data_key] = load_questions(request.cfg, benchmarks)
+        planned.append(_plan(request, questions[data_key], benchmarks, model_adapter, retry_errors, fault))
+
+    for pool in _pools(planned):
+        _infer(pool)
+    return [_finish(plan, benchmarks, allow_partial) for plan in planned]
+
+
+def _plan(request: EvalRequest, questions: _Questions, benchmarks: tuple[str, ...], model_adapter: Any,
+          retry_errors: bool, fault: dict | None) -> _Planned:
+    """Steps 1-3 of one evaluation: its questions, its run id and folders, and what it has left to compute."""
+    cfg, started = request.cfg, time.time()
     expected = completeness.expected_counts(questions.items + questions.rejects)
     by_benchmark = {b: sum(1 for item in questions.items if item["benchmark"] == b) for b in benchmarks}
     log.info("eval [questions]: %s; %d rejected (image does not open)",
              ", ".join(f"{b} {n}" for b, n in by_benchmark.items()), len(questions.rejects))
 
     # 2. run id
-    model = str(Path(model_path).expanduser().resolve()) if model_path else str(base_model_path(cfg))
-    adapter_path = str(Path(adapter).expanduser().resolve()) if adapter else ""
+    model = str(Path(request.model_path).expanduser().resolve()) if request.model_path else str(base_model_path(cfg))
+    adapter_path = str(Path(request.adapter).expanduser().resolve()) if request.adapter else ""
     family, milebench_template = cfg.model.family, cfg.eval.milebench_template
     if model_adapter is None and (Path(model) / "config.json").is_file():
         # checked here, before any actor starts: the folder's family and its MileBench template (a folder only
@@ -275,17 +336,16 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         decoding = {**settings.decoding(), "model_adapter": getattr(model_adapter, "__qualname__", str(model_adapter))}
     else:
         decoding = settings.decoding()
-    run_id = compute_run_id(model, adapter_path, cfg.eval.mode, decoding, questions.versions, tag)
+    run_id = compute_run_id(model, adapter_path, cfg.eval.mode, decoding, questions.versions, request.tag)
     run_dir = cfg.run_dir
-    out_dir, ans_dir = layout.eval_dir(run_dir, run_id), layout.answers_dir(run_dir, run_id)
-    met_path = layout.metrics_path(run_dir, run_id)
+    ans_dir = layout.answers_dir(run_dir, run_id)
     # each actor records its start-up and calls under <eval dir>/timings (benchmarks/pipeline.py reads them)
     settings = dataclasses.replace(settings, run_id=run_id, answers_dir=str(ans_dir),
                                    timings_dir=str(layout.eval_timings_dir(run_dir, run_id)))
     ans_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(layout.eval_info_path(run_dir, run_id), {
         "run_id": run_id, "model": model, "adapter": adapter_path, "mode": cfg.eval.mode, "decoding": decoding,
-        "versions": questions.versions, "benchmarks": list(benchmarks), "tag": tag,
+        "versions": questions.versions, "benchmarks": list(benchmarks), "tag": request.tag,
         "config_hash": cfg.content_hash(), "expected": expected,
     })
 
@@ -300,31 +360,73 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     skipped = total - len(todo) - len(rejects)
     log.info("eval [resume] %s: %d items, %d already answered, %d to compute, %d rejects recorded",
              run_id, total, skipped, len(todo), len(rejects))
+    return _Planned(request, questions, expected, run_id, settings, total, skipped, todo, started)
 
-    # 4. inference
-    computed = 0
-    if todo:
-        answered = predict(
-            _items_dataset(todo, cfg, settings.reuses_prefix), settings, num_actors=cfg.eval.num_actors,
-            cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
-            resources_per_actor=cfg.eval.resources_per_actor,
-        )
-        pace = PassRate(len(todo))
-        errors = 0
-        for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
-            # the actors have written this block already; the driver only keeps count
-            if block.num_rows == 0:
-                continue
-            computed += block.num_rows
-            errors += sum(1 for e in block.column("error").to_pylist() if e)
-            rate, left = pace.update(computed)
-            log.info("eval [inference] %s: %d/%d (%.0f%%), %s items/s, ETA %s, %d errors", run_id, computed,
-                     len(todo), 100.0 * computed / len(todo), format_rate(rate), format_seconds(left), errors)
 
-    # 5. metrics
+def _pool_key(plan: _Planned) -> tuple:
+    """What evaluations must share to be answered by one actor pool: every predictor setting but the
+    per-run ones (`RUN_FIELDS`), and the actors' resources."""
+    shared = dataclasses.replace(plan.settings, **{name: "" for name in RUN_FIELDS})
+    e = plan.request.cfg.eval
+    return (shared, e.num_actors, e.cpus_per_actor, e.gpus_per_actor, json.dumps(e.resources_per_actor, sort_keys=True))
+
+
+def _pools(planned: list[_Planned]) -> list[list[_Planned]]:
+    """The evaluations with work left, grouped by `_pool_key` (in order of first appearance)."""
+    pools: list[tuple[tuple, list[_Planned]]] = []
+    for plan in planned:
+        if not plan.todo:
+            continue
+        key = _pool_key(plan)
+        for pool_key, pool in pools:
+            if pool_key == key:
+                pool.append(plan)
+                break
+        else:
+            pools.append((key, [plan]))
+    return [pool for _, pool in pools]
+
+
+def _infer(pool: list[_Planned]) -> None:
+    """4. inference: the pool's items, evaluation after evaluation, through one pool of actors; the
+    actors write each block as they finish it."""
+    import ray
+
+    first, cfg = pool[0], pool[0].request.cfg
+    settings = first.settings
+    if len(pool) > 1:
+        settings = dataclasses.replace(settings, runs=tuple(
+            {name: getattr(plan.settings, name) for name in RUN_FIELDS} for plan in pool))
+    tables = [table for plan in pool for table in _item_blocks(plan.todo, cfg, settings.reuses_prefix, plan.run_id)]
+    answered = predict(ray.data.from_arrow(tables), settings, num_actors=cfg.eval.num_actors,
+                       cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
+                       resources_per_actor=cfg.eval.resources_per_actor)
+    by_run = {plan.run_id: plan for plan in pool}
+    todo = sum(len(plan.todo) for plan in pool)
+    label = first.run_id if len(pool) == 1 else f"{len(pool)} runs ({', '.join(by_run)})"
+    pace = PassRate(todo)
+    computed = errors = 0
+    for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # the actors have written this block already; the driver only keeps count
+        if block.num_rows == 0:
+            continue
+        for run_id in block.column("run_id").to_pylist():
+            by_run[run_id].computed += 1
+        computed += block.num_rows
+        errors += sum(1 for e in block.column("error").to_pylist() if e)
+        rate, left = pace.update(computed)
+        log.info("eval [inference] %s: %d/%d (%.0f%%), %s items/s, ETA %s, %d errors", label, computed,
+                 todo, 100.0 * computed / todo, format_rate(rate), format_seconds(left), errors)
+
+
+def _finish(plan: _Planned, benchmarks: tuple[str, ...], allow_partial: bool) -> EvalResult:
+    """5. metrics of one evaluation, from all of its answers on disk."""
+    run_id, run_dir = plan.run_id, plan.request.cfg.run_dir
+    out_dir, ans_dir = layout.eval_dir(run_dir, run_id), layout.answers_dir(run_dir, run_id)
+    met_path = layout.metrics_path(run_dir, run_id)
     answers = read_answers(ans_dir)
     answers = answers[answers["benchmark"].isin(benchmarks)]
-    coverage = completeness.coverage(answers, expected)
+    coverage = completeness.coverage(answers, plan.expected)
     pope_table = milebench_table = None
     metric_rows: list[dict] = completeness.metric_rows(run_id, coverage)
     pope_answers = answers[answers["benchmark"] == "pope"]
@@ -340,8 +442,8 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
     n_errors = int((answers["error"].fillna("") != "").sum())
     n_unparsable = int(pope_table.loc[pope_table["split"] != "mean", "n_unparsable"].sum()) \
         if pope_table is not None else 0
-    counts = {"items": total, "answered": len(answers), "computed": computed, "skipped": skipped,
-              "rejected": len(questions.rejects), "errors": n_errors, "unparsable": n_unparsable}
+    counts = {"items": plan.total, "answered": len(answers), "computed": plan.computed, "skipped": plan.skipped,
+              "rejected": len(plan.questions.rejects), "errors": n_errors, "unparsable": n_unparsable}
     metric_rows += [{"run_id": run_id, "benchmark": "all", "scope": "counts", "name": name, "metric": name,
                      "value": float(value), "n": int(value)} for name, value in counts.items()]
     write_metrics(metric_rows, met_path)
@@ -353,7 +455,7 @@ def run_eval(cfg: ExperimentConfig, model_path: str | None = None, adapter: str 
         overall = milebench_table[milebench_table["scope"] == "overall"]["value"]
         summary += f", MileBench {100 * float(overall.iloc[0]):.2f}" if len(overall) else ""
     log.info("eval [metrics] %s: %s; %d answers, %d errors, %d without a yes/no word; %s in %.1fs",
-             run_id, summary, len(answers), n_errors, n_unparsable, met_path, time.time() - started)
+             run_id, summary, len(answers), n_errors, n_unparsable, met_path, time.time() - plan.started)
     return EvalResult(run_id=run_id, eval_dir=out_dir, answers_dir=ans_dir, metrics_path=met_path,
                       pope_table=pope_table, milebench_table=milebench_table, counts=counts, coverage=coverage)
 

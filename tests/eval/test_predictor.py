@@ -130,6 +130,49 @@ def test_lora_adapter_is_loaded_and_merged(tiny_model_dir, pope_rows, tmp_path):
     assert max(abs(a["p_yes"] - b["p_yes"]) for a, b in zip(reference, tuned)) < 1e-4
 
 
+def saved_lora_adapter(model_dir, folder):
+    """A LoRA adapter with non-zero weights for the tiny model, saved to `folder`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from orchestrator.model.families import load_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_model(model_dir).model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)", init_lora_weights=False))
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_one_actor_answers_several_runs_as_separate_actors_would(tiny_model_dir, pope_rows, mile_rows, tmp_path):
+    """`settings.runs` (run_evals' shared pool): rows say their run; the actor answers each run's rows with that
+    run's model (base, then the adapter, then the base again) and writes them to that run's folder."""
+    from orchestrator.eval.results import read_answers
+
+    adapter = str(saved_lora_adapter(tiny_model_dir, tmp_path / "adapter"))
+    runs = ({"run_id": "base", "adapter_path": "", "answers_dir": str(tmp_path / "base"), "timings_dir": ""},
+            {"run_id": "tuned", "adapter_path": adapter, "answers_dir": str(tmp_path / "tuned"), "timings_dir": ""})
+    common = dict(mode="generate", max_new_tokens=4)
+    items = varied_pope_items(pope_rows, n=6) + milebench_items(mile_rows[:2])
+    shared = Predictor(settings(tiny_model_dir, runs=runs, **common))
+    mixed = [{**item, "run_id": "base"} for item in items[:4]] + [{**item, "run_id": "tuned"} for item in items] + \
+            [{**item, "run_id": "base"} for item in items[4:]]
+    together = answer(shared, mixed)
+    alone = {"base": answer(Predictor(settings(tiny_model_dir, **common)), items),
+             "tuned": answer(Predictor(settings(tiny_model_dir, adapter_path=adapter, **common)), items)}
+    for run_id, expected in alone.items():
+        got = {(r["benchmark"], r["item_id"]): r for r in together if r["run_id"] == run_id}
+        assert len(got) == len(items)
+        for row in expected:
+            mine = got[(row["benchmark"], row["item_id"])]
+            assert (mine["raw_answer"], mine["adapter"]) == (row["raw_answer"], row["adapter"]), (run_id, row["item_id"])
+        written = read_answers(tmp_path / run_id)
+        assert len(written) == len(items) and set(written["run_id"]) == {run_id}
+    assert [r["raw_answer"] for r in alone["base"]] != [r["raw_answer"] for r in alone["tuned"]]  # the adapter matters
+    with pytest.raises(ValueError, match="not given"):
+        shared(items_table([{**items[0], "run_id": "elsewhere"}]).to_pandas())
+
+
 class EchoModel(MileBenchModel):
     """A plug-in model: answers "No" to POPE and the image count to MileBench."""
 

@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.config import config_from_dict
 from orchestrator.eval.results import KEY, answer_files, read_answers
-from orchestrator.eval.runner import format_milebench_table, format_pope_table, run_eval
+from orchestrator.eval.runner import EvalRequest, format_milebench_table, format_pope_table, run_eval, run_evals
 
 
 def eval_config(world, tmp_path, **eval_section):
@@ -90,6 +90,33 @@ def test_second_run_computes_nothing_new(first_run, tiny_model_dir):
     assert again.counts["computed"] == 0 and again.counts["skipped"] == result.counts["items"]
     assert answer_files(result.answers_dir) == files
     assert again.pope_table.equals(result.pope_table)
+
+
+def test_run_evals_answers_several_models_with_one_actor_pool(first_run, synth_world, tiny_model_dir, tmp_path):
+    """The base model and an adapter, evaluated together (what `hadpo run` does after training): one actor answers
+    both, each run gets the answers and metrics it would get alone, and a finished run computes nothing."""
+    import pandas as pd
+
+    from tests.eval.test_predictor import saved_lora_adapter
+
+    cfg, alone = first_run
+    world, _ = synth_world
+    keys = expected_keys(world)
+    adapter = saved_lora_adapter(tiny_model_dir, tmp_path / "adapter")
+    done, base, tuned = run_evals([EvalRequest(cfg, str(tiny_model_dir), tag="e2e"),
+                                   EvalRequest(cfg, str(tiny_model_dir), tag="together"),
+                                   EvalRequest(cfg, str(tiny_model_dir), str(adapter), tag="together")])
+    assert done.run_id == alone.run_id and done.counts["computed"] == 0
+    assert base.run_id != tuned.run_id and base.counts["computed"] == tuned.counts["computed"] == len(keys)
+    for result in (base, tuned):
+        assert_complete_once(result.answers_dir, keys)
+    assert base.pope_table.equals(alone.pope_table)   # fp32, the same blocks: the same answers as alone
+    p_yes = [read_answers(r.answers_dir).set_index(list(KEY))["p_yes"].sort_index() for r in (base, tuned)]
+    assert (p_yes[0] - p_yes[1]).abs().max() > 1e-4   # the adapter was used for its run only
+    timings = [pd.read_json(path, typ="series") for r in (base, tuned)
+               for path in sorted((r.eval_dir / "timings").glob("*.json"))]
+    assert len(timings) == 2 and timings[0]["pid"] == timings[1]["pid"]   # one actor, imported once
+    assert timings[1]["reused_from_run"] == base.run_id
 
 
 def test_interrupted_run_completes_only_the_missing_items(ray_session, synth_world, tiny_model_dir, tmp_path):
