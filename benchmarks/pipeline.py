@@ -5,8 +5,8 @@
 
 What runs is `orchestrator.pipeline.run_pipeline`, the function behind `hadpo run` and `jobs/run.py`, with
 `configs/llava15_7b_hadpo.yaml` as shipped except for sizes and paths (`SIZE_OVERRIDES`; `--set KEY=VALUE`
-adds more): data check -> baseline POPE -> DPO (reference log-prob pass, then Ray Train) -> POPE with the
-adapter -> run record. Its inputs:
+adds more): data check -> DPO (Ray Train) -> POPE of the base model and of the adapter, in one pass of one
+actor pool -> run record. Its inputs:
 
   model   a LLaVA-1.5-7B-shaped llava-hf folder with random weights (benchmarks/multi_gpu.py's model
           section: CLIP ViT-L/14-336 + Vicuna-7B shapes, the project's word-level tokenizer padded to 32000
@@ -17,7 +17,8 @@ adapter -> run record. Its inputs:
           (--pope-images images x 6 questions x 3 splits: 500 gives POPE's 9,000 questions).
 
 Per stage it prints the wall time, the start-up (stage start to the first optimizer step / the first
-answered block), the steady-state throughput (DPO: over the steps after --warmup, at least 40; POPE: the
+answered block; for an evaluation that came second in a shared pass, from the previous one's last block: its
+model load in the actor that is already up), the steady-state throughput (DPO: over the steps after --warmup, at least 40; POPE: the
 blocks after the first), and the GPU memory (the training worker's peak allocated; the device's peak use
 from nvidia-smi over each stage). Then, in the same run, the plain torch loop (benchmarks/dpo_step.py's
 packed step: no Ray, no DeepSpeed, batches collated before timing) on the same rows in the same order with
@@ -153,15 +154,22 @@ def stage_records(run_dir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "stages").glob("*.json"))}
 
 
-def eval_timing(record: dict) -> dict[str, Any]:
-    """POPE stage: start-up to the first answered block and steady questions/s, from the answer blocks
-    the actor writes as it finishes them (file times) and its own start-up record."""
+def answer_blocks(record: dict) -> list[tuple[float, int]]:
+    """(file time, rows) of each answer block an evaluation stage's actors wrote, in time order."""
     import pyarrow.parquet as pq
 
+    answers = Path(record["outputs"]["answers_dir"])
+    return sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in answers.glob("*.parquet"))
+
+
+def eval_timing(record: dict, started: float | None = None) -> dict[str, Any]:
+    """POPE stage: start-up to the first answered block and steady questions/s, from the answer blocks
+    the actor writes as it finishes them (file times) and its own start-up record. `started`: when the
+    stage's own work began (default the record's start; for the second evaluation of a shared pass, the
+    first one's last block)."""
     outputs = record["outputs"]
-    answers = Path(outputs["answers_dir"])
-    blocks = sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in answers.glob("*.parquet"))
-    started = record["started"]
+    blocks = answer_blocks(record)
+    started = record["started"] if started is None else started
     entry: dict[str, Any] = {"wall_s": record["seconds"], "answers": sum(n for _, n in blocks)}
     if blocks:
         entry["first_block_s"] = blocks[0][0] - started
@@ -399,9 +407,16 @@ def main(argv=None) -> int:
     ray.shutdown()
     records = stage_records(cfg.run_dir)
     stages: dict[str, dict] = {}
-    for name, record in sorted(records.items(), key=lambda item: item[1].get("started", 0)):
+    previous_pass_end: dict[float, float] = {}   # a shared evaluation pass (by its start): its last block so far
+    for name, record in sorted(records.items(), key=lambda item: (item[1].get("started", 0),
+                                                                  (answer_blocks(item[1]) or [(0, 0)])[0][0]
+                                                                  if item[0].startswith("eval") else 0)):
         if name.startswith("eval"):
-            entry = eval_timing(record)
+            entry = eval_timing(record, previous_pass_end.get(record.get("started")))
+            blocks = answer_blocks(record)
+            if record.get("together_with") and blocks:
+                previous_pass_end[record["started"]] = blocks[-1][0]
+                entry["shared_pass_with"] = record["together_with"]
         elif name.startswith("dpo"):
             entry = dpo_timing(record, timings_path(cfg.run_dir, "dpo"), args.warmup, args.pairs)
         else:

@@ -1,4 +1,8 @@
-"""`hadpo run`: data check -> (warm-up, synthetic only) -> baseline eval -> DPO -> eval -> report.
+"""`hadpo run`: data check -> (warm-up, synthetic only) -> DPO (per seed) -> evaluations -> report.
+
+The evaluations of the base model (``eval_baseline``) and of each DPO adapter (``eval_hadpo``,
+``eval_hadpo_seed<N>``) run last and together: one actor pool answers them all, paying its imports, CUDA
+context and kernel warm-up once (`eval.runner.run_evals`); each keeps its own stage record, run id and answers.
 
 Each stage writes to paths derived from the config (`orchestrator.layout`) and records, in
 ``<run_dir>/stages/<stage>.json``,
@@ -115,7 +119,8 @@ class Stage:
 
     name: str
     inputs: str
-    run: Callable[[bool], dict[str, Any]]  # run(resume): resume=False starts over (inputs changed)
+    run: Callable[[bool], dict[str, Any]] | None  # run(resume): resume=False starts over (inputs changed);
+                                                   # None for a stage run with others (`run_stages_together`)
     products: tuple[str, ...] = ()
 
 
@@ -149,6 +154,38 @@ class PipelineResult:
 
 def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) -> dict[str, Any]:
     """Run a stage unless its record shows it already ran on the same inputs."""
+    recorded = _up_to_date(config, stage, result)
+    if recorded is not None:
+        return recorded
+    resume, started = _begin(config, stage)
+    return _record(config, stage, stage.run(resume), started, result)
+
+
+def run_stages_together(config: ExperimentConfig, stages: list[Stage], result: PipelineResult,
+                        run: Callable[[list[Stage]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Stages whose work is done in one go (the evaluations: one actor pool answers them all): each is skipped
+    or run as `run_stage` would, and recorded on its own; `run(stages)` does the work of those that run and
+    returns their outputs in order. Returns every stage's outputs, in order."""
+    outputs: dict[str, dict[str, Any]] = {}
+    todo = []
+    for stage in stages:
+        recorded = _up_to_date(config, stage, result)
+        if recorded is None:
+            todo.append(stage)
+        else:
+            outputs[stage.name] = recorded
+    if todo:
+        for stage in todo:
+            _begin(config, stage, together=[s.name for s in todo if s is not stage])
+        started = time.time()   # one start for all: their records say they ran in one pass
+        for stage, made in zip(todo, run(todo)):
+            outputs[stage.name] = _record(config, stage, made, started, result,
+                                          together=[s.name for s in todo if s is not stage])
+    return [outputs[stage.name] for stage in stages]
+
+
+def _up_to_date(config: ExperimentConfig, stage: Stage, result: PipelineResult) -> dict[str, Any] | None:
+    """The stage's recorded outputs when it already ran on the same inputs and they are all there, else None."""
     record_path = layout.stage_record_path(config.run_dir, stage.name)
     if record_path.is_file():
         try:
@@ -164,18 +201,32 @@ def run_stage(config: ExperimentConfig, stage: Stage, result: PipelineResult) ->
                 result.outputs[stage.name] = record["outputs"]
                 return record["outputs"]
             log.info("stage %s: recorded as done, but %s: running it again", stage.name, reason, extra=console.LINE)
+    return None
+
+
+def _begin(config: ExperimentConfig, stage: Stage, together: list[str] | None = None) -> tuple[bool, float]:
+    """Mark the stage started; (whether it resumes, when it started)."""
     # A stage that started on these same inputs and was interrupted resumes; one whose inputs changed
     # since (a new beta, say) starts over instead of continuing the old run's checkpoints.
+    record_path = layout.stage_record_path(config.run_dir, stage.name)
     started_path = record_path.with_suffix(".started")
     resume = started_path.is_file() and started_path.read_text().strip() == stage.inputs
     record_path.parent.mkdir(parents=True, exist_ok=True)
     started_path.write_text(stage.inputs)
-    started = time.time()
-    log.info("stage %s: %s", stage.name, "resuming" if resume else "running", extra=console.STAGE)
-    outputs = stage.run(resume)
+    log.info("stage %s: %s%s", stage.name, "resuming" if resume else "running",
+             f" (with {', '.join(together)}: one pass)" if together else "", extra=console.STAGE)
+    return resume, time.time()
+
+
+def _record(config: ExperimentConfig, stage: Stage, outputs: dict[str, Any], started: float, result: PipelineResult,
+            together: list[str] | None = None) -> dict[str, Any]:
+    """Write the stage's record (what makes it up to date next time) and say it is done."""
+    record_path = layout.stage_record_path(config.run_dir, stage.name)
+    record = {"inputs": stage.inputs, "outputs": outputs, "started": started, "seconds": round(time.time() - started, 1)}
+    if together:
+        record["together_with"] = together
     tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"inputs": stage.inputs, "outputs": outputs, "started": started,
-                               "seconds": round(time.time() - started, 1)}, indent=2, default=str))
+    tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(record_path)
     summary = stage_summary(outputs)
     log.info("stage %s: done in %.0f s%s", stage.name, time.time() - started, f" ({summary})" if summary else "",
@@ -258,7 +309,7 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
     # are read (`evaluation_outputs`, the report's tests)
     import ray
 
-    from orchestrator.eval.runner import run_eval
+    from orchestrator.eval.runner import EvalRequest, run_evals
     from orchestrator.train.trainer import run_training
 
     if not ray.is_initialized():
@@ -293,14 +344,11 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
         base_model = warm["model"]
 
     eval_inputs = (dump["eval"], dump["model"]["eval_template"], files, benchmarks)
-
-    # Evaluation resumes by its own run id; when a stage runs, items that failed before are tried again.
-    def baseline(resume: bool) -> dict[str, Any]:
-        return evaluation_outputs(run_eval(config, model_path=base_model, benchmarks=benchmarks, tag="baseline",
-                                           retry_errors=True))
-
-    run_stage(config, Stage(layout.EVAL_BASELINE, inputs_hash(base_model, *eval_inputs), baseline,
-                            products=EVAL_PRODUCTS), result)
+    # The evaluations come after the training, all in one pass: one actor pool imports, warms up and answers the
+    # base model's questions and each adapter's (`run_evals`). Each resumes by its own run id; when a stage runs,
+    # items that failed before are tried again.
+    evaluations = [(Stage(layout.EVAL_BASELINE, inputs_hash(base_model, *eval_inputs), None, products=EVAL_PRODUCTS),
+                    EvalRequest(config, model_path=base_model, tag="baseline"))]
 
     for seed in dpo_seeds or [config.train.seed]:
         seeded = config if seed == config.train.seed and not dpo_seeds else \
@@ -318,14 +366,17 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
         trained = run_stage(config, Stage(layout.seeded_stage(layout.DPO, stage_seed),
                                           inputs_hash(base_model, seeded.model_dump(mode="json")["train"], files,
                                                       *sources), dpo, products=("adapter",)), result)
+        evaluations.append((Stage(layout.seeded_stage(layout.EVAL_HADPO, stage_seed),
+                                  inputs_hash(base_model, trained["adapter"], *eval_inputs), None, products=EVAL_PRODUCTS),
+                            EvalRequest(seeded, model_path=base_model, adapter=trained["adapter"], tag="hadpo")))
 
-        def after(resume: bool, adapter=trained["adapter"], seeded=seeded) -> dict[str, Any]:
-            return evaluation_outputs(run_eval(seeded, model_path=base_model, adapter=adapter, benchmarks=benchmarks,
-                                               tag="hadpo", retry_errors=True))
+    requests = {stage.name: request for stage, request in evaluations}
 
-        run_stage(config, Stage(layout.seeded_stage(layout.EVAL_HADPO, stage_seed),
-                                inputs_hash(base_model, trained["adapter"], *eval_inputs), after, products=EVAL_PRODUCTS),
-                  result)
+    def evaluate(stages: list[Stage]) -> list[dict[str, Any]]:
+        return [evaluation_outputs(evaluated) for evaluated in
+                run_evals([requests[stage.name] for stage in stages], benchmarks, retry_errors=True)]
+
+    run_stages_together(config, [stage for stage, _ in evaluations], result, evaluate)
 
     result.run_record = write_run_record(config, {"base_model": base_model, "stages": result.outputs})
     return result

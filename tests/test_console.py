@@ -301,8 +301,12 @@ def test_hadpo_run_shows_one_line_per_stage_and_its_progress_and_sends_the_rest_
     # test_relative_output_root and test_pipeline)
     terminal = demo_run.terminal
     lines = terminal.splitlines()
-    for stage in ["data", "warmup", "eval_baseline", "dpo", "eval_hadpo"]:
+    for stage in ["data", "warmup", "dpo"]:
         assert f"stage {stage}: running" in lines, (stage, terminal)
+    # the evaluations come last, in one pass (one actor pool)
+    assert "stage eval_baseline: running (with eval_hadpo: one pass)" in lines, terminal
+    assert "stage eval_hadpo: running (with eval_baseline: one pass)" in lines, terminal
+    for stage in ["data", "warmup", "dpo", "eval_baseline", "eval_hadpo"]:
         assert any(line.startswith(f"stage {stage}: done in ") for line in lines), (stage, terminal)
     assert any(line.startswith("stage data: done in ") and "usable" in line for line in lines)
     assert any(line.startswith("stage eval_baseline: done in ") and "POPE mean F1" in line for line in lines)

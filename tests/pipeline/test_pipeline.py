@@ -32,7 +32,7 @@ def test_pipeline_runs_every_stage_then_resumes_and_redoes_only_what_changed(dem
     # the first run: `hadpo run` of the demo at its smallest (conftest.demo_run, shared with test_console and
     # test_relative_output_root), which prints run_pipeline's result
     (ran,) = [line for line in demo_run.run.stdout.splitlines() if line.startswith("stages run: ")]
-    assert ran == "stages run: data, warmup, eval_baseline, dpo, eval_hadpo; up to date: none"
+    assert ran == "stages run: data, warmup, dpo, eval_baseline, eval_hadpo; up to date: none"
     record = demo_run.run_record
     assert record["packages"]["torch"].startswith("2.13.0") and record["packages"]["ray"] == "2.60.0"
     assert {"pope_random", "pope_popular", "pope_adversarial", "hadpo_desc", "hadpo_pope"} <= set(record["data_files"])
@@ -43,7 +43,7 @@ def test_pipeline_runs_every_stage_then_resumes_and_redoes_only_what_changed(dem
 
     monkeypatch.chdir(demo_run.folder)  # the config's relative output_root, as the command read it
     again = run_pipeline(load_config("demo.yaml"))
-    assert again.ran == [] and again.skipped == ["data", "warmup", "eval_baseline", "dpo", "eval_hadpo"]
+    assert again.ran == [] and again.skipped == ["data", "warmup", "dpo", "eval_baseline", "eval_hadpo"]
 
     changed = run_pipeline(load_config("demo.yaml", ["train.beta=0.3"]))
     assert changed.ran == ["dpo", "eval_hadpo"]  # the warm-up and baseline do not depend on beta

@@ -92,3 +92,32 @@ def test_retry_errors_recomputes_an_item_whose_image_was_fixed(ray_session, synt
     assert retried.run_id == first.run_id and retried.counts["computed"] == len(failed)
     assert retried.counts["errors"] == 0 and len(retried.answers()) == len(broken)
     assert retried.pope_table["split"].iloc[-1] == "mean"
+
+
+def test_stages_run_together_are_each_skipped_or_recorded_on_their_own(tmp_path):
+    """The evaluations' way (`run_stages_together`): one call does the work of the stages that are not up to
+    date; each gets its own record, and the one already done is neither passed nor run again."""
+    import json
+
+    from orchestrator.pipeline import run_stages_together
+
+    config = config_from_dict({"name": "p", "output_root": str(tmp_path / "runs")})
+    calls: list[bool] = []
+    run_stage(config, counting_stage(tmp_path, calls, "eval_baseline"), PipelineResult())
+    passed: list[list[str]] = []
+
+    def evaluate(stages):
+        passed.append([stage.name for stage in stages])
+        return [{"made_by": "one pass", "for": stage.name} for stage in stages]
+
+    stages = [Stage(name, "inputs-1", None) for name in ("eval_baseline", "eval_hadpo_seed1", "eval_hadpo_seed2")]
+    result = PipelineResult()
+    outputs = run_stages_together(config, stages, result, evaluate)
+    assert passed == [["eval_hadpo_seed1", "eval_hadpo_seed2"]] and len(calls) == 1
+    assert outputs[0]["adapter"] and [o["for"] for o in outputs[1:]] == ["eval_hadpo_seed1", "eval_hadpo_seed2"]
+    assert result.skipped == ["eval_baseline"] and result.ran == ["eval_hadpo_seed1", "eval_hadpo_seed2"]
+    records = [json.loads((config.run_dir / "stages" / f"eval_hadpo_seed{n}.json").read_text()) for n in (1, 2)]
+    assert records[0]["together_with"] == ["eval_hadpo_seed2"] and records[0]["started"] == records[1]["started"]
+    again = PipelineResult()
+    run_stages_together(config, stages, again, evaluate)
+    assert len(passed) == 1 and again.ran == [] and len(again.skipped) == 3
