@@ -22,7 +22,9 @@ Everything runs in ONE process and one run, on the same model and the same quest
   in the suffix prefill and in every decode step, every distinct question of the image decoding in
   the image's row (`PrefixReuse.generate`);
 * **ours, MileBench** (``milebench``, not in the default modes): plain batched generate on synthetic
-  multi-image MileBench items (``--milebench-samples`` per task, 2 tasks, 2-4 images each).
+  multi-image MileBench items (``--milebench-samples`` per task, 2 tasks, 2-4 images each), batched by
+  prompt length within the image budget; ``milebench-single``: the same items one sample per ``generate``
+  (``eval.milebench_image_budget=1``), as MileBench's LLaVA worker answers them: the "before".
 
 Generate modes run under two protocols, each with and without prefix reuse:
 
@@ -110,8 +112,10 @@ MODES = {
     "generate-hadpo": ("ours: generate, plain batched, HA-DPO", "generate", False, "hadpo"),
     "prefix-generate-hadpo": ("ours: generate, prefix reuse, HA-DPO", "generate", True, "hadpo"),
     "milebench": ("ours: MileBench, plain batched generate", "generate", False, "milebench"),
+    "milebench-single": ("MileBench's way: one sample per generate", "generate", False, "milebench-single"),
 }
-DEFAULT_MODES = [mode for mode in MODES if mode != "milebench"]
+MILEBENCH_MODES = ("milebench", "milebench-single")
+DEFAULT_MODES = [mode for mode in MODES if mode not in MILEBENCH_MODES]
 
 log = logging.getLogger("pope_throughput")
 
@@ -289,7 +293,7 @@ def make_world_and_model(args, workdir: Path, device: str):
     from orchestrator.model.llava import build_tiny_llava
 
     size = TinyModelConfig().image_size if args.tiny else LLAVA_15_7B.image_size
-    mile = args.milebench_samples if "milebench" in args.modes else 0
+    mile = args.milebench_samples if set(MILEBENCH_MODES) & set(args.modes) else 0
     synth = SynthConfig(seed=0, num_images=2, num_pope_images=args.images, image_size=size,
                         milebench_tasks=2 if mile else 0, milebench_samples=max(mile, 1))
     world = workdir / f"world-{args.images}-{size}-{mile}"
@@ -335,10 +339,11 @@ def protocol_settings(protocol: str | None, args) -> dict:
     if protocol == "hadpo":
         forced = args.hadpo_new_tokens
         return {"answer_suffix": "", "max_new_tokens": forced or 512, "min_new_tokens": forced}
-    if protocol == "milebench":   # MileBench items use the milebench_* settings, POPE's are unused
+    if protocol in MILEBENCH_MODES:   # MileBench items use the milebench_* settings, POPE's are unused
         forced = args.milebench_new_tokens
         return {"answer_suffix": "", "max_new_tokens": forced, "min_new_tokens": forced,
-                "milebench_max_new_tokens": forced, "milebench_min_new_tokens": forced}
+                "milebench_max_new_tokens": forced, "milebench_min_new_tokens": forced,
+                **({"image_budget": 1} if protocol == "milebench-single" else {})}
     return {"answer_suffix": "", "max_new_tokens": args.max_new_tokens, "min_new_tokens": 0}
 
 
@@ -660,7 +665,7 @@ def main(argv=None) -> int:
         images = sorted({item["images"][0] for item in items})
         compare = set(images[: args.compare_images])
         compare_items = [item for item in items if item["images"][0] in compare]
-        mile_items = milebench_questions(world) if "milebench" in args.modes else []
+        mile_items = milebench_questions(world) if set(MILEBENCH_MODES) & set(args.modes) else []
         fm = flop_model(model_dir)
         counts = {suffix: token_counts(model_dir, items, suffix) for suffix in ("", SHORT_ANSWER_SUFFIX)}
         log.info("%d POPE questions (%d images x 6 x 3 splits, %d distinct image+question pairs); "
@@ -687,7 +692,7 @@ def main(argv=None) -> int:
         for mode in MODES:
             if mode == "baseline" or mode not in args.modes:
                 continue
-            mode_items = mile_items if mode == "milebench" else items if MODES[mode][2] else compare_items
+            mode_items = mile_items if mode in MILEBENCH_MODES else items if MODES[mode][2] else compare_items
             timings_dir = workdir / f"timings-{mode}-{time.time_ns()}"
             results[mode] = ours(model_dir, mode_items, mode, args, use_gpu, adapter, timings_dir)
             results[mode]["items"] = mode_items
@@ -726,7 +731,7 @@ def main(argv=None) -> int:
         label, kind, prefix, protocol = MODES[key]
         measured_all = prefix and result["questions"] == n_all
         seconds_all = result["seconds"] if measured_all else n_all / rate
-        if key == "milebench":
+        if key in MILEBENCH_MODES:
             per_q = float("nan")
         else:
             new_tokens = args.max_new_tokens if key == "baseline" else fixed_new_tokens(key, args)
@@ -742,7 +747,7 @@ def main(argv=None) -> int:
             row["phases"] = result["phases"]
         table[key] = row
         seconds_text = f"{seconds_all:.1f}" + ("" if measured_all else "*")
-        if key == "milebench":
+        if key in MILEBENCH_MODES:
             seconds_text = f"{result['seconds']:.1f} ({result['questions']} q)"
         print(f"{label:<44} {result['questions']:>7} {fmt(rate, '.2f', width=8)} "
               f"{fmt(row['qps_e2e'], '.2f', width=8)} {seconds_text:>11} {fmt(row['x_loop'], '.2f', width=7)} "

@@ -50,7 +50,8 @@ def test_tiny_run_answers_every_question_and_breaks_the_seconds_down(ray_session
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "pope.json"
-    modes = ["prefix", "generate", "prefix-generate", "generate-hadpo", "prefix-generate-hadpo", "milebench"]
+    modes = ["prefix", "generate", "prefix-generate", "generate-hadpo", "prefix-generate-hadpo", "milebench",
+             "milebench-single"]
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--modes", *modes, "--hadpo-new-tokens", "6",
                            "--workdir", str(tmp_path / "work"), "--json", str(out),
                            "--ray-address", ray_session.get_runtime_context().gcs_address],  # the suite's Ray
@@ -86,3 +87,6 @@ def test_tiny_run_answers_every_question_and_breaks_the_seconds_down(ray_session
     assert "agreement prefix-generate vs generate: 100.00 % identical answers" in proc.stdout
     mile = results["results"]["milebench"]
     assert mile["questions_timed"] == 2 * 4 and mile["errors"] == 0
+    # MileBench's way, one sample per generate (the "before"): the same items, each its own model batch
+    single = results["results"]["milebench-single"]
+    assert single["questions_timed"] == 2 * 4 and single["errors"] == 0 and "MileBench's way" in proc.stdout
