@@ -286,8 +286,12 @@ def run_evals(requests: Sequence[EvalRequest], benchmarks: Sequence[str] = BENCH
 
     if not ray.is_initialized():
         init_ray(requests[0].cfg)
-    for cfg in {id(r.cfg): r.cfg for r in requests}.values():
-        preflight(cfg, eval_request(cfg))  # an actor pool the cluster can never hold fails here, in seconds
+    checked: list[tuple] = []   # each distinct pool once (a run's seeded configs ask for the same one)
+    for cfg in (request.cfg for request in requests):
+        needs = (eval_request(cfg), cfg.scaling.resource_wait_s, cfg.scaling.autoscaling_config)
+        if needs not in checked:
+            checked.append(needs)
+            preflight(cfg, eval_request(cfg))  # an actor pool the cluster can never hold fails here, in seconds
 
     questions: dict[str, _Questions] = {}   # by the data section: seeded runs share their questions
     planned = []
