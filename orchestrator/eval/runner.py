@@ -288,10 +288,10 @@ def run_evals(requests: Sequence[EvalRequest], benchmarks: Sequence[str] = BENCH
         init_ray(requests[0].cfg)
     checked: list[tuple] = []   # each distinct pool once (a run's seeded configs ask for the same one)
     for cfg in (request.cfg for request in requests):
-        needs = (eval_request(cfg), cfg.scaling.resource_wait_s, cfg.scaling.autoscaling_config)
-        if needs not in checked:
-            checked.append(needs)
-            preflight(cfg, eval_request(cfg))  # an actor pool the cluster can never hold fails here, in seconds
+        pool = eval_request(cfg)
+        if (pool, cfg.scaling.resource_wait_s, cfg.scaling.autoscaling_config) not in checked:
+            checked.append((pool, cfg.scaling.resource_wait_s, cfg.scaling.autoscaling_config))
+            preflight(cfg, pool)  # an actor pool the cluster can never hold fails here, in seconds
 
     questions: dict[str, _Questions] = {}   # by the data section: seeded runs share their questions
     planned = []
@@ -369,10 +369,8 @@ def _plan(request: EvalRequest, questions: _Questions, benchmarks: tuple[str, ..
 
 def _pool_key(plan: _Planned) -> tuple:
     """What evaluations must share to be answered by one actor pool: every predictor setting but the
-    per-run ones (`RUN_FIELDS`), and the actors' resources."""
-    shared = dataclasses.replace(plan.settings, **{name: "" for name in RUN_FIELDS})
-    e = plan.request.cfg.eval
-    return (shared, e.num_actors, e.cpus_per_actor, e.gpus_per_actor, json.dumps(e.resources_per_actor, sort_keys=True))
+    per-run ones (`RUN_FIELDS`), and the actors' resources (`resources.eval_request`)."""
+    return (dataclasses.replace(plan.settings, **{name: "" for name in RUN_FIELDS}), eval_request(plan.request.cfg))
 
 
 def _pools(planned: list[_Planned]) -> list[list[_Planned]]:
