@@ -162,13 +162,12 @@ def answer_blocks(record: dict) -> list[tuple[float, int]]:
     return sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in answers.glob("*.parquet"))
 
 
-def eval_timing(record: dict, started: float | None = None) -> dict[str, Any]:
+def eval_timing(record: dict, blocks: list[tuple[float, int]], started: float | None = None) -> dict[str, Any]:
     """POPE stage: start-up to the first answered block and steady questions/s, from the answer blocks
-    the actor writes as it finishes them (file times) and its own start-up record. `started`: when the
-    stage's own work began (default the record's start; for the second evaluation of a shared pass, the
-    first one's last block)."""
+    the actor writes as it finishes them (`answer_blocks`: file times) and its own start-up record. `started`:
+    when the stage's own work began (default the record's start; for the second evaluation of a shared pass,
+    the first one's last block)."""
     outputs = record["outputs"]
-    blocks = answer_blocks(record)
     started = record["started"] if started is None else started
     entry: dict[str, Any] = {"wall_s": record["seconds"], "answers": sum(n for _, n in blocks)}
     if blocks:
@@ -407,13 +406,14 @@ def main(argv=None) -> int:
     ray.shutdown()
     records = stage_records(cfg.run_dir)
     stages: dict[str, dict] = {}
+    blocks_of = {name: answer_blocks(record) for name, record in records.items() if name.startswith("eval")}
     previous_pass_end: dict[float, float] = {}   # a shared evaluation pass (by its start): its last block so far
+    # by start; the evaluations of one pass (one start) by their first block
     for name, record in sorted(records.items(), key=lambda item: (item[1].get("started", 0),
-                                                                  (answer_blocks(item[1]) or [(0, 0)])[0][0]
-                                                                  if item[0].startswith("eval") else 0)):
+                                                                  (blocks_of.get(item[0]) or [(0, 0)])[0][0])):
         if name.startswith("eval"):
-            entry = eval_timing(record, previous_pass_end.get(record.get("started")))
-            blocks = answer_blocks(record)
+            blocks = blocks_of[name]
+            entry = eval_timing(record, blocks, previous_pass_end.get(record.get("started")))
             if record.get("together_with") and blocks:
                 previous_pass_end[record["started"]] = blocks[-1][0]
                 entry["shared_pass_with"] = record["together_with"]

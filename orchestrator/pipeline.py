@@ -175,12 +175,12 @@ def run_stages_together(config: ExperimentConfig, stages: list[Stage], result: P
         else:
             outputs[stage.name] = recorded
     if todo:
+        together = {stage.name: [s.name for s in todo if s is not stage] for stage in todo}
         for stage in todo:
-            _begin(config, stage, together=[s.name for s in todo if s is not stage])
+            _begin(config, stage, together=together[stage.name])
         started = time.time()   # one start for all: their records say they ran in one pass
         for stage, made in zip(todo, run(todo)):
-            outputs[stage.name] = _record(config, stage, made, started, result,
-                                          together=[s.name for s in todo if s is not stage])
+            outputs[stage.name] = _record(config, stage, made, started, result, together=together[stage.name])
     return [outputs[stage.name] for stage in stages]
 
 
