@@ -301,6 +301,8 @@ def print_table(results: dict) -> None:
             steady = f"{fmt(entry.get('steady_qps'), '.1f')} questions/s"
             startup = entry.get("first_block_s")
             notes = f"{entry.get('answers')} answers, {fmt(entry.get('end_to_end_qps'), '.1f')} q/s end to end"
+            if entry.get("interleaved_with_previous"):
+                notes += "; its blocks interleaved with the previous evaluation's (times from the pass start)"
             peak = entry.get("device_peak_gib")
         elif name.startswith("dpo"):
             steady = f"{fmt(entry.get('steady_pairs_per_s'), '.2f')} pairs/s"
@@ -413,9 +415,15 @@ def main(argv=None) -> int:
                                                                   (blocks_of.get(item[0]) or [(0, 0)])[0][0])):
         if name.startswith("eval"):
             blocks = blocks_of[name]
-            entry = eval_timing(record, blocks, previous_pass_end.get(record.get("started")))
+            previous_end = previous_pass_end.get(record.get("started"))
+            # a small evaluation's blocks can interleave with the previous one's in the shared stream: then
+            # its start-up counts from the pass's start, as the first one's does
+            interleaved = previous_end is not None and bool(blocks) and blocks[0][0] < previous_end
+            entry = eval_timing(record, blocks, None if interleaved else previous_end)
+            if interleaved:
+                entry["interleaved_with_previous"] = True
             if record.get("together_with") and blocks:
-                previous_pass_end[record["started"]] = blocks[-1][0]
+                previous_pass_end[record["started"]] = max(blocks[-1][0], previous_end or 0.0)
                 entry["shared_pass_with"] = record["together_with"]
         elif name.startswith("dpo"):
             entry = dpo_timing(record, timings_path(cfg.run_dir, "dpo"), args.warmup, args.pairs)
