@@ -37,7 +37,7 @@ from orchestrator.files import file_sha256
 from orchestrator.plan import reference_fill
 from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight, reference_request, training_request
-from orchestrator.versions import git_sha, package_versions
+from orchestrator.versions import bytecode_warning, git_sha, package_versions, packages_compiled_in_every_process
 
 log = logging.getLogger("hadpo.pipeline")
 
@@ -78,6 +78,7 @@ def hardware() -> dict[str, Any]:
             "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["compiled_in_every_process"] = packages_compiled_in_every_process()  # slow worker start-up if any
     return info
 
 
@@ -314,6 +315,8 @@ def run_pipeline(config: ExperimentConfig, dpo_seeds: list[int] | None = None,
 
     if not ray.is_initialized():
         init_ray(config)
+    if warning := bytecode_warning():
+        log.warning(warning)
     # every stage's workers and actors, checked before the first stage runs (fails in seconds)
     preflight(config, training_request(config), eval_request(config),
               *([reference_request(config)] if reference_fill(config.train) == "pass" else []))
