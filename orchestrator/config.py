@@ -226,6 +226,11 @@ class ModelConfig(_Section):
     eval_template: Literal["v1", "llava_v1", "chat"] = "llava_v1"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    cudnn_attention: bool = Field(
+        False, description="let SDPA use cuDNN's attention, torch's first choice on Hopper GPUs. It builds a plan "
+        "for every new attention shape (0.1-2.2 s each, measured on an H200), so DPO's first step and each step of "
+        "a new packed width, and an eval actor's first blocks, waited seconds for it. Off: flash / memory-efficient "
+        "attention, which need no set-up per shape (orchestrator/model/kernels.py)")
 
 
 class LoraConfig(_Section):
@@ -320,6 +325,9 @@ class TrainConfig(_Section):
     fused_kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="fused RMSNorm / SwiGLU / RoPE kernels for the language model (orchestrator/model/"
         "kernels.py); auto: liger-kernel on a GPU where it is installed (the [gpu] extra), none elsewhere")
+    warm_kernels: bool = Field(
+        True, description="with fused kernels: compile them on small tensors of the model's sizes in a background "
+        "thread while the worker loads the model (orchestrator/model/kernels.py), so the first steps do not")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint_every_steps: int = Field(100, gt=0)

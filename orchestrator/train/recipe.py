@@ -77,7 +77,8 @@ from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.eval.model_adapter import VisionLanguageModel
 from orchestrator.eval.probe import objective_of, probe_values, score_probe
 from orchestrator.files import write_json_atomic
-from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
+from orchestrator.model.kernels import (KernelWarmup, apply_fused_kernels, resolve_fused_kernels,
+                                        use_cudnn_attention)
 from orchestrator.model.families import FAMILIES, LoadedModel, family_of, load_model
 from orchestrator.model.lora import add_lora, freeze_vision, set_lora_input_casting
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
@@ -115,11 +116,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = on_gpu and train.bf16
     if on_gpu:  # the recipe trains with tf32 matmuls where bf16 does not apply
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_cudnn_attention(cfg.model.cudnn_attention)
     _quiet_libraries(rank)
     lap = _Laps()
 
-    # 1. Model (same seed on every rank, so LoRA's random init agrees) while the rows are read.
+    # 1. Model (same seed on every rank, so LoRA's random init agrees) while the rows are read and the fused
+    # kernels compile.
     _seed_all(train.seed)
+    kernels = resolve_fused_kernels(train.fused_kernels, on_gpu)
+    warmup = None
+    if kernels == "liger" and train.warm_kernels:
+        warmup = KernelWarmup(config["base_model"], rows=train.batch_size_per_worker,
+                              width_multiple=train.pad_to_multiple_of, device=device,
+                              dtype=torch.bfloat16 if (bf16 and use_ds) else torch.float32,
+                              trainable_norms=not plan.lora)
     with ThreadPoolExecutor(max_workers=1) as reader:
         # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
         pending_rows = reader.submit(read_rows, ray.train.get_dataset_shard("train"))
@@ -135,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rows = pending_rows.result()
     model = loaded.model
     model.config.use_cache = False
-    kernels = apply_fused_kernels(model, resolve_fused_kernels(train.fused_kernels, on_gpu))
+    kernels = apply_fused_kernels(model, kernels)
     if not (plan.stage == "sft" and train.sft.train_vision):
         freeze_vision(model)
     schedule = plan_schedule(len(rows), world, train, plan)
@@ -190,6 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     lap("restore")
     tracker = Tracker(cfg, plan.stage, resume_step=start_step, enabled=rank == 0)
     lap("tracker")
+    warmed = warmup.wait() if warmup is not None else ""
+    lap("kernels")
     step_hook: Callable[[int, int], None] | None = config.get("step_hook")
     probe: dict[str, Any] | None = config.get("probe")  # a sweep's objective on a POPE subset (eval/probe.py)
     if rank == 0:
@@ -202,6 +214,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "" if plan.stage != "dpo" else f", {pair_layout(train, loaded)} pairs, "
                  f"reference {reference_source(cached_reference, rows, fill_in_loop)}", torch.get_num_threads())
         log.info("setup %s", lap)
+        if warmed:
+            log.info(warmed)
     clock = _StepClock(layout.timings_path(cfg.run_dir, plan.stage), lap, enabled=rank == 0,
                        engine=engine.describe(), engine_reason=zero_reason)
 
