@@ -230,7 +230,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
     import torch
 
     from orchestrator.data import datasets
-    from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels
+    from orchestrator.model.kernels import apply_fused_kernels, resolve_fused_kernels, use_cudnn_attention
     from orchestrator.model.families import load_model
     from orchestrator.plan import use_gradient_checkpointing, with_gpu_memory
     from orchestrator.train.pairs import longest_row_tokens
@@ -244,6 +244,7 @@ def plain_loop(cfg, warmup: int, steps: int, tiny: bool, cached_reference: bool)
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
+    use_cudnn_attention(cfg.model.cudnn_attention)   # as the recipe
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
         (lambda: torch.autocast("cpu", enabled=False))
     rows = sorted(datasets.preference_rows(cfg), key=lambda row: str(row["sample_id"]))

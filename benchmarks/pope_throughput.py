@@ -138,6 +138,8 @@ def parse_args(argv=None):
     parser.add_argument("--weights", choices=["random-init", "saved"], default="random-init",
                         help="build random weights in each process from the config (default), or save them "
                              "once (7B: 14 GB) and load them with load_model")
+    parser.add_argument("--cudnn-attention", action="store_true",
+                        help="let SDPA use cuDNN's attention (model.cudnn_attention; off as in the product)")
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="default 4 with a GPU, 1 without")
     parser.add_argument("--max-new-tokens", type=int, default=3, help="new tokens of the batch-1 loop")
@@ -545,6 +547,7 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
     _, kind, prefix, protocol = MODES[mode]
     settings = PredictorSettings(run_id=f"bench-{mode}", model_path=str(model_dir), mode=kind,
                                  batch_size=args.batch_size, dtype="auto", prefix_reuse=prefix,
+                                 cudnn_attention=args.cudnn_attention,
                                  prefix_images=args.prefix_images, model_adapter=adapter, timings_dir=str(timings_dir),
                                  **protocol_settings(protocol, args))
     if prefix:

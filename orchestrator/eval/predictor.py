@@ -83,6 +83,7 @@ from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
 from orchestrator.eval.results import ANSWER_COLUMNS, block_name, to_answer_table, write_answers
 from orchestrator.files import write_json_atomic
 from orchestrator.images import load_image
+from orchestrator.model.kernels import use_cudnn_attention
 from orchestrator.retry import run_batch_retrying_items
 from orchestrator.timing import process_start_time
 
@@ -192,6 +193,7 @@ class PredictorSettings:
     milebench_fit_context: bool = False  # not MileBench's: budget lowered so prompt + new tokens fit the model
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
+    cudnn_attention: bool = False        # model.cudnn_attention: SDPA may use cuDNN (a plan per new shape)
     model_adapter: Any = None            # None (VisionLanguageModel), a class, or "module:Class"
     image_cache: int = 256               # decoded images kept per actor (POPE asks 6 questions per image)
     prefix_reuse: bool = False           # POPE: image prefix computed once per image (prefix_cache.py), both modes
@@ -239,6 +241,8 @@ class PredictorSettings:
                                      min_new_tokens=self.min_new_tokens, milebench=self.milebench_generation())
         if self.max_image_pixels:  # Qwen2.5-VL's images are resized to it: other image tokens, other answers
             settings["max_image_pixels"] = int(self.max_image_pixels)
+        if self.cudnn_attention:  # other attention kernels: the same answers in exact arithmetic, not in bf16
+            settings["cudnn_attention"] = True
         return settings
 
     def milebench_generation(self) -> dict:
@@ -312,6 +316,7 @@ class Predictor:
         self.timings["prefetched_bytes"] = prefetch_files(weight_files(settings.model_path, settings.adapter_path))
         import torch  # noqa: F401  (the model adapters import these lazily: timed here as their own phase)
 
+        use_cudnn_attention(settings.cudnn_attention)   # before the device warm-up loads attention kernels
         # CUDA context, cuBLAS, cuDNN and attention kernels loaded by tiny ops while the modeling code
         # imports (the ops release the GIL); the thread's cuBLAS handle returns to torch's pool for the model
         threading.Thread(target=_warm_device, args=(settings.dtype, self.timings), name="device-warm-up",
@@ -347,6 +352,7 @@ class Predictor:
     def _load_model(self, settings: PredictorSettings) -> None:
         """The model of `settings` (its folder and adapter) with what goes with it: generation settings and the
         prefix-reuse path."""
+        use_cudnn_attention(settings.cudnn_attention)
         self.model = self.model_class({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None, "family": settings.family,
             "max_image_pixels": settings.max_image_pixels,

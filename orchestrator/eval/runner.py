@@ -333,7 +333,8 @@ def _plan(request: EvalRequest, questions: _Questions, benchmarks: tuple[str, ..
         milebench_template=milebench_template, milebench_max_new_tokens=cfg.eval.milebench_max_new_tokens,
         milebench_min_new_tokens=cfg.eval.milebench_min_new_tokens, milebench_fit_context=cfg.eval.milebench_fit_context,
         dtype=resolved_dtype(cfg.model.dtype, cfg.eval.gpus_per_actor),
-        attn_implementation=cfg.model.attn_implementation, model_adapter=model_adapter, fault=dict(fault or {}),
+        attn_implementation=cfg.model.attn_implementation, cudnn_attention=cfg.model.cudnn_attention,
+        model_adapter=model_adapter, fault=dict(fault or {}),
         prefix_reuse=cfg.eval.prefix_reuse,
     )
     if model_adapter is not None:

@@ -349,3 +349,20 @@ def test_milebench_generates_past_the_models_positions_as_upstream_unless_told_t
     assert fitted["error"] == "" and fitted["prompt_tokens"] + 160 <= 256
     assert len(fitted["question"]) < len(upstream["question"])
     assert json.loads(fitted["decoding"])["milebench_fit_context"] is True
+
+
+def test_cudnn_attention_is_what_the_settings_ask_for_and_recorded_only_when_on():
+    import torch
+
+    from orchestrator.eval.results import compute_run_id
+
+    try:
+        for wanted in (True, False, True):
+            Predictor(settings("/unused", mode="generate", model_adapter=EchoModel, cudnn_attention=wanted))
+            assert torch.backends.cuda.cudnn_sdp_enabled() is wanted
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)   # torch's default, for the tests after this one
+    off, on = settings("/m", mode="generate"), settings("/m", mode="generate", cudnn_attention=True)
+    assert "cudnn_attention" not in off.decoding() and on.decoding()["cudnn_attention"] is True
+    assert compute_run_id("/m", "", "generate", off.decoding(), {}, "") != \
+        compute_run_id("/m", "", "generate", on.decoding(), {}, "")
