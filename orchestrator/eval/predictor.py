@@ -316,7 +316,9 @@ class Predictor:
         self.timings["prefetched_bytes"] = prefetch_files(weight_files(settings.model_path, settings.adapter_path))
         import torch  # noqa: F401  (the model adapters import these lazily: timed here as their own phase)
 
-        use_cudnn_attention(settings.cudnn_attention)   # before the device warm-up loads attention kernels
+        # before the device warm-up loads attention kernels; one setting per actor (runs differing in it get a
+        # pool each: it is not among RUN_FIELDS)
+        use_cudnn_attention(settings.cudnn_attention)
         # CUDA context, cuBLAS, cuDNN and attention kernels loaded by tiny ops while the modeling code
         # imports (the ops release the GIL); the thread's cuBLAS handle returns to torch's pool for the model
         threading.Thread(target=_warm_device, args=(settings.dtype, self.timings), name="device-warm-up",
@@ -352,7 +354,6 @@ class Predictor:
     def _load_model(self, settings: PredictorSettings) -> None:
         """The model of `settings` (its folder and adapter) with what goes with it: generation settings and the
         prefix-reuse path."""
-        use_cudnn_attention(settings.cudnn_attention)
         self.model = self.model_class({
             "model_path": settings.model_path, "adapter_path": settings.adapter_path or None, "family": settings.family,
             "max_image_pixels": settings.max_image_pixels,
