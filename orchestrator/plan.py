@@ -82,6 +82,11 @@ DEFAULT_GPU_MEMORY_GB = 80.0         # planned for when neither the config nor a
 # The ZeRO stage LoRA trains fastest with when the frozen base fits on one GPU (measured, benchmarks/RESULTS.md:
 # stages 0-2 differ only in how they reduce LoRA's small gradients; ZeRO-3 gathers the frozen base every pass).
 FASTEST_LORA_STAGE = 2
+# `zero_stage: auto`'s choice for LoRA on a single GPU whose frozen base fits: no DeepSpeed at all. One GPU has
+# nothing to shard, and plain torch (fused AdamW on fp32 adapters, bf16 autocast) trained `hadpo run`'s 7B step
+# 1.08-1.11x faster than DeepSpeed ZeRO-2 (its gradient hooks, flat buffers and bf16 master copies;
+# benchmarks/RESULTS.md, 2026-12-03).
+DEEPSPEED_OFF = None
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -472,6 +477,7 @@ class MemoryPlan:
     cpu_components: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     image_tokens: int = 0      # the most tokens one image takes (ModelShape.image_tokens)
+    deepspeed: bool = True     # False: plain torch (DDP across workers), zero_stage 0
 
     @property
     def total_gb(self) -> float:
@@ -515,23 +521,31 @@ def reference_fill(train_cfg: TrainConfig, stage: str = "dpo") -> str | None:
     return train_cfg.reference_fill  # loop without LoRA is refused when the config loads
 
 
-def zero_stage_candidates(lora: bool, workers: int) -> tuple[int, ...]:
+def zero_stage_candidates(lora: bool, workers: int) -> tuple[int | None, ...]:
     """Stages to try for `zero_stage: auto`, fastest first (the seed notes: 0/1 > 2 > 3 > offload).
 
-    LoRA: the measured fastest stage, then ZeRO-3 for a frozen base that does not fit one GPU. Full
-    fine-tuning: ZeRO-1 shards the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the weights; on one
-    GPU nothing is sharded, so only ZeRO-3 (the stage that can offload weights) is an alternative to 0.
+    LoRA: the measured fastest stage (on one GPU no DeepSpeed, `DEEPSPEED_OFF`), then ZeRO-3 for a frozen base
+    that does not fit one GPU. Full fine-tuning: ZeRO-1 shards the optimizer, ZeRO-2 also the gradients,
+    ZeRO-3 also the weights; on one GPU nothing is sharded, so only ZeRO-3 (the stage that can offload
+    weights) is an alternative to 0 (DeepSpeed's ZeRO-0 keeps bf16 weights with fp32 master copies, where
+    plain torch would train fp32 weights).
     """
     if lora:
-        return (FASTEST_LORA_STAGE, 3)
+        return (DEEPSPEED_OFF if workers < 2 else FASTEST_LORA_STAGE, 3)
     return (0, 3) if workers < 2 else (1, 2, 3)
 
 
+def stage_name(stage: int | None) -> str:
+    """How the plan and the logs name a stage `zero_stage_candidates` offers."""
+    return "DeepSpeed off" if stage is DEEPSPEED_OFF else f"ZeRO-{stage}"
+
+
 def choose_zero_stage(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingSection,
-                      seq_len: int | None = None, *, attn_implementation: str = "sdpa") -> tuple[int, str]:
+                      seq_len: int | None = None, *, attn_implementation: str = "sdpa") -> tuple[int | None, str]:
     """The ZeRO stage a run trains with, and why: the configured one, or for `auto` the first of
-    `zero_stage_candidates` whose plan fits (gradient checkpointing as the config says, `auto` included).
-    When none fits, ZeRO-3 (the stage that shards and offloads most; `hadpo plan` then advises)."""
+    `zero_stage_candidates` whose plan fits (gradient checkpointing as the config says, `auto` included);
+    `DEEPSPEED_OFF` (None) for plain torch. When none fits, ZeRO-3 (the stage that shards and offloads most;
+    `hadpo plan` then advises)."""
     ds = train_cfg.deepspeed
     if ds.zero_stage != "auto":
         return int(ds.zero_stage), "set in the config"
@@ -543,23 +557,28 @@ def choose_zero_stage(shape: ModelShape, train_cfg: TrainConfig, scaling: Scalin
         plan = estimate_memory(shape, _with_stage(train_cfg, stage), scaling, seq_len,
                                attn_implementation=attn_implementation)
         if fits(plan):
-            if stage == candidates[0]:
+            if stage is DEEPSPEED_OFF:
+                reason = (f"{what} on 1 GPU of {gpu_gb:g} GB: fits unsharded, and with nothing to shard plain torch "
+                          f"trains faster than DeepSpeed (est. {plan.total_gb:.1f} GB/GPU)")
+            elif stage == candidates[0]:
                 reason = (f"{what} on {scaling.num_workers} GPU(s) of {gpu_gb:g} GB: fits at the fastest stage "
                           f"(est. {plan.total_gb:.1f} GB/GPU)")
             else:
-                reason = (f"{what} on {scaling.num_workers} GPU(s) of {gpu_gb:g} GB: ZeRO-{candidates[0]} does "
-                          f"not fit, ZeRO-{stage} does (est. {plan.total_gb:.1f} GB/GPU)")
+                reason = (f"{what} on {scaling.num_workers} GPU(s) of {gpu_gb:g} GB: {stage_name(candidates[0])} "
+                          f"does not fit, ZeRO-{stage} does (est. {plan.total_gb:.1f} GB/GPU)")
             return stage, reason
     return 3, (f"{what} on {scaling.num_workers} GPU(s) of {gpu_gb:g} GB: fits at no stage without offload; "
                "ZeRO-3 (see the advice below)")
 
 
-def _with_stage(train_cfg: TrainConfig, stage: int) -> TrainConfig:
-    return train_cfg.model_copy(update={"deepspeed": train_cfg.deepspeed.model_copy(update={"zero_stage": stage})})
+def _with_stage(train_cfg: TrainConfig, stage: int | None) -> TrainConfig:
+    update = {"enabled": False, "zero_stage": 0} if stage is DEEPSPEED_OFF else {"zero_stage": stage}
+    return train_cfg.model_copy(update={"deepspeed": train_cfg.deepspeed.model_copy(update=update)})
 
 
 def resolve_zero_stage(cfg: ExperimentConfig, seq_len: int | None = None) -> tuple[ExperimentConfig, str]:
-    """`cfg` with `train.deepspeed.zero_stage: auto` replaced by the planner's choice, and the reason."""
+    """`cfg` with `train.deepspeed.zero_stage: auto` replaced by the planner's choice (a stage, or DeepSpeed
+    turned off: `train.deepspeed.enabled` false), and the reason."""
     ds = cfg.train.deepspeed
     if not ds.enabled or ds.zero_stage != "auto":
         return cfg, "set in the config"
@@ -587,7 +606,7 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         chosen, reason = choose_zero_stage(shape, train_cfg, scaling, seq_len, attn_implementation=attn_implementation)
         train_cfg = _with_stage(train_cfg, chosen)
         ds = train_cfg.deepspeed
-        notes.append(f"ZeRO stage auto: {chosen} ({reason})")
+        notes.append(f"ZeRO stage auto: {'DeepSpeed off' if chosen is DEEPSPEED_OFF else chosen} ({reason})")
     stage = ds.zero_stage if ds.enabled else 0
     offload_opt = ds.enabled and ds.offload_optimizer and stage >= 1
     offload_par = ds.enabled and ds.offload_params and stage == 3
@@ -676,7 +695,7 @@ def estimate_memory(shape: ModelShape, train_cfg: TrainConfig, scaling: ScalingS
         offload_params=offload_par, num_workers=workers, rows=rows, seq_len=row_tokens,
         gradient_checkpointing=bool(checkpointing), bf16=train_cfg.bf16,
         gpu_memory_gb=planned_gpu_memory_gb(scaling), components=components, cpu_components=cpu, notes=notes,
-        image_tokens=shape.image_tokens,
+        image_tokens=shape.image_tokens, deepspeed=ds.enabled,
     )
 
 
@@ -902,7 +921,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{plan.model}: {_params(plan.total_params, 3)} params"
         + (f" + {_params(plan.lora_params, 1)} LoRA" if plan.lora else "")
         + f", {_params(plan.trainable_params, 2)} trainable ({mode}), {'bf16' if plan.bf16 else 'fp32'}",
-        f"ZeRO-{plan.zero_stage} over {plan.num_workers} worker(s)"
+        (f"ZeRO-{plan.zero_stage}" if plan.deepspeed else "DeepSpeed off (torch AdamW)")
+        + f" over {plan.num_workers} worker(s)"
         + (f", CPU offload of {' and '.join(offload)}" if offload else "")
         + f"; {plan.rows} rows x {plan.seq_len} tokens per GPU"
         + f", gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"

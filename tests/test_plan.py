@@ -264,10 +264,13 @@ def test_use_gradient_checkpointing_resolves_auto_from_the_plan():
     assert use_gradient_checkpointing(config(False, True)) and not use_gradient_checkpointing(config(True, False))
 
 
-# (model, LoRA, GPUs, GiB per GPU, pairs per GPU) -> the stage `zero_stage: auto` trains with. Rows of 759 tokens
-# (packed pairs, cached reference: the recipe's defaults), checkpointing auto.
+# (model, LoRA, GPUs, GiB per GPU, pairs per GPU) -> the stage `zero_stage: auto` trains with (None: DeepSpeed
+# off). Rows of 759 tokens (packed pairs, cached reference: the recipe's defaults), checkpointing auto.
 AUTO_STAGE_CASES = [
-    ("7B", True, 1, 141, 8, 2),       # LoRA, frozen base fits: the fastest stage (no ZeRO-3 gathers)
+    ("7B", True, 1, 141, 8, None),    # LoRA on one GPU, frozen base fits: nothing to shard, plain torch is fastest
+    ("7B", True, 1, 24, 1, None),     # ... on a 24 GB card too (14 GB of frozen base + checkpointed activations)
+    ("13B", True, 1, 24, 1, 3),       # a 13B base does not fit one 24 GB card: ZeRO-3 (the stage that can offload)
+    ("7B", True, 2, 141, 8, 2),       # LoRA on several GPUs: the fastest stage (no ZeRO-3 gathers)
     ("7B", True, 8, 80, 16, 2),       # the shipped recipe on 8 x A100 80GB
     ("7B", True, 8, 24, 1, 2),        # 24 GB cards: 14 GB of frozen base + checkpointed activations still fit
     ("13B", True, 2, 24, 1, 3),       # 26 GB of frozen 13B base cannot sit whole on a 24 GB card
@@ -289,7 +292,8 @@ def test_zero_stage_auto_picks_the_fastest_stage_that_fits(model, lora, gpus, gi
     stage, reason = choose_zero_stage(shape, train_cfg, scaling(gpus, gib), 759)
     assert stage == expected, reason
     plan = estimate_memory(shape, train_cfg, scaling(gpus, gib), 759)
-    assert plan.zero_stage == expected and any(note.startswith("ZeRO stage auto") for note in plan.notes)
+    assert plan.deepspeed == (expected is not None) and plan.zero_stage == (expected or 0)
+    assert any(note.startswith("ZeRO stage auto") for note in plan.notes)
     if expected != 3 or fits(plan):
         assert fits(plan)
 
@@ -310,7 +314,13 @@ def test_hadpo_plan_prints_the_chosen_stage_and_why(capsys):
                          scaling={"num_workers": 1, "use_gpu": True, "gpu_memory_gb": 141})
     assert main_plan(cfg) == 0
     out = capsys.readouterr().out
-    assert "ZeRO-2 over 1 worker" in out and "ZeRO stage auto: 2 (LoRA on 1 GPU(s) of 141 GB: fits" in out
+    assert "DeepSpeed off (torch AdamW) over 1 worker" in out
+    assert "ZeRO stage auto: DeepSpeed off (LoRA on 1 GPU of 141 GB: fits unsharded" in out
+    two = seven_b_config(train={"batch_size_per_worker": 8, "max_length": 759},
+                         scaling={"num_workers": 2, "use_gpu": True, "gpu_memory_gb": 141})
+    assert main_plan(two) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-2 over 2 worker" in out and "ZeRO stage auto: 2 (LoRA on 2 GPU(s) of 141 GB: fits" in out
 
 
 def test_zero3_buffers_match_the_two_measured_zero3_peaks():

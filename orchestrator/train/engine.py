@@ -258,7 +258,7 @@ class Engine:
         self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
         self.ds, self.ddp = deepspeed_engine, ddp
         self.micro = 0
-        self._grad_norm = float("nan")
+        self._grad_norm: torch.Tensor | float = float("nan")
 
     @property
     def zero_stage(self) -> int | None:
@@ -290,11 +290,13 @@ class Engine:
             self.ds.step()  # steps optimizer and schedule only at the boundary
             if boundary:
                 norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
-                self._grad_norm = float(norm) if norm is not None else float("nan")
+                # a copy: DeepSpeed may reuse its tensor for the next step's norm
+                self._grad_norm = norm.detach().clone() if isinstance(norm, torch.Tensor) else \
+                    float("nan") if norm is None else norm
             return boundary
         if boundary:
-            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm))
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -304,12 +306,14 @@ class Engine:
         return float(self.scheduler.get_last_lr()[0])
 
     def grad_norm(self) -> float:
-        return self._grad_norm
+        """The last optimizer step's gradient norm (kept as the engine returned it, maybe a GPU tensor, until read
+        here: the loop reads it when it logs, so no step waits for the GPU to compute it)."""
+        return float(self._grad_norm)
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor | float:
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.requires_grad and p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else float("nan")
+    return torch.stack(norms).norm() if norms else float("nan")
 
 
 # The transformer layers: the language model's (every family keeps it under `language_model`) and the vision

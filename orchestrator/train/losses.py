@@ -120,19 +120,21 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 
 def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                 reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
-                chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
-    """The numbers HA-DPO / TRL log for a batch, averaged over its pairs (plain floats)."""
+                chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The numbers HA-DPO / TRL log for a batch, averaged over its pairs: 0-dim tensors on the batch's device,
+    so the step does not wait for the GPU here (the loop reads them as floats when it logs)."""
     pc, pr = policy_chosen.detach(), policy_rejected.detach()
     rc, rr = reference_chosen.detach(), reference_rejected.detach()
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     logits = (pc - pr) - (rc - rr)
     return {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "logps/chosen": pc.mean().item(),
-        "logps/rejected": pr.mean().item(),
-        "logps/ref_chosen": rc.mean().item(),
-        "logps/ref_rejected": rr.mean().item(),
-        "logits/mean": logits.mean().item(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": pc.mean(),
+        "logps/rejected": pr.mean(),
+        "logps/ref_chosen": rc.mean(),
+        "logps/ref_rejected": rr.mean(),
+        "logits/mean": logits.mean(),
     }

@@ -119,6 +119,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_cudnn_attention(cfg.model.cudnn_attention)
     _quiet_libraries(rank)
     lap = _Laps()
+    # The weights' dtype: bf16 under DeepSpeed (it keeps fp32 master copies of what trains) and for a LoRA base
+    # without it (frozen; peft makes the adapters fp32 and autocast runs the matmuls in bf16); else fp32. (With
+    # LoRA it does not depend on the engine, which the planner may choose only once the model is loaded.)
+    weights_bf16 = bf16 and (use_ds or plan.lora)
 
     # 1. Model (same seed on every rank, so LoRA's random init agrees) while the rows are read and the fused
     # kernels compile.
@@ -128,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if kernels == "liger" and train.warm_kernels:
         warmup = KernelWarmup(config["base_model"], rows=train.batch_size_per_worker,
                               width_multiple=train.pad_to_multiple_of, device=device,
-                              dtype=torch.bfloat16 if (bf16 and use_ds) else torch.float32,
+                              dtype=torch.bfloat16 if weights_bf16 else torch.float32,
                               trainable_norms=not plan.lora)
     with ThreadPoolExecutor(max_workers=1) as reader:
         # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
@@ -138,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         getattr(transformers, FAMILIES[family_of(config["base_model"])].model_class)
 
         lap("import modeling")
-        loaded = load_model(config["base_model"], dtype="bfloat16" if (bf16 and use_ds) else "float32",
+        loaded = load_model(config["base_model"], dtype="bfloat16" if weights_bf16 else "float32",
                             device=device, attn_implementation=cfg.model.attn_implementation, family=cfg.model.family,
                             max_image_pixels=cfg.model.max_image_pixels)
         lap("model")
@@ -161,6 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     planned, zero_reason, checkpointing = plan_stage(cfg, train, plan, rows, loaded, config["base_model"],
                                                       device, world)
     train = train.model_copy(update={"deepspeed": planned.train.deepspeed})
+    use_ds = train.deepspeed.enabled  # auto may turn DeepSpeed off (LoRA on one GPU: plan.DEEPSPEED_OFF)
     lap("plan")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -243,6 +248,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window.add(metrics, inputs, weight)
         if not engine.step():
             continue
+        if computed_reference is not None:  # the step is queued: reading its reference values costs no wait
+            computed_reference.settle()
         step += 1
         clock.step(step)
 
@@ -390,28 +397,40 @@ def reference_source(cached: dict[str, tuple[float, float]] | None, rows: list[d
 
 class ReferenceSink:
     """The reference log-probs this rank computed in the loop: kept for its later epochs (they go into the
-    same dict the collation reads) and added to the cache at each `flush` (every checkpoint and the end)."""
+    same dict the collation reads) and added to the cache at each `flush` (every checkpoint and the end).
+
+    `add` keeps the values as tensors on the GPU and `settle`, called once the optimizer step is queued, reads
+    them: a read in the middle of the step would make the backward wait for the forwards to finish."""
 
     def __init__(self, cache_path: str, rank: int, cached: dict[str, tuple[float, float]] | None = None):
         self.cache_path, self.writer = cache_path, f"rank{rank}"
         self.cached = cached
         self.pending: dict[str, tuple[float, float]] = {}
+        self.unread: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
 
     def add(self, sample_ids: list[str], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-        values = dict(zip(sample_ids, zip(chosen.double().tolist(), rejected.double().tolist())))
-        self.pending.update(values)
-        if self.cached is not None:
-            self.cached.update(values)
+        self.unread.append((list(sample_ids), chosen.detach(), rejected.detach()))
+
+    def settle(self) -> None:
+        """Read the values added since the last call into the dicts (the collation sees them from here on)."""
+        for sample_ids, chosen, rejected in self.unread:
+            values = dict(zip(sample_ids, zip(chosen.double().tolist(), rejected.double().tolist())))
+            self.pending.update(values)
+            if self.cached is not None:
+                self.cached.update(values)
+        self.unread = []
 
     def flush(self) -> None:
+        self.settle()
         write_reference_values(self.cache_path, self.pending, self.writer)
         self.pending = {}
 
 
 def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stage: str, train: TrainConfig,
                  device: torch.device, bf16: bool, attn_implementation: str = "sdpa",
-                 computed_reference: ReferenceSink | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch: the loss to back-propagate and its metrics (plain floats). Reference log-probs
+                 computed_reference: ReferenceSink | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch: the loss to back-propagate and its metrics (0-dim tensors, read when the loop logs:
+    nothing here waits for the GPU, so the backward is queued behind the forward). Reference log-probs
     computed here are handed to `computed_reference` (reference_fill: loop)."""
     model_inputs = model_inputs_for(inputs, device, torch.bfloat16 if bf16 else None, attn_implementation)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and engine.ds is None) else nullcontext()
@@ -419,7 +438,7 @@ def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stag
         logits = engine.forward(**model_inputs, use_cache=False).logits
     if stage == "sft":
         loss = sft_nll(logits, inputs.labels.to(device), train.sft.first_token_weight)
-        return loss, {"loss": loss.item(), "nll": loss.item()}
+        return loss, {"loss": loss.detach(), "nll": loss.detach()}
 
     policy = pair_token_logps(logits, inputs)
     policy_chosen, policy_rejected = policy.sums()
@@ -441,8 +460,8 @@ def compute_loss(engine: Engine, reference, inputs: Collated | PackedPairs, stag
     if train.sft_gamma > 0:
         nll = masked_nll(policy.chosen, policy.chosen_mask)
         loss = loss + train.sft_gamma * nll
-        metrics["nll"] = nll.item()
-    metrics["loss"] = loss.item()
+        metrics["nll"] = nll.detach()
+    metrics["loss"] = loss.detach()
     return loss, metrics
 
 
@@ -504,21 +523,23 @@ def _prefetch(source: Iterator[dict], collate: Callable[[dict], Collated | None]
 
 
 class _Window:
-    """Metrics of the micro-batches since the last log, averaged over micro-batches and ranks."""
+    """Metrics of the micro-batches since the last log, averaged over micro-batches and ranks. The sums stay
+    tensors on the device until `reduce` (a log step) reads them all at once."""
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.examples = self.tokens = self.skipped = 0
         self.started = time.time()
 
-    def add(self, metrics: dict[str, float], inputs: Collated, weight: float) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], inputs: Collated, weight: float) -> None:
         if weight:
             for key, value in metrics.items():
-                self.sums[key] = self.sums.get(key, 0.0) + value
+                value = torch.as_tensor(value).detach().double()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
             self.count += 1
             self.examples += inputs.num_examples
             self.tokens += inputs.num_tokens
@@ -526,8 +547,9 @@ class _Window:
 
     def reduce(self, world: int) -> dict[str, float]:
         keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] for k in keys] + [self.count, self.examples, self.tokens, self.skipped],
-                              dtype=torch.float64)
+        sums = torch.stack([self.sums[k] for k in keys]).cpu() if keys else torch.zeros(0, dtype=torch.float64)
+        values = torch.cat([sums, torch.tensor([self.count, self.examples, self.tokens, self.skipped],
+                                               dtype=torch.float64)])
         if world > 1 and dist.is_initialized():
             values = _all_reduce_sum(values)
         *sums, count, examples, tokens, skipped = values.tolist()

@@ -199,3 +199,23 @@ def test_zero3_with_leaf_layers_trains_lora_exactly_as_zero2(one_process_group, 
             assert (got[name] - want[name]).abs().max().item() <= 1e-5, (step, name)
     for name in zero2_weights:
         assert (weights[name] - zero2_weights[name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("workers,lora,engine", [(1, True, "off"), (2, True, 2), (1, False, 0)])
+def test_the_workers_plan_turns_deepspeed_off_only_for_lora_on_one_gpu(tiny_model_dir, workers, lora, engine):
+    """`zero_stage: auto` as the recipe resolves it: LoRA on a single worker trains without DeepSpeed (nothing
+    to shard), on two with ZeRO-2; full fine-tuning keeps DeepSpeed (ZeRO-0 on one worker)."""
+    import torch
+
+    from orchestrator.config import ExperimentConfig
+    from orchestrator.train.recipe import plan_stage
+    from orchestrator.train.schedule import stage_plan
+
+    cfg = ExperimentConfig.model_validate({"train": {"lora": {"enabled": lora}, "reference_cache": lora,
+                                                     "deepspeed": {"enabled": True, "zero_stage": "auto"}},
+                                           "scaling": {"num_workers": workers}})
+    planned, reason, _ = plan_stage(cfg, cfg.train, stage_plan(cfg.train, "dpo"), [], None, str(tiny_model_dir),
+                                    torch.device("cpu"), workers)
+    ds = planned.train.deepspeed
+    assert (ds.enabled, ds.zero_stage) == ((False, 0) if engine == "off" else (True, engine)), reason
+    assert ("plain torch trains faster" in reason) == (engine == "off")

@@ -113,7 +113,8 @@ def test_dpo_loss_gradient_flows_to_the_policy_only():
 
 def test_dpo_metrics_report_rewards_accuracy_and_logps():
     _, chosen, rejected = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA)
-    metrics = dpo_metrics(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, chosen, rejected)
+    metrics = {key: float(value) for key, value in
+               dpo_metrics(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, chosen, rejected).items()}
     assert metrics["rewards/chosen"] == pytest.approx(0.0)
     assert metrics["rewards/rejected"] == pytest.approx(0.0)
     assert metrics["rewards/margins"] == pytest.approx(0.0)    # (+1 and -1) / 2
@@ -203,3 +204,21 @@ def test_sft_first_token_weight_reweights_only_each_rows_first_answer_token():
     # tokens: row0 first (nll ~0, weight 4), row0 two more (log 2 each), row1 first (log 2, weight 4), row1 one more
     expected = (0 * 4 + 2 * math.log(2) + 4 * math.log(2) + math.log(2)) / (4 + 2 + 4 + 1)
     assert math.isclose(weighted.item(), expected, rel_tol=1e-4)
+
+
+def test_the_log_window_averages_metric_tensors_over_its_micro_batches():
+    """The loop's metrics stay tensors until a log step reads the window (no GPU wait per micro-batch); a
+    micro-batch rerun with weight 0 (the last good one, when no image of the next loaded) adds nothing."""
+    from types import SimpleNamespace
+
+    from orchestrator.train.recipe import _Window
+
+    window = _Window()
+    batch = SimpleNamespace(num_examples=2, num_tokens=10, skipped=["x"])
+    window.add({"loss": torch.tensor(1.0), "rewards/margins": torch.tensor(0.5)}, batch, 1.0)
+    window.add({"loss": torch.tensor(3.0), "rewards/margins": torch.tensor(1.5)}, batch, 1.0)
+    window.add({"loss": torch.tensor(100.0), "rewards/margins": torch.tensor(100.0)}, batch, 0.0)
+    report = window.reduce(world=1)
+    assert report["loss"] == pytest.approx(2.0) and report["rewards/margins"] == pytest.approx(1.0)
+    assert isinstance(report["loss"], float) and report["skipped_rows"] == 2
+    assert window.reduce(world=1)["skipped_rows"] == 0   # reduce starts a new window

@@ -119,4 +119,24 @@ def test_ipo_loss_is_the_same_with_the_cached_reference_and_averages_over_answer
     x = (policy_chosen - reference_chosen) / n_chosen - (policy_rejected - reference_rejected) / n_rejected
     expected = ((x - 1 / (2 * 0.5)) ** 2).mean()
     torch.testing.assert_close(loss_in_loop, expected, atol=1e-5, rtol=0)
-    assert metrics["loss"] == pytest.approx(expected.item(), abs=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_in_loop_reference_values_reach_the_collation_when_the_step_settles_and_the_cache_at_flush(tmp_path):
+    """The recipe's sink keeps what `add` gets as tensors until `settle` (after the optimizer step: reading them
+    in the middle of the step would make the backward wait for the forwards); `flush` settles first."""
+    from orchestrator.train.recipe import ReferenceSink
+    from orchestrator.train.reference_cache import open_reference_cache
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    cached = {"a": (-1.0, -2.0)}
+    sink = ReferenceSink(str(folder), rank=0, cached=cached)
+    sink.add(["b", "c"], torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -6.0]))
+    assert "b" not in cached
+    sink.settle()
+    assert cached["b"] == (-3.0, -4.0) and cached["c"] == (-5.0, -6.0)
+    sink.add(["d"], torch.tensor([-7.0]), torch.tensor([-8.0]))
+    sink.flush()
+    assert open_reference_cache(folder).load() == {"b": (-3.0, -4.0), "c": (-5.0, -6.0), "d": (-7.0, -8.0)}
+    assert cached["d"] == (-7.0, -8.0) and not sink.pending and not sink.unread
