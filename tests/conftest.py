@@ -39,16 +39,18 @@ def ray_temp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session(ray_temp):
-    """A local Ray with 2 CPUs shared by every test that needs one."""
+    """A local Ray with 2 CPUs shared by every test that needs one, started as a local `hadpo` command starts
+    its own (`init_ray`): the runs' environment on every worker (Ray Train's 0.5 s report polling among it) and
+    no placement-group cleaner actor per training run (a local Ray's groups go with it)."""
     import ray
+
+    from orchestrator.config import ExperimentConfig
+    from orchestrator.ray_session import init_ray
 
     if os.environ.get("HADPO_FORBID_RAY"):  # a test that reaches Ray through a fixture it asks for by name
         pytest.fail("HADPO_FORBID_RAY is set (make test-fast): this test starts Ray; mark it slow")
     if not ray.is_initialized():
-        temp_dir = ray_temp
-        ray.init(num_cpus=2, num_gpus=0, _temp_dir=str(temp_dir), include_dashboard=False,
-                 log_to_driver=True, runtime_env={"env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-                                                               "TOKENIZERS_PARALLELISM": "false"}})
+        init_ray(ExperimentConfig(name="suite", output_root=str(ray_temp)), num_cpus=2, num_gpus=0)
     yield ray
     ray.shutdown()
 
