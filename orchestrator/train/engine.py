@@ -346,12 +346,29 @@ def require_input_grads(model: torch.nn.Module) -> None:
     model.get_input_embeddings().register_forward_hook(hook)
 
 
+def skip_cpu_shared_memory_allreduce_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory all-reduce op (`deepspeed_shm_comm`) as not usable here.
+
+    DeepSpeed compiles it the first time a process starts its communication backend on the CPU (about 45 s
+    of C++ on 2 cores, once per machine and every fresh `.torch_extensions`), yet only DeepSpeed-inference's
+    tensor-parallel all-reduce uses it; training reduces through torch.distributed either way. The compatible-ops
+    table is where DeepSpeed itself records an op it cannot use, and the only reader of it is that build."""
+    import deepspeed.ops
+
+    compatible = dict(deepspeed.ops.__dict__.get("__compatible_ops__") or {})  # not the full probe: unused
+    compatible["deepspeed_shm_comm"] = False
+    deepspeed.ops.__compatible_ops__ = compatible
+
+
 def make_engine(model, trainable, train: TrainConfig, *, learning_rate: float, total_steps: int, use_ds: bool,
                 on_gpu: bool, bf16: bool, world_size: int = 1, stage_from_config: bool = True) -> Engine:
     """The engine for `model`: DeepSpeed (`use_ds`, ZeRO stage resolved) or DDP through Ray Train."""
     if use_ds:
         import deepspeed
         from deepspeed.utils import get_z3_leaf_modules
+
+        if not on_gpu:
+            skip_cpu_shared_memory_allreduce_build()
 
         text_config = getattr(getattr(model, "config", None), "text_config", None)
         hidden = int(getattr(text_config, "hidden_size", 0) or getattr(model.config, "hidden_size", 4096))

@@ -171,6 +171,8 @@ def _train_lora(model_dir, rows, zero_stage: int, leaf_layers: bool, steps: int 
         losses.append(loss.item())
     weights = {name: deepspeed.utils.safe_get_full_fp32_param(p).clone() for name, p in named}
     leaves = [name for name, module in model.named_modules() if getattr(module, "_z3_leaf", False)]
+    # on the CPU the communication backend came up without building the shared-memory all-reduce op
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None
     return losses, grads, weights, leaves
 
 
