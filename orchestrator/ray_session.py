@@ -77,6 +77,9 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         ray.init(address=address, **kwargs)
     else:
         temp_dir = ray_temp_dir(Path(config.output_root))
+        # one machine, no autoscaler: no node is ever drained, so Ray Train's preemption watcher (one more actor
+        # process per training run, polling for drains) has nothing to watch; the workers inherit this
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), **kwargs)
         _local_session["on"] = True
     if _stop_handling["on"]:

@@ -209,6 +209,15 @@ def test_wandb_offline_writes_its_run_dir_and_the_curves_parquet_has_the_logged_
     assert [row["step"] for row in curves] == [2, 4, 6]
 
 
+def test_a_local_ray_trains_without_rays_preemption_watcher(zero3):
+    """init_ray's local Ray (one machine: no node is ever drained) starts no preemption-watcher actor per run."""
+    from ray._private.state import actors
+
+    classes = [actor["ActorClassName"] for actor in actors().values()]
+    assert any("TrainController" in name for name in classes), classes  # the runs' actors are listed
+    assert not any("PreemptionWatcher" in name for name in classes), classes
+
+
 @pytest.fixture(scope="module")
 def sft_then_dpo(preference_rows, synth_world, tiny_model_dir, tmp_path_factory):
     """The demo's chain with plain DDP: a full supervised fine-tune, then LoRA DPO from its model."""
