@@ -19,4 +19,11 @@ The package in layers; a module imports only from its own layer and the layers l
   and `cli` (`hadpo`); the `ray job submit` entrypoints in ``jobs/`` call the CLI.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+if _os.environ.get("HADPO_WORKER_LOG_MARKS"):  # console.WORKER_LOG_MARKS: a worker of a command's local Ray
+    from orchestrator.console import setup_worker_logging
+
+    setup_worker_logging()

@@ -26,7 +26,8 @@ line needs no mark. Other INFO records (start-up details, resume plans) go to th
 
 Worker output: Ray prints what its worker processes write on the driver (``log_to_driver``); this
 module replaces Ray's printing with `route_worker_output`, which hands every line to Python logging.
-Workers start with `setup_worker_logging` (the runtime_env's ``worker_process_setup_hook``), which
+Workers run `setup_worker_logging` (on a cluster: the runtime_env's ``worker_process_setup_hook``; on
+the local Ray a command starts: when the package is imported, `WORKER_LOG_MARKS` being set), which
 writes our own loggers' records as marked lines (``[hadpo-log] INFO hadpo.train: ...``); on the
 driver a marked line becomes a record of the same logger and level again (so a training worker's
 progress line and warnings reach the terminal like the driver's), and any other line (Ray Train's
@@ -382,12 +383,22 @@ def import_quietly(*modules: str) -> None:
     adopt_library_loggers()
 
 
+# Set in the environment the local Ray's processes inherit: the package's import runs `setup_worker_logging`
+WORKER_LOG_MARKS = "HADPO_WORKER_LOG_MARKS"
+
+
 def worker_runtime_env() -> dict[str, Any]:
     """What a run's Ray runtime_env adds for this console: the workers' logging hook (nothing outside the
     command line, where Ray prints worker output itself)."""
     if _active is None:
         return {}
     return {"worker_process_setup_hook": f"{__name__}.setup_worker_logging"}
+
+
+def worker_env() -> dict[str, str]:
+    """`worker_runtime_env` for a Ray whose workers inherit this process's environment (the local one a
+    command starts): the variable that has our package run the hook when a worker imports it."""
+    return {WORKER_LOG_MARKS: "1"} if _active is not None else {}
 
 
 def attach_ray() -> None:

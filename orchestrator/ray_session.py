@@ -3,6 +3,7 @@ and stopping it cleanly on SIGTERM / SIGINT (`handle_stop_signals`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -50,7 +51,8 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
     """Connect to the cluster at `address` (or RAY_ADDRESS, read by Ray itself), else start a local one.
 
     A local Ray keeps its temp dir under the run's output root (short path: Unix socket paths are
-    limited to ~107 bytes) and every worker gets `config.runtime_env()`.
+    limited to ~107 bytes); every worker gets `config.runtime_env()`'s variables (on a local Ray by
+    inheriting them).
     """
     import ray
 
@@ -68,25 +70,44 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         # a command's console: the libraries that give their loggers a terminal handler when imported (Ray
         # Data; DeepSpeed, which transformers imports on the driver) log to the run's log file from the start
         console.import_quietly("ray.data", "deepspeed")
-    kwargs = dict(runtime_env={**config.runtime_env(), **console.worker_runtime_env()}, log_to_driver=True,
-                  include_dashboard=False)
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime_env is already set; merge per variable, the
         # experiment config's values winning (it is the one place that says what a run needs).
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env={**config.runtime_env(), **console.worker_runtime_env()},
+                 log_to_driver=True, include_dashboard=False)
     else:
         temp_dir = ray_temp_dir(Path(config.output_root))
         # one machine, no autoscaler: no node is ever drained, so Ray Train's preemption watcher (one more actor
         # process per training run, polling for drains) has nothing to watch; the workers inherit this
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), **kwargs)
+        # The run's variables reach the workers through the environment the Ray processes started here
+        # inherit, not a runtime_env: with one, Ray starts every worker through a setup process (one more
+        # Python importing Ray, ~0.3 s before each worker and actor); this process's own stays as it was.
+        with _environment({**config.runtime_env()["env_vars"], **console.worker_env()}):
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), log_to_driver=True,
+                     include_dashboard=False)
         _local_session["on"] = True
     if _stop_handling["on"]:
         _install_stop_handlers()  # Ray's core worker has just replaced SIGTERM's handler with an abort
     console.attach_ray()  # worker output and Ray's logs to the run's log file (outside a command: no change)
     log.info("Ray resources: %s", ray.cluster_resources())
     return ray
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """`values` in os.environ inside the block (processes started there inherit them), as before after it."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 _local_session = {"on": False}
