@@ -43,9 +43,10 @@ def test_active_nodes_are_read_from_ray_status_per_type():
 
 
 def job_config(out: Path, model: Path, cluster=None, stand_ins_per_worker: int = 1) -> dict:
-    """The demo config at tiny sizes: 2 training workers and 1 evaluation actor, each asking on `cluster` for
-    the GPU stand-in that only the worker node type has, and the resource check reading the cluster's node
-    types from its autoscaling config (the local run leaves both out; they do not change a number)."""
+    """The demo config at tiny sizes: 2 training workers and 2 evaluation actors, each asking on `cluster` for
+    the GPU stand-in that only the worker node type has (one per node: they spread over two nodes), and the
+    resource check reading the cluster's node types from its autoscaling config (the local run leaves both
+    out; they do not change a number)."""
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     overrides = [
         f"output_root={out}", "name=cluster", f"model.path={model}",  # a built tiny model: no warm-up stage
@@ -54,7 +55,7 @@ def job_config(out: Path, model: Path, cluster=None, stand_ins_per_worker: int =
         "train.log_every_steps=3", "train.max_failures=2", "train.reference_cache=false",
         "train.lora={enabled: true, rank: 4, alpha: 8, dropout: 0.0}",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-        "eval.num_actors=1", "eval.cpus_per_actor=0.5", "eval.batch_size=8",
+        "eval.num_actors=2", "eval.cpus_per_actor=0.5", "eval.batch_size=8",
     ]
     if cluster:
         overrides += [f"scaling.resources_per_worker={{{GPU_STAND_IN}: {stand_ins_per_worker}}}",
@@ -267,13 +268,16 @@ def test_worker_nodes_are_launched_from_zero_for_the_job(scenario, cluster):
 
 
 @pytest.mark.slow
-def test_training_workers_and_the_eval_actor_run_only_on_worker_nodes(scenario):
+def test_training_workers_and_eval_actors_spread_over_the_worker_nodes_only(scenario):
     placed = {}
     for actor in scenario.actors:
         if actor.get("node_id") and ("RayTrainWorker" in actor["class_name"] or "Predictor" in actor["class_name"]):
             placed.setdefault(actor["class_name"], set()).add(actor["node_id"])
-    assert any("RayTrainWorker" in name for name in placed) and any("Predictor" in name for name in placed), placed
-    assert all(FAKE_HEAD_NODE_ID not in nodes for nodes in placed.values()), placed
+    trainers = set().union(*(nodes for name, nodes in placed.items() if "RayTrainWorker" in name))
+    evaluators = set().union(*(nodes for name, nodes in placed.items() if "Predictor" in name))
+    # two nodes each (one stand-in per node): the work spread over the cluster, none of it on the head
+    assert len(trainers) >= 2 and len(evaluators) >= 2, placed
+    assert FAKE_HEAD_NODE_ID not in trainers | evaluators, placed
 
 
 @pytest.mark.slow
