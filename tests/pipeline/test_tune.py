@@ -138,8 +138,10 @@ def _sweep_config(tmp_path, tune: dict, train: dict | None = None):
 @pytest.mark.slow
 def test_optuna_sweep_measures_the_objective_during_training_and_exports_a_best_config_hadpo_run_loads(
         ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    # both trials at once, as a sweep runs by default (the cluster's CPUs decide): the trials write their
+    # trackers' files into the sweep's one MLflow store side by side
     config = _sweep_config(tmp_path, {
-        "search": "optuna", "seed": 3, "num_samples": 2, "scheduler": "none",
+        "search": "optuna", "seed": 3, "num_samples": 2, "scheduler": "none", "max_concurrent_trials": 2,
         "search_space": {"train.beta": {"kind": "loguniform", "low": 0.05, "high": 1.0}}},
         train={"log_every_steps": 2})  # step 1: a probe without a training log
     result = run_tune(config, base_model=str(tiny_model_dir))
