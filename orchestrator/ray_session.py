@@ -83,7 +83,9 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The run's variables reach the workers through the environment the Ray processes started here
         # inherit, not a runtime_env: with one, Ray starts every worker through a setup process (one more
-        # Python importing Ray, ~0.3 s before each worker and actor); this process's own stays as it was.
+        # Python importing Ray, ~0.3 s before each worker and actor). Ray Train still gives its controller
+        # and workers a runtime_env of its own (the RAY_TRAIN_* variables it propagates), so what this saves
+        # is the evaluation actors' and Ray Data tasks' start. This process's own environment stays as it was.
         with _environment({**config.runtime_env()["env_vars"], **console.worker_env()}):
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), log_to_driver=True,
                      include_dashboard=False)

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from orchestrator.config import ExperimentConfig
+from orchestrator.console import WORKER_LOG_MARKS
 
 
 @pytest.mark.slow
@@ -18,10 +19,10 @@ def test_the_local_rays_workers_get_the_runs_variables_without_a_runtime_env(ray
         import ray
 
         return ({name: os.environ.get(name) for name in names}, ray.get_runtime_context().runtime_env,
-                os.environ.get("HADPO_WORKER_LOG_MARKS"))
+                os.environ.get(WORKER_LOG_MARKS))
 
     values, runtime_env, marks = ray_session.get(seen.remote(sorted(expected)))
     assert values == expected
     assert not runtime_env, runtime_env
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ  # a worker's setting, not the driver's
-    assert marks is None and "HADPO_WORKER_LOG_MARKS" not in os.environ  # no command's console here
+    assert marks is None and WORKER_LOG_MARKS not in os.environ  # no command's console here
