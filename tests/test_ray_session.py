@@ -1,6 +1,7 @@
 """The local Ray a command (or the suite) starts with `init_ray`: what its workers inherit."""
 
 import os
+import time
 
 import pytest
 
@@ -26,3 +27,29 @@ def test_the_local_rays_workers_get_the_runs_variables_without_a_runtime_env(ray
     assert not runtime_env, runtime_env
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ  # a worker's setting, not the driver's
     assert marks is None and WORKER_LOG_MARKS not in os.environ  # no command's console here
+
+
+@pytest.mark.slow
+def test_the_local_ray_keeps_its_idle_task_workers_while_actors_hold_the_cpus(ray_session):
+    """Ray's default keeps as many idle task workers as there are unreserved CPUs: while actors hold them (a
+    training run, an evaluation pool) none, and the next Ray Data operation starts new processes. The local
+    Ray keeps them: a task after a pause runs in the same worker process as the one before it."""
+    free = ray_session.available_resources()["CPU"]
+
+    @ray_session.remote(num_cpus=free - 0.5)
+    class Holder:
+        def ready(self):
+            return True
+
+    @ray_session.remote(num_cpus=0.5)
+    def worker_pid():
+        return os.getpid()
+
+    holder = Holder.remote()
+    try:
+        ray_session.get(holder.ready.remote())
+        first = ray_session.get(worker_pid.remote())
+        time.sleep(2.5)  # Ray kills a worker idle for more than 1 s (it looks every 0.2 s)
+        assert ray_session.get(worker_pid.remote()) == first
+    finally:
+        ray_session.kill(holder)
