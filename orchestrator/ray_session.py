@@ -88,10 +88,10 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         # is the evaluation actors' and Ray Data tasks' start. This process's own environment stays as it was.
         # Ray keeps as many idle task workers as there are *unreserved* CPUs and kills the rest after 1 s: while
         # actors hold the CPUs (training workers, evaluation actors) that is none, and the next Ray Data
-        # operation starts its task workers again (a process importing Ray Data, 1.5-4 s of CPU each). Kept up
-        # to two per CPU (fractional tasks run two to a CPU), a long-lived local Ray reuses them: the test
-        # suite's shared Ray ran 766 -> 704 s; one `hadpo demo` is the same either way (159 vs 158 s).
-        idle_workers_kept = 2 * (num_cpus or os.cpu_count() or 1)
+        # operation starts its task workers again (a process importing Ray Data, 1.5-4 s of CPU each). Keeping
+        # one per CPU, reserved or not (what Ray keeps when nothing is reserved), a long-lived local Ray such as
+        # the test suite's reuses them; one `hadpo demo` runs the same either way.
+        idle_workers_kept = num_cpus or len(os.sched_getaffinity(0))
         with _environment({**config.runtime_env()["env_vars"], **console.worker_env()}):
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), log_to_driver=True,
                      include_dashboard=False, _system_config={"num_workers_soft_limit": idle_workers_kept})
