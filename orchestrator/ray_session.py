@@ -91,7 +91,8 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         # operation starts its task workers again (a process importing Ray Data, 1.5-4 s of CPU each). Keeping
         # one per CPU, reserved or not (what Ray keeps when nothing is reserved), a long-lived local Ray such as
         # the test suite's reuses them; one `hadpo demo` runs the same either way.
-        idle_workers_kept = num_cpus or len(os.sched_getaffinity(0))
+        idle_workers_kept = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                         else os.cpu_count() or 1)  # macOS has no affinity mask
         with _environment({**config.runtime_env()["env_vars"], **console.worker_env()}):
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), log_to_driver=True,
                      include_dashboard=False, _system_config={"num_workers_soft_limit": idle_workers_kept})
