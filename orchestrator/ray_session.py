@@ -93,7 +93,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         # the test suite's reuses them; one `hadpo demo` runs the same either way.
         idle_workers_kept = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                          else os.cpu_count() or 1)  # macOS has no affinity mask
-        with _environment({**config.runtime_env()["env_vars"], **console.worker_env()}):
+        with _environment({**config.runtime_env()["env_vars"], **console.worker_env(), LOCAL_RAY_MARK: "1"}):
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), log_to_driver=True,
                      include_dashboard=False, _system_config={"num_workers_soft_limit": idle_workers_kept})
         _local_session["on"] = True
@@ -120,14 +120,18 @@ def _environment(values: dict[str, str]):
 
 
 _local_session = {"on": False}
+# set in the environment the local Ray's processes inherit: its workers (a Tune trial's driver function,
+# which starts that trial's training) know the Ray they run on is the local one too
+LOCAL_RAY_MARK = "HADPO_LOCAL_RAY"
 
 
 def local_session() -> bool:
-    """Whether Ray runs as the local one `init_ray` started in this process: one machine, no autoscaler (an
-    autoscaler config file lying in the home folder is not this Ray's), no dashboard and so no state API."""
+    """Whether Ray runs as the local one `init_ray` started in this process, or this process is one of that
+    Ray's workers: one machine, no autoscaler (an autoscaler config file lying in the home folder is not this
+    Ray's), no dashboard and so no state API."""
     import ray
 
-    return _local_session["on"] and ray.is_initialized()
+    return (_local_session["on"] or os.environ.get(LOCAL_RAY_MARK) == "1") and ray.is_initialized()
 
 
 # ----------------------------------------------------------------------------------------------

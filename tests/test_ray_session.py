@@ -30,6 +30,21 @@ def test_the_local_rays_workers_get_the_runs_variables_without_a_runtime_env(ray
 
 
 @pytest.mark.slow
+def test_a_worker_of_the_local_ray_knows_it_runs_on_the_local_ray(ray_session):
+    """A Tune trial's driver function runs in a worker and starts its trial's training there: it must treat the
+    Ray as the command that started it does (no placement-group cleaner per run, polling a state API this Ray
+    does not serve; no wait for the nodes of an autoscaler config left in the home folder)."""
+    from orchestrator.ray_session import LOCAL_RAY_MARK, local_session
+
+    @ray_session.remote(num_cpus=0.1)
+    def seen():
+        return local_session()
+
+    assert local_session() and ray_session.get(seen.remote())
+    assert LOCAL_RAY_MARK not in os.environ  # the driver's own environment is left as it was
+
+
+@pytest.mark.slow
 def test_the_local_ray_keeps_its_idle_task_workers_while_actors_hold_the_cpus(ray_session):
     """Ray's default keeps as many idle task workers as there are unreserved CPUs: while actors hold them (a
     training run, an evaluation pool) none, and the next Ray Data operation starts new processes. The local

@@ -175,6 +175,12 @@ def test_optuna_sweep_measures_the_objective_during_training_and_exports_a_best_
     assert best.train.lora.rank == 4 and best.tune.search_space == {}
     header = result.best_config_path.read_text().splitlines()[0]
     assert header.startswith("# Best trial of the sweep sweep") and yaml.safe_load(result.best_config_path.read_text())
+    # the trials trained on the suite's local Ray: no placement-group cleaner polling a state API it does not serve
+    from ray._private.state import actors
+
+    job = ray_session.get_runtime_context().get_job_id()
+    assert not [actor for actor in actors().values()
+                if "PlacementGroupCleaner" in actor["ActorClassName"] and actor["JobID"] == job]
 
 
 def test_the_objective_must_be_a_pope_name_the_configs_datasets_report():
