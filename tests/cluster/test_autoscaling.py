@@ -268,16 +268,24 @@ def test_worker_nodes_are_launched_from_zero_for_the_job(scenario, cluster):
 
 
 @pytest.mark.slow
-def test_training_workers_and_eval_actors_spread_over_the_worker_nodes_only(scenario):
-    placed = {}
-    for actor in scenario.actors:
-        if actor.get("node_id") and ("RayTrainWorker" in actor["class_name"] or "Predictor" in actor["class_name"]):
-            placed.setdefault(actor["class_name"], set()).add(actor["node_id"])
-    trainers = set().union(*(nodes for name, nodes in placed.items() if "RayTrainWorker" in name))
-    evaluators = set().union(*(nodes for name, nodes in placed.items() if "Predictor" in name))
-    # two nodes each (one stand-in per node): the work spread over the cluster, none of it on the head
-    assert len(trainers) >= 2 and len(evaluators) >= 2, placed
-    assert FAKE_HEAD_NODE_ID not in trainers | evaluators, placed
+def test_training_workers_and_eval_actors_run_on_the_worker_nodes_only_one_per_node(scenario):
+    trainers = [a for a in scenario.actors if "RayTrainWorker" in a["class_name"]]
+    evaluators = [a for a in scenario.actors if "Predictor" in a["class_name"]]
+    # each asked Ray for the GPU stand-in that only the worker node type has: scaling.resources_per_worker (in
+    # Ray Train's placement-group bundles) and eval.resources_per_actor reached the scheduler
+    assert trainers and all(any(key.startswith(f"{GPU_STAND_IN}_group_") for key in a["required_resources"])
+                            for a in trainers), trainers
+    assert len(evaluators) >= 2 and all(a["required_resources"].get(GPU_STAND_IN) == 1 for a in evaluators), (
+        evaluators)
+    trainer_nodes = {a["node_id"] for a in trainers if a.get("node_id")}
+    evaluator_nodes = [a["node_id"] for a in evaluators if a.get("node_id")]
+    # the two training workers of one group spread over two nodes (one stand-in each); so do the evaluation
+    # actors that started, one per node. Both need not start: when a worker node was removed as idle between
+    # the training and the evaluation (a 30 s idle timeout here, the machine busy with the local run), the
+    # pool starts on the node left and the tiny evaluation may end before the replacement node comes.
+    assert len(trainer_nodes) >= 2, trainer_nodes
+    assert evaluator_nodes and len(set(evaluator_nodes)) == len(evaluator_nodes), evaluator_nodes
+    assert FAKE_HEAD_NODE_ID not in trainer_nodes | set(evaluator_nodes)
 
 
 @pytest.mark.slow
