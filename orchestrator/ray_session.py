@@ -1,16 +1,18 @@
 """Starting (or joining) Ray for a run: temp dir inside the project, the config's runtime_env everywhere;
-and stopping it cleanly on SIGTERM / SIGINT (`handle_stop_signals`)."""
+reading a dataset's blocks so that a failed pass gives its actors back (`iter_blocks`); and stopping it cleanly
+on SIGTERM / SIGINT (`handle_stop_signals`)."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
 import signal
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from orchestrator import console
 from orchestrator.config import ExperimentConfig
@@ -132,6 +134,30 @@ def local_session() -> bool:
     import ray
 
     return (_local_session["on"] or os.environ.get(LOCAL_RAY_MARK) == "1") and ray.is_initialized()
+
+
+def iter_blocks(dataset) -> Iterator:
+    """The blocks of a Ray Data `dataset`, as pyarrow tables, in the order they finish.
+
+    When the pass fails (an actor's exception), the error is raised without the local frames it went through.
+    Ray Data lets go of an actor pool that failed by dropping its handles, not by killing the actors, and
+    Ray Data's frames in the traceback still reach them: while the exception lives (the caller keeps it; a
+    notebook keeps the last one) the actors would keep their CPUs and GPUs, and the next pass in the same
+    process (a resumed evaluation) would wait for them forever (ray-project/ray#24948). The error's own text
+    keeps the remote traceback.
+    """
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+        return
+    except Exception as error:
+        failure = error
+    chained, seen = failure, set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    gc.collect()  # the pool's handles sit in reference cycles: collected now, the actors end now
+    raise failure
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from orchestrator.eval.results import (answered_keys, anti_join, block_name, com
 from orchestrator.files import write_json_atomic
 from orchestrator.model.base_model import base_model_path
 from orchestrator.model.families import resolve_family
-from orchestrator.ray_session import init_ray
+from orchestrator.ray_session import init_ray, iter_blocks
 from orchestrator.resources import eval_request, preflight
 from orchestrator.timing import PassRate, format_rate, format_seconds
 
@@ -409,7 +409,7 @@ def _infer(pool: list[_Planned]) -> None:
     label = first.run_id if len(pool) == 1 else f"{len(pool)} runs ({', '.join(by_run)})"
     pace = PassRate(todo)
     computed = errors = 0
-    for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for block in iter_blocks(answered):
         # the actors have written this block already; the driver only keeps count
         if block.num_rows == 0:
             continue

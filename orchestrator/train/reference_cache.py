@@ -56,6 +56,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.data.schema import PREFERENCE_COLUMNS, PREFERENCE_IMAGES
 from orchestrator.files import atomic_write, file_sha256, write_json_atomic
 from orchestrator.images import image_error
+from orchestrator.ray_session import iter_blocks
 from orchestrator.retry import run_batch_retrying_items
 from orchestrator.timing import PassRate, format_rate, format_seconds
 from orchestrator.versions import package_versions
@@ -498,7 +499,7 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
     pace = PassRate(len(todo))
     computed = errors = 0
     pending: list[pa.Table] = []
-    for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for block in iter_blocks(scored):
         if block.num_rows == 0:
             continue
         errors = _log_errors(block, errors)
