@@ -83,11 +83,6 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         # one machine, no autoscaler: no node is ever drained, so Ray Train's preemption watcher (one more actor
         # process per training run, polling for drains) has nothing to watch; the workers inherit this
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # The run's variables reach the workers through the environment the Ray processes started here
-        # inherit, not a runtime_env: with one, Ray starts every worker through a setup process (one more
-        # Python importing Ray, ~0.3 s before each worker and actor). Ray Train still gives its controller
-        # and workers a runtime_env of its own (the RAY_TRAIN_* variables it propagates), so what this saves
-        # is the evaluation actors' and Ray Data tasks' start. This process's own environment stays as it was.
         # Ray keeps as many idle task workers as there are *unreserved* CPUs and kills the rest after 1 s: while
         # actors hold the CPUs (training workers, evaluation actors) that is none, and the next Ray Data
         # operation starts its task workers again (a process importing Ray Data, 1.5-4 s of CPU each). Keeping
@@ -95,6 +90,11 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         # the test suite's reuses them; one `hadpo demo` runs the same either way.
         idle_workers_kept = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                          else os.cpu_count() or 1)  # macOS has no affinity mask
+        # The run's variables reach the workers through the environment the Ray processes started here
+        # inherit, not a runtime_env: with one, Ray starts every worker through a setup process (one more
+        # Python importing Ray, ~0.3 s before each worker and actor). Ray Train still gives its controller
+        # and workers a runtime_env of its own (the RAY_TRAIN_* variables it propagates), so what this saves
+        # is the evaluation actors' and Ray Data tasks' start. This process's own environment stays as it was.
         with _environment({**config.runtime_env()["env_vars"], **console.worker_env(), LOCAL_RAY_MARK: "1"}):
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), log_to_driver=True,
                      include_dashboard=False, _system_config={"num_workers_soft_limit": idle_workers_kept})
