@@ -42,6 +42,26 @@ def test_active_nodes_are_read_from_ray_status_per_type():
                                             exclude=(FAKE_HEAD_NODE_TYPE,)) == {}
 
 
+def test_a_process_that_exited_counts_as_gone_while_it_waits_to_be_collected():
+    import subprocess
+
+    import psutil
+
+    exited = subprocess.Popen(["sleep", "0"])  # not waited for: a zombie until collected below
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        local_cluster.wait_for(lambda: psutil.Process(exited.pid).status() == psutil.STATUS_ZOMBIE, 10, "no zombie",
+                               poll_s=0.05)
+        started = time.monotonic()
+        assert local_cluster.wait_exited([psutil.Process(exited.pid)], timeout_s=10) == []
+        assert time.monotonic() - started < 1
+        assert [p.pid for p in local_cluster.wait_exited([psutil.Process(running.pid)], timeout_s=0.2)] == [running.pid]
+    finally:
+        running.kill()
+        running.wait()
+        exited.wait()
+
+
 def job_config(out: Path, model: Path, cluster=None, stand_ins_per_worker: int = 1) -> dict:
     """The demo config at tiny sizes: 2 training workers and 2 evaluation actors, each asking on `cluster` for
     the GPU stand-in that only the worker node type has (one per node: they spread over two nodes), and the

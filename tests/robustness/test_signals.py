@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from scripts.local_cluster import wait_exited
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -81,8 +83,8 @@ def run_and_stop(folder: Path, command: str, extra: str, words: str, signum: int
     finally:
         process.kill()
     reader.join(timeout=10)
-    _, alive = psutil.wait_procs(ours, timeout=30)
-    return Stopped(folder, lines, code, [(p.pid, p.cmdline()[:3]) for p in alive if p.is_running()])
+    alive = wait_exited(ours, timeout_s=30)
+    return Stopped(folder, lines, code, [(p.pid, p.cmdline()[:3]) for p in alive])
 
 
 @pytest.fixture(scope="module")
