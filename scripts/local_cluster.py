@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from orchestrator.cluster import local_autoscaling_config, load_cluster_yaml  # noqa: E402
+from orchestrator.files import atomic_write  # noqa: E402
 
 BIN = Path(sys.executable).parent
 # Ray appends "/session_<date>_<time>_<pid>/sockets/plasma_store" (~62 bytes) to its temp dir, and a Unix
@@ -375,6 +376,14 @@ def autoscaler_events(cluster: LocalCluster) -> list[str]:
 
 def load_config(cluster: LocalCluster) -> dict:
     return yaml.safe_load(Path(cluster.config_path).read_text())
+
+
+def set_idle_timeout(cluster: LocalCluster, minutes: float) -> None:
+    """Change the running cluster's idle timeout: the autoscaler reads its config file again at every update
+    (AUTOSCALER_UPDATE_INTERVAL_S, 1 s here) and removes a node once it has been idle that long."""
+    config = load_config(cluster)
+    config["idle_timeout_minutes"] = minutes
+    atomic_write(cluster.config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
 
 
 def parse_active_nodes(status_text: str, exclude: tuple[str, ...] = ()) -> dict[str, int]:

@@ -22,13 +22,14 @@ import yaml
 
 from orchestrator.cluster import FAKE_HEAD_NODE_TYPE, GPU_STAND_IN
 from orchestrator.config import apply_override
-from orchestrator.train.checkpoints import MARKER as CHECKPOINT_MARKER
-from orchestrator.train.checkpoints import RAY_RECORD, step_of
+from orchestrator.train.checkpoints import step_of
 from scripts import local_cluster
+from tests.train import recorded_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
 IDLE_TIMEOUT_MINUTES = 0.5
+IDLE_TIMEOUT_AFTER_JOB_MINUTES = 0.1
 WORKER_TYPE = "gpu.a100x8"
 FAKE_HEAD_NODE_ID = local_cluster.FAKE_HEAD_NODE_ID
 JOB_ID = "hadpo-autoscaling"
@@ -116,17 +117,6 @@ class Scenario:
     run_dir: Path | None = None
 
 
-def _recorded_checkpoint(run: Path) -> str | None:
-    """The newest checkpoint Ray Train has recorded for the run, once it is complete on disk (its marker is
-    written): the one a restarted worker group is handed. A folder merely present may be half written."""
-    try:
-        record = json.loads((run / RAY_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    name = (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    return name if name and (run / name / CHECKPOINT_MARKER).is_file() else None
-
-
 def run_on_cluster(cluster, out: Path, model: Path, trained: threading.Event) -> Scenario:
     """Submit jobs/run.py, have the provider reclaim the node of one training worker after the first DPO
     checkpoint, wait for the job, then for the idle timeout; record what the autoscaler and the job did.
@@ -147,17 +137,17 @@ def run_on_cluster(cluster, out: Path, model: Path, trained: threading.Event) ->
     while time.time() < deadline:
         if (record.run_dir / "stages" / "dpo.json").is_file():
             trained.set()
-        recorded = None if record.reclaimed_node else _recorded_checkpoint(checkpoints)
+        recorded = None if record.reclaimed_node else recorded_checkpoint(checkpoints)
         if recorded:
             nodes = local_cluster.launched_node_ids(cluster)
             if nodes:
                 record.reclaimed_node, record.checkpoint_at_reclaim = nodes[0], recorded
                 local_cluster.reclaim_node(cluster, record.reclaimed_node)
                 record.reclaimed_at = time.time()
-        if time.time() >= next_look:  # HTTP requests to the dashboard and a look at the processes: cheap
-            status = cluster.job_status(JOB_ID)
-            if status not in ("PENDING", "RUNNING", "UNKNOWN"):
-                break
+        status = cluster.job_status(JOB_ID)  # one HTTP request to the dashboard
+        if status not in ("PENDING", "RUNNING", "UNKNOWN"):
+            break
+        if time.time() >= next_look:  # another request and a look at the processes
             record.most_worker_nodes = max(record.most_worker_nodes,
                                            local_cluster.worker_nodes(cluster).get(WORKER_TYPE, 0))
             live = local_cluster.launched_node_ids(cluster)
@@ -168,15 +158,17 @@ def run_on_cluster(cluster, out: Path, model: Path, trained: threading.Event) ->
             next_look = time.time() + 3
         time.sleep(0.5)
     trained.set()
+    # After the job: the autoscaler removes the idle worker nodes. Idle since the job's evaluation ended, they
+    # would stay up to 30 s more: the idle timeout, long enough to keep them through the job's pauses between
+    # stages on this busy machine, now comes down to IDLE_TIMEOUT_AFTER_JOB_MINUTES.
+    local_cluster.set_idle_timeout(cluster, IDLE_TIMEOUT_AFTER_JOB_MINUTES)
+    started_idle = time.time()
     record.status = status
     record.log = cluster.ray("job", "logs", JOB_ID).stdout
     record.actors = local_cluster.state(cluster, "actors", "--detail")
-
-    # After the job: the autoscaler removes the idle worker nodes.
-    started_idle = time.time()
     try:
-        local_cluster.wait_for(lambda: not local_cluster.worker_nodes(cluster), IDLE_TIMEOUT_MINUTES * 60 + 90,
-                               "the worker nodes were not removed", poll_s=3)
+        local_cluster.wait_for(lambda: not local_cluster.worker_nodes(cluster),
+                               IDLE_TIMEOUT_AFTER_JOB_MINUTES * 60 + 90, "the worker nodes were not removed", poll_s=1)
         record.nodes_after_idle = {}
     except TimeoutError:
         record.nodes_after_idle = local_cluster.worker_nodes(cluster)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
 from orchestrator.config import ExperimentConfig, apply_override, config_from_dict
+from orchestrator.train.checkpoints import MARKER, RAY_RECORD
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "configs" / "train_tiny.yaml"
@@ -34,3 +36,14 @@ def sample_preference_rows(output_root: Path, world: Path, per_source: int) -> l
 def as_batch(rows: list[dict]) -> dict[str, list]:
     """Rows -> the column batch collation takes."""
     return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def recorded_checkpoint(run: Path) -> str | None:
+    """The newest checkpoint Ray Train has recorded for the run, once it is complete on disk (its marker is
+    written): the one a restarted worker group is handed. A folder merely present may be half written."""
+    try:
+        record = json.loads((Path(run) / RAY_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    name = (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return name if name and (Path(run) / name / MARKER).is_file() else None

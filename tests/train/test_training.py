@@ -5,7 +5,6 @@ Each fixture is one `run_training` call (about 25 s on 2 cores), shared by the t
 
 import math
 import os
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from orchestrator.layout import train_run_name
 from orchestrator.model.families import load_model
-from orchestrator.train.trainer import run_training
-from tests.train import tiny_config
+from orchestrator.train.checkpoints import step_of
+from orchestrator.train.trainer import run_training, storage_path
+from scripts.local_cluster import wait_for
+from tests.train import recorded_checkpoint, tiny_config
 
 LN2 = math.log(2)
 # 6 optimizer steps of 2 workers x 4 pairs, logged and checkpointed every 2 steps. Each step's loss is
@@ -44,11 +46,13 @@ def preference_rows(ray_session, synth_world, tmp_path_factory):
     return preference_dataset(tiny_config(tmp_path_factory.mktemp("data"), synth_world[0])).dataset
 
 
-def _kill_rank1_once(marker):
+def _kill_rank1_once(marker, run):
     def hook(step, rank):
         if rank == 1 and step == 3 and not os.path.exists(marker):
             open(marker, "w").close()
-            time.sleep(5)  # let the controller's poll (every 2 s) register the step-2 checkpoint first
+            # once Ray Train has recorded the step-2 checkpoint (its controller collects the reports every 0.5 s)
+            wait_for(lambda: step_of(recorded_checkpoint(run) or "") == 2, 60,
+                     "Ray Train did not record the step-2 checkpoint", poll_s=0.1)
             os._exit(1)  # the worker process dies without any cleanup, as on a node failure
     return hook
 
@@ -58,8 +62,9 @@ def zero0_killed(preference_rows, synth_world, tiny_model_dir, tmp_path_factory)
     """ZeRO-0 run whose rank 1 dies after step 3 on the first attempt (last checkpoint: step 2)."""
     tmp = tmp_path_factory.mktemp("zero0")
     marker = tmp / "killed-once"
+    checkpoints = Path(storage_path(tiny_config(tmp, synth_world[0], "name=zero0"))) / train_run_name("zero0", "dpo")
     run = _train(tmp, synth_world[0], tiny_model_dir, "name=zero0", "train.deepspeed.zero_stage=0",
-                 "train.max_failures=1", step_hook=_kill_rank1_once(str(marker)), dataset=preference_rows)
+                 "train.max_failures=1", step_hook=_kill_rank1_once(str(marker), checkpoints), dataset=preference_rows)
     return (*run, marker)
 
 
