@@ -31,7 +31,7 @@ from orchestrator.console import release_terminal
 from orchestrator.data.schema import DataFormatError
 from orchestrator.errors import CorruptFileError
 from orchestrator.paths import PathOutsideRoot
-from orchestrator.ray_session import handle_stop_signals, received_signal, stop_ray
+from orchestrator.ray_session import handle_stop_signals, ray_released_after, received_signal, stop_ray
 from orchestrator.resources import ResourceError
 from orchestrator.train.checkpoints import newest_complete
 
@@ -153,7 +153,8 @@ def run_command(command: Callable[[Any], int], args: Any, resume: list[str], ver
     _RUN_DIRS.clear()  # the run folders of this command only (main may run several in one process)
     restore_signals = handle_stop_signals()
     try:
-        return command(args)
+        with ray_released_after():  # the Ray this command starts stops before it returns
+            return command(args)
     except KeyboardInterrupt:
         signum = received_signal() or signal.SIGINT
         try:
@@ -176,6 +177,6 @@ def run_command(command: Callable[[Any], int], args: Any, resume: list[str], ver
         if verbose:
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr, flush=True)
-        return code  # a local Ray stops with the process (Ray's own exit hook)
+        return code
     finally:
         restore_signals()

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -78,6 +79,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env={**config.runtime_env(), **console.worker_runtime_env()},
                  log_to_driver=True, include_dashboard=False)
+        _session["started"] = True
     else:
         temp_dir = ray_temp_dir(Path(config.output_root))
         # one machine, no autoscaler: no node is ever drained, so Ray Train's preemption watcher (one more actor
@@ -98,7 +100,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None, num_cpus: int
         with _environment({**config.runtime_env()["env_vars"], **console.worker_env(), LOCAL_RAY_MARK: "1"}):
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir), log_to_driver=True,
                      include_dashboard=False, _system_config={"num_workers_soft_limit": idle_workers_kept})
-        _local_session["on"] = True
+        _session.update(local=True, started=True)
     if _stop_handling["on"]:
         _install_stop_handlers()  # Ray's core worker has just replaced SIGTERM's handler with an abort
     console.attach_ray()  # worker output and Ray's logs to the run's log file (outside a command: no change)
@@ -121,7 +123,9 @@ def _environment(values: dict[str, str]):
                 os.environ[key] = value
 
 
-_local_session = {"on": False}
+# local: the Ray this process started is a local one (`init_ray` without an address); started: `init_ray`
+# started or joined a Ray in this process (not one that was up already), which `release_ray` stops
+_session = {"local": False, "started": False}
 # set in the environment the local Ray's processes inherit: its workers (a Tune trial's driver function,
 # which starts that trial's training) know the Ray they run on is the local one too
 LOCAL_RAY_MARK = "HADPO_LOCAL_RAY"
@@ -133,7 +137,7 @@ def local_session() -> bool:
     Ray's), no dashboard and so no state API."""
     import ray
 
-    return (_local_session["on"] or os.environ.get(LOCAL_RAY_MARK) == "1") and ray.is_initialized()
+    return (_session["local"] or os.environ.get(LOCAL_RAY_MARK) == "1") and ray.is_initialized()
 
 
 def iter_blocks(dataset) -> Iterator:
@@ -218,4 +222,42 @@ def stop_ray() -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signum, signal.SIG_IGN)
+        if _session["local"]:
+            _kill_autoscaler_monitor()
         ray.shutdown()
+    _session.update(local=False, started=False)
+
+
+@contextlib.contextmanager
+def ray_released_after():
+    """Stop, when the block ends, the Ray that `init_ray` starts or joins inside it: a command's Ray goes when
+    the command does, not in Ray's exit hook, which first sleeps half a second for late log lines. A Ray that
+    was up before the block (the test suite's; the one a Tune trial's worker runs in) is left as it is."""
+    up_before = _session["started"]
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # a stop signal: the caller stops Ray and says what was kept
+    except BaseException:
+        if _session["started"] and not up_before:
+            with contextlib.suppress(Exception):  # the error says what failed; Ray's exit hook still stops it
+                stop_ray()
+        raise
+    if _session["started"] and not up_before:
+        stop_ray()
+
+
+def _kill_autoscaler_monitor() -> None:
+    """Kill a local Ray's autoscaler monitor before `ray.shutdown`, which stops the GCS first and then sends
+    the monitor SIGTERM: its handler reports the signal to the GCS, hangs on the stopped one, and Ray kills it
+    a second later. A local Ray has no autoscaler config, so the monitor holds nothing to save."""
+    try:
+        from ray._private import ray_constants, worker
+
+        monitors = worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+    except AttributeError:  # another Ray's internals (or no node): ray.shutdown's own way, a second slower
+        return
+    for monitor in monitors:
+        monitor.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # not reaped yet: ray.shutdown waits for it as before
+            monitor.process.wait(timeout=5)

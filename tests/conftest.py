@@ -45,14 +45,14 @@ def ray_session(ray_temp):
     import ray
 
     from orchestrator.config import ExperimentConfig
-    from orchestrator.ray_session import init_ray
+    from orchestrator.ray_session import init_ray, stop_ray
 
     if os.environ.get("HADPO_FORBID_RAY"):  # a test that reaches Ray through a fixture it asks for by name
         pytest.fail("HADPO_FORBID_RAY is set (make test-fast): this test starts Ray; mark it slow")
     if not ray.is_initialized():
         init_ray(ExperimentConfig(name="suite", output_root=str(ray_temp)), num_cpus=2, num_gpus=0)
     yield ray
-    ray.shutdown()
+    stop_ray()
 
 
 @pytest.fixture(scope="session")

@@ -68,3 +68,50 @@ def test_the_local_ray_keeps_its_idle_task_workers_while_actors_hold_the_cpus(ra
         assert ray_session.get(worker_pid.remote()) == first
     finally:
         ray_session.kill(holder)
+
+
+# A command whose Ray `init_ray` starts inside it (output_root: sys.argv[1]); then what is left of that Ray when
+# `run_command` returns: whether Ray is initialized, this process's children still running (Ray's own: GCS,
+# raylet, monitor ...), and any process of that Ray (workers and agents included) still running 30 s later.
+COMMAND_THEN_LOOK = """
+import json, sys
+import psutil, ray
+from orchestrator.boundary import run_command
+from orchestrator.config import ExperimentConfig
+from orchestrator.ray_session import init_ray
+from scripts.local_cluster import wait_exited
+
+processes = []
+
+def command(args):
+    init_ray(ExperimentConfig(name="c", output_root=sys.argv[1]), num_cpus=1, num_gpus=0)
+    processes.extend(psutil.Process().children(recursive=True))
+    return len(ray.nodes())
+
+code = run_command(command, None, ["hadpo", "c"])
+running = [p.pid for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+print(json.dumps({"code": code, "initialized": ray.is_initialized(), "running_children": running,
+                  "ray_processes": len(processes), "left": [p.pid for p in wait_exited(processes, 30)]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_command_stops_the_local_ray_it_started_before_it_returns(tmp_path):
+    """Not in Ray's exit hook after it (which first sleeps half a second for late log lines): when
+    `run_command` returns, Ray is disconnected and the local Ray's processes it started (its autoscaler
+    monitor among them) have exited. A Ray that was up before the command stays up (the data check in
+    tests/data/test_preference_sources.py)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.commands import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", COMMAND_THEN_LOOK, str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["ray_processes"] > 0, seen
+    assert seen == {**seen, "code": 1, "initialized": False, "running_children": [], "left": []}, seen

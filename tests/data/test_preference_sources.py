@@ -211,6 +211,7 @@ def test_data_check_summarises_each_source_and_counts_bad_embedded_images_as_rej
              "name": "synth", "weight": 0.5},
             {"format": "rlaif_v", "path": str(shard), "name": "rlaifv"}]}}))
     assert main(["data", "check", str(config)]) == 0
+    assert ray_session.is_initialized()  # the command stops only a Ray it started itself
     out = capsys.readouterr().out
     assert "source rlaifv (rlaif_v, " in out and "2 rows, weight 1 -> 2 used, 1 rejected" in out
     assert "source synth (trl, " in out and " 0 rejected" in out.split("source synth")[1].splitlines()[0]
