@@ -1,20 +1,20 @@
 """How long a `hadpo` command takes to end once its work is done, as a user runs it (a subprocess):
 
-    python benchmarks/command_exit.py --out /tmp/exit               # 2-core CPU: ~2 minutes
+    python benchmarks/command_exit.py --out /tmp/exit               # 2-core CPU: ~2.5 minutes
     python benchmarks/command_exit.py --out /tmp/exit --runs 5 --json $OUT/exit.json
 
 `hadpo data check` of the synthetic world with the local Ray the command starts, timed from the start to its
-last line on the terminal and from that line to the process's exit, in three ways, alternating, in one run:
+last line on the terminal and from that line to the process's exit, in four ways, alternating, in one run,
+each adding one lever to the one before:
 
-  exit hook      Ray stopped by its own exit hook after `main` returns (the way before 2026-12-04): the hook
-                 sleeps 0.5 s for late log lines, then `ray.shutdown` stops the GCS before the autoscaler
-                 monitor, whose SIGTERM handler then hangs reporting to it until Ray kills it a second later.
-  released       the command stops its Ray before it returns (`ray_session.ray_released_after`), the monitor
-                 given SIGTERM as Ray does.
-  as shipped     released, the monitor killed first (`ray_session._kill_autoscaler_monitor`).
-
-What is left after the Ray is stopped is the interpreter's own exit (the garbage collection of torch's and
-pydantic's objects), the same in all three.
+  exit hook        Ray stopped by its own exit hook after `main` returns (the way before 2026-12-04): the hook
+                   sleeps 0.5 s for late log lines, then `ray.shutdown` stops the GCS before the autoscaler
+                   monitor, whose SIGTERM handler then hangs reporting to it until Ray kills it a second later;
+                   then the interpreter's exit collects the garbage of every object the process made.
+  released         the command stops its Ray before it returns (`ray_session.ray_released_after`), the
+                   monitor given SIGTERM as Ray does.
+  monitor killed   released, the monitor killed first (`ray_session._kill_autoscaler_monitor`).
+  as shipped       the heap frozen before the exit (`cli.exit_with`): no garbage collection at the end.
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import fmt  # noqa: E402
 
 # `hadpo ARGS` with one lever taken back: the variants patch the shipped code before `main` runs
+NO_FREEZE = "import gc; gc.freeze = lambda: None"
 VARIANT_PATCHES = {
-    "exit hook": "import contextlib, orchestrator.boundary as b; b.ray_released_after = contextlib.nullcontext",
-    "released": "import orchestrator.ray_session as s; s._kill_autoscaler_monitor = lambda: None",
+    "exit hook": f"{NO_FREEZE}; import contextlib, orchestrator.boundary as b; "
+                 "b.ray_released_after = contextlib.nullcontext",
+    "released": f"{NO_FREEZE}; import orchestrator.ray_session as s; s._kill_autoscaler_monitor = lambda: None",
+    "monitor killed": NO_FREEZE,
     "as shipped": "",
 }
-RUN = "import sys; {patch}\nfrom orchestrator.cli import main\nsys.exit(main(sys.argv[1:]))"
+RUN = "import sys; {patch}\nfrom orchestrator.cli import exit_with, main\nexit_with(main(sys.argv[1:]))"
 
 
 def timed(command: list[str], cwd: Path) -> dict[str, float]:

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 def run(command: list[str]) -> None:
     import argparse
 
-    from orchestrator.cli import main
+    from orchestrator.cli import exit_with, main
 
     parser = argparse.ArgumentParser(description=f"ray job entrypoint for `hadpo {' '.join(command)}`")
     parser.add_argument("--config", required=True, help="experiment config (YAML), relative to the working dir")
@@ -26,11 +26,11 @@ def run(command: list[str]) -> None:
     overrides = [item for pair in args.set for item in ("--set", pair)]
     # The CLI's error boundary: one line for a known failure, exit 143 / 130 with what was kept on
     # SIGTERM (`ray job stop`) / SIGINT.
-    sys.exit(main([*command, args.config, *overrides, *rest], resume=["python", *sys.argv]))
+    exit_with(main([*command, args.config, *overrides, *rest], resume=["python", *sys.argv]))
 
 
 def run_passthrough(command: list[str]) -> None:
     """For commands whose first argument is not a config (`hadpo export RUN_DIR ...`): all arguments go on."""
-    from orchestrator.cli import main
+    from orchestrator.cli import exit_with, main
 
-    sys.exit(main([*command, *sys.argv[1:]], resume=["python", *sys.argv]))
+    exit_with(main([*command, *sys.argv[1:]], resume=["python", *sys.argv]))

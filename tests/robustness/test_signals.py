@@ -47,9 +47,10 @@ def wait_for(lines, words, process, timeout):
 
 def config_file(tmp_path, extra: str = ""):
     path = tmp_path / "c.yaml"
-    # POPE in 8 one-image blocks: the evaluation is still answering when the signal comes
+    # POPE in 32 one-image blocks (576 questions, ~1 s of answering): the evaluation is still answering when the
+    # signal comes (8 blocks were answered ~0.2 s after the first progress line, about when the signal came)
     path.write_text(f"name: sig\noutput_root: {tmp_path / 'runs'}\n"
-                    "data: {synthetic: {num_images: 12, num_pope_images: 8, image_size: 48, milebench_tasks: 0}}\n"
+                    "data: {synthetic: {num_images: 12, num_pope_images: 32, image_size: 48, milebench_tasks: 0}}\n"
                     "eval: {batch_size: 4, prefix_images: 1, cpus_per_actor: 0.5}\n" + extra)
     return path
 
