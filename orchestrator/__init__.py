@@ -6,7 +6,8 @@ The package in layers; a module imports only from its own layer and the layers l
 - the bottom, shared by every layer: `files` (atomic writes, hashes), `timing` (clocks, durations),
   `versions` (package versions, git commit), `images` (opening an image), `paths` (paths kept inside their
   root), `layout` (what a run's stages are called and where each of its files lies), `errors`, `console`
-  (what the terminal shows; the run's log file);
+  (what the terminal shows; the run's log file), `startup` (a worker's start-up with the garbage collector
+  paused);
 - `config` (the one typed experiment config), with `data.schema` (the uniform rows), `plan` (GPU memory
   planner), `resources` (can the cluster ever run this), `cluster` (the cluster launcher config's node
   types, and the same types on Ray's local autoscaler) and `ray_session` (starting and stopping Ray);

@@ -3,7 +3,7 @@
 Every import counts, at the top of a module or inside a function: an import deferred to keep start-up
 light (torch, Ray) still has to respect the layers, and none may be there to break a cycle.
 
-    bottom:        files, timing, versions, images, paths, layout, errors, retry, console
+    bottom:        files, timing, versions, images, paths, layout, errors, retry, console, startup
                    (import nothing of ours above)
     config:        config, data.schema, model.image_tokens, plan, resources, cluster, ray_session
     data / model:  data.*, model.*
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / PACKAGE
 
 LAYERS = (
-    ("bottom", ("files", "timing", "versions", "images", "paths", "layout", "errors", "retry", "console")),
+    ("bottom", ("files", "timing", "versions", "images", "paths", "layout", "errors", "retry", "console",
+                "startup")),
     # data.schema is the rows and the error type the config refers to, so it sits with the config;
     # model.image_tokens is arithmetic the planner and the model loader share
     ("config", ("config", "data.schema", "model.image_tokens", "plan", "resources", "cluster", "ray_session")),

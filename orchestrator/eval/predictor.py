@@ -85,6 +85,7 @@ from orchestrator.files import write_json_atomic
 from orchestrator.images import load_image
 from orchestrator.model.kernels import use_cudnn_attention
 from orchestrator.retry import run_batch_retrying_items
+from orchestrator.startup import collector_paused
 from orchestrator.timing import process_start_time
 
 log = logging.getLogger(__name__)
@@ -312,28 +313,30 @@ class Predictor:
         # start-up phases (epoch seconds), written to settings.timings_dir for the benchmarks
         self.timings: dict[str, Any] = {"pid": os.getpid(), "process_started": process_start_time(),
                                         "module_imported": MODULE_IMPORTED_AT, "init_started": time.time()}
-        # the kernel reads the weight files while we import (a cold 7B checkpoint is ~14 GB)
-        self.timings["prefetched_bytes"] = prefetch_files(weight_files(settings.model_path, settings.adapter_path))
-        import torch  # noqa: F401  (the model adapters import these lazily: timed here as their own phase)
+        # imports and the model load make ~a million lasting objects: no collection mid-way (orchestrator/startup)
+        with collector_paused():
+            # the kernel reads the weight files while we import (a cold 7B checkpoint is ~14 GB)
+            self.timings["prefetched_bytes"] = prefetch_files(weight_files(settings.model_path, settings.adapter_path))
+            import torch  # noqa: F401  (the model adapters import these lazily: timed here as their own phase)
 
-        # before the device warm-up loads attention kernels; one setting per actor (runs differing in it get a
-        # pool each: it is not among RUN_FIELDS)
-        use_cudnn_attention(settings.cudnn_attention)
-        # CUDA context, cuBLAS, cuDNN and attention kernels loaded by tiny ops while the modeling code
-        # imports (the ops release the GIL); the thread's cuBLAS handle returns to torch's pool for the model
-        threading.Thread(target=_warm_device, args=(settings.dtype, self.timings), name="device-warm-up",
-                         daemon=True).start()
-        import transformers  # noqa: F401
+            # before the device warm-up loads attention kernels; one setting per actor (runs differing in it get a
+            # pool each: it is not among RUN_FIELDS)
+            use_cudnn_attention(settings.cudnn_attention)
+            # CUDA context, cuBLAS, cuDNN and attention kernels loaded by tiny ops while the modeling code
+            # imports (the ops release the GIL); the thread's cuBLAS handle returns to torch's pool for the model
+            threading.Thread(target=_warm_device, args=(settings.dtype, self.timings), name="device-warm-up",
+                             daemon=True).start()
+            import transformers  # noqa: F401
 
-        self.model_class = load_model_adapter(settings.model_adapter)
-        if issubclass(self.model_class, VisionLanguageModel):
-            # the LLaVA modeling import (it pulls in torch._dynamo, torch.distributed.tensor and sympy
-            # through transformers: ~2 s on a CPU, 8.9 s measured on a GPU host), timed as an import
-            import transformers.models.llava.modeling_llava  # noqa: F401
-        self.timings["imports_done"] = started = time.time()
-        self._images: OrderedDict[str, Any] = OrderedDict()
-        self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
-        self._load_model(settings)
+            self.model_class = load_model_adapter(settings.model_adapter)
+            if issubclass(self.model_class, VisionLanguageModel):
+                # the LLaVA modeling import (it pulls in torch._dynamo, torch.distributed.tensor and sympy
+                # through transformers: ~2 s on a CPU, 8.9 s measured on a GPU host), timed as an import
+                import transformers.models.llava.modeling_llava  # noqa: F401
+            self.timings["imports_done"] = started = time.time()
+            self._images: OrderedDict[str, Any] = OrderedDict()
+            self._pope_lengths: dict[str, int] = {}   # POPE prompt -> tokens (questions repeat across images)
+            self._load_model(settings)
         self._warming: threading.Thread | None = None
         on_gpu = str(getattr(self.model, "device", "cpu")).startswith("cuda")
         if self.prefix is not None and (settings.warm_up if settings.warm_up is not None else on_gpu):
@@ -830,9 +833,10 @@ def add_pixels(batch: pa.Table, model_path: str) -> pa.Table:
     the GPU answers earlier blocks. An image that does not open gets null, and the actor then tries
     it itself and reports the error as it always does.
     """
-    from orchestrator.model.llava import pixel_values
+    with collector_paused():  # a worker's first block imports transformers' image processing (orchestrator/startup)
+        from orchestrator.model.llava import pixel_values
 
-    source = _pixel_source(model_path)
+        source = _pixel_source(model_path)
     first_row: dict[str, int] = {}
     if source is not None:
         benchmarks, images = batch.column("benchmark").to_pylist(), batch.column("images").to_pylist()

@@ -82,6 +82,7 @@ from orchestrator.model.kernels import (KernelWarmup, apply_fused_kernels, resol
 from orchestrator.model.families import FAMILIES, LoadedModel, family_of, load_model
 from orchestrator.model.lora import add_lora, freeze_vision, set_lora_input_casting
 from orchestrator.plan import resolve_zero_stage, use_gradient_checkpointing, with_gpu_memory
+from orchestrator.startup import collector_paused
 from orchestrator.timing import process_start_time
 from orchestrator.train.checkpoints import restore_checkpoint, save_checkpoint
 from orchestrator.train.collate import Collated, collate_sft
@@ -134,7 +135,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               width_multiple=train.pad_to_multiple_of, device=device,
                               dtype=torch.bfloat16 if weights_bf16 else torch.float32,
                               trainable_norms=not plan.lora)
-    with ThreadPoolExecutor(max_workers=1) as reader:
+    # the modeling code's imports and the model make ~a million lasting objects: no collection mid-way
+    with ThreadPoolExecutor(max_workers=1) as reader, collector_paused():
         # 2. Data: this rank's share of the rows, in a seeded order (see the module docstring).
         pending_rows = reader.submit(read_rows, ray.train.get_dataset_shard("train"))
         import transformers  # the family's modeling code, timed apart: seconds of imports
@@ -183,7 +185,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 3. Optimizer, schedule, engine.
     if use_ds:
-        import deepspeed  # noqa: F401  (timed apart from the engine's own set-up)
+        with collector_paused():
+            import deepspeed  # noqa: F401  (timed apart from the engine's own set-up)
 
         lap("import deepspeed")
     engine = make_engine(model, trainable, train, learning_rate=plan.learning_rate, total_steps=schedule.total_steps,

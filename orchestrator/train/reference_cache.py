@@ -58,6 +58,7 @@ from orchestrator.files import atomic_write, file_sha256, write_json_atomic
 from orchestrator.images import image_error
 from orchestrator.ray_session import iter_blocks
 from orchestrator.retry import run_batch_retrying_items
+from orchestrator.startup import collector_paused
 from orchestrator.timing import PassRate, format_rate, format_seconds
 from orchestrator.versions import package_versions
 
@@ -298,19 +299,19 @@ class ReferenceScorer:
     """
 
     def __init__(self, settings: ReferenceSettings):
-        import torch
-
-        from orchestrator.model.families import load_model
-
-        from orchestrator.model.llava import resolve_dtype
-
         self.settings = settings
         started = time.time()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.torch_dtype = resolve_dtype(settings.dtype, self.device)
-        self.loaded = load_model(settings.model_path, dtype=settings.dtype, device=self.device,
-                                 attn_implementation=settings.attn_implementation, family=settings.family,
-                                 max_image_pixels=settings.max_image_pixels)
+        with collector_paused():  # imports and the model: ~a million lasting objects (orchestrator/startup)
+            import torch
+
+            from orchestrator.model.families import load_model
+            from orchestrator.model.llava import resolve_dtype
+
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.torch_dtype = resolve_dtype(settings.dtype, self.device)
+            self.loaded = load_model(settings.model_path, dtype=settings.dtype, device=self.device,
+                                     attn_implementation=settings.attn_implementation, family=settings.family,
+                                     max_image_pixels=settings.max_image_pixels)
         self.model = self.loaded.model.eval().requires_grad_(False)
         log.info("reference scorer: %s loaded (%s, %s) in %.1fs", settings.model_path, self.device,
                  settings.dtype, time.time() - started)
