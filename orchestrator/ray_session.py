@@ -150,6 +150,7 @@ def iter_blocks(dataset) -> Iterator:
     process (a resumed evaluation) would wait for them forever (ray-project/ray#24948). The error's own text
     keeps the remote traceback.
     """
+    executors_before = _ray_data_executor_threads()
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
         return
@@ -160,8 +161,19 @@ def iter_blocks(dataset) -> Iterator:
         seen.add(id(chained))
         chained.__traceback__ = None
         chained = chained.__cause__ or chained.__context__
+    # Ray Data's shutdown gives the pass's scheduling thread 2 s to end; on a busy machine it runs longer and
+    # holds the pool until it ends, after the collection below (then the actors kept their CPUs and the next
+    # pass waited for them forever: seen twice in a day's test runs)
+    for thread in _ray_data_executor_threads() - executors_before:
+        thread.join(timeout=30)
     gc.collect()  # the pool's handles sit in reference cycles: collected now, the actors end now
     raise failure
+
+
+def _ray_data_executor_threads() -> set[threading.Thread]:
+    """The scheduling loops of Ray Data passes running in this process (each a thread named
+    `StreamingExecutor-<dataset id>`, ray/data/_internal/execution/streaming_executor.py)."""
+    return {thread for thread in threading.enumerate() if thread.name.startswith("StreamingExecutor-")}
 
 
 # ----------------------------------------------------------------------------------------------
