@@ -124,7 +124,7 @@ def _environment(values: dict[str, str]):
 
 
 # local: the Ray this process started is a local one (`init_ray` without an address); started: `init_ray`
-# started or joined a Ray in this process (not one that was up already), which `release_ray` stops
+# started or joined a Ray in this process (not one that was up already), which `ray_released_after` stops
 _session = {"local": False, "started": False}
 # set in the environment the local Ray's processes inherit: its workers (a Tune trial's driver function,
 # which starts that trial's training) know the Ray they run on is the local one too

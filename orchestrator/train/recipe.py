@@ -185,8 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 3. Optimizer, schedule, engine.
     if use_ds:
-        with collector_paused():
-            import deepspeed  # noqa: F401  (timed apart from the engine's own set-up)
+        import deepspeed  # noqa: F401  (timed apart from the engine's own set-up)
 
         lap("import deepspeed")
     engine = make_engine(model, trainable, train, learning_rate=plan.learning_rate, total_steps=schedule.total_steps,
