@@ -1,8 +1,9 @@
 """Resume never goes back past a complete checkpoint on disk, and keep_checkpoints holds on disk.
 
-Pure tests lay out run folders as the workers and Ray Train V2 leave them (checkpoint folders, our
-completion markers, Ray's ``checkpoint_manager_snapshot.json``); the slow test trains for real and
-breaks Ray's record the way a kill between the checkpoint folder and the record does.
+These tests lay out run folders as the workers and Ray Train V2 leave them (checkpoint folders, our
+completion markers, Ray's ``checkpoint_manager_snapshot.json``). The same behaviour on a real run (its
+record broken the way a kill between the checkpoint folder and the record breaks it, then a rerun) is
+tests/train/test_training.py's rerun test, which continues a run those tests train anyway.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import ray
 
 from orchestrator.train import checkpoints
@@ -106,45 +106,3 @@ def test_keep_checkpoints_holds_on_disk_but_never_deletes_what_rays_record_lists
     (tmp_path / RAY_RECORD).unlink()
     assert prune(str(tmp_path), keep=2) == [names[0]]
     assert sorted(p.name for p in tmp_path.iterdir()) == names[2:]
-
-
-@pytest.mark.slow
-def test_a_rerun_continues_from_the_newest_complete_checkpoint_whatever_rays_record_says(
-        ray_session, synth_world, tiny_model_dir, tmp_path):
-    import pyarrow.parquet as pq
-
-    from orchestrator.train.trainer import run_training, storage_path
-    from tests.train import sample_preference_rows, tiny_config
-
-    rows = ray.data.from_items(sample_preference_rows(tmp_path, synth_world[0], 4))
-
-    def train(max_steps):
-        config = tiny_config(tmp_path, synth_world[0], "name=resume", f"train.max_steps={max_steps}",
-                             "train.checkpoint_every_steps=2", "train.keep_checkpoints=2", "train.log_every_steps=2",
-                             "train.reference_cache=false", "train.deepspeed.enabled=false", "scaling.num_workers=1",
-                             "train.batch_size_per_worker=2", "wandb.mode=disabled")
-        return run_training(config, "dpo", base_model=str(tiny_model_dir), dataset=rows)
-
-    first = train(4)
-    run = tmp_path / "resume" / "train" / "resume-dpo"
-    assert str(run) == f"{storage_path(tiny_config(tmp_path, synth_world[0], 'name=resume'))}/resume-dpo"
-    assert [c.step for c in checkpoints.scan(str(run)) if c.complete] == [2, 4]
-    assert all((run / c.name / MARKER).is_file() for c in checkpoints.scan(str(run)))
-
-    # Ray's record falls behind (it still says step 2) and a half-written folder of a later step lies there
-    record = json.loads((run / RAY_RECORD).read_text())
-    step2 = [c.name for c in checkpoints.scan(str(run)) if c.step == 2][0]
-    record["latest_checkpoint_result"]["checkpoint_dir_name"] = step2
-    record["checkpoint_results"] = [r for r in record["checkpoint_results"] if r["checkpoint_dir_name"] == step2]
-    (run / RAY_RECORD).write_text(json.dumps(record))
-    half = run / checkpoint_dir_name(6)
-    shutil.copytree(run / first.checkpoint_path.split("/")[-2], half)
-    (half / MARKER).unlink()
-
-    second = train(6)
-    assert second.metrics["resumed_from_step"] == 4 and second.metrics["step"] == 6
-    assert not half.exists()
-    kept = checkpoints.scan(str(run))
-    assert [c.step for c in kept] == [4, 6] and all(c.complete for c in kept)  # keep_checkpoints=2 on disk
-    curves = pq.read_table(second.curves_path).to_pylist()
-    assert [row["step"] for row in curves] == [2, 4, 6]  # one history, nothing trained twice

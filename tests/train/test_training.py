@@ -3,8 +3,10 @@
 Each fixture is one `run_training` call (about 25 s on 2 cores), shared by the tests that read it.
 """
 
+import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,7 +16,8 @@ from safetensors.torch import load_file
 
 from orchestrator.layout import train_run_name
 from orchestrator.model.families import load_model
-from orchestrator.train.checkpoints import step_of
+from orchestrator.train import checkpoints
+from orchestrator.train.checkpoints import MARKER, RAY_RECORD, checkpoint_dir_name, step_of
 from orchestrator.train.trainer import run_training, storage_path
 from scripts.local_cluster import wait_for
 from tests.train import recorded_checkpoint, tiny_config
@@ -173,16 +176,35 @@ def test_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoi
     assert [row["resumed_from_step"] for row in curves] == [0, 2, 2]
 
 
-def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(zero2, synth_world, tiny_model_dir,
-                                                                     preference_rows):
+def test_a_rerun_continues_from_the_newest_complete_checkpoint_whatever_rays_record_says(
+        zero2, synth_world, tiny_model_dir, preference_rows):
+    """A rerun with the same name continues the run. Before it, Ray's record is broken the way a kill between a
+    checkpoint folder and Ray's record leaves it: the record falls behind (step 4) and a half-written folder
+    of a later step lies there. The rerun still resumes from the newest complete checkpoint on disk (step 6),
+    removes the half-written folder and holds keep_checkpoints (2) on disk."""
     cfg, first, _ = zero2
+    run = Path(first.run_path)
+    assert [c.step for c in checkpoints.scan(str(run)) if c.complete] == [4, 6]  # keep_checkpoints=2
+    assert all((run / c.name / MARKER).is_file() for c in checkpoints.scan(str(run)))
+    record = json.loads((run / RAY_RECORD).read_text())
+    step4 = [c.name for c in checkpoints.scan(str(run)) if c.step == 4][0]
+    record["latest_checkpoint_result"]["checkpoint_dir_name"] = step4
+    record["checkpoint_results"] = [r for r in record["checkpoint_results"] if r["checkpoint_dir_name"] == step4]
+    (run / RAY_RECORD).write_text(json.dumps(record))
+    half = run / checkpoint_dir_name(8)
+    shutil.copytree(Path(first.checkpoint_path).parent, half)
+    (half / MARKER).unlink()
+
     again = tiny_config(cfg.output_root, synth_world[0], *COMMON, "name=zero2", "train.deepspeed.zero_stage=2",
                         "train.max_steps=8")
     result = run_training(again, "dpo", base_model=str(tiny_model_dir), dataset=preference_rows)
     assert result.metrics["resumed_from_step"] == 6 and result.metrics["step"] == 8
     assert result.checkpoint_path != first.checkpoint_path
+    assert not half.exists()
+    kept = checkpoints.scan(str(run))
+    assert [c.step for c in kept] == [6, 8] and all(c.complete for c in kept)  # keep_checkpoints=2 on disk
     curves = pq.read_table(result.curves_path).to_pylist()
-    assert [row["step"] for row in curves] == [2, 4, 6, 8]
+    assert [row["step"] for row in curves] == [2, 4, 6, 8]  # one history, nothing trained twice
 
 
 @pytest.mark.slow
