@@ -140,6 +140,17 @@ def local_session() -> bool:
     return (_session["local"] or os.environ.get(LOCAL_RAY_MARK) == "1") and ray.is_initialized()
 
 
+def state_api_served() -> bool:
+    """Whether the Ray this driver runs on serves Ray's state API (its dashboard runs). Asked on a driver: in a
+    worker Ray reports its default dashboard address whether a dashboard runs or not."""
+    from ray._private.worker import get_dashboard_url
+
+    try:
+        return bool(get_dashboard_url())
+    except Exception:  # noqa: BLE001 - a private API: when in doubt, leave Ray's behaviour as it is
+        return True
+
+
 def iter_blocks(dataset) -> Iterator:
     """The blocks of a Ray Data `dataset`, as pyarrow tables, in the order they finish.
 

@@ -31,7 +31,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.data import datasets
 from orchestrator.model.base_model import base_model_path
 from orchestrator.plan import reference_fill
-from orchestrator.ray_session import init_ray, local_session, stop_signals_handled
+from orchestrator.ray_session import init_ray, local_session, state_api_served, stop_signals_handled
 from orchestrator.resources import preflight, reference_request, training_request
 from orchestrator.train import checkpoints
 from orchestrator.train.recipe import train_loop_per_worker
@@ -155,9 +155,9 @@ def _torch_trainer():
     - its Ctrl-C handler (put in at `fit`: abort the run, then exit 0 or 1 with nothing said), under a `hadpo`
       command, where Ctrl-C stays the boundary's: Ray stops, the line says which checkpoint was kept and how to
       resume, and the exit code is 130;
-    - its placement-group cleaner on the local Ray `init_ray` starts: the cleaner asks Ray's state API, which
-      that Ray (no dashboard) does not serve, and logs a warning every second of the run; a local Ray's
-      placement groups go with the process anyway.
+    - its placement-group cleaner where Ray serves no state API: the local Ray `init_ray` starts (its
+      placement groups go with the process anyway), or a Ray started without its dashboard that a command
+      joins; the cleaner asks the state API, is refused, and logs a warning every second of the run.
     """
     from ray.train.torch import TorchTrainer
 
@@ -168,7 +168,7 @@ def _torch_trainer():
 
         def _create_default_callbacks(self) -> list:
             callbacks = super()._create_default_callbacks()
-            if not local_session():
+            if not local_session() and state_api_served():
                 return callbacks
             return [callback for callback in callbacks if type(callback).__name__ != "PlacementGroupCleanerCallback"]
 
