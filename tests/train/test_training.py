@@ -184,10 +184,12 @@ def test_a_rerun_continues_from_the_newest_complete_checkpoint_whatever_rays_rec
     removes the half-written folder and holds keep_checkpoints (2) on disk."""
     cfg, first, _ = zero2
     run = Path(first.run_path)
-    assert [c.step for c in checkpoints.scan(str(run)) if c.complete] == [4, 6]  # keep_checkpoints=2
-    assert all((run / c.name / MARKER).is_file() for c in checkpoints.scan(str(run)))
+    assert run == Path(storage_path(cfg)) / train_run_name("zero2", "dpo")
+    trained = checkpoints.scan(str(run))
+    assert [c.step for c in trained if c.complete] == [4, 6]  # keep_checkpoints=2
+    assert all((run / c.name / MARKER).is_file() for c in trained)
     record = json.loads((run / RAY_RECORD).read_text())
-    step4 = [c.name for c in checkpoints.scan(str(run)) if c.step == 4][0]
+    step4 = [c.name for c in trained if c.step == 4][0]
     record["latest_checkpoint_result"]["checkpoint_dir_name"] = step4
     record["checkpoint_results"] = [r for r in record["checkpoint_results"] if r["checkpoint_dir_name"] == step4]
     (run / RAY_RECORD).write_text(json.dumps(record))
