@@ -2,9 +2,9 @@
 authentication on, `jobs/run.py` submitted with `ray job submit`, worker nodes launched from zero, one of
 them reclaimed mid-training as a cloud reclaims an instance, all of them removed when idle.
 
-One scenario runs once for the module (a fake autoscaling head, then the job, then the idle wait) and the
-tests below each check one behaviour of it; the local run it is compared with runs on the suite's Ray while
-the scenario finishes (`runs`).
+One scenario runs once for the module (on the package's fake autoscaling head: the job, then the idle wait)
+and the tests below each check one behaviour of it; the local run it is compared with runs on the suite's Ray
+while the scenario finishes (`runs`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from tests.train import recorded_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
-IDLE_TIMEOUT_MINUTES = 0.5
 IDLE_TIMEOUT_AFTER_JOB_MINUTES = 0.1
 WORKER_TYPE = "gpu.a100x8"
 FAKE_HEAD_NODE_ID = local_cluster.FAKE_HEAD_NODE_ID
@@ -85,17 +84,6 @@ def job_config(out: Path, model: Path, cluster=None, stand_ins_per_worker: int =
     for override in overrides:
         apply_override(raw, override)
     return raw
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """The fake autoscaling head for cluster.yaml, token auth on, stopped (all its processes) afterwards."""
-    with local_cluster.short_dir(tmp_path_factory.mktemp("hc")) as directory:
-        started = local_cluster.up(directory, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
-        try:
-            yield started
-        finally:
-            local_cluster.down(directory)
 
 
 @dataclass
