@@ -152,14 +152,17 @@ def state_api_served() -> bool:
 
 
 def iter_blocks(dataset) -> Iterator:
-    """The blocks of a Ray Data `dataset`, as pyarrow tables, in the order they finish.
+    """The blocks of a Ray Data `dataset`, as pyarrow tables, in the order they finish. The caller hands the
+    dataset over: it passes it without keeping a reference (`iter_blocks(ds.map_batches(...))`).
 
     When the pass fails (an actor's exception), the error is raised without the local frames it went through.
     Ray Data lets go of an actor pool that failed by dropping its handles, not by killing the actors, and
     Ray Data's frames in the traceback still reach them: while the exception lives (the caller keeps it; a
     notebook keeps the last one) the actors would keep their CPUs and GPUs, and the next pass in the same
     process (a resumed evaluation) would wait for them forever (ray-project/ray#24948). The error's own text
-    keeps the remote traceback.
+    keeps the remote traceback. The frames it goes through from here up hold no dataset either: a dataset keeps
+    the executor of its last pass (to shut it down when the dataset goes), and that executor, shut down or not,
+    can still hold the pool's last tasks, whose actor then lives as long as the frames do.
     """
     executors_before = _ray_data_executor_threads()
     try:
@@ -167,6 +170,7 @@ def iter_blocks(dataset) -> Iterator:
         return
     except Exception as error:
         failure = error
+    dataset = None  # noqa: F841 - this frame goes up with the error: it must not hold the failed pass
     chained, seen = failure, set()
     while chained is not None and id(chained) not in seen:
         seen.add(id(chained))

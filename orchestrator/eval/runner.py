@@ -401,15 +401,16 @@ def _infer(pool: list[_Planned]) -> None:
         settings = dataclasses.replace(settings, runs=tuple(
             {name: getattr(plan.settings, name) for name in RUN_FIELDS} for plan in pool))
     tables = [table for plan in pool for table in _item_blocks(plan.todo, cfg, settings.reuses_prefix, plan.run_id)]
-    answered = predict(ray.data.from_arrow(tables), settings, num_actors=cfg.eval.num_actors,
-                       cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
-                       resources_per_actor=cfg.eval.resources_per_actor)
+    # handed to iter_blocks, not kept here: a failed pass must not outlive its error in this frame
+    blocks = iter_blocks(predict(ray.data.from_arrow(tables), settings, num_actors=cfg.eval.num_actors,
+                                 cpus_per_actor=cfg.eval.cpus_per_actor, gpus_per_actor=cfg.eval.gpus_per_actor,
+                                 resources_per_actor=cfg.eval.resources_per_actor))
     by_run = {plan.run_id: plan for plan in pool}
     todo = sum(len(plan.todo) for plan in pool)
     label = first.run_id if len(pool) == 1 else f"{len(pool)} runs ({', '.join(by_run)})"
     pace = PassRate(todo)
     computed = errors = 0
-    for block in iter_blocks(answered):
+    for block in blocks:
         # the actors have written this block already; the driver only keeps count
         if block.num_rows == 0:
             continue

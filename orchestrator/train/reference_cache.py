@@ -492,15 +492,17 @@ def _compute(cfg: ExperimentConfig, cache: ReferenceCache, todo: list[dict], bas
         resources["num_gpus"] = 1
     if cfg.eval.resources_per_actor:
         resources["resources"] = dict(cfg.eval.resources_per_actor)
-    scored = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / per_call))).map_batches(
+    items = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / per_call)))
+    # handed to iter_blocks, not kept here: a failed pass must not outlive its error in this frame
+    blocks = iter_blocks(items.map_batches(
         ReferenceScorer, fn_constructor_kwargs={"settings": settings}, batch_size=per_call, batch_format="pandas",
         compute=ActorPoolStrategy(size=cfg.eval.num_actors), **resources,
-    )
+    ))
     last_logged = time.time()
     pace = PassRate(len(todo))
     computed = errors = 0
     pending: list[pa.Table] = []
-    for block in iter_blocks(scored):
+    for block in blocks:
         if block.num_rows == 0:
             continue
         errors = _log_errors(block, errors)
