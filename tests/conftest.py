@@ -6,6 +6,7 @@ Building these once per session keeps `make test` inside its time budget on 2 co
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import subprocess
@@ -22,6 +23,28 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+# The slowest test (the cluster scenario's fixture) takes 2-3 minutes on 2 idle cores, 6-8 on a loaded machine.
+HUNG_TEST_S = 20 * 60
+_terminal: dict = {}
+
+
+def pytest_configure(config):
+    # the terminal's stderr, kept before pytest captures file descriptor 2 for each test
+    _terminal["stderr"] = os.fdopen(os.dup(2), "w")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test (its fixtures' set-up included) still running after HUNG_TEST_S prints every thread's stack to the
+    terminal and ends the run (exit 1), instead of holding CI to its own limit: a test whose Ray work waits for
+    resources that never come (an actor some earlier pass left holding the CPUs) waits for ever."""
+    faulthandler.dump_traceback_later(HUNG_TEST_S, exit=True, file=_terminal["stderr"])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(items):
