@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.local_cluster import autoscaler_events
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,6 +19,7 @@ def test_eval_job_submitted_with_ray_job_submit_writes_its_outputs(cluster, tmp_
         f"name: job\noutput_root: {out}\n"
         "data:\n  synthetic: {num_images: 8, num_pope_images: 4, milebench_tasks: 0}\n"
         "eval: {batch_size: 8, cpus_per_actor: 0.5}\n")
+    launched_before = _launches(cluster)
     submit = cluster.submit("--submission-id", "hadpo-eval", "--working-dir", str(ROOT),
                             "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"),
                             "--", sys.executable, "jobs/eval.py", "--config", str(config))
@@ -29,3 +32,8 @@ def test_eval_job_submitted_with_ray_job_submit_writes_its_outputs(cluster, tmp_
     assert cluster.job_status("hadpo-eval") == "SUCCEEDED"
     status = cluster.ray("job", "list")
     assert "hadpo-eval" in status.stdout and "SUCCEEDED" in status.stdout
+    assert _launches(cluster) == launched_before  # the job's driver, actor and tasks fit on the head
+
+
+def _launches(cluster) -> list[str]:
+    return [message for message in autoscaler_events(cluster) if message.startswith("Adding")]
