@@ -68,6 +68,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import (LLAVA_15_7B, LLAVA_IMAGE_TOKEN_ID, TINY_SHAPE, fmt, load_benchmark,  # noqa: E402
                                shape_processor)
+from orchestrator.files import atomic_write  # noqa: E402
 
 STOP_MESSAGE = "multi_gpu: planned stop"
 SECTION_ORDER = ("model", "data", "dpo1", "dpoN", "pope", "kill", "full")
@@ -205,9 +206,7 @@ class Results:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
+        atomic_write(self.path, lambda temp: temp.write_text(json.dumps(self.data, indent=1, default=str)))
 
     def record(self, name: str, entry: dict) -> None:
         self.data["sections"][name] = entry

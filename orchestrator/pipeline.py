@@ -33,7 +33,7 @@ from orchestrator.config import ExperimentConfig, dump_config, source_name
 from orchestrator.data import datasets
 from orchestrator.data.formats import REJECTED_PATH, preference_table_files
 from orchestrator.eval.pope import mean_f1, qualified_split
-from orchestrator.files import file_sha256
+from orchestrator.files import atomic_write, file_sha256
 from orchestrator.plan import reference_fill
 from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight, reference_request, training_request
@@ -226,9 +226,7 @@ def _record(config: ExperimentConfig, stage: Stage, outputs: dict[str, Any], sta
     record = {"inputs": stage.inputs, "outputs": outputs, "started": started, "seconds": round(time.time() - started, 1)}
     if together:
         record["together_with"] = together
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(record_path)
+    atomic_write(record_path, lambda temp: temp.write_text(json.dumps(record, indent=2, default=str)))
     summary = stage_summary(outputs)
     log.info("stage %s: done in %.0f s%s", stage.name, time.time() - started, f" ({summary})" if summary else "",
              extra=console.LINE)

@@ -29,6 +29,7 @@ from orchestrator.config import ExperimentConfig, PreferenceSource, source_name
 from orchestrator.data import formats
 from orchestrator.data.schema import POPE_DEFAULT_DATASET, POPE_SPLITS
 from orchestrator.data.synthetic import SynthConfig, generate_world
+from orchestrator.files import atomic_write
 from orchestrator.images import image_error
 
 log = logging.getLogger(__name__)
@@ -309,11 +310,8 @@ def _jsonable(rows: list[dict]) -> list[dict]:
 
 
 def write_rejects(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(_jsonable(rows)) if rows else pa.table({"error": pa.array([], pa.string())})
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda temp: pq.write_table(table, temp))
 
 
 def checked_dataset(rows: list[dict], name: str, config: ExperimentConfig,

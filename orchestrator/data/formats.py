@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from orchestrator.data.schema import POPE_DEFAULT_DATASET, DataFormatError, ImagePathRejected
+from orchestrator.files import atomic_write
 from orchestrator.paths import PathOutsideRoot, contained_path
 
 # The four description prompts of the HA-DPO LLaVA-1.5 recipe, exactly as its train_dpo.py has them
@@ -682,10 +683,7 @@ def _image_path(value: Any, path: Any, record: Any, field: str, image_root: str 
             digest = hashlib.sha256(data).hexdigest()[:24]
             target = Path(embedded_dir) / digest[:2] / f"{digest}.img"
             if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(data)
-                tmp.replace(target)
+                atomic_write(target, lambda temp: temp.write_bytes(data))
             return str(target)
         value = value.get("path")
         field = f"{field}.path"

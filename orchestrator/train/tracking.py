@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from orchestrator import layout
 from orchestrator.config import ExperimentConfig
+from orchestrator.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,8 @@ class CurveLog:
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(dict(row))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(_uniform(self.rows))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(self.path)
+        atomic_write(self.path, lambda temp: pq.write_table(table, temp))
 
 
 def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -265,10 +263,7 @@ class MlflowFileRun:
 
     @staticmethod
     def _write_yaml(path: Path, data: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=True))
-        tmp.replace(path)
+        atomic_write(path, lambda temp: temp.write_text(yaml.safe_dump(data, sort_keys=True)))
 
     def _drop_after(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: forget the lines logged for them."""
