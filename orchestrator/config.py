@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator import layout
 from orchestrator.data.schema import POPE_DEFAULT_DATASET
+from orchestrator.files import atomic_write
 from orchestrator.paths import absolute_path
 
 
@@ -758,5 +759,5 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    atomic_write(path, lambda temp: temp.write_text(text))

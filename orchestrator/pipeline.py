@@ -98,9 +98,8 @@ def write_run_record(config: ExperimentConfig, extra: dict[str, Any] | None = No
         "hardware": hardware(),
     }
     record.update(extra or {})
-    path = layout.run_record_path(config.run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
+    path = atomic_write(layout.run_record_path(config.run_dir),
+                        lambda temp: temp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str)))
     dump_config(config, layout.config_path(config.run_dir))
     return path
 

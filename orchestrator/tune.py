@@ -42,6 +42,7 @@ from orchestrator.config import ExperimentConfig, SearchDimension, apply_overrid
 from orchestrator.data.datasets import pope_rows, resolve_data_paths
 from orchestrator.eval import pope
 from orchestrator.eval.probe import objective_of, select_probe_questions
+from orchestrator.files import atomic_write
 from orchestrator.images import image_error
 from orchestrator.ray_session import init_ray
 from orchestrator.train.reference_cache import precompute_reference
@@ -352,9 +353,8 @@ def write_best_config(base: ExperimentConfig, params: dict[str, Any], best: pd.S
               f"{float(best[OBJECTIVE]):.6g} on the full POPE set.\n"
               f"# The base config with {', '.join(f'{k}={v}' for k, v in params.items())}; run it with: "
               f"hadpo run {path}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    return path
+    text = header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return atomic_write(path, lambda temp: temp.write_text(text))
 
 
 def format_trials(result: TuneResult, metric: str) -> str:
