@@ -24,8 +24,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    return atomic_write(path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str)))
+def write_json_atomic(path: str | Path, data: dict, sort_keys: bool = True) -> Path:
+    """`data` as indented JSON; `sort_keys=False` keeps a record in the order it was built."""
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=str)
+    return atomic_write(path, lambda temp: temp.write_text(text))
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -33,7 +33,7 @@ from orchestrator.config import ExperimentConfig, dump_config, source_name
 from orchestrator.data import datasets
 from orchestrator.data.formats import REJECTED_PATH, preference_table_files
 from orchestrator.eval.pope import mean_f1, qualified_split
-from orchestrator.files import atomic_write, file_sha256
+from orchestrator.files import file_sha256, write_json_atomic
 from orchestrator.plan import reference_fill
 from orchestrator.ray_session import init_ray
 from orchestrator.resources import eval_request, preflight, reference_request, training_request
@@ -98,8 +98,7 @@ def write_run_record(config: ExperimentConfig, extra: dict[str, Any] | None = No
         "hardware": hardware(),
     }
     record.update(extra or {})
-    path = atomic_write(layout.run_record_path(config.run_dir),
-                        lambda temp: temp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str)))
+    path = write_json_atomic(layout.run_record_path(config.run_dir), record, sort_keys=False)
     dump_config(config, layout.config_path(config.run_dir))
     return path
 
@@ -225,7 +224,7 @@ def _record(config: ExperimentConfig, stage: Stage, outputs: dict[str, Any], sta
     record = {"inputs": stage.inputs, "outputs": outputs, "started": started, "seconds": round(time.time() - started, 1)}
     if together:
         record["together_with"] = together
-    atomic_write(record_path, lambda temp: temp.write_text(json.dumps(record, indent=2, default=str)))
+    write_json_atomic(record_path, record, sort_keys=False)
     summary = stage_summary(outputs)
     log.info("stage %s: done in %.0f s%s", stage.name, time.time() - started, f" ({summary})" if summary else "",
              extra=console.LINE)
