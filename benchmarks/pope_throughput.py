@@ -10,7 +10,7 @@ Everything runs in ONE process and one run, on the same model and the same quest
   prefix (~611 tokens at the 7B shape) run once, batched over ``--prefix-images`` images, and all the
   image's questions from the three splits are answered in one more forward against the cached
   prefix (`orchestrator.eval.prefix_cache`); "Yes"/"No" logits as below. A CPU stage before the
-  actors decodes and preprocesses the images (`predictor.add_pixels`), so the GPU does not wait on
+  actors decodes and preprocesses the images (`orchestrator.eval.pixels`), so the GPU does not wait on
   them. Runs on ALL questions, and its end-to-end seconds are broken down into phases (Ray init,
   actor start, imports, model build, first block, steady state) from the actor's own timings;
 * **ours, plain score**: the same actors, whole prompts, length-sorted batches of ``--batch-size``,
@@ -317,7 +317,7 @@ def make_world_and_model(args, workdir: Path, device: str):
 def pope_questions(world: Path) -> list[dict]:
     from orchestrator.data import formats
     from orchestrator.data.schema import POPE_SPLITS
-    from orchestrator.eval.predictor import pope_items
+    from orchestrator.eval.items import pope_items
 
     rows = []
     for split in POPE_SPLITS:
@@ -328,7 +328,7 @@ def pope_questions(world: Path) -> list[dict]:
 
 def milebench_questions(world: Path) -> list[dict]:
     from orchestrator.data import formats
-    from orchestrator.eval.predictor import milebench_items
+    from orchestrator.eval.items import milebench_items
 
     task_dirs = sorted(p for p in (world / "milebench").iterdir() if p.is_dir()) if (world / "milebench").is_dir() else []
     return milebench_items([row for task_dir in task_dirs for row in formats.read_milebench_task(task_dir)])
@@ -542,7 +542,8 @@ def ours(model_dir: Path, items: list[dict], mode: str, args, use_gpu: bool, ada
     """Our predictor through Ray Data; steady-state q/s from the first answered block to the last."""
     import ray
 
-    from orchestrator.eval.predictor import PredictorSettings, items_table, predict
+    from orchestrator.eval.items import items_table
+    from orchestrator.eval.predictor import PredictorSettings, predict
 
     _, kind, prefix, protocol = MODES[mode]
     settings = PredictorSettings(run_id=f"bench-{mode}", model_path=str(model_dir), mode=kind,

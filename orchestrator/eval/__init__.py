@@ -3,7 +3,9 @@
 - `pope`: POPE's answer parsing, metrics and metric names (pure).
 - `milebench`: MileBench prompts and scores (pure).
 - `model_adapter`: the model every evaluation calls (`MileBenchModel` interface, `VisionLanguageModel`).
-- `predictor`: the Ray Data actor that answers items.
+- `items`: POPE and MileBench rows as evaluation items, one row shape for both.
+- `predictor`: the Ray Data actor that answers items, and `predict`, its actor pool.
+- `pixels`: the CPU stage before the actors that decodes POPE's images (prefix reuse).
 - `prefix_cache`: POPE with each image's prefix computed once and its KV cache reused.
 - `results`: the parquet answer store (atomic writes, resume, dedupe), run ids and metric rows.
 - `completeness`: answered against expected questions per split; means left out when a split is short.

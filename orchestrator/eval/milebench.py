@@ -32,6 +32,8 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
+from orchestrator.eval.items import as_list
+
 # ----------------------------------------------------------------------------------------------
 # Task taxonomy (score.py's dataset_list); names are matched case- and punctuation-insensitively,
 # so the older "action_localization" spelling and score.py's "ActionLocalization" are one task.
@@ -444,14 +446,6 @@ def score_sample(task: str, question_type: str, prediction: str | None, response
     return metric, float(judge_multi_choice(prediction, response, choices)[0])
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, float) and math.isnan(value):
-        return []
-    return [str(item) for item in list(value)]
-
-
 def score_answers(df: pd.DataFrame) -> pd.DataFrame:
     """MileBench answer rows with ``metric`` and ``score`` added (NaN score for error rows).
 
@@ -473,7 +467,7 @@ def score_answers(df: pd.DataFrame) -> pd.DataFrame:
         if not errors[position]:
             try:
                 score = score_sample(task, row.question_type, row.raw_answer, row.label,
-                                     _as_list(row.choice_list))[1]
+                                     as_list(row.choice_list))[1]
             except ValueError as error:
                 errors[position] = f"scoring: {error}"
         metrics.append(metric)

@@ -1,7 +1,7 @@
-"""The Ray Data actor that answers evaluation items, and the items it reads.
+"""The Ray Data actor that answers evaluation items, and `predict`, the pool that runs it.
 
-Both benchmarks are turned into one item shape (ITEM_SCHEMA: benchmark, split, item_id, images,
-question or instruction/context/choices, label, version) so one actor pool answers both. Each
+Both benchmarks arrive in one item shape (`orchestrator.eval.items`: ITEM_SCHEMA) so one actor pool
+answers both. Each
 `Predictor` actor loads the model once, through a model adapter (`orchestrator.eval.model_adapter`:
 `VisionLanguageModel` by default: a model folder of any family (``settings.family``, `families.load_model`)
 plus an optional LoRA adapter, merged), then for
@@ -36,8 +36,8 @@ image's questions, in score mode for the one forward, in generate mode in the pr
 greedy decode step (`orchestrator.eval.prefix_cache`); a model batch is then ``prefix_images``
 (default ``batch_size``) images with all their questions, and a batch that raises is retried image by
 image. Feed the rows grouped by image (`run_eval` does) so that a block holds whole images. `predict` then
-puts a CPU stage before the actors (`add_pixels`: Ray Data tasks on the CPUs the actors leave free)
-that decodes each block's images and preprocesses them for the vision tower, so the GPU actor does not
+puts a CPU stage before the actors (`orchestrator.eval.pixels`: Ray Data tasks on the CPUs the actors leave
+free) that decodes each block's images and preprocesses them for the vision tower, so the GPU actor does not
 wait on image decoding (the pixels come from the same `pixel_values` as in the actor: same answers);
 LLaVA-1.5 only: a LLaVA-NeXT actor preprocesses its anyres tiles itself.
 
@@ -59,8 +59,6 @@ tests kill one mid-run or interrupt a run.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import io
 import json
 import logging
 import math
@@ -78,11 +76,12 @@ import pyarrow as pa
 
 from orchestrator.eval.milebench import (LLAVA_WORKER_GEN_KWARGS, build_milebench_question,
                                          image_budget_batches)
+from orchestrator.eval.items import as_flag, as_list, as_text
 from orchestrator.eval.model_adapter import VisionLanguageModel, load_model_adapter, milebench_template_for
+from orchestrator.eval.pixels import DECODE_TASK_CPUS, add_pixels, pixel_tensor, take_pixels
 from orchestrator.eval.pope import parse_yes_no, strip_special_tokens
-from orchestrator.eval.results import ANSWER_COLUMNS, block_name, to_answer_table, write_answers
+from orchestrator.eval.results import block_name, to_answer_table, write_answers
 from orchestrator.files import write_json_atomic
-from orchestrator.images import load_image
 from orchestrator.model.kernels import use_cudnn_attention
 from orchestrator.retry import run_batch_retrying_items
 from orchestrator.startup import collector_paused
@@ -90,86 +89,6 @@ from orchestrator.timing import process_start_time
 
 log = logging.getLogger(__name__)
 MODULE_IMPORTED_AT = time.time()   # in an actor: Ray's worker is up and has imported this module
-
-ITEM_SCHEMA = pa.schema([
-    ("benchmark", pa.string()),
-    ("split", pa.string()),
-    ("item_id", pa.string()),
-    ("images", pa.list_(pa.string())),
-    ("question", pa.string()),           # POPE question ("" for MileBench)
-    ("instruction", pa.string()),        # MileBench
-    ("context", pa.string()),            # MileBench, with {image#k} placeholders
-    ("choice_list", pa.list_(pa.string())),
-    ("has_choice_list", pa.bool_()),     # MileBench: the sample has a choice_list key (even an empty one)
-    ("label", pa.string()),
-    ("question_type", pa.string()),
-    ("image_quantity_level", pa.string()),
-    ("version", pa.string()),
-    ("run_id", pa.string()),             # the evaluation the row belongs to ("": the settings' own run)
-])
-ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
-# Added by `add_pixels` on the first row of each POPE image of a block: the image's vision-tower input
-# (float32 [3, H, W] as `np.save` bytes); null on the other rows and where the image did not open.
-PIXELS_COLUMN = "pixels"
-DECODE_TASK_CPUS = 0.25  # logical CPUs of one `add_pixels` task (see `predict`)
-
-
-def _listify(value) -> list[str]:
-    """A list column's value (list, tuple, numpy array, None) as a list of strings."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(item) for item in list(value)]
-
-
-def _flag(value, default: bool) -> bool:
-    """A boolean column's value (bool, numpy bool; None or NaN: `default`)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return default
-    return bool(value)
-
-
-def _text(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
-
-
-def pope_items(rows: Sequence[dict]) -> list[dict]:
-    """POPE rows (POPE_COLUMNS) as evaluation items."""
-    return [{
-        "benchmark": "pope", "split": _text(row["split"]), "item_id": _text(row["question_id"]),
-        "images": _listify(row.get("image") or None), "question": _text(row.get("question")),
-        "instruction": "", "context": "", "choice_list": [], "has_choice_list": False,
-        "label": _text(row.get("label")),
-        "question_type": "yes-no", "image_quantity_level": "few", "version": _text(row.get("version")),
-    } for row in rows]
-
-
-def milebench_items(rows: Sequence[dict], versions: dict[str, str] | None = None) -> list[dict]:
-    """MileBench rows (MILEBENCH_COLUMNS) as evaluation items; `versions` maps task -> file version.
-
-    A row without ``has_choice_list`` (not from our reader) has a choice list when it has options.
-    """
-    versions = versions or {}
-    return [{
-        "benchmark": "milebench", "split": _text(row["task"]), "item_id": _text(row["sample_id"]),
-        "images": _listify(row.get("images")), "question": "",
-        "instruction": _text(row.get("instruction")), "context": _text(row.get("context")),
-        "choice_list": _listify(row.get("choice_list")),
-        "has_choice_list": _flag(row.get("has_choice_list"), default=bool(_listify(row.get("choice_list")))),
-        "label": _text(row.get("response")),
-        "question_type": _text(row.get("question_type")) or "open-ended",
-        "image_quantity_level": _text(row.get("image_quantity_level")).lower(),
-        "version": _text(row.get("version")) or versions.get(_text(row["task"]), ""),
-    } for row in rows]
-
-
-def items_table(items: Sequence[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{name: item.get(name) for name in ITEM_COLUMNS} for item in items],
-                                schema=ITEM_SCHEMA)
-
 
 @dataclass(frozen=True)
 class PredictorSettings:
@@ -298,7 +217,7 @@ def _records(batch) -> list[dict]:
     rows = batch.to_dict("records")
     for row in rows:
         for name in ("images", "choice_list"):
-            row[name] = _listify(row.get(name))
+            row[name] = as_list(row.get(name))
     return rows
 
 
@@ -507,11 +426,11 @@ class Predictor:
         self.calls += 1
         self._maybe_fail(("exit_on_call", "raise_on_call"))
         rows = _records(batch)
-        given_pixels = _given_pixels(rows)
+        given_pixels = take_pixels(rows)
         # a block holds one run's rows, but Ray Data may cut a batch across two blocks
         by_run: dict[str, list[int]] = {}
         for position, row in enumerate(rows):
-            by_run.setdefault(_text(row.get("run_id")) or self.settings.run_id, []).append(position)
+            by_run.setdefault(as_text(row.get("run_id")) or self.settings.run_id, []).append(position)
         tables = []
         for run_id, positions in by_run.items():
             self._use_run(run_id)
@@ -565,7 +484,7 @@ class Predictor:
                     count_tokens=self.model.count_tokens, keep_last_tokens=self.model.keep_last_tokens,
                     tokens_per_image=self.model.tokens_per_image, token_budget=self._token_budget(),
                     image_token=self.model.image_token, task=row["split"],
-                    has_choice_list=_flag(row.get("has_choice_list"), default=bool(out["choice_list"])),
+                    has_choice_list=as_flag(row.get("has_choice_list"), default=bool(out["choice_list"])),
                 )
                 out["images"] = prompt.images
                 out["question"] = prompt.question
@@ -675,7 +594,7 @@ class Predictor:
             ready = []
             for path in paths[start:start + per_batch]:
                 try:
-                    image = _pixel_tensor(given_pixels[path]) if path in given_pixels else self._image(path)
+                    image = pixel_tensor(given_pixels[path]) if path in given_pixels else self._image(path)
                     ready.append((path, image, by_image[path]))
                 except Exception as error:
                     for i in by_image[path]:
@@ -725,13 +644,13 @@ def base_answer_row(item: dict, settings: PredictorSettings, decoding_json: str 
     return {
         "run_id": s.run_id, "model": s.model_path, "adapter": s.adapter_path or "",
         "benchmark": item["benchmark"], "split": item["split"], "item_id": item["item_id"],
-        "images": _listify(item.get("images")), "question": _text(item.get("question")),
-        "label": _text(item.get("label")), "raw_answer": "", "answer": "", "p_yes": math.nan,
+        "images": as_list(item.get("images")), "question": as_text(item.get("question")),
+        "label": as_text(item.get("label")), "raw_answer": "", "answer": "", "p_yes": math.nan,
         "error": error, "mode": s.mode if item["benchmark"] == "pope" else "generate",
         "decoding": decoding_json or json.dumps(s.decoding(), sort_keys=True), "batch_size": 0,
-        "version": _text(item.get("version")), "question_type": _text(item.get("question_type")),
-        "choice_list": _listify(item.get("choice_list")),
-        "image_quantity_level": _text(item.get("image_quantity_level")), "prompt_tokens": 0,
+        "version": as_text(item.get("version")), "question_type": as_text(item.get("question_type")),
+        "choice_list": as_list(item.get("choice_list")),
+        "image_quantity_level": as_text(item.get("image_quantity_level")), "prompt_tokens": 0,
     }
 
 
@@ -805,75 +724,6 @@ def prefetch_files(paths: Sequence[Path]) -> int:
     return total
 
 
-# -- the decode stage before the actors (prefix reuse) ----------------------------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def _pixel_source(model_path: str):
-    """What `pixel_values` reads of a model (its image processor, the CLIP mean for padding), as
-    `load_model` loads them; once per worker process. None if the folder has no processor."""
-    from types import SimpleNamespace
-
-    from orchestrator.model.llava import load_processor
-
-    try:
-        processor = load_processor(model_path)
-        return SimpleNamespace(image_processor=processor.image_processor,
-                               image_mean=tuple(processor.image_processor.image_mean))
-    except Exception as error:  # a plug-in model without a llava-hf folder: the actors decode themselves
-        log.warning("no image processor in %s (%s): images are decoded in the actors", model_path, error)
-        return None
-
-
-def add_pixels(batch: pa.Table, model_path: str) -> pa.Table:
-    """`batch` (ITEM_SCHEMA rows) with PIXELS_COLUMN: each POPE image of the block decoded and
-    preprocessed for the vision tower once, on its first row.
-
-    The Ray Data stage `predict` puts before the actors with prefix reuse: it runs on CPU tasks while
-    the GPU answers earlier blocks. An image that does not open gets null, and the actor then tries
-    it itself and reports the error as it always does.
-    """
-    with collector_paused():  # a worker's first block imports transformers' image processing (orchestrator/startup)
-        from orchestrator.model.llava import pixel_values
-
-        source = _pixel_source(model_path)
-    first_row: dict[str, int] = {}
-    if source is not None:
-        benchmarks, images = batch.column("benchmark").to_pylist(), batch.column("images").to_pylist()
-        for row, (benchmark, paths) in enumerate(zip(benchmarks, images)):
-            if benchmark == "pope" and len(paths) == 1:
-                first_row.setdefault(paths[0], row)
-    opened = {}
-    for path in first_row:
-        try:
-            opened[path] = load_image(path)
-        except Exception:  # reported by the actor, with the same message as without this stage
-            continue
-    values: list[bytes | None] = [None] * batch.num_rows
-    if opened:
-        for path, array in zip(opened, pixel_values(source, list(opened.values())).numpy()):
-            buffer = io.BytesIO()
-            np.save(buffer, array, allow_pickle=False)
-            values[first_row[path]] = buffer.getvalue()
-    return batch.append_column(PIXELS_COLUMN, pa.array(values, type=pa.binary()))
-
-
-def _given_pixels(rows: list[dict]) -> dict[str, bytes]:
-    """Image path -> pixel bytes that `add_pixels` made (taken out of the rows; none without that stage)."""
-    given = {}
-    for row in rows:
-        data = row.pop(PIXELS_COLUMN, None)
-        if isinstance(data, bytes) and row["images"]:
-            given[row["images"][0]] = data
-    return given
-
-
-def _pixel_tensor(data: bytes):
-    import torch
-
-    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
-
-
 def _free_cpus(reserved: float) -> float:
     """CPUs of the Ray cluster left once `reserved` are taken (by the actor pool)."""
     import ray
@@ -936,6 +786,5 @@ def predict(ds, settings: PredictorSettings, *, num_actors: int = 1, cpus_per_ac
     )
 
 
-__all__ = ["ITEM_SCHEMA", "ITEM_COLUMNS", "ANSWER_COLUMNS", "PIXELS_COLUMN", "Predictor", "PredictorSettings",
-           "pope_items", "base_answer_row", "add_pixels",
-           "milebench_items", "items_table", "predict", "decoding_settings", "resolved_dtype"]
+__all__ = ["Predictor", "PredictorSettings", "base_answer_row", "predict", "decoding_settings",
+           "resolved_dtype"]

@@ -368,7 +368,7 @@ class PrefixReuse:
 
     def _pixel_batch(self, images: list) -> torch.Tensor:
         """The vision tower's input for `images`: PIL images are preprocessed here (in one call), tensors
-        ([3, H, W], made upstream by the same `pixel_values`, see `predictor.add_pixels`) used as they are."""
+        ([3, H, W], made upstream by the same `pixel_values`, see `pixels.add_pixels`) used as they are."""
         raw = [image for image in images if not isinstance(image, torch.Tensor)]
         made = iter(pixel_values(self.adapter.loaded, raw)) if raw else iter(())
         self.stats["pixels_given"] += len(images) - len(raw)

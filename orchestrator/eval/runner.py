@@ -57,8 +57,8 @@ from orchestrator.eval import completeness
 from orchestrator.eval import milebench as mb
 from orchestrator.eval import pope
 from orchestrator.eval.model_adapter import milebench_template_for
-from orchestrator.eval.predictor import (RUN_FIELDS, PredictorSettings, base_answer_row, items_table,
-                                         milebench_items, pope_items, predict, resolved_dtype)
+from orchestrator.eval.items import items_table, milebench_items, pope_items
+from orchestrator.eval.predictor import RUN_FIELDS, PredictorSettings, base_answer_row, predict, resolved_dtype
 from orchestrator.eval.results import (answered_keys, anti_join, block_name, compute_run_id, item_key,
                                        milebench_metric_rows, pope_metric_rows, read_answers, write_answers,
                                        write_metrics)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from orchestrator.config import config_from_dict
 from orchestrator.eval.model_adapter import VisionLanguageModel
-from orchestrator.eval.predictor import Predictor, PredictorSettings, items_table, milebench_items, pope_items
+from orchestrator.eval.items import items_table, milebench_items, pope_items
+from orchestrator.eval.predictor import Predictor, PredictorSettings
 from orchestrator.eval.results import read_answers
 from orchestrator.eval.runner import run_eval
 

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from orchestrator.eval.model_adapter import MileBenchModel
-from orchestrator.eval.predictor import Predictor, PredictorSettings, items_table, milebench_items, pope_items
+from orchestrator.eval.items import items_table, milebench_items, pope_items
+from orchestrator.eval.predictor import Predictor, PredictorSettings
 
 
 def varied_pope_items(pope_rows, n=16):

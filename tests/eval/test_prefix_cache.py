@@ -5,7 +5,8 @@ import math
 import pytest
 
 from orchestrator.data import formats
-from orchestrator.eval.predictor import Predictor, PredictorSettings, items_table, pope_items
+from orchestrator.eval.items import items_table, pope_items
+from orchestrator.eval.predictor import Predictor, PredictorSettings
 
 SPLITS = ("random", "popular", "adversarial")
 
@@ -135,7 +136,7 @@ def test_run_eval_with_and_without_prefix_reuse(ray_session, synth_world, tiny_m
 
 
 def test_pixels_from_the_decode_stage_give_the_same_answers(tiny_model_dir, all_pope_items, plain_answers, tmp_path):
-    from orchestrator.eval.predictor import PIXELS_COLUMN, add_pixels
+    from orchestrator.eval.pixels import PIXELS_COLUMN, add_pixels
 
     plain = {(r["split"], r["item_id"]): r for r in plain_answers}
     images = sorted({item["images"][0] for item in all_pope_items})
