@@ -598,13 +598,42 @@ def generate_world(out_dir: str | Path, cfg: SynthConfig | None = None) -> World
     """Generate the synthetic world under ``out_dir`` (see the module docstring for the layout).
 
     A previous world in ``out_dir`` is replaced; any other existing file in the paths the world
-    uses is an error (so a real data root is never overwritten)."""
+    uses is an error (so a real data root is never overwritten). Each part draws from its own seeded
+    random stream: the evaluation images and MileBench do not change with the number of training images."""
     cfg = cfg or SynthConfig()
     root = Path(out_dir).resolve()
     _prepare_dir(root)
     counts: dict[str, int] = {}
+    vg_objects, vg_themes, image_urls = _write_visual_genome(root, cfg, counts)
+    _write_preference_and_sft_data(root, cfg, vg_objects, image_urls, counts)
+    coco_objects, coco_themes, pope_files = _write_coco_and_pope(root, cfg, counts)
+    mb_objects, tasks = _write_milebench(root, cfg, counts)
+    world = {
+        "generator": GENERATOR,
+        "config": cfg.to_dict(),
+        "themes": {t: list(objs) for t, objs in THEMES.items()},
+        "objects": [{"name": o, "theme": THEME_OF[o], **APPEARANCE[o]} for o in OBJECTS],
+        "scenes": {"vg": vg_objects, "coco": coco_objects, "milebench": mb_objects},
+        "scene_themes": {"vg": vg_themes, "coco": coco_themes},
+        "vocabulary": world_vocabulary(cfg),
+        "counts": counts,
+    }
+    _write_json(root / "world.json", world)  # last: a world without it is an unfinished one
 
-    # --- Visual Genome training images.
+    return WorldManifest(
+        root=str(root), world_json=str(root / "world.json"), vg_dir=str(root / "VG"),
+        vg_image_data=str(root / "VG" / "image_data.json"),
+        desc_data=str(root / "hadpo" / "desc_data.json"), pope_data=str(root / "hadpo" / "pope_data.json"),
+        sft_data=str(root / "sft" / "sft_data.json"), coco_images=str(root / "coco" / "val2014"),
+        coco_instances=str(root / "coco" / "annotations" / "instances_val2014.json"),
+        pope_dir=str(root / "pope"), pope_files=pope_files, milebench_dir=str(root / "milebench"),
+        milebench_tasks=tasks, counts=dict(counts),
+    )
+
+
+def _write_visual_genome(root: Path, cfg: SynthConfig, counts: dict[str, int]):
+    """The Visual Genome training images and their image_data.json; (objects and theme per image id,
+    image id -> url)."""
     rng = random.Random(f"{cfg.seed}:vg")
     vg_objects: dict[str, list[dict[str, Any]]] = {}
     vg_themes: dict[str, str] = {}
@@ -622,16 +651,20 @@ def generate_world(out_dir: str | Path, cfg: SynthConfig | None = None) -> World
         vg_objects[str(image_id)], vg_themes[str(image_id)] = objects, theme
     _write_json(root / "VG" / "image_data.json", image_data)
     counts.update(vg_images=cfg.num_images, vg_100k_2_images=n_second)
+    return vg_objects, vg_themes, {row["image_id"]: row["url"] for row in image_data}
 
+
+def _write_preference_and_sft_data(root: Path, cfg: SynthConfig, vg_objects: dict[str, list[dict[str, Any]]],
+                                   image_urls: dict[int, str], counts: dict[str, int]) -> None:
+    """HA-DPO's desc_data.json and pope_data.json, the TRL-format pairs and the warm-up's SFT set, all drawn
+    from the Visual Genome scenes."""
     vg_scenes = {int(k): _names(v) for k, v in vg_objects.items()}
     cooc = cooccurrence_counts({str(k): v for k, v in vg_scenes.items()})
-
-    # --- HA-DPO preference data and the SFT set.
     desc = _desc_data(vg_scenes, cooc, cfg)
     _write_json(root / "hadpo" / "desc_data.json", desc)
     pope_data = _pope_data(vg_scenes, cooc, cfg)
     _write_json(root / "hadpo" / "pope_data.json", pope_data)
-    trl_rows = _trl_preference(desc, pope_data, {row["image_id"]: row["url"] for row in image_data}, cfg)
+    trl_rows = _trl_preference(desc, pope_data, image_urls, cfg)
     _write_jsonl(root / "trl" / "preference.jsonl", trl_rows)
     sft, sft_stats = _sft_data(vg_scenes, cooc, cfg)
     _write_json(root / "sft" / "sft_data.json", sft)
@@ -648,7 +681,10 @@ def generate_world(out_dir: str | Path, cfg: SynthConfig | None = None) -> World
         **sft_stats,
     )
 
-    # --- COCO-named evaluation images, instances json, POPE splits.
+
+def _write_coco_and_pope(root: Path, cfg: SynthConfig, counts: dict[str, int]):
+    """The COCO-named evaluation images, their instances json and POPE's three splits built from them;
+    (objects and theme per file name, split -> question file)."""
     rng = random.Random(f"{cfg.seed}:coco")
     coco_ids = sorted(rng.sample(range(1, 600_000), cfg.num_pope_images))
     n_eval = max(cfg.objects_per_image[0], cfg.pope_per_image)
@@ -684,8 +720,12 @@ def generate_world(out_dir: str | Path, cfg: SynthConfig | None = None) -> World
     counts.update(coco_images=cfg.num_pope_images, coco_annotations=len(annotations),
                   pope_images=len({r["image"] for r in splits["random"]}),
                   pope_questions_per_split=len(splits["random"]))
+    return coco_objects, coco_themes, pope_files
 
-    # --- MileBench tasks.
+
+def _write_milebench(root: Path, cfg: SynthConfig, counts: dict[str, int]):
+    """The first `cfg.milebench_tasks` MileBench tasks, each its folder of images and task json; (objects per
+    image, the tasks written)."""
     mb_objects: dict[str, list[dict[str, Any]]] = {}
     tasks = list(MILEBENCH_TASKS)[: cfg.milebench_tasks]
     for task in tasks:
@@ -693,30 +733,7 @@ def generate_world(out_dir: str | Path, cfg: SynthConfig | None = None) -> World
         _write_json(root / "milebench" / task / f"{task}.json", task_json)
         counts[f"milebench_samples/{task}"] = len(task_json["data"])
     counts["milebench_images"] = len(mb_objects)
-
-    # --- world.json.
-    vocabulary = world_vocabulary(cfg)
-    world = {
-        "generator": GENERATOR,
-        "config": cfg.to_dict(),
-        "themes": {t: list(objs) for t, objs in THEMES.items()},
-        "objects": [{"name": o, "theme": THEME_OF[o], **APPEARANCE[o]} for o in OBJECTS],
-        "scenes": {"vg": vg_objects, "coco": coco_objects, "milebench": mb_objects},
-        "scene_themes": {"vg": vg_themes, "coco": coco_themes},
-        "vocabulary": vocabulary,
-        "counts": counts,
-    }
-    _write_json(root / "world.json", world)
-
-    return WorldManifest(
-        root=str(root), world_json=str(root / "world.json"), vg_dir=str(root / "VG"),
-        vg_image_data=str(root / "VG" / "image_data.json"),
-        desc_data=str(root / "hadpo" / "desc_data.json"), pope_data=str(root / "hadpo" / "pope_data.json"),
-        sft_data=str(root / "sft" / "sft_data.json"), coco_images=str(root / "coco" / "val2014"),
-        coco_instances=str(root / "coco" / "annotations" / "instances_val2014.json"),
-        pope_dir=str(root / "pope"), pope_files=pope_files, milebench_dir=str(root / "milebench"),
-        milebench_tasks=tasks, counts=dict(counts),
-    )
+    return mb_objects, tasks
 
 
 def load_world(world_dir: str | Path) -> dict[str, Any]:
