@@ -708,33 +708,34 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     name = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({os.cpu_count()} cores)"
-    import transformers
-
     shape = ("tiny LLaVA (smoke test: numbers meaningless)" if args.tiny else
              "LLaVA-1.5-7B shape, random bf16 weights, SDPA")
-    n_all = len(items)
+    table = results_table(results, args, counts, fm, n_all=len(items))
+    found = agreements(results)
+    print_report(name, shape, len(images), len(items), args, results, table, found, counts, fm, ray_init_s)
+    print(f"total benchmark time {time.perf_counter() - t_start:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "shape": shape, "args": vars(args), "results": table,
+                                               "agreement": found, "ray_init_s": ray_init_s,
+                                               "reference": GPU_MD_REFERENCE}, indent=2, default=str))
+    return 0
 
-    def qps(result):  # steady state where timed, else end to end
-        return result["qps"] if result["qps"] == result["qps"] else (result["qps_wall"] or float("nan"))
 
-    base = qps(results["baseline"]) if "baseline" in results else None
-    plain = qps(results["score"]) if "score" in results else None
-    hadpo = protocol_settings("hadpo", args)
-    print(f"\nPOPE throughput on {name}; {shape}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"{n_all} questions ({len(images)} images x 6 x 3 splits); plain score / generate batch {args.batch_size}, "
-          f"prefix reuse {args.prefix_images} images per batch; batch-1 loop {args.max_new_tokens} new tokens; "
-          f"LLaVA short: suffix {SHORT_ANSWER_SUFFIX!r}, <= 3 new tokens; HA-DPO: bare question, "
-          + (f"{hadpo['max_new_tokens']} new tokens forced" if hadpo["min_new_tokens"] else "<= 512 new tokens, stop at </s>"))
-    header = (f"{'method':<44} {'timed q':>7} {'q/s':>8} {'q/s e2e':>8} {'s, all ' + str(n_all):>11} "
-              f"{'x loop':>7} {'x plain':>7} {'TFLOP/q':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>8}")
-    print(header)
-    print("-" * len(header))
+def _rate(result: dict) -> float:
+    """Questions per second: steady state where timed, else end to end."""
+    return result["qps"] if result["qps"] == result["qps"] else (result["qps_wall"] or float("nan"))
+
+
+def results_table(results: dict, args, counts: dict, fm: dict, n_all: int) -> dict[str, dict]:
+    """One row per mode run (the JSON's "results"): rates, the ratios to the batch-1 loop and to plain
+    scoring, seconds for all `n_all` questions (measured or extrapolated), FLOPs and memory."""
+    base = _rate(results["baseline"]) if "baseline" in results else None
+    plain = _rate(results["score"]) if "score" in results else None
     table = {}
     for key, result in results.items():
-        rate = qps(result)
-        label, kind, prefix, protocol = MODES[key]
+        rate = _rate(result)
+        _, _, prefix, protocol = MODES[key]
         measured_all = prefix and result["questions"] == n_all
-        seconds_all = result["seconds"] if measured_all else n_all / rate
         if key in MILEBENCH_MODES:
             per_q = float("nan")
         else:
@@ -743,20 +744,42 @@ def main(argv=None) -> int:
             per_q = flops_per_question(prefix, result["items"], counts[suffix], fm, new_tokens)
         tflops = per_q * rate / 1e12
         row = {"questions_timed": result["questions"], "qps": rate, "qps_e2e": result.get("qps_wall"),
-               "seconds_all": seconds_all, "seconds_all_measured": measured_all,
+               "seconds_all": result["seconds"] if measured_all else n_all / rate, "seconds_all_measured": measured_all,
                "x_loop": rate / base if base else None, "x_plain": rate / plain if plain else None,
                "tflop_per_question": per_q / 1e12, "tflops": tflops, "pct_ceiling": 100 * tflops / CEILING_TFLOPS,
                "peak_gib": result.get("peak_gib"), "errors": result.get("errors", 0)}
         if "phases" in result:
             row["phases"] = result["phases"]
         table[key] = row
-        seconds_text = f"{seconds_all:.1f}" + ("" if measured_all else "*")
+    return table
+
+
+def print_report(name: str, shape: str, n_images: int, n_all: int, args, results: dict, table: dict, found: dict,
+                 counts: dict, fm: dict, ray_init_s: float | None) -> None:
+    """The terminal report: the settings, the table of `results_table`, each prefix mode's phases, the
+    agreement between modes, the FLOPs prefix reuse saves and GPU.md's reference figures."""
+    import torch
+    import transformers
+
+    hadpo = protocol_settings("hadpo", args)
+    print(f"\nPOPE throughput on {name}; {shape}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"{n_all} questions ({n_images} images x 6 x 3 splits); plain score / generate batch {args.batch_size}, "
+          f"prefix reuse {args.prefix_images} images per batch; batch-1 loop {args.max_new_tokens} new tokens; "
+          f"LLaVA short: suffix {SHORT_ANSWER_SUFFIX!r}, <= 3 new tokens; HA-DPO: bare question, "
+          + (f"{hadpo['max_new_tokens']} new tokens forced" if hadpo["min_new_tokens"] else "<= 512 new tokens, stop at </s>"))
+    header = (f"{'method':<44} {'timed q':>7} {'q/s':>8} {'q/s e2e':>8} {'s, all ' + str(n_all):>11} "
+              f"{'x loop':>7} {'x plain':>7} {'TFLOP/q':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>8}")
+    print(header)
+    print("-" * len(header))
+    for key, row in table.items():
+        result = results[key]
+        seconds_text = f"{row['seconds_all']:.1f}" + ("" if row["seconds_all_measured"] else "*")
         if key in MILEBENCH_MODES:
             seconds_text = f"{result['seconds']:.1f} ({result['questions']} q)"
-        print(f"{label:<44} {result['questions']:>7} {fmt(rate, '.2f', width=8)} "
+        print(f"{MODES[key][0]:<44} {result['questions']:>7} {fmt(row['qps'], '.2f', width=8)} "
               f"{fmt(row['qps_e2e'], '.2f', width=8)} {seconds_text:>11} {fmt(row['x_loop'], '.2f', width=7)} "
-              f"{fmt(row['x_plain'], '.2f', width=7)} {fmt(per_q / 1e12, '.3f', width=8)} "
-              f"{fmt(tflops, '.1f', width=8)} {fmt(row['pct_ceiling'], '.1f', width=6)} "
+              f"{fmt(row['x_plain'], '.2f', width=7)} {fmt(row['tflop_per_question'], '.3f', width=8)} "
+              f"{fmt(row['tflops'], '.1f', width=8)} {fmt(row['pct_ceiling'], '.1f', width=6)} "
               f"{fmt(row['peak_gib'], '.1f', width=8)}")
     print("q/s: steady state (first warm-up block excluded; end to end where too short to time); "
           "* = extrapolated from the timed questions;\n"
@@ -771,7 +794,6 @@ def main(argv=None) -> int:
     for key in table:
         if table[key]["errors"]:
             print(f"WARNING: {table[key]['errors']} error rows in {key} mode")
-    found = agreements(results)
     for pair, value in found.items():
         if "identical_text" in value:
             print(f"agreement {pair}: {fmt(100 * value['identical_text'], '.2f', width=6)} % identical answers, "
@@ -787,12 +809,6 @@ def main(argv=None) -> int:
           "; ".join(f"{k}: {v} q/s" for k, v in GPU_MD_REFERENCE.items()))
     if "baseline" in results:
         print(f"baseline prompt length here: {results['baseline']['prompt_tokens']:.0f} tokens")
-    print(f"total benchmark time {time.perf_counter() - t_start:.0f}s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "shape": shape, "args": vars(args), "results": table,
-                                               "agreement": found, "ray_init_s": ray_init_s,
-                                               "reference": GPU_MD_REFERENCE}, indent=2, default=str))
-    return 0
 
 
 if __name__ == "__main__":
