@@ -1,11 +1,10 @@
 """The Ray Data actor that answers evaluation items, and `predict`, the pool that runs it.
 
 Both benchmarks arrive in one item shape (`orchestrator.eval.items`: ITEM_SCHEMA) so one actor pool
-answers both. Each
-`Predictor` actor loads the model once, through a model adapter (`orchestrator.eval.model_adapter`:
-`VisionLanguageModel` by default: a model folder of any family (``settings.family``, `families.load_model`)
-plus an optional LoRA adapter, merged), then for
-each Ray Data batch:
+answers both. Each `Predictor` actor loads the model once, through a model adapter
+(`orchestrator.eval.model_adapter`: `VisionLanguageModel` by default: a model folder of any family
+(``settings.family``, `families.load_model`) plus an optional LoRA adapter, merged), then for each Ray Data
+batch:
 
 1. prepares every item without touching pixels: empty question -> error row; MileBench prompt
    built as MileBench's utils.py builds it (`build_milebench_question`: its choice-list rule, left
